@@ -1,0 +1,24 @@
+# Set-up and everyday commands. `make serve` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test unit bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+serve: $(BIN)/.installed
+	$(BIN)/tokenflow serve
+
+test: $(BIN)/.installed
+	$(BIN)/pytest -q -p no:cacheprovider
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info

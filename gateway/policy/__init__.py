@@ -1,0 +1,41 @@
+"""Scheduling policies. Each is pure code: (snapshot, now) -> decisions."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .fcfs import FcfsPolicy
+from .types import Decision, EngineStatus, EngineView, Policy, Snapshot, StreamView
+
+PolicyFactory = Callable[..., Policy]
+
+_REGISTRY: dict[str, PolicyFactory] = {"fcfs": FcfsPolicy}
+
+
+def register(name: str, factory: PolicyFactory) -> None:
+    _REGISTRY[name] = factory
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, **knobs: Any) -> Policy:
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(available())}") from None
+    return factory(**knobs) if knobs else factory()
+
+
+__all__ = [
+    "Decision",
+    "EngineStatus",
+    "EngineView",
+    "Policy",
+    "Snapshot",
+    "StreamView",
+    "available",
+    "make_policy",
+    "register",
+]

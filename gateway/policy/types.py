@@ -1,0 +1,124 @@
+"""Snapshot and decision types shared by every policy.
+
+A policy sees an immutable :class:`Snapshot` of one engine and the current time and returns
+:class:`Decision` objects. Nothing here does I/O or reads a clock, so the same policy runs on the
+gateway's wall clock and on the simulator's virtual clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal, Protocol
+
+Op = Literal["preempt", "resume", "prefetch", "priority", "abort"]
+
+
+class EngineStatus(str, Enum):
+    """A request's status inside the engine (see docs/engine-control-api.md)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    LOADING = "loading"
+    HELD = "held"
+    PARKED = "parked"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamView:
+    """What the policy knows of one stream on one engine."""
+
+    id: str
+    status: EngineStatus
+    arrival_time: float  # when the gateway accepted the request
+    rate: float  # tokens/s the client consumes (effective rate)
+    prompt_tokens: int
+    generated_tokens: int  # output tokens produced by the engine so far
+    buffer_tokens: float  # produced but not yet consumed by the client
+    first_token_time: float | None  # None until the first token was produced
+    max_tokens: int | None  # requested output length (None: unknown)
+    kv_device_tokens: int
+    kv_host_tokens: int
+    priority: int = 0
+    preemptions: int = 0
+
+    @property
+    def started(self) -> bool:
+        return self.first_token_time is not None
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        if self.max_tokens is None:
+            return None
+        return max(0, self.max_tokens - self.generated_tokens)
+
+    @property
+    def time_to_empty(self) -> float:
+        """Seconds until the client's buffer runs dry at its rate (0 when not started)."""
+        if self.rate <= 0:
+            return float("inf")
+        return max(0.0, self.buffer_tokens) / self.rate
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """What the policy knows of one engine (from its control API state)."""
+
+    name: str
+    block_size: int
+    max_num_seqs: int
+    kv_bytes_per_token: int
+    kv_device_capacity_tokens: int
+    kv_device_used_tokens: int
+    kv_host_capacity_tokens: int
+    kv_host_used_tokens: int
+    step_time_s: float | None
+    decode_tokens_per_s: float | None
+    prefill_tokens_per_s: float | None
+    h2d_bytes_per_s: float | None
+    d2h_bytes_per_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    engine: EngineView
+    streams: tuple[StreamView, ...]
+    tick_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    op: Op
+    id: str
+    priority: int | None = None
+    reason: str = ""  # short, for logs and metrics labels
+
+    def to_command(self) -> dict[str, object]:
+        cmd: dict[str, object] = {"op": self.op, "id": self.id}
+        if self.op == "priority":
+            cmd["priority"] = self.priority
+        return cmd
+
+
+class Policy(Protocol):
+    """A scheduling policy: pure, deterministic given its inputs and its own state.
+
+    A policy may keep state between ticks (for example preemption counts) but never does I/O and never
+    reads a clock: ``now`` is the only time it knows.
+    """
+
+    name: str
+
+    def decide(self, snapshot: Snapshot, now: float) -> list[Decision]: ...
+
+    def forget(self, stream_id: str) -> None:
+        """Drop any state kept for a stream that ended."""
+
+
+@dataclass(slots=True)
+class PolicyStats:
+    decisions: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Streams: per-request token buffers, the reader model and the pacing clock."""
