@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .andes import AndesPolicy
 from .fcfs import FcfsPolicy
+from .knobs import AndesKnobs, TokenFlowKnobs
+from .tokenflow import TokenFlowPolicy
 from .types import Decision, EngineStatus, EngineView, Policy, Snapshot, StreamView
 
 PolicyFactory = Callable[..., Policy]
@@ -28,7 +31,15 @@ def make_policy(name: str, **knobs: Any) -> Policy:
     return factory(**knobs) if knobs else factory()
 
 
+register("tokenflow", TokenFlowPolicy)
+register("andes", AndesPolicy)
+
+
 __all__ = [
+    "AndesKnobs",
+    "AndesPolicy",
+    "TokenFlowKnobs",
+    "TokenFlowPolicy",
     "Decision",
     "EngineStatus",
     "EngineView",

@@ -1,0 +1,81 @@
+"""Tunable knobs of the buffer-aware policies, with documented defaults.
+
+Every default below is the value the virtual-clock benchmark picked (docs/benchmarks.md, "How the
+defaults were chosen"); docs/policies.md explains what each knob does. Knobs are plain frozen
+dataclasses so a config file or the bench can override any of them by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFlowKnobs:
+    # Safety rule: a running request may be paused only if its client buffer lasts through
+    # evict + load + one tick, times this factor (the paper's buffer conservativeness, mu >= 1).
+    conservativeness: float = 2.0
+    # Working set (Step 1): admitted requests <= overcommit * device KV / per-request footprint.
+    # Above 1 the policy over-commits device memory and parks the excess on the host.
+    overcommit: float = 4.0
+    # Eq. 5 adjustment rate: when fewer requests run than the static working set, shrink it by this
+    # fraction of the gap (0 = never shrink, 1 = admit no more than are running).
+    shrink_rate: float = 0.5
+    # Share of device KV the chosen running set may fill; the rest absorbs one tick of growth.
+    memory_target: float = 0.92
+    # A started request whose buffer lasts less than this (seconds) counts as stress.
+    critical_s: float = 1.0
+    # Local swap: a paused request replaces a running one only if it is more urgent by more than
+    # this many seconds of slack (hysteresis against thrashing).
+    swap_tolerance_s: float = 2.0
+    # Overload: fall back to FCFS when the admitted requests' declared rates exceed this share of
+    # the engine's estimated decode capacity; leave the fallback below `overload_exit`.
+    overload_enter: float = 1.15
+    overload_exit: float = 1.0
+    # Prefetch a paused request when its buffer will run dry within (load time + this many ticks)
+    # times conservativeness.
+    prefetch_ticks: float = 2.0
+    # Used until the engine reports a measured value.
+    default_step_time_s: float = 0.02
+    default_prefill_tokens_per_s: float = 10000.0
+    default_bytes_per_s: float = 1.0e10
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "TokenFlowKnobs":
+        return _from_mapping(cls, values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AndesKnobs:
+    # Average preemptions per request allowed over the policy's lifetime (Andes v1: P = 1).
+    preemption_cap: float = 1.0
+    # Look-ahead horizon for the QoE gain of serving versus waiting (seconds).
+    horizon_s: float = 2.0
+    # Trigger when device KV use exceeds this share (Andes: 90%), or requests wait.
+    memory_trigger: float = 0.90
+    # Expected TTFT of the QoE model (Andes' evaluation target: 1 s).
+    ttft_target_s: float = 1.0
+    memory_target: float = 0.92
+    default_step_time_s: float = 0.02
+    default_prefill_tokens_per_s: float = 10000.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "AndesKnobs":
+        return _from_mapping(cls, values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _from_mapping(cls: type, values: Mapping[str, Any] | None) -> Any:
+    if not values:
+        return cls()
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} knob(s): {', '.join(unknown)}; known: {', '.join(names)}")
+    return cls(**{k: float(v) for k, v in values.items()})

@@ -1,0 +1,284 @@
+"""``tokenflow``: buffer-aware preemptive scheduling (TokenFlow, EuroSys '26, section 4).
+
+Each tick, under stress only (a request waits in the engine, or one is paused by us):
+
+1. Working set. At most ``W = overcommit * M / beta`` requests are admitted (running plus paused on
+   the host), ``beta`` being the mean lifetime KV footprint; when fewer run, ``W`` shrinks toward the
+   running count by ``shrink_rate`` (paper Eq. 4-5). New requests past ``W``, or past the engine's decode
+   capacity at their declared rates, are held back behind the admitted ones (engine priority).
+2. Buffer balancing. Every admitted request gets a slack: seconds until it must be running so that its
+   client never stalls, i.e. ``buffer / rate - mu * (evict + reload-or-recompute + tick)``. A request that
+   has not started has an empty buffer, slack 0, which puts it ahead of every paused request that can
+   still wait; that is what cuts TTFT. A running request with negative slack may not be preempted
+   (the safety rule). Requests are taken in slack order while device KV and batch slots last, then a
+   local swap pass keeps a running request instead of a paused one whose slack is barely lower
+   (hysteresis: a switch costs I/O and disturbs the batch).
+3. Reload or recompute. Switch cost per request is the cheaper of copying its host KV back
+   (measured host-to-device bandwidth plus the part to recompute) and recomputing it all (measured
+   prefill rate); the engine makes the same choice on resume.
+4. Prefetch. A paused request whose buffer will run dry within ``mu * (load + prefetch_ticks * tick)``
+   is prefetched while device memory is free, so its KV is back before its buffer empties.
+5. Overload. When the admitted requests' declared rates exceed the estimated decode capacity, fall
+   back to first-come-first-served with memory-aware admission: no preemptions, paused requests resume
+   oldest first as memory allows, and new requests stay behind them.
+
+Pure: no I/O, no clock. State kept between ticks: the overload mode and the last capacity estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .knobs import TokenFlowKnobs
+from .types import Decision, EngineStatus, Snapshot
+
+_RUNNING = EngineStatus.RUNNING
+_WAITING = EngineStatus.WAITING
+_LOADING = EngineStatus.LOADING
+_HELD = EngineStatus.HELD
+_PARKED = EngineStatus.PARKED
+
+# Engine priorities the policy uses (lower = more important, as in vLLM).
+PRIORITY_ADMITTED = 0
+PRIORITY_DEFERRED = 1
+
+_MUST_RUN = -math.inf
+
+
+@dataclass(slots=True)
+class TickInfo:
+    """What the last tick saw and chose; for logs, metrics and tests."""
+
+    mode: str = "idle"  # idle | balance | fallback
+    working_set: int = 0
+    admitted: int = 0
+    capacity_tps: float = math.inf
+    demand_tps: float = 0.0
+    selected: int = 0
+
+
+class TokenFlowPolicy:
+    name = "tokenflow"
+
+    def __init__(self, knobs: TokenFlowKnobs | None = None, **overrides: Any) -> None:
+        if knobs is None:
+            knobs = TokenFlowKnobs.from_mapping(overrides)
+        elif overrides:
+            raise TypeError("pass either knobs or keyword overrides, not both")
+        self.knobs = knobs
+        self._fallback = False
+        self._per_seq_tps: float | None = None  # last decode-only per-sequence rate seen
+        self.info = TickInfo()
+
+    def forget(self, stream_id: str) -> None:
+        return None  # no per-stream state
+
+    # ------------------------------------------------------------------ helpers
+    def _capacity(self, snap: Snapshot, beta: float, prefilling: bool) -> float:
+        """Decode tokens/s the engine sustains with a full batch (Eq. 6's Gamma)."""
+        eng = snap.engine
+        if not prefilling and eng.step_time_s:
+            # Only steps without prompt work tell the decode speed; keep the last such estimate.
+            self._per_seq_tps = 1.0 / eng.step_time_s
+        if self._per_seq_tps is None:
+            return math.inf
+        fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
+        return self._per_seq_tps * max(fit, 1.0)
+
+    # ------------------------------------------------------------------ the tick
+    def decide(self, snapshot: Snapshot, now: float) -> list[Decision]:
+        streams = snapshot.streams
+        info = self.info = TickInfo()
+        # Stress: something is not running (waiting in the engine, or paused by us). Otherwise the
+        # engine is left alone: it is already serving everyone.
+        n = len(streams)
+        n_running = 0
+        prefilling = False
+        for s in streams:
+            if s.status is _RUNNING:
+                n_running += 1
+                if s.first_token_time is None:
+                    prefilling = True
+        if n_running == n:
+            self._fallback = False
+            return []
+
+        k = self.knobs
+        eng = snapshot.engine
+        tick = snapshot.tick_interval_s
+        mu = k.conservativeness
+        step = eng.step_time_s or k.default_step_time_s
+        bpt = eng.kv_bytes_per_token
+        load_s = bpt / (eng.h2d_bytes_per_s or k.default_bytes_per_s)  # per token, host -> device
+        evict_s = bpt / (eng.d2h_bytes_per_s or k.default_bytes_per_s)
+        rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
+        growth = tick / step  # tokens a running request adds in one tick
+        big = 1 << 40
+
+        # One pass: slack key, footprint, working-set bookkeeping.
+        keys = [0.0] * n
+        foot = [0] * n
+        new_idx: list[int] = []
+        admitted = 0
+        demand = 0.0
+        beta_sum = 0.0
+        for i, s in enumerate(streams):
+            st = s.status
+            ctx = s.prompt_tokens + s.generated_tokens
+            mt = s.max_tokens
+            rem = mt - s.generated_tokens if mt is not None else big
+            beta_sum += s.prompt_tokens + (mt * 0.5 if mt is not None else s.generated_tokens)
+            foot[i] = ctx + (rem if rem < growth else int(growth))
+            if s.first_token_time is None:
+                if st is _RUNNING:
+                    keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
+                    admitted += 1
+                    demand += s.rate
+                else:
+                    new_idx.append(i)
+                continue
+            admitted += 1
+            demand += s.rate
+            tte = s.buffer_tokens / s.rate if s.rate > 0 else math.inf
+            host = s.kv_host_tokens
+            if st is _RUNNING:
+                if rem * step <= tick:
+                    keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
+                    continue
+                evict = max(0, s.kv_device_tokens - host) * evict_s
+                back = min(ctx * load_s, ctx * rec_s)
+                keys[i] = tte - mu * (evict + back + tick)
+            elif st is _PARKED:
+                keys[i] = tte - mu * tick
+            elif st is _LOADING:
+                keys[i] = tte - mu * (max(0, ctx - s.kv_device_tokens) * load_s + tick)
+            else:  # held, or resumed and waiting for admission
+                back = min(host * load_s + (ctx - host) * rec_s, ctx * rec_s)
+                keys[i] = tte - mu * (back + tick)
+
+        # Step 1: working set (Eq. 4-5) and the capacity check (Eq. 6).
+        beta = beta_sum / n
+        cap_tokens = eng.kv_device_capacity_tokens
+        w_static = int(k.overcommit * cap_tokens / max(beta, 1.0))
+        w_sched = w_static
+        if n_running < w_static:
+            w_sched = int(w_static - k.shrink_rate * (w_static - n_running))
+        gamma = self._capacity(snapshot, beta, prefilling)
+        if self._fallback:
+            if demand <= k.overload_exit * gamma:
+                self._fallback = False
+        elif demand > k.overload_enter * gamma:
+            self._fallback = True
+        info.working_set, info.admitted, info.capacity_tps, info.demand_tps = w_sched, admitted, gamma, demand
+
+        decisions: list[Decision] = []
+        if self._fallback:
+            info.mode = "fallback"
+            return self._fallback_tick(snapshot, foot, new_idx, decisions)
+        info.mode = "balance"
+
+        # Admit new requests, oldest first, while the working set and the decode capacity allow.
+        new_idx.sort(key=lambda j: streams[j].arrival_time)
+        room = w_sched - admitted
+        admit_new: list[int] = []
+        for j in new_idx:
+            r = streams[j].rate
+            if room > 0 and demand + r <= gamma:
+                admit_new.append(j)
+                room -= 1
+                demand += r
+            elif streams[j].priority != PRIORITY_DEFERRED:
+                decisions.append(Decision("priority", streams[j].id, PRIORITY_DEFERRED, "working_set"))
+        for j in admit_new:
+            keys[j] = 0.0
+            if streams[j].priority != PRIORITY_ADMITTED:
+                decisions.append(Decision("priority", streams[j].id, PRIORITY_ADMITTED, "admit"))
+
+        # Step 2: greedy fill of batch slots and device memory in slack order.
+        order = [i for i in range(n) if streams[i].first_token_time is not None or streams[i].status is _RUNNING]
+        order.extend(admit_new)
+        order.sort(key=lambda i: (keys[i], streams[i].arrival_time))
+        selected = bytearray(n)
+        slots = eng.max_num_seqs
+        mem = k.memory_target * cap_tokens
+        for i in order:
+            f = foot[i]
+            if slots > 0 and f <= mem:
+                selected[i] = 1
+                slots -= 1
+                mem -= f
+            elif keys[i] == _MUST_RUN or (keys[i] < 0 and streams[i].status is _RUNNING):
+                # Unsafe to pause: keep it even if the engine must find the room itself.
+                selected[i] = 1
+                slots -= 1
+                mem -= f
+
+        # Local swaps: keep a running request rather than switch to a paused one that is barely more
+        # urgent. Outgoing = running but not chosen (all safe by construction); incoming = paused, chosen.
+        out = [i for i in order if not selected[i] and streams[i].status is _RUNNING]
+        inc = [i for i in reversed(order) if selected[i] and streams[i].first_token_time is not None
+               and streams[i].status is not _RUNNING and streams[i].status is not _PARKED]
+        a = b = 0
+        while a < len(out) and b < len(inc):
+            o, p = out[a], inc[b]
+            if keys[o] - keys[p] >= k.swap_tolerance_s:
+                break
+            if foot[o] - foot[p] <= mem:
+                selected[o], selected[p] = 1, 0
+                mem -= foot[o] - foot[p]
+                b += 1
+            a += 1
+
+        # Decisions.
+        prefetch_window = mu * k.prefetch_ticks * tick
+        for i in order:
+            s = streams[i]
+            st = s.status
+            if selected[i]:
+                info.selected += 1
+                if st is _HELD or st is _PARKED:
+                    decisions.append(Decision("resume", s.id, None, "urgent"))
+                continue
+            if st is _RUNNING:
+                decisions.append(Decision("preempt", s.id, None, "buffered"))
+            elif st is _HELD and s.first_token_time is not None:
+                ctx = s.prompt_tokens + s.generated_tokens
+                host = s.kv_host_tokens
+                reload = host * load_s + (ctx - host) * rec_s
+                if host > 0 and reload < ctx * rec_s and s.buffer_tokens / s.rate <= mu * reload + prefetch_window:
+                    if foot[i] <= mem:
+                        mem -= foot[i]
+                        decisions.append(Decision("prefetch", s.id, None, "prefetch"))
+            elif st is _PARKED and mem < 0 and keys[i] > prefetch_window:
+                mem += foot[i]
+                decisions.append(Decision("preempt", s.id, None, "unpark"))
+        return decisions
+
+    def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]) -> list[Decision]:
+        """FCFS with memory-aware admission: resume paused requests oldest first while they fit."""
+        streams = snap.streams
+        eng = snap.engine
+        mem = self.knobs.memory_target * eng.kv_device_capacity_tokens
+        slots = eng.max_num_seqs
+        for s in streams:
+            if s.status is _RUNNING or s.status is _PARKED or s.status is _LOADING:
+                mem -= s.kv_device_tokens
+                slots -= 1
+        paused = sorted((i for i, s in enumerate(streams) if s.status is _HELD or s.status is _PARKED),
+                        key=lambda i: streams[i].arrival_time)
+        for i in paused:
+            s = streams[i]
+            if s.status is _PARKED:
+                decisions.append(Decision("resume", s.id, None, "fcfs"))
+                continue
+            if slots <= 0 or foot[i] > mem:
+                break  # strict arrival order: later ones wait behind this one
+            slots -= 1
+            mem -= foot[i]
+            decisions.append(Decision("resume", s.id, None, "fcfs"))
+        for j in new_idx:
+            if streams[j].priority != PRIORITY_DEFERRED:
+                decisions.append(Decision("priority", streams[j].id, PRIORITY_DEFERRED, "overload"))
+        return decisions
