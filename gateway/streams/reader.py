@@ -79,7 +79,8 @@ class ReaderModel:
         left = self.produced - self.consumed
         if left <= 0:
             return 0.0
-        return max(0.0, self.next_due + (left - 1) / self.rate - now) + 1.0 / self.rate
+        # The last buffered token is read at next_due + (left - 1) / rate; equals buffer / rate on schedule.
+        return max(0.0, self.next_due + (left - 1) / self.rate - now)
 
     def due_time(self) -> float:
         """When the next token will be consumed, if it is available (inf when none is)."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible client API: request validation, errors, SSE encoding."""

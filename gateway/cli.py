@@ -1,0 +1,89 @@
+"""``tokenflow`` command line: ``serve`` (the gateway), ``engine-sim`` (a simulated engine), ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+
+def _serve(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="tokenflow serve", description="Run the TokenFlow gateway.")
+    p.add_argument("--config", help="YAML config file (default: $TOKENFLOW_CONFIG, else built-in defaults)")
+    p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--port", type=int, help="listen port (server.port)")
+    p.add_argument("--policy", help="scheduling policy (scheduler.policy): fcfs, tokenflow, andes")
+    args = p.parse_args(argv)
+
+    import uvloop
+
+    from .app import create_app
+    from .config import load_config
+    from .logs import setup_logging
+
+    overrides = {}
+    if args.host:
+        overrides["server.host"] = args.host
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    if args.policy:
+        overrides["scheduler.policy"] = args.policy
+    try:
+        cfg = load_config(args.config, **overrides)
+    except Exception as e:  # a bad config file is the operator's error: say what is wrong, no traceback
+        print(f"tokenflow: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.server.log_level)
+    app = create_app(cfg)
+    url = f"http://{cfg.server.host}:{cfg.server.port}"
+    embedded = [e.name for e in cfg.engines if e.url is None]
+
+    async def _announce(app: web.Application) -> None:
+        from .app import GATEWAY_KEY
+
+        models = sorted(app[GATEWAY_KEY].models)
+        model = models[0] if models else "MODEL"
+        print(f"TokenFlow gateway listening on {url}", flush=True)
+        if embedded:
+            print(f"  engines: embedded simulated engine ({', '.join(embedded)}) - a simulator, not a real model", flush=True)
+        print(f"  policy: {cfg.scheduler.policy}; models: {', '.join(models)}", flush=True)
+        print("  try:", flush=True)
+        print(
+            f"    curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+            f"\"stream\": true, \"max_tokens\": 40, \"tokenflow\": {{\"rate\": 10}}}}'",
+            flush=True,
+        )
+
+    app.on_startup.append(_announce)
+    uvloop.install()
+    web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve", "engine-sim", "bench"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: tokenflow {serve,engine-sim,bench} [options]\n")
+        print("  serve        run the gateway (default: embedded simulated engine)")
+        print("  engine-sim   run a simulated engine (OpenAI API + engine control API)")
+        print("  bench        benchmark scheduling policies (virtual clock or over HTTP)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return _serve(rest)
+    if cmd == "engine-sim":
+        from backends.sim.server import main as sim_main
+
+        return sim_main(rest) or 0
+    from bench.cli import main as bench_main
+
+    return bench_main(rest) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Gateway configuration: a YAML file, then environment variables on top.
+
+Every option has a default, so the gateway starts with no file at all (embedded simulated engine).
+Environment variables use the prefix ``TOKENFLOW_`` and ``__`` between levels, for example
+``TOKENFLOW_SERVER__PORT=9000`` or ``TOKENFLOW_SCHEDULER__POLICY=tokenflow``. The file is named by
+``--config`` or ``TOKENFLOW_CONFIG``. docs/configuration.md lists every option.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Pacing = Literal["smooth", "none"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest request body accepted")
+    max_streams: int = Field(10000, gt=0, description="concurrent streams before answering 429")
+    log_level: str = "info"
+
+
+class StreamsConfig(_Strict):
+    default_rate: float = Field(8.0, gt=0, description="tokens/s for clients that declare none (reading class)")
+    default_pacing: Pacing = "smooth"
+    min_rate: float = Field(0.1, gt=0)
+    max_rate: float = Field(1000.0, gt=0)
+    rate_classes: dict[str, float] = Field(
+        default_factory=lambda: {"reading": 8.0, "fast-reading": 15.0, "skimming": 20.0, "listening": 3.3}
+    )
+    max_buffered_chunks: int = Field(
+        65536, gt=0, description="per-stream bound on chunks held for pacing (the engine is preempted long before)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamsConfig":
+        if self.min_rate > self.max_rate:
+            raise ValueError("streams.min_rate must be <= streams.max_rate")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    policy: str = "fcfs"
+    tick_interval_s: float = Field(0.25, gt=0, le=10)
+    knobs: dict[str, Any] = Field(default_factory=dict, description="policy-specific knobs (docs/policies.md)")
+
+
+class EngineConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    url: str | None = Field(None, description="base URL serving /v1 and /control/v1; none = embedded simulator")
+    models: list[str] = Field(default_factory=list, description="model names routed here; empty = any")
+    profile: str = Field("sim-small", description="hardware profile of the embedded simulator")
+    control_token: str | None = None
+    request_timeout_s: float = Field(3600.0, gt=0)
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENFLOW_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    engines: list[EngineConfig] = Field(default_factory=lambda: [EngineConfig(name="sim")])
+
+    @field_validator("engines")
+    @classmethod
+    def _unique(cls, v: list[EngineConfig]) -> list[EngineConfig]:
+        names = [e.name for e in v]
+        if len(set(names)) != len(names):
+            raise ValueError("engine names must be unique")
+        if not v:
+            raise ValueError("at least one engine is required")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file, which wins over defaults.
+        return (env_settings, init_settings)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
+    """Load the YAML file (if any), apply ``TOKENFLOW_*`` environment variables, then ``overrides``."""
+    path = path or os.environ.get("TOKENFLOW_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: top level must be a mapping")
+        data = loaded
+    cfg = Config(**data)
+    if overrides:
+        merged = cfg.model_dump()
+        for dotted, value in overrides.items():
+            node = merged
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        cfg = Config.model_validate(merged)
+    return cfg

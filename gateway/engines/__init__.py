@@ -1,0 +1,1 @@
+"""Engines the gateway drives: the OpenAI upstream client and the control API client."""

@@ -1,0 +1,42 @@
+"""Prometheus metrics (``tokenflow_`` prefix, base units, ``_total`` counters).
+
+Each gateway app owns its registry, so several apps can live in one process (tests, workers).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
+_BUFFER_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_TTE_BUCKETS = (0, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300)
+_TICK_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.streams_active = Gauge("tokenflow_streams_active", "Streams being served", ["engine"], registry=r)
+        self.requests = Counter("tokenflow_requests_total", "Client requests by outcome", ["kind", "outcome"], registry=r)
+        self.tokens_in = Counter("tokenflow_tokens_in_total", "Tokens received from engines", ["engine"], registry=r)
+        self.tokens_out = Counter("tokenflow_tokens_out_total", "Tokens delivered to clients", ["engine"], registry=r)
+        self.ttft = Histogram("tokenflow_ttft_seconds", "Time to first token sent", ["engine"], buckets=_TTFT_BUCKETS, registry=r)
+        self.buffer = Histogram(
+            "tokenflow_buffer_tokens", "Client buffer occupancy, sampled each tick", ["engine"], buckets=_BUFFER_BUCKETS, registry=r
+        )
+        self.time_to_empty = Histogram(
+            "tokenflow_buffer_time_to_empty_seconds", "Client buffer time-to-empty, sampled each tick", ["engine"], buckets=_TTE_BUCKETS, registry=r
+        )
+        self.stall_seconds = Counter("tokenflow_stall_seconds_total", "Time clients spent with an empty buffer", ["engine"], registry=r)
+        self.decisions = Counter("tokenflow_decisions_total", "Policy decisions sent to engines", ["engine", "op"], registry=r)
+        self.decision_failures = Counter(
+            "tokenflow_decision_failures_total", "Decisions the engine refused", ["engine", "op", "code"], registry=r
+        )
+        self.tick_seconds = Histogram("tokenflow_policy_tick_seconds", "Policy decide() duration", ["engine"], buckets=_TICK_BUCKETS, registry=r)
+        self.errors = Counter("tokenflow_errors_total", "Errors by type", ["type"], registry=r)
+        self.engine_up = Gauge("tokenflow_engine_up", "1 if the engine's control API answered the last tick", ["engine"], registry=r)
+        self.engine_kv_device = Gauge("tokenflow_engine_kv_device_used_ratio", "Engine device KV in use", ["engine"], registry=r)
+        self.engine_kv_host = Gauge("tokenflow_engine_kv_host_used_ratio", "Engine host KV in use", ["engine"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

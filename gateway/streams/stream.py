@@ -1,0 +1,212 @@
+"""One client stream: the tokens its engine produced, what was sent, and its reader model.
+
+The upstream reader appends tokens as they come; the pacing clock releases them at the client's rate
+(``smooth``) or they are released at once (``none``); the client writer sends what was released. The
+:class:`~gateway.streams.reader.ReaderModel` gives the exact buffer either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from typing import TYPE_CHECKING, Literal
+
+from ..api.sse import ChunkEncoder
+from .reader import ReaderModel
+
+if TYPE_CHECKING:
+    from .pacer import PacingClock
+
+Pacing = Literal["smooth", "none"]
+
+
+class Stream:
+    __slots__ = (
+        "id",
+        "engine",
+        "model",
+        "kind",
+        "pacing",
+        "rate_declared",
+        "arrival_time",
+        "max_tokens",
+        "reader",
+        "encoder",
+        "generated",
+        "prompt_tokens",
+        "finish_reason",
+        "error",
+        "upstream_done",
+        "client_done",
+        "first_sent_time",
+        "include_usage",
+        "engine_status",
+        "kv_device_tokens",
+        "kv_host_tokens",
+        "priority",
+        "preemptions",
+        "_pending",
+        "_out",
+        "_wake",
+        "_clock",
+        "_scheduled",
+        "_max_pending",
+        "collected",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        engine: str,
+        model: str,
+        kind: str,
+        rate: float,
+        pacing: Pacing,
+        arrival_time: float,
+        max_tokens: int | None,
+        encoder: ChunkEncoder,
+        clock: "PacingClock | None",
+        *,
+        rate_declared: bool = True,
+        include_usage: bool = False,
+        max_pending: int = 65536,
+        collect: bool = False,
+    ) -> None:
+        self.id = id
+        self.engine = engine
+        self.model = model
+        self.kind = kind
+        self.pacing: Pacing = pacing
+        self.rate_declared = rate_declared
+        self.arrival_time = arrival_time
+        self.max_tokens = max_tokens
+        self.reader = ReaderModel(rate)
+        self.encoder = encoder
+        self.generated = 0
+        self.prompt_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: tuple[str, str] | None = None  # (message, code)
+        self.upstream_done = False
+        self.client_done = False  # the last event was released to the writer
+        self.first_sent_time: float | None = None
+        self.include_usage = include_usage
+        # Last engine view (from the control loop), for listings and metrics.
+        self.engine_status = "waiting"
+        self.kv_device_tokens = 0
+        self.kv_host_tokens = 0
+        self.priority = 0
+        self.preemptions = 0
+        self._pending: deque[tuple[int, bytes]] = deque()  # (tokens once read, event) held for pacing
+        self._out: list[bytes] = []  # released, not yet written
+        self._wake = asyncio.Event()
+        self._clock = clock if pacing == "smooth" else None
+        self._scheduled = False
+        self._max_pending = max_pending
+        self.collected: list[str] | None = [] if collect else None  # non-streaming: gather text, send nothing
+
+    # --- BufferSource (gateway.policy.snapshot) ---
+    @property
+    def rate(self) -> float:
+        return self.reader.rate
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.generated
+
+    @property
+    def first_token_time(self) -> float | None:
+        return self.reader.first_token_time
+
+    def buffer_tokens(self, now: float) -> float:
+        return float(self.reader.buffer(now))
+
+    # --- producer side (upstream reader) ---
+    def on_tokens(self, text: str, n: int, now: float) -> None:
+        """``n`` tokens whose text is ``text`` arrived from the engine."""
+        self.generated += n
+        self.reader.on_tokens(n, now)
+        if self.collected is not None:
+            self.collected.append(text)
+            return
+        event = self.encoder.token(text, self.generated)
+        if self._clock is None:
+            self._release(event)
+        else:
+            if len(self._pending) >= self._max_pending:
+                # Explicit bound: merging keeps memory flat if a client is paced far behind its engine.
+                end, ev = self._pending.pop()
+                event = ev + event
+            self._pending.append((self.generated, event))
+            self._kick(now)
+
+    def on_finished(self, reason: str, prompt_tokens: int, completion_tokens: int | None, now: float) -> None:
+        self.upstream_done = True
+        self.finish_reason = reason
+        self.prompt_tokens = prompt_tokens
+        if completion_tokens is not None and completion_tokens > self.generated:
+            # The engine counted tokens that carried no text (held-back bytes): account for them.
+            extra = completion_tokens - self.generated
+            self.generated = completion_tokens
+            self.reader.on_tokens(extra, now)
+        self.reader.finished = True
+        if self.collected is not None:
+            return
+        tail = self.encoder.finish(reason, self.generated)
+        if self.include_usage:
+            tail += self.encoder.usage(prompt_tokens, self.generated, self.generated)
+        self._queue_tail(tail, now)
+
+    def on_error(self, message: str, code: str, now: float) -> None:
+        self.upstream_done = True
+        self.error = (message, code)
+        self.reader.finished = True
+        if self.collected is not None:
+            return
+        self._queue_tail(self.encoder.error(message, code), now)
+
+    def _queue_tail(self, tail: bytes, now: float) -> None:
+        if self._clock is None:
+            self._release(tail, last=True)
+        else:
+            self._pending.append((self.generated, tail))
+            self._kick(now)
+
+    def _kick(self, now: float) -> None:
+        if not self._scheduled and self._clock is not None:
+            self._scheduled = True
+            self._clock.schedule(self, max(now, self.reader.due_time() if self.reader.consumed < self.reader.produced else now))
+
+    # --- pacing clock side ---
+    def release_due(self, now: float) -> float:
+        """Release every event whose tokens the reader has reached by ``now``; return the next due time."""
+        self.reader.advance(now)
+        consumed = self.reader.consumed
+        pending = self._pending
+        while pending and pending[0][0] <= consumed:
+            _, ev = pending.popleft()
+            self._release(ev, last=not pending and self.upstream_done)
+        if not pending:
+            self._scheduled = False
+            return math.inf
+        return self.reader.due_time()
+
+    def _release(self, event: bytes, last: bool = False) -> None:
+        self._out.append(event)
+        if last:
+            self.client_done = True
+        self._wake.set()
+
+    # --- consumer side (client writer) ---
+    async def next_output(self) -> bytes:
+        """Wait until something is released; return it (possibly several events joined)."""
+        while not self._out:
+            self._wake.clear()
+            await self._wake.wait()
+        out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        return out
+
+    @property
+    def held_events(self) -> int:
+        return len(self._pending)
