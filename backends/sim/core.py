@@ -1,0 +1,732 @@
+"""EngineCore: a pure model of a vLLM-v1-like engine with a write-through host KV tier.
+
+No clock reads, no asyncio, no I/O: every method that depends on time takes ``now`` (seconds, in whatever
+clock the caller uses). The HTTP server (``server.py``, wall clock) and the virtual-clock runner
+(``virtual.py``) are thin shells around one instance.
+
+Driving it::
+
+    core = EngineCore(load_profile("sim-small"))
+    core.add("r1", prompt_tokens=100, max_tokens=50, priority=0, now=t)
+    step = core.next_step(t)          # None when there is nothing to compute now
+    # ... the step runs for step.duration seconds ...
+    emitted = core.complete_step(step, t + step.duration)   # tokens produced, finishes
+    core.command("preempt", "r1", now)                       # only between steps
+
+Between ``next_step`` and ``complete_step`` a step is *in flight*: ``add`` and ``state`` are allowed, but
+``command`` and ``abort`` raise :class:`StepInFlight` (the shells queue them for the step boundary, which is
+where the contract applies commands). When ``next_step`` returns None, ``next_event_time()`` says when
+something will change on its own (a host->device load finishing), or None if only new work or a command
+can wake the engine.
+
+Scheduling follows vLLM v1 (see docs/sim-cost-model.md for the full description):
+
+1. running requests first, in admission order: each gets ``min(remaining, token budget)`` tokens (one when
+   decoding; a chunk when prefilling). A request that needs a new KV block when none is free preempts the
+   running request with the highest ``(priority, arrival)`` (lowest priority, newest), possibly itself;
+2. then, if nothing was preempted, waiting requests are admitted in ``(priority, started-before, arrival)``
+   order while blocks, ``max_num_seqs`` and the token budget allow (head-of-line blocking as in vLLM).
+
+A token is emitted at the end of the step in which a request's computed tokens reach its total length:
+the step that completes the prefill emits the first token, every decode step emits one more.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+from .profile import Profile
+
+WAITING = "waiting"
+RUNNING = "running"
+LOADING = "loading"
+HELD = "held"
+PARKED = "parked"
+FINISHED = "finished"
+
+OPS = ("preempt", "resume", "prefetch", "priority", "abort")
+
+
+class DuplicateId(ValueError):
+    """A live request already has this id."""
+
+
+class StepInFlight(RuntimeError):
+    """A command was issued between next_step and complete_step."""
+
+
+class Emitted(NamedTuple):
+    """One output token of one request, produced by a step."""
+
+    id: str
+    index: int  # 0-based position in the request's output
+    finish_reason: str | None  # "length" when this token ends the request, else None
+
+
+class _Req:
+    __slots__ = (
+        "id",
+        "prompt",
+        "max_tokens",
+        "limit",
+        "priority",
+        "arrival",
+        "seq",
+        "output",
+        "num_tokens",
+        "computed",
+        "high",
+        "slots",
+        "host",
+        "status",
+        "started",
+        "preemptions",
+        "qver",
+        "after_load",
+        "load_tokens",
+        "load_finish",
+        "flush_done",
+    )
+
+    def __init__(
+        self, rid: str, prompt: int, max_tokens: int | None, limit: int, priority: int, now: float, seq: int
+    ) -> None:
+        self.id = rid
+        self.prompt = prompt
+        self.max_tokens = max_tokens  # as the client set it (None: not set)
+        self.limit = limit  # output tokens after which the request finishes
+        self.priority = priority
+        self.arrival = now
+        self.seq = seq
+        self.output = 0
+        self.num_tokens = prompt  # prompt + output
+        self.computed = 0  # tokens with valid KV on the device
+        self.high = 0  # most tokens ever computed (to count recomputation)
+        self.slots = 0  # device KV allocated, tokens (whole blocks)
+        self.host = 0  # tokens of KV synced to host (a prefix)
+        self.status = WAITING
+        self.started = False  # preempted or resumed before: queued ahead of new arrivals
+        self.preemptions = 0
+        self.qver = 0  # waiting-heap entry version (lazy deletion)
+        self.after_load = RUNNING  # RUNNING (resume) or PARKED (prefetch)
+        self.load_tokens = 0
+        self.load_finish = 0.0
+        self.flush_done = 0.0
+
+
+@dataclass(slots=True)
+class Step:
+    """One engine iteration, from :meth:`EngineCore.next_step` to :meth:`EngineCore.complete_step`."""
+
+    start: float
+    duration: float
+    reqs: list[_Req]
+    ns: list[int]  # tokens scheduled per request, parallel to reqs
+    scheduled_tokens: int
+    prefill_tokens: int
+    decode_reqs: int
+    attended_kv_tokens: int
+    stall_s: float  # synchronous preemption flush included in duration
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.reqs]
+
+
+@dataclass(slots=True)
+class Counters:
+    preemptions: int = 0
+    resumes: int = 0
+    prefetches: int = 0
+    aborts: int = 0
+    host_restored_tokens: int = 0
+    recomputed_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Window:
+    """Sums over the last ``size`` steps, for the measured rates in state()."""
+
+    size: int
+    items: deque[tuple[float, int, int, float]] = field(default_factory=deque)
+    dur: float = 0.0
+    decode: int = 0
+    prefill: int = 0
+    prefill_dur: float = 0.0
+
+    def add(self, dur: float, decode: int, prefill: int) -> None:
+        pdur = dur if prefill else 0.0
+        self.items.append((dur, decode, prefill, pdur))
+        self.dur += dur
+        self.decode += decode
+        self.prefill += prefill
+        self.prefill_dur += pdur
+        if len(self.items) > self.size:
+            d, dc, pf, pd = self.items.popleft()
+            self.dur -= d
+            self.decode -= dc
+            self.prefill -= pf
+            self.prefill_dur -= pd
+
+
+def _victim_key(r: _Req) -> tuple[int, int]:
+    return (r.priority, r.seq)
+
+
+class EngineCore:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        default_max_tokens: int | None = None,
+        write_through: bool = True,
+        engine_preempt: Literal["recompute", "offload"] = "recompute",
+        stats_window: int = 32,
+        clock_offset: float = 0.0,
+    ) -> None:
+        """
+        default_max_tokens: output limit for requests that set none (always capped by max_model_len).
+        write_through: copy KV to host as it is produced (False: no host tier; resume recomputes).
+        engine_preempt: what the engine's own preemption (KV exhausted) does with the victim's KV:
+            "recompute" drops it, as plain vLLM does; "offload" keeps the host copy (flushing the tail) and
+            restores it on re-admission, as vLLM with a write-through offloading connector does.
+        clock_offset: added to arrival times in state() (the server runs the core on a monotonic clock
+            and reports epoch times).
+        """
+        if engine_preempt not in ("recompute", "offload"):
+            raise ValueError("engine_preempt must be 'recompute' or 'offload'")
+        self.profile = profile
+        self.default_max_tokens = default_max_tokens
+        self.write_through = write_through
+        self.engine_preempt = engine_preempt
+        self.clock_offset = clock_offset
+        self.bs = profile.block_size
+        self.total_blocks = profile.device_blocks
+        self.free_blocks = self.total_blocks
+        self.host_cap = profile.host_tokens if write_through else 0
+        self.host_used = 0
+        self.d2h_tokens_per_s = profile.d2h_bytes_per_s / profile.kv_bytes_per_token
+        self.reqs: dict[str, _Req] = {}
+        self.running: list[_Req] = []
+        self.waiting: list[tuple[int, int, int, int, _Req]] = []  # heap
+        self.n_waiting = 0
+        self.loads: deque[_Req] = deque()  # loads in flight, finish times increasing (one FIFO channel)
+        self.load_pending: deque[_Req] = deque()  # prefetches waiting for free blocks
+        self.lru: OrderedDict[str, _Req] = OrderedDict()  # evictable host copies (running requests)
+        self.h2d_free_at = 0.0
+        self.stall_until = 0.0  # a synchronous flush blocks the engine until then
+        self.counters = Counters()
+        self.window = _Window(stats_window)
+        self.steps = 0
+        self._seq = 0
+        self._inflight: Step | None = None
+
+    # ------------------------------------------------------------------ requests
+
+    def add(
+        self, req_id: str, prompt_tokens: int, max_tokens: int | None = None, priority: int = 0, now: float = 0.0
+    ) -> None:
+        """Queue a new request. Raises DuplicateId, or ValueError for lengths the model cannot serve."""
+        if req_id in self.reqs:
+            raise DuplicateId(f"request id '{req_id}' is already live")
+        mml = self.profile.max_model_len
+        if prompt_tokens < 1:
+            raise ValueError("prompt must have at least one token")
+        if prompt_tokens >= mml:
+            raise ValueError(f"prompt of {prompt_tokens} tokens leaves no room in max_model_len {mml}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        limit = mml - prompt_tokens
+        cap = max_tokens if max_tokens is not None else self.default_max_tokens
+        if cap is not None and cap < limit:
+            limit = cap
+        self._seq += 1
+        req = _Req(req_id, prompt_tokens, max_tokens, limit, priority, now, self._seq)
+        self.reqs[req_id] = req
+        self._push_waiting(req)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.reqs
+
+    def status(self, req_id: str) -> str | None:
+        req = self.reqs.get(req_id)
+        return req.status if req else None
+
+    def output_tokens(self, req_id: str) -> int | None:
+        req = self.reqs.get(req_id)
+        return req.output if req else None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._inflight is not None
+
+    def has_work(self) -> bool:
+        """True when a step could be scheduled (running or waiting requests exist)."""
+        return bool(self.running) or self.n_waiting > 0
+
+    def next_event_time(self) -> float | None:
+        """When a load in flight finishes (the next change that needs no new input)."""
+        return self.loads[0].load_finish if self.loads else None
+
+    # ------------------------------------------------------------------ the step
+
+    def next_step(self, now: float) -> Step | None:
+        """Schedule one step starting at ``now``; None when nothing can be computed."""
+        if self._inflight is not None:
+            raise StepInFlight("complete the step in flight first")
+        if self.loads or self.load_pending:
+            self._poll_loads(now)
+        if not self.running and self.n_waiting == 0:
+            return None
+        bs = self.bs
+        budget = self.profile.max_num_batched_tokens
+        reqs: list[_Req] = []
+        ns: list[int] = []
+        sched = 0
+        prefill = 0
+        decode = 0
+        attended = 0
+        preempted = False
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            need = req.num_tokens - req.computed
+            n = need if need < budget else budget
+            target = req.computed + n
+            if target > req.slots:
+                nb = (target - req.slots + bs - 1) // bs
+                if nb > self.free_blocks:
+                    preempted = True
+                    self_victim = False
+                    while nb > self.free_blocks:
+                        victim = max(running, key=_victim_key)
+                        vi = running.index(victim)
+                        if vi < i:  # already scheduled this step: take back its tokens
+                            k = reqs.index(victim)
+                            vn = ns[k]
+                            if vn == 1 and victim.computed + 1 == victim.num_tokens:
+                                decode -= 1
+                                attended -= victim.num_tokens
+                            else:
+                                prefill -= vn
+                            sched -= vn
+                            budget += vn
+                            del reqs[k]
+                            del ns[k]
+                            i -= 1
+                        del running[vi]
+                        self._engine_preempt(victim, now)
+                        if victim is req:
+                            self_victim = True
+                            break
+                    if self_victim:
+                        continue
+                    # budget may have grown (a scheduled victim gave tokens back); keep n as computed
+                self.free_blocks -= nb
+                req.slots += nb * bs
+            reqs.append(req)
+            ns.append(n)
+            budget -= n
+            sched += n
+            if need == 1:
+                decode += 1
+                attended += req.num_tokens
+            else:
+                prefill += n
+            i += 1
+
+        if not preempted and self.n_waiting and budget > 0:
+            max_seqs = self.profile.max_num_seqs
+            heap = self.waiting
+            while heap and budget > 0 and len(running) < max_seqs:
+                entry = heap[0]
+                req = entry[4]
+                if req.status is not WAITING or entry[3] != req.qver:
+                    heapq.heappop(heap)
+                    continue
+                if req.slots == 0 and req.host > 0 and self._prefer_load(req, now):
+                    if -(-req.host // bs) > self.free_blocks:
+                        break
+                    heapq.heappop(heap)
+                    self.n_waiting -= 1
+                    self._start_load(req, now, RUNNING)
+                    continue
+                need = req.num_tokens - req.computed
+                n = need if need < budget else budget
+                target = req.computed + n
+                nb = (target - req.slots + bs - 1) // bs if target > req.slots else 0
+                if nb > self.free_blocks:
+                    break
+                heapq.heappop(heap)
+                self.n_waiting -= 1
+                self.free_blocks -= nb
+                req.slots += nb * bs
+                if req.high > req.computed:
+                    self.counters.recomputed_tokens += req.high - req.computed
+                req.status = RUNNING
+                running.append(req)
+                if req.host:
+                    self.lru[req.id] = req
+                reqs.append(req)
+                ns.append(n)
+                budget -= n
+                sched += n
+                if need == 1:
+                    decode += 1
+                    attended += req.num_tokens
+                else:
+                    prefill += n
+
+        if not reqs:
+            return None
+        stall = self.stall_until - now if self.stall_until > now else 0.0
+        p = self.profile
+        duration = p.base_s + p.per_token_s * sched + p.per_kv_token_s * attended + stall
+        step = Step(now, duration, reqs, ns, sched, prefill, decode, attended, stall)
+        self._inflight = step
+        return step
+
+    def complete_step(self, step: Step, now: float) -> list[Emitted]:
+        """Apply a step's results at ``now`` (normally ``step.start + step.duration``)."""
+        if step is not self._inflight:
+            raise ValueError("not the step in flight")
+        self._inflight = None
+        self.steps += 1
+        emitted: list[Emitted] = []
+        finished = False
+        wt = self.write_through
+        wt_budget = step.duration * self.d2h_tokens_per_s if wt else 0.0
+        host_free = self.host_cap - self.host_used
+        lru = self.lru
+        for req, n in zip(step.reqs, step.ns):
+            c = req.computed + n
+            req.computed = c
+            if c > req.high:
+                req.high = c
+            if c == req.num_tokens:
+                out = req.output + 1
+                req.output = out
+                req.num_tokens = c + 1
+                if out >= req.limit:
+                    emitted.append(Emitted(req.id, out - 1, "length"))
+                    host_free += req.host
+                    self._release(req)
+                    finished = True
+                    continue
+                emitted.append(Emitted(req.id, out - 1, None))
+            # write-through: KV produced in a step is copied during it, within the d2h bandwidth
+            if wt_budget >= 1.0 and host_free > 0 and req.host < c:
+                d = c - req.host
+                if d > wt_budget:
+                    d = int(wt_budget)
+                if d > host_free:
+                    d = host_free
+                req.host += d
+                host_free -= d
+                wt_budget -= d
+                if req.id in lru:
+                    lru.move_to_end(req.id)
+                else:
+                    lru[req.id] = req
+        self.host_used = self.host_cap - host_free if wt else 0
+        if finished:
+            self.running = [r for r in self.running if r.status is RUNNING]
+        self.window.add(step.duration, len(emitted), step.prefill_tokens)
+        return emitted
+
+    # ------------------------------------------------------------------ control
+
+    def command(self, op: str, req_id: str, now: float, priority: Any = None) -> dict[str, Any]:
+        """Apply one control command (docs/engine-control-api.md) and return its result object."""
+        if self._inflight is not None:
+            raise StepInFlight("commands apply at step boundaries")
+        if op not in OPS:
+            return _err(req_id, op, "invalid_command", f"unknown op {op!r}")
+        if op == "priority" and (isinstance(priority, bool) or not isinstance(priority, int)):
+            return _err(req_id, op, "invalid_command", "'priority' must be an integer")
+        req = self.reqs.get(req_id)
+        if req is None:
+            return _err(req_id, op, "not_found", f"unknown request id '{req_id}'")
+        if op == "preempt":
+            self._preempt(req, now)
+        elif op == "resume":
+            self._resume(req, now)
+        elif op == "prefetch":
+            self._prefetch(req, now)
+        elif op == "priority":
+            self._set_priority(req, priority)
+        else:
+            self._abort(req)
+            return {"id": req_id, "op": op, "ok": True, "status": "aborted"}
+        return {"id": req_id, "op": op, "ok": True, "status": req.status}
+
+    def abort(self, req_id: str) -> bool:
+        """Finish a request now and free its KV (client disconnect or abort). False if unknown."""
+        if self._inflight is not None:
+            raise StepInFlight("aborts apply at step boundaries")
+        req = self.reqs.get(req_id)
+        if req is None:
+            return False
+        self._abort(req)
+        return True
+
+    def _abort(self, req: _Req) -> None:
+        st = req.status
+        if st is RUNNING:
+            self.running.remove(req)
+        elif st is WAITING:
+            self.n_waiting -= 1
+        elif st is LOADING:
+            self._drop_load(req)
+        self.counters.aborts += 1
+        self._release(req)
+
+    def _preempt(self, req: _Req, now: float) -> None:
+        st = req.status
+        if st is HELD:
+            return
+        if st is RUNNING:
+            self.running.remove(req)
+            self._flush(req, now)
+        elif st is WAITING:
+            req.qver += 1
+            self.n_waiting -= 1
+        elif st is LOADING:
+            self._drop_load(req)
+        self._free_device(req)
+        self.lru.pop(req.id, None)  # held copies are pinned
+        req.status = HELD
+        req.started = True
+        req.preemptions += 1
+        self.counters.preemptions += 1
+
+    def _resume(self, req: _Req, now: float) -> None:
+        st = req.status
+        if st is HELD:
+            self.counters.resumes += 1
+            if req.host > 0 and self._prefer_load(req, now) and -(-req.host // self.bs) <= self.free_blocks:
+                self._start_load(req, now, RUNNING)
+            else:
+                self._push_waiting(req)
+        elif st is PARKED:
+            self.counters.resumes += 1
+            self._push_waiting(req)
+        elif st is LOADING and req.after_load is not RUNNING:
+            # prefetched and still loading: run as soon as the load ends
+            self.counters.resumes += 1
+            req.after_load = RUNNING
+
+    def _prefetch(self, req: _Req, now: float) -> None:
+        if req.status is not HELD:
+            return
+        self.counters.prefetches += 1
+        if req.host == 0:
+            req.status = PARKED
+        elif -(-req.host // self.bs) <= self.free_blocks:
+            self._start_load(req, now, PARKED)
+        else:
+            req.status = LOADING
+            req.after_load = PARKED
+            self.load_pending.append(req)
+
+    def _set_priority(self, req: _Req, priority: int) -> None:
+        req.priority = priority
+        if req.status is WAITING:
+            req.qver += 1
+            heapq.heappush(self.waiting, (priority, 0 if req.started else 1, req.seq, req.qver, req))
+
+    # ------------------------------------------------------------------ KV helpers
+
+    def _push_waiting(self, req: _Req) -> None:
+        req.status = WAITING
+        req.qver += 1
+        self.n_waiting += 1
+        heapq.heappush(self.waiting, (req.priority, 0 if req.started else 1, req.seq, req.qver, req))
+
+    def _free_device(self, req: _Req) -> None:
+        self.free_blocks += req.slots // self.bs
+        req.slots = 0
+        req.computed = 0
+
+    def _release(self, req: _Req) -> None:
+        """Free everything a finished request holds and forget it."""
+        self.free_blocks += req.slots // self.bs
+        req.slots = 0
+        self.host_used -= req.host
+        req.host = 0
+        self.lru.pop(req.id, None)
+        req.status = FINISHED
+        req.qver += 1
+        del self.reqs[req.id]
+
+    def _flush(self, req: _Req, now: float) -> None:
+        """Synchronously copy the unsynced tail of a request's KV to host (it is being preempted)."""
+        if not self.write_through:
+            return
+        tail = req.computed - req.host
+        if tail <= 0:
+            return
+        free = self.host_cap - self.host_used
+        if free < tail:
+            self.lru.pop(req.id, None)
+            while free < tail and self.lru:
+                _, victim = self.lru.popitem(last=False)
+                free += victim.host
+                self.host_used -= victim.host
+                victim.host = 0
+        d = tail if tail <= free else free
+        if d <= 0:
+            return
+        req.host += d
+        self.host_used += d
+        start = self.stall_until if self.stall_until > now else now
+        self.stall_until = start + self.profile.store_time(d)
+        req.flush_done = self.stall_until
+
+    def _engine_preempt(self, req: _Req, now: float) -> None:
+        """KV exhausted: the engine preempts a running request (already removed from self.running)."""
+        self.counters.preemptions += 1
+        req.preemptions += 1
+        self.lru.pop(req.id, None)
+        if self.engine_preempt == "offload":
+            self._flush(req, now)
+        else:
+            self.host_used -= req.host
+            req.host = 0
+        self._free_device(req)
+        req.started = True
+        self._push_waiting(req)
+
+    def _prefer_load(self, req: _Req, now: float) -> bool:
+        """Reload the host copy if that is quicker than recomputing the same tokens in the batch."""
+        backlog = self.h2d_free_at - now if self.h2d_free_at > now else 0.0
+        return backlog + self.profile.load_time(req.host) <= self.profile.per_token_s * req.host
+
+    def _start_load(self, req: _Req, now: float, then: str) -> None:
+        n = req.host
+        nb = -(-n // self.bs)
+        self.free_blocks -= nb
+        req.slots = nb * self.bs
+        req.computed = 0
+        start = max(now, self.h2d_free_at, req.flush_done)
+        req.load_finish = start + self.profile.load_time(n)
+        req.load_tokens = n
+        self.h2d_free_at = req.load_finish
+        req.after_load = then
+        req.status = LOADING
+        self.loads.append(req)
+
+    def _drop_load(self, req: _Req) -> None:
+        try:
+            self.loads.remove(req)
+        except ValueError:
+            self.load_pending.remove(req)
+
+    def _poll_loads(self, now: float) -> None:
+        loads = self.loads
+        while loads and loads[0].load_finish <= now:
+            req = loads.popleft()
+            req.computed = req.load_tokens
+            self.counters.host_restored_tokens += req.load_tokens
+            if req.after_load is RUNNING:
+                self._push_waiting(req)
+            else:
+                req.status = PARKED
+        pending = self.load_pending
+        while pending and -(-pending[0].host // self.bs) <= self.free_blocks:
+            req = pending.popleft()
+            self._start_load(req, now, req.after_load)
+
+    # ------------------------------------------------------------------ state
+
+    def state(self, now: float) -> dict[str, Any]:
+        """The contract's GET /control/v1/state body."""
+        p = self.profile
+        counts = {WAITING: 0, RUNNING: 0, LOADING: 0, HELD: 0, PARKED: 0}
+        used = 0
+        requests = []
+        off = self.clock_offset
+        for r in self.reqs.values():
+            counts[r.status] += 1
+            used += r.slots
+            requests.append(
+                {
+                    "id": r.id,
+                    "status": r.status,
+                    "priority": r.priority,
+                    "arrival_time": r.arrival + off,
+                    "prompt_tokens": r.prompt,
+                    "output_tokens": r.output,
+                    "computed_tokens": r.computed,
+                    "max_tokens": r.max_tokens,
+                    "kv_device_tokens": r.slots,
+                    "kv_host_tokens": r.host,
+                    "preemptions": r.preemptions,
+                }
+            )
+        w = self.window
+        c = self.counters
+        return {
+            "engine": {
+                "name": p.name,
+                "kind": "simulated",
+                "block_size": p.block_size,
+                "max_num_seqs": p.max_num_seqs,
+                "kv_bytes_per_token": p.kv_bytes_per_token,
+                "kv_device_capacity_tokens": self.total_blocks * self.bs,
+                "kv_device_used_tokens": used,
+                "kv_host_capacity_tokens": self.host_cap,
+                "kv_host_used_tokens": self.host_used,
+                "num_running": counts[RUNNING],
+                "num_waiting": counts[WAITING],
+                "num_held": counts[HELD],
+                "num_loading": counts[LOADING],
+                "num_parked": counts[PARKED],
+                "step_time_s": w.dur / len(w.items) if w.items else None,
+                "decode_tokens_per_s": w.decode / w.dur if w.dur > 0 else None,
+                "prefill_tokens_per_s": w.prefill / w.prefill_dur if w.prefill_dur > 0 else None,
+                "h2d_bytes_per_s": p.h2d_bytes_per_s,
+                "d2h_bytes_per_s": p.d2h_bytes_per_s,
+                "counters": {
+                    "preemptions": c.preemptions,
+                    "resumes": c.resumes,
+                    "prefetches": c.prefetches,
+                    "aborts": c.aborts,
+                    "host_restored_tokens": c.host_restored_tokens,
+                    "recomputed_tokens": c.recomputed_tokens,
+                },
+            },
+            "requests": requests,
+        }
+
+    def request_state(self, req_id: str, now: float) -> dict[str, Any] | None:
+        """One request object of state(), or None if unknown."""
+        if req_id not in self.reqs:
+            return None
+        for r in self.state(now)["requests"]:
+            if r["id"] == req_id:
+                return r
+        return None
+
+    def check_invariants(self) -> None:
+        """Assert the KV accounting is consistent (tests and debugging)."""
+        assert self.free_blocks + sum(r.slots for r in self.reqs.values()) // self.bs == self.total_blocks
+        assert self.host_used == sum(r.host for r in self.reqs.values())
+        assert 0 <= self.host_used <= max(self.host_cap, 0)
+        assert self.n_waiting == sum(1 for r in self.reqs.values() if r.status is WAITING)
+        assert {r.id for r in self.running} == {r.id for r in self.reqs.values() if r.status is RUNNING}
+        for r in self.reqs.values():
+            assert r.computed <= r.slots or r.status is LOADING, r.id
+            assert r.host <= max(r.high, r.computed), r.id
+            if r.status is HELD:
+                assert r.slots == 0 and r.computed == 0, r.id
+
+
+def _err(req_id: str, op: str, code: str, message: str) -> dict[str, Any]:
+    return {"id": req_id, "op": op, "ok": False, "error": {"code": code, "message": message}}

@@ -1,0 +1,177 @@
+"""Hardware profiles of the simulated engine: load, validate, and predict step times.
+
+A profile is a small YAML file (``configs/profiles/<name>.yaml``) describing one model on one accelerator
+with a linear cost model (docs/sim-cost-model.md)::
+
+    t_step = base_s + per_token_s * scheduled_tokens + per_kv_token_s * attended_kv_tokens
+
+``scheduled_tokens`` counts every token computed in the step (one per decoding request plus every token of
+each prefill chunk); ``attended_kv_tokens`` is the sum of the context lengths of the decoding requests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES_ENV = "TOKENFLOW_PROFILES_DIR"
+
+
+class ProfileError(ValueError):
+    """A profile file is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    description: str
+    source: str
+    model_name: str
+    kv_bytes_per_token: int
+    max_model_len: int
+    base_s: float
+    per_token_s: float
+    per_kv_token_s: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    device_tokens: int
+    host_tokens: int
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+
+    # --- the cost model (keep in sync with docs/sim-cost-model.md and the GPU calibration) ---
+
+    def step_time(self, scheduled_tokens: int, attended_kv_tokens: int) -> float:
+        """Duration of one engine step."""
+        return self.base_s + self.per_token_s * scheduled_tokens + self.per_kv_token_s * attended_kv_tokens
+
+    def decode_step_time(self, batch: int, total_context: int) -> float:
+        """A pure decode step: ``batch`` requests, each computing one token, with ``total_context`` tokens
+        of context summed over them (each request's context includes the token being computed)."""
+        return self.step_time(batch, total_context)
+
+    def prefill_time(self, tokens: int) -> float:
+        """A step that computes ``tokens`` prompt tokens of one request and nothing else.
+
+        Prefill chunks pay no attention term in this model. A prompt longer than
+        ``max_num_batched_tokens`` is split into several steps by the engine; this function prices one
+        step of ``tokens`` tokens, so callers wanting the chunked total use :meth:`chunked_prefill_time`.
+        """
+        return self.step_time(tokens, 0)
+
+    def chunked_prefill_time(self, tokens: int) -> float:
+        """Total time to prefill ``tokens`` tokens alone, in chunks of ``max_num_batched_tokens``."""
+        if tokens <= 0:
+            return 0.0
+        steps = math.ceil(tokens / self.max_num_batched_tokens)
+        return steps * self.base_s + self.per_token_s * tokens
+
+    def load_time(self, tokens: int) -> float:
+        """Seconds to copy ``tokens`` tokens of KV host -> device."""
+        return tokens * self.kv_bytes_per_token / self.h2d_bytes_per_s
+
+    def store_time(self, tokens: int) -> float:
+        """Seconds to copy ``tokens`` tokens of KV device -> host."""
+        return tokens * self.kv_bytes_per_token / self.d2h_bytes_per_s
+
+    @property
+    def device_blocks(self) -> int:
+        return self.device_tokens // self.block_size
+
+
+# (yaml section, key, field, type, must be > 0)
+_FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
+    ("model", "kv_bytes_per_token", "kv_bytes_per_token", int, True),
+    ("model", "max_model_len", "max_model_len", int, True),
+    ("step", "base_s", "base_s", float, False),
+    ("step", "per_token_s", "per_token_s", float, False),
+    ("step", "per_kv_token_s", "per_kv_token_s", float, False),
+    ("batch", "max_num_seqs", "max_num_seqs", int, True),
+    ("batch", "max_num_batched_tokens", "max_num_batched_tokens", int, True),
+    ("batch", "block_size", "block_size", int, True),
+    ("kv", "device_tokens", "device_tokens", int, True),
+    ("kv", "host_tokens", "host_tokens", int, False),
+    ("transfer", "h2d_bytes_per_s", "h2d_bytes_per_s", float, True),
+    ("transfer", "d2h_bytes_per_s", "d2h_bytes_per_s", float, True),
+)
+
+
+def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
+    """Validate a parsed profile document and build a :class:`Profile`."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{origin}: a profile must be a YAML mapping")
+    values: dict[str, Any] = {}
+    for section, key, fieldname, typ, positive in _FIELDS:
+        sec = data.get(section)
+        if not isinstance(sec, dict):
+            raise ProfileError(f"{origin}: missing section '{section}'")
+        if key not in sec:
+            raise ProfileError(f"{origin}: missing field '{section}.{key}'")
+        raw = sec[key]
+        if isinstance(raw, str):
+            # YAML 1.1 (PyYAML) reads exponents without a sign, like 5.0e10, as strings
+            try:
+                raw = float(raw)
+            except ValueError:
+                pass
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ProfileError(f"{origin}: '{section}.{key}' must be a number, got {raw!r}")
+        if typ is int:
+            if float(raw) != int(raw):
+                raise ProfileError(f"{origin}: '{section}.{key}' must be an integer, got {raw!r}")
+            val: int | float = int(raw)
+        else:
+            val = float(raw)
+        if not math.isfinite(val) or val < 0 or (positive and val <= 0):
+            raise ProfileError(f"{origin}: '{section}.{key}' must be {'> 0' if positive else '>= 0'}")
+        values[fieldname] = val
+    if values["device_tokens"] < values["block_size"]:
+        raise ProfileError(f"{origin}: 'kv.device_tokens' must hold at least one block")
+    if values["base_s"] + values["per_token_s"] <= 0:
+        raise ProfileError(f"{origin}: a step must take some time (base_s + per_token_s > 0)")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProfileError(f"{origin}: missing 'name'")
+    model_name = data["model"].get("name", name)
+    return Profile(
+        name=name,
+        description=str(data.get("description", "")),
+        source=str(data.get("source", "")),
+        model_name=str(model_name),
+        **values,
+    )
+
+
+def profiles_dir() -> Path:
+    """Where bare profile names are looked up: $TOKENFLOW_PROFILES_DIR, else the repo's configs/profiles."""
+    env = os.environ.get(PROFILES_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "configs" / "profiles"
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
+    """Load a profile by bare name (``sim-small``) or by path to a YAML file."""
+    text = str(name_or_path)
+    path = Path(text)
+    looks_like_path = os.sep in text or "/" in text or text.endswith((".yaml", ".yml"))
+    if not looks_like_path:
+        path = profiles_dir() / f"{text}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in profiles_dir().glob("*.yaml")) if profiles_dir().is_dir() else []
+            raise ProfileError(f"unknown profile '{text}' (looked in {profiles_dir()}; known: {known})")
+    try:
+        raw = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: invalid YAML: {exc}") from exc
+    return profile_from_dict(data, str(path))

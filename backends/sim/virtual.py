@@ -1,0 +1,140 @@
+"""Virtual-clock runner: the simulated engine without HTTP or wall time, for benchmarks.
+
+One :class:`VirtualEngine` wraps one :class:`~backends.sim.core.EngineCore` and a discrete-event loop.
+Time only advances inside ``run_until`` / ``run_until_idle``; everything else happens at ``now``.
+
+API::
+
+    eng = VirtualEngine(load_profile("h200-llama3-8b"), on_tokens=callback)
+    eng.add("r1", prompt_tokens=512, max_tokens=2048, priority=0, at=0.0)   # arrival at virtual t=0
+    eng.run_until(0.5)          # run steps until the first step boundary at or after t=0.5
+    eng.state()                 # the contract's GET /control/v1/state body, at eng.now
+    eng.command("preempt", "r1")            # applied at once (we are at a step boundary)
+    eng.commands([{"op": "resume", "id": "r1"}])   # the batched form, one result per command
+    end = eng.run_until_idle()  # until nothing is left to do; returns the virtual time
+
+``callback(now, emitted)`` is called once per step with the step's end time and a list of
+:class:`~backends.sim.core.Emitted` ``(id, index, finish_reason)``; ``finish_reason`` is ``"length"`` on a
+request's last token. Requests that end by ``abort`` produce no token; the caller knows it aborted them.
+
+Semantics:
+
+- Steps are atomic, as in a real engine: ``run_until(t)`` runs every step that *starts* before ``t``, so
+  ``now`` afterwards is the first step boundary at or after ``t`` (or exactly ``t`` when the engine is
+  idle then). A policy ticking every ``dt`` calls ``run_until(now + dt)`` then issues its commands, which
+  thereby apply at a step boundary, as the contract says.
+- ``add(..., at=t)`` with ``t`` in the future schedules an arrival; the request joins the engine at the
+  first step boundary at or after ``t`` (an idle engine wakes at ``t`` exactly). ``at=None`` means now.
+- Control commands and aborts act immediately on the core (between steps).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .core import OPS, EngineCore, Emitted
+from .profile import Profile
+
+TokenCallback = Callable[[float, list[Emitted]], None]
+
+
+class VirtualEngine:
+    def __init__(self, profile: Profile, *, on_tokens: TokenCallback | None = None, **core_kwargs: Any) -> None:
+        """``core_kwargs`` go to :class:`EngineCore` (default_max_tokens, write_through, engine_preempt)."""
+        self.core = EngineCore(profile, **core_kwargs)
+        self.profile = profile
+        self.on_tokens = on_tokens
+        self.now = 0.0
+        self._arrivals: list[tuple[float, int, str, int, int | None, int]] = []
+        self._seq = 0
+        self.steps = 0
+        self.busy_s = 0.0  # virtual time spent in steps
+
+    # ------------------------------------------------------------------ input
+
+    def add(
+        self, req_id: str, prompt_tokens: int, max_tokens: int | None = None, priority: int = 0, at: float | None = None
+    ) -> None:
+        """Submit a request now, or schedule its arrival at virtual time ``at``."""
+        if at is None or at <= self.now:
+            self.core.add(req_id, prompt_tokens, max_tokens, priority, self.now)
+        else:
+            self._seq += 1
+            heapq.heappush(self._arrivals, (at, self._seq, req_id, prompt_tokens, max_tokens, priority))
+
+    def command(self, op: str, req_id: str, priority: int | None = None) -> dict[str, Any]:
+        """Apply one control command at ``now``; returns the contract's result object."""
+        return self.core.command(op, req_id, self.now, priority=priority)
+
+    def commands(self, cmds: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The batched form (``{"op", "id", ["priority"]}`` dicts), applied in order."""
+        out = []
+        for c in cmds:
+            op, rid = c.get("op"), c.get("id")
+            if not isinstance(op, str) or op not in OPS or not isinstance(rid, str):
+                out.append({"id": rid, "op": op, "ok": False,
+                            "error": {"code": "invalid_command", "message": "bad 'op' or 'id'"}})
+                continue
+            out.append(self.core.command(op, rid, self.now, priority=c.get("priority")))
+        return out
+
+    def abort(self, req_id: str) -> bool:
+        return self.core.abort(req_id)
+
+    def state(self) -> dict[str, Any]:
+        return self.core.state(self.now)
+
+    @property
+    def pending_arrivals(self) -> int:
+        return len(self._arrivals)
+
+    # ------------------------------------------------------------------ time
+
+    def run_until(self, t: float) -> float:
+        """Run until the first step boundary at or after ``t``; returns ``now``."""
+        self._run(t)
+        return self.now
+
+    def run_until_idle(self, limit: float = math.inf) -> float:
+        """Run until no request is live and no arrival is pending (or ``limit``); returns ``now``."""
+        self._run(limit, stop_when_idle=True)
+        return self.now
+
+    def _run(self, t: float, stop_when_idle: bool = False) -> None:
+        core = self.core
+        arrivals = self._arrivals
+        cb = self.on_tokens
+        while True:
+            while arrivals and arrivals[0][0] <= self.now:
+                _, _, rid, p, m, pr = heapq.heappop(arrivals)
+                core.add(rid, p, m, pr, self.now)
+            if self.now >= t:
+                return
+            step = core.next_step(self.now)
+            if step is not None:
+                end = self.now + step.duration
+                emitted = core.complete_step(step, end)
+                self.now = end
+                self.steps += 1
+                self.busy_s += step.duration
+                if cb is not None and emitted:
+                    cb(end, emitted)
+                continue
+            # idle: jump to the next thing that can change the engine
+            nxt = t
+            ev = core.next_event_time()
+            if ev is not None and ev < nxt:
+                nxt = ev if ev > self.now else self.now
+            if arrivals and arrivals[0][0] < nxt:
+                nxt = arrivals[0][0]
+            if stop_when_idle and not core.reqs and not arrivals:
+                return
+            if nxt == math.inf:
+                # live requests that can never run (e.g. held, nobody to resume them): stop here
+                return
+            if nxt <= self.now and ev is None:
+                return  # nothing will ever change without input
+            self.now = max(self.now, nxt)
