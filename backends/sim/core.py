@@ -157,8 +157,7 @@ class _Window:
     prefill: int = 0
     prefill_dur: float = 0.0
 
-    def add(self, dur: float, decode: int, prefill: int) -> None:
-        pdur = dur if prefill else 0.0
+    def add(self, dur: float, decode: int, prefill: int, pdur: float) -> None:
         self.items.append((dur, decode, prefill, pdur))
         self.dur += dur
         self.decode += decode
@@ -437,7 +436,11 @@ class EngineCore:
         self.host_used = self.host_cap - host_free if wt else 0
         if finished:
             self.running = [r for r in self.running if r.status is RUNNING]
-        self.window.add(step.duration, len(emitted), step.prefill_tokens)
+        # prefill's share of the step: its tokens' part of the token-proportional compute time (the fixed
+        # base_s and any flush stall are paid by the step whether or not it prefills)
+        pf = step.prefill_tokens
+        pdur = (step.duration - self.profile.base_s - step.stall_s) * pf / step.scheduled_tokens if pf else 0.0
+        self.window.add(step.duration, len(emitted), pf, pdur)
         return emitted
 
     # ------------------------------------------------------------------ control
