@@ -284,6 +284,8 @@ class Gateway:
             obj = "text_completion"
         choice.update(logprobs=None, finish_reason=stream.finish_reason)
         self.metrics.requests.labels(stream.kind, "completed").inc()
+        if stream.first_token_time is not None:  # not paced: the first token is ready when it is produced
+            self.metrics.ttft.labels(stream.engine).observe(stream.first_token_time - stream.arrival_time)
         self.metrics.tokens_out.labels(stream.engine).inc(stream.generated)
         return _json({"id": enc.object_id, "object": obj, "created": enc.created, "model": enc.model, "choices": [choice], "usage": usage})
 
