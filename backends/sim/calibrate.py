@@ -403,7 +403,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             cap[f"kv_tokens_at_{util}"] = max(0, int(kv // shape.kv_bytes_per_token) // 16 * 16)
         doc["kv_capacity"] = cap
         rec.save()
-    pool = torch.randn(pool_tokens * per_token_elems, device=args.device, dtype=torch.bfloat16)
+    pool = torch.empty(pool_tokens * per_token_elems, device=args.device, dtype=torch.bfloat16)
+    for chunk in pool.split(1 << 30):  # random KV (never time on zeros), filled in 2 GiB pieces
+        chunk.normal_()
     doc["kv_pool_tokens"] = pool_tokens
 
     prefill_grid, decode_grid = default_grids(args.tiny)
@@ -416,7 +418,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cost = step_cost(shape, kind, n, length)
         tokens = n if kind == "decode" else n * length
         pt = {"kind": kind, "n": n, "length": length, "scheduled_tokens": tokens,
-              "attended_kv_tokens": n * length if kind == "decode" else 0,
+              # each decoding request's context includes the token being computed (backends/sim/profile.py)
+              "attended_kv_tokens": n * (length + 1) if kind == "decode" else 0,
               "t_eager_s": eager["median_s"], "t_graph_s": graph["median_s"] if graph else None,
               "t_roofline_s": roofline_s(cost, hbm, rate), "bytes": cost["bytes"], "flops": cost["flops"],
               "attn_backend": attn[0][0].name if attn[0] else "default", "attn_times_s": attn[1]} | extra
@@ -430,12 +433,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         eager = clock.time(step, 1, 3 if kind == "prefill" else 5)
         graph, extra = None, {}
         if cuda and not args.no_graphs:
-            try:
-                g = capture_graph(torch, step)
-                graph = clock.time(g.replay, 3, 10 if kind == "prefill" else 30)
-                del g
-            except RuntimeError as exc:  # keep the eager number; say why the graph is missing
-                extra["graph_error"] = str(exc)[:300]
+            for backend in (attn[0], None):  # retry with torch's own attention choice if capture fails
+                model.attn_backend = backend
+                try:
+                    g = capture_graph(torch, step)
+                    graph = clock.time(g.replay, 3, 10 if kind == "prefill" else 30)
+                    del g
+                    break
+                except RuntimeError as exc:  # keep the eager number; say why the graph is missing
+                    extra["graph_error"] = str(exc)[:300]
+                    torch.cuda.synchronize()
+            if graph is not None and model.attn_backend is None and attn[0] is not None:
+                extra["graph_attn_backend"] = "default"
         record_point(kind, n, length, eager, graph, attn, extra)
         model.attn_backend = None
 
