@@ -175,6 +175,12 @@ def _victim_key(r: _Req) -> tuple[int, int]:
     return (r.priority, r.seq)
 
 
+def _queue_key(r: _Req) -> tuple[int, int, int]:
+    """Waiting order: requests already holding device KV (reloaded) first, as vLLM drains its
+    kv-holding queue first; then priority; then requests that ran before ahead of new arrivals."""
+    return (0 if r.slots else 1, r.priority, 0 if r.started else 1)
+
+
 class EngineCore:
     """See the module docstring."""
 
@@ -212,7 +218,7 @@ class EngineCore:
         self.d2h_tokens_per_s = profile.d2h_bytes_per_s / profile.kv_bytes_per_token
         self.reqs: dict[str, _Req] = {}
         self.running: list[_Req] = []
-        self.waiting: list[tuple[int, int, int, int, _Req]] = []  # heap
+        self.waiting: list[tuple[tuple[int, int, int], int, int, _Req]] = []  # heap, see _queue_key
         self.n_waiting = 0
         self.loads: deque[_Req] = deque()  # loads in flight, finish times increasing (one FIFO channel)
         self.load_pending: deque[_Req] = deque()  # prefetches waiting for free blocks
@@ -345,8 +351,8 @@ class EngineCore:
             heap = self.waiting
             while heap and budget > 0 and len(running) < max_seqs:
                 entry = heap[0]
-                req = entry[4]
-                if req.status is not WAITING or entry[3] != req.qver:
+                req = entry[3]
+                if req.status is not WAITING or entry[2] != req.qver:
                     heapq.heappop(heap)
                     continue
                 if req.slots == 0 and req.host > 0 and self._prefer_load(req, now):
@@ -361,6 +367,14 @@ class EngineCore:
                 target = req.computed + n
                 nb = (target - req.slots + bs - 1) // bs if target > req.slots else 0
                 if nb > self.free_blocks:
+                    if req.slots and not running and not reqs:
+                        # Requests holding reloaded KV fill the device and nothing runs to free a block:
+                        # give this one's blocks back (its host copy stays) instead of stalling forever.
+                        heapq.heappop(heap)
+                        self.n_waiting -= 1
+                        self._free_device(req)
+                        self._push_waiting(req)
+                        continue
                     break
                 heapq.heappop(heap)
                 self.n_waiting -= 1
@@ -542,7 +556,7 @@ class EngineCore:
         req.priority = priority
         if req.status is WAITING:
             req.qver += 1
-            heapq.heappush(self.waiting, (priority, 0 if req.started else 1, req.seq, req.qver, req))
+            heapq.heappush(self.waiting, (_queue_key(req), req.seq, req.qver, req))
 
     # ------------------------------------------------------------------ KV helpers
 
@@ -550,7 +564,7 @@ class EngineCore:
         req.status = WAITING
         req.qver += 1
         self.n_waiting += 1
-        heapq.heappush(self.waiting, (req.priority, 0 if req.started else 1, req.seq, req.qver, req))
+        heapq.heappush(self.waiting, (_queue_key(req), req.seq, req.qver, req))
 
     def _free_device(self, req: _Req) -> None:
         self.free_blocks += req.slots // self.bs
