@@ -1,0 +1,80 @@
+"""Command lines for ``vllm serve`` with the TokenFlow plugin (used by the docs, tests and benchmark).
+
+Imports nothing from vLLM, so a test runner outside the vLLM venv can build the command.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLUGINS = "tokenflow_engine,tokenflow_control"
+SCHEDULER_SYNC = "tokenflow_vllm.scheduler.TokenFlowScheduler"
+SCHEDULER_ASYNC = "tokenflow_vllm.scheduler.TokenFlowAsyncScheduler"
+
+
+def kv_transfer_config(host_bytes: int) -> str:
+    """Write-through host offload with the portable worker and held-request pinning."""
+    return json.dumps(
+        {
+            "kv_connector": "OffloadingConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {
+                "spec_name": "TokenFlowOffloadingSpec",
+                "spec_module_path": "tokenflow_vllm.offload.spec",
+                "cpu_bytes_to_use": int(host_bytes),
+                "offload_prompt_only": False,
+                "eviction_policy": "PinnedLRU",
+                "cache_policy_module_path": "tokenflow_vllm.offload.policy",
+            },
+        }
+    )
+
+
+def server_env(cpu: bool = True) -> dict[str, str]:
+    env = {
+        "VLLM_PLUGINS": PLUGINS,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+    }
+    if cpu:
+        # With multiprocessing off the `uni` executor is honoured (no worker process, no OMP binding);
+        # EngineCore still runs in its own process, so the control path is the same as on GPU.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def cpu_serve_args(
+    venv: Path,
+    model: Path,
+    port: int,
+    *,
+    served_name: str = "tiny",
+    host_offload_bytes: int | None = 64 << 20,
+    kv_cache_bytes: int = 256 << 20,
+    dtype: str = "float32",
+    block_size: int = 32,
+    max_model_len: int = 2048,
+    max_num_seqs: int = 8,
+    extra: list[str] | None = None,
+) -> list[str]:
+    args = [
+        str(Path(venv) / "bin" / "vllm"), "serve", str(model),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", served_name,
+        "--dtype", dtype,
+        "--enforce-eager",
+        "--distributed-executor-backend", "uni",
+        "--kv-cache-memory-bytes", str(kv_cache_bytes),
+        "--block-size", str(block_size),
+        "--max-model-len", str(max_model_len),
+        "--max-num-seqs", str(max_num_seqs),
+        "--scheduling-policy", "priority",
+        "--scheduler-cls", SCHEDULER_SYNC,
+        "--generation-config", "vllm",
+    ]  # fmt: skip
+    if host_offload_bytes:
+        args += ["--kv-transfer-config", kv_transfer_config(host_offload_bytes)]
+    return args + list(extra or [])

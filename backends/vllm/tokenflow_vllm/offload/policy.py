@@ -1,0 +1,28 @@
+"""``PinnedLRU``: vLLM's LRU host-cache policy that never evicts chunks of held requests.
+
+Load with ``"eviction_policy": "PinnedLRU", "cache_policy_module_path": "tokenflow_vllm.offload.policy"``
+in ``kv_connector_extra_config``. When every evictable chunk is pinned, a store simply is not made
+(the manager treats a failed eviction as "no room"), exactly as when the host tier is full.
+"""
+from __future__ import annotations
+
+from vllm.v1.kv_offload.cpu.policies.lru import LRUCachePolicy
+
+from tokenflow_vllm.offload import pins
+
+
+class _Protected:
+    """Membership view over the manager's protected set and the pins, without copying either."""
+
+    __slots__ = ("_base",)
+
+    def __init__(self, base) -> None:
+        self._base = base
+
+    def __contains__(self, key) -> bool:
+        return key in self._base or pins.is_pinned(key)
+
+
+class PinnedLRU(LRUCachePolicy):
+    def evict(self, n, protected):
+        return super().evict(n, _Protected(protected) if pins.count() else protected)

@@ -1,0 +1,61 @@
+"""Recent engine step time and decode/prefill rates, for the state report.
+
+A step is timed from ``schedule()`` to the matching ``update_from_output()``; with async scheduling
+steps overlap, so a step is timed from the later of its schedule and the previous step's output.
+Exponential moving averages keep the numbers recent without a window buffer.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+ALPHA = 0.1  # weight of the newest step
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else old + ALPHA * (new - old)
+
+
+class StepRates:
+    def __init__(self) -> None:
+        self._inflight: deque[tuple[float, int, int]] = deque()  # (scheduled at, decode, prefill tokens)
+        self._last_output: float = 0.0
+        self.step_time: float | None = None
+        self.decode_rate: float | None = None
+        self.prefill_rate: float | None = None
+
+    def on_schedule(self, out: Any) -> None:
+        decode = prefill = 0
+        for rid, n in out.num_scheduled_tokens.items():
+            spec = len(out.scheduled_spec_decode_tokens.get(rid, ()))
+            # A decoding request schedules its one sampled token (plus draft tokens); more is prefill
+            # (a prompt chunk, or context recomputed after a preemption).
+            if n <= 1 + spec:
+                decode += 1
+            else:
+                prefill += n
+        if decode or prefill:
+            self._inflight.append((time.perf_counter(), decode, prefill))
+
+    def on_output(self, scheduler_output: Any) -> None:
+        if not scheduler_output.num_scheduled_tokens or not self._inflight:
+            return
+        t_sched, decode, prefill = self._inflight.popleft()
+        now = time.perf_counter()
+        dt = now - max(t_sched, self._last_output)
+        self._last_output = now
+        if dt <= 0:
+            return
+        self.step_time = _ema(self.step_time, dt)
+        if decode:
+            self.decode_rate = _ema(self.decode_rate, decode / dt)
+        if prefill:
+            self.prefill_rate = _ema(self.prefill_rate, prefill / dt)
+
+    def report(self) -> dict[str, float | None]:
+        return {
+            "step_time_s": self.step_time,
+            "decode_tokens_per_s": self.decode_rate,
+            "prefill_tokens_per_s": self.prefill_rate,
+        }

@@ -1,0 +1,504 @@
+"""Scheduler subclasses that take per-request commands from the gateway (docs/engine-control-api.md).
+
+Use with ``--scheduler-cls tokenflow_vllm.scheduler.TokenFlowScheduler`` (synchronous scheduling: the CPU
+build, or ``--no-async-scheduling``) or ``tokenflow_vllm.scheduler.TokenFlowAsyncScheduler`` (the CUDA
+default, async scheduling). Commands arrive as EngineCore utility calls, which the engine processes
+between steps on the scheduler's thread, so no locking is needed and every command applies at a step
+boundary.
+
+Request states on top of vLLM's:
+
+- **held**: preempted by the gateway. Device KV freed (vLLM's own ``_preempt_request``), out of
+  ``running``/``waiting``/``kv_holding_waiting``, still in ``self.requests`` so a client abort finds it.
+  With write-through offload its host chunks are pinned against eviction while held.
+- **parked**: prefetched. Re-admitted through the normal path, which loads its KV from host into
+  device blocks, then kept out of compute in ``kv_holding_waiting`` until ``resume``.
+- a preempt that arrives while a load is in flight is applied when the load lands ("hold pending"):
+  freeing blocks under an in-flight copy would corrupt them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from tokenflow_vllm import commands as cmds
+from tokenflow_vllm.compat import check_vllm_version
+from tokenflow_vllm.offload import pins
+from tokenflow_vllm.rates import StepRates
+
+log = logging.getLogger("tokenflow_vllm.scheduler")
+
+XARGS_KEY = "tokenflow_id"
+
+
+@dataclass
+class Tracked:
+    """TokenFlow's view of one request that carries a ``tokenflow_id``."""
+
+    tf_id: str
+    req: Request
+    held: bool = False
+    hold_pending: bool = False  # preempt asked while a host->device load was in flight
+    parked: bool = False  # prefetched: load, then wait for resume without computing
+    parked_out: bool = False  # parked with nothing to load: kept out of the queues like a held one
+    kv_at_preempt: int = 0  # tokens with valid device KV when last preempted
+    restore_pending: bool = False  # count restored/recomputed tokens at the next admission
+    restore_external: int = 0  # tokens the connector loads from host for that admission
+    pinned: tuple = ()  # host chunk keys pinned while held
+
+
+class TokenFlowMixin:
+    """The control logic; mixed into vLLM's ``Scheduler`` or ``AsyncScheduler``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_vllm_version()
+        super().__init__(*args, **kwargs)
+        self._tf: dict[str, Tracked] = {}  # internal request id -> tracked
+        self._tf_ids: dict[str, str] = {}  # tokenflow id -> internal request id
+        self._tf_counters = dict.fromkeys(
+            ("preemptions", "resumes", "prefetches", "aborts", "host_restored_tokens", "recomputed_tokens"), 0
+        )
+        self._tf_rates = StepRates()
+        self._tf_copy = {"h2d_bytes": 0.0, "h2d_s": 0.0, "d2h_bytes": 0.0, "d2h_s": 0.0}
+        self._tf_kv_bytes_per_token = sum(
+            len(g.layer_names) * g.kv_cache_spec.page_size_bytes // self.block_size
+            for g in self.kv_cache_config.kv_cache_groups
+        )
+        self._tf_offload = self._find_offload_scheduler()
+        if self.connector is not None:
+            self._wrap_connector(self.connector)
+        log.info(
+            "TokenFlow scheduler ready (%s, policy=%s, host offload=%s)",
+            type(self).__name__,
+            self.policy.value,
+            self._tf_offload is not None,
+        )
+
+    # ------------------------------------------------------------------ connector plumbing
+
+    def _find_offload_scheduler(self) -> Any:
+        """The OffloadingConnector's scheduler side, if that is the configured connector."""
+        sched = getattr(self.connector, "connector_scheduler", None)
+        if sched is None or not hasattr(sched, "manager") or not hasattr(sched, "config"):
+            return None
+        return sched
+
+    def _wrap_connector(self, conn: Any) -> None:
+        """Observe, without changing, what the connector loads and how fast it copies."""
+        orig_alloc = conn.update_state_after_alloc
+        orig_output = conn.update_connector_output
+
+        def update_state_after_alloc(request, blocks, num_external_tokens):
+            t = self._tf.get(request.request_id)
+            if t is not None and t.restore_pending:
+                t.restore_external = num_external_tokens
+            return orig_alloc(request, blocks, num_external_tokens)
+
+        def update_connector_output(connector_output):
+            meta = getattr(connector_output, "kv_connector_worker_meta", None)
+            stats = getattr(meta, "transfer_stats", None)
+            if stats is not None:
+                for side, key in ((stats.load, "h2d"), (stats.store, "d2h")):
+                    if not side.is_empty() and side.time > 0:
+                        self._tf_copy[key + "_bytes"] += side.bytes
+                        self._tf_copy[key + "_s"] += side.time
+            return orig_output(connector_output)
+
+        conn.update_state_after_alloc = update_state_after_alloc
+        conn.update_connector_output = update_connector_output
+
+    def _host_chunk_keys(self, req: Request) -> list:
+        """Offload keys of the request's full chunks, head to tail (first KV group)."""
+        from vllm.v1.kv_offload.base import make_offload_key
+
+        g = self._tf_offload.config.kv_group_configs[0]
+        hpc = g.hashes_per_chunk
+        return [make_offload_key(h, g.group_idx) for h in req.block_hashes[hpc - 1 :: hpc]]
+
+    def _host_tokens(self, req: Request) -> int:
+        """Tokens of the request's leading chunks present (stored and readable) in the host tier."""
+        if self._tf_offload is None:
+            return 0
+        policy = getattr(self._tf_offload.manager, "_policy", None)
+        if policy is None:
+            return 0
+        n = 0
+        for key in self._host_chunk_keys(req):
+            chunk = policy.get(key)
+            if chunk is None or not chunk.is_ready:
+                break
+            n += 1
+        return min(n * self._tf_offload.config.kv_group_configs[0].tokens_per_chunk, req.num_tokens)
+
+    def _pin(self, t: Tracked) -> None:
+        if self._tf_offload is not None and not t.pinned:
+            t.pinned = tuple(self._host_chunk_keys(t.req))
+            pins.pin(t.pinned)
+
+    def _unpin(self, t: Tracked) -> None:
+        if t.pinned:
+            pins.unpin(t.pinned)
+            t.pinned = ()
+
+    # ------------------------------------------------------------------ request life cycle
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        xargs = request.sampling_params.extra_args if request.sampling_params else None
+        tf_id = xargs.get(XARGS_KEY) if isinstance(xargs, dict) else None
+        if isinstance(tf_id, str) and request.request_id in self.requests:
+            old = self._tf_ids.get(tf_id)
+            if old is not None and old != request.request_id:
+                log.warning("tokenflow id %r reused while live; now refers to the newer request", tf_id)
+            self._tf_ids[tf_id] = request.request_id
+            self._tf[request.request_id] = Tracked(tf_id, request)
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        # Runs for every finish: stop, max_tokens, client abort (also while held), control abort.
+        t = self._tf.pop(request.request_id, None)
+        if t is not None:
+            self._unpin(t)
+            if self._tf_ids.get(t.tf_id) == request.request_id:
+                del self._tf_ids[t.tf_id]
+        return super()._free_request(request, delay_free_blocks)
+
+    # ------------------------------------------------------------------ keeping held requests idle
+
+    def _num_out_of_queue(self) -> int:
+        return sum(1 for t in self._tf.values() if (t.held and not t.hold_pending) or t.parked_out)
+
+    def _num_parked_ready(self) -> int:
+        """Parked requests whose KV is on device: they wait for resume and need no engine step."""
+        return sum(
+            1
+            for t in self._tf.values()
+            if t.parked
+            and not t.parked_out
+            and t.req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            and t.req.num_computed_tokens > 0
+        )
+
+    def get_num_unfinished_requests(self) -> int:
+        return max(0, super().get_num_unfinished_requests() - self._num_parked_ready())
+
+    def has_finished_requests(self) -> bool:
+        # vLLM infers "finished, waiting on a delayed connector free" from requests that are in
+        # self.requests but in no queue; held requests look exactly like that and would make the
+        # engine step forever. Discount them.
+        if self.finished_req_ids:
+            return True
+        if self.connector is None:
+            return False
+        num_running, num_waiting = self.get_request_counts()
+        return len(self.requests) - self._num_out_of_queue() > num_running + num_waiting
+
+    def _handle_blocked_waiting_request(self, request: Request) -> bool:
+        rid = request.request_id
+        t = self._tf.get(rid)
+        if t is None:
+            return super()._handle_blocked_waiting_request(request)
+        if rid in self.reset_preempted_req_ids:
+            # Preempted in this very window: re-admitting (and loading) in the same schedule() that
+            # reports the preemption trips the offloading connector. Wait one step.
+            return False
+        if t.hold_pending:
+            return False
+        ready = super()._handle_blocked_waiting_request(request)
+        if ready and t.parked and request.num_computed_tokens > 0:
+            return False  # loaded; stays in kv_holding_waiting until resume
+        return ready
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        self._apply_pending_holds()
+        out = super().schedule(*args, **kwargs)
+        for rid in out.num_scheduled_tokens:
+            t = self._tf.get(rid)
+            if t is not None and t.parked:
+                # Admitted to compute (nothing was left to load): a parked request that runs is running.
+                t.parked = False
+        self._tf_rates.on_schedule(out)
+        return out
+
+    def _update_after_schedule(self, scheduler_output) -> None:
+        # Before super() advances num_computed_tokens: what a re-admitted request already has on device
+        # (local prefix hit + host load) versus what it had when preempted.
+        for rid in scheduler_output.num_scheduled_tokens:
+            t = self._tf.get(rid)
+            if t is not None and t.restore_pending:
+                valid = t.req.num_computed_tokens
+                restored = min(t.restore_external, valid)
+                self._tf_counters["host_restored_tokens"] += restored
+                self._tf_counters["recomputed_tokens"] += max(0, t.kv_at_preempt - valid)
+                t.restore_pending = False
+                t.restore_external = 0
+        super()._update_after_schedule(scheduler_output)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        out = super().update_from_output(scheduler_output, model_runner_output)
+        self._tf_rates.on_output(scheduler_output)
+        return out
+
+    def _apply_pending_holds(self) -> None:
+        for t in list(self._tf.values()):
+            if not t.hold_pending:
+                continue
+            req = t.req
+            if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                if req.request_id not in self.finished_recving_kv_req_ids:
+                    continue  # still loading; blocks must stay until the copy lands
+                self._update_waiting_for_remote_kv(req)  # caches the loaded blocks (prefix cache)
+                req.status = RequestStatus.PREEMPTED if req.num_preemptions else RequestStatus.WAITING
+            self._release_waiting_kv(req)
+            t.hold_pending = False
+            self._pin(t)
+
+    def _release_waiting_kv(self, req: Request) -> None:
+        """Take a queued request that holds device blocks out of the queues and free its blocks."""
+        self.kv_holding_waiting.remove_requests([req])
+        self.waiting.remove_requests([req])
+        self.deferred_waiting.discard(req)
+        self._inflight_prefills.discard(req)
+        self._free_request_blocks(req)
+        req.num_computed_tokens = 0
+
+    # ------------------------------------------------------------------ commands
+
+    def _status(self, t: Tracked) -> str:
+        if t.held:
+            return "held"
+        if t.parked_out:
+            return "parked"
+        st = t.req.status
+        if st == RequestStatus.RUNNING:
+            return "running"
+        if st == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            return "loading"
+        if t.parked:
+            return "parked" if t.req.num_computed_tokens > 0 else "loading"
+        return "waiting"
+
+    def _preempt(self, t: Tracked) -> None:
+        req = t.req
+        status = self._status(t)
+        if status == "held":
+            return
+        self._tf_counters["preemptions"] += 1
+        t.parked = False
+        t.restore_pending = False
+        if t.parked_out:
+            t.parked_out = False
+            t.held = True
+            self._pin(t)
+            return
+        t.held = True
+        if req.status == RequestStatus.RUNNING:
+            t.kv_at_preempt = req.num_computed_tokens
+            self.running.remove(req)
+            # vLLM's own preemption: frees blocks (deferred if a step may still write them), makes the
+            # offloading connector flush the unwritten tail, re-queues; then we take it out of the queue.
+            self._preempt_request(req, time.monotonic())
+            self.waiting.remove_request(req)
+            self.prev_step_scheduled_req_ids.discard(req.request_id)
+            self._pin(t)
+        elif req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            t.hold_pending = True  # applied by _apply_pending_holds once the copy lands
+        elif req.num_computed_tokens > 0:
+            # Queued with device KV (loaded, parked or awaiting admission).
+            t.kv_at_preempt = max(t.kv_at_preempt, req.num_computed_tokens)
+            self._release_waiting_kv(req)
+            if req.num_preemptions:
+                req.status = RequestStatus.PREEMPTED
+            self._pin(t)
+        else:
+            self.waiting.remove_requests([req])
+            self.kv_holding_waiting.remove_requests([req])
+            self.deferred_waiting.discard(req)
+            self._pin(t)
+
+    def _readmit(self, t: Tracked) -> None:
+        self._unpin(t)
+        t.held = False
+        t.parked_out = False
+        t.restore_pending = True
+        t.restore_external = 0
+        # Ahead of new arrivals: FCFS prepends; under priority the earlier arrival time wins ties.
+        self.waiting.prepend_request(t.req)
+
+    def _resume(self, t: Tracked) -> None:
+        if t.hold_pending:
+            # The load it was waiting for lands as a normal admission: cancel the hold.
+            t.hold_pending = False
+            t.held = False
+            self._tf_counters["resumes"] += 1
+            return
+        if t.held or t.parked_out:
+            self._tf_counters["resumes"] += 1
+            self._readmit(t)
+        elif t.parked:
+            self._tf_counters["resumes"] += 1
+            t.parked = False  # runs from the next step (or once its load lands)
+
+    def _prefetch(self, t: Tracked) -> None:
+        if not t.held or t.hold_pending:
+            return
+        self._tf_counters["prefetches"] += 1
+        if self._needs_load(t.req):
+            self._readmit(t)
+            t.parked = True
+        else:
+            # Nothing to copy: its KV is on device already (prefix cache) or there is none.
+            self._unpin(t)
+            t.held = False
+            t.parked_out = True
+
+    def _needs_load(self, req: Request) -> bool:
+        """Whether admission would load KV from host beyond the device prefix-cache hit."""
+        if self.connector is None:
+            return False
+        _, n_local, _, _ = self._get_local_prefix_cache_hit(req)
+        tail = n_local % self.block_size
+        ext, _ = self.connector.get_num_new_matched_tokens(req, n_local - tail)
+        return ext is None or ext > tail
+
+    def _set_priority(self, t: Tracked, priority: int) -> None:
+        req = t.req
+        if self.policy == SchedulingPolicy.PRIORITY:
+            for q in (self.waiting, self.kv_holding_waiting):
+                if any(r is req for r in q):
+                    q.remove_request(req)
+                    req.priority = priority
+                    q.add_request(req)
+                    return
+        req.priority = priority
+
+    def _abort(self, t: Tracked) -> None:
+        self._tf_counters["aborts"] += 1
+        self.finish_requests(t.req.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def tokenflow_apply(self, commands: list[dict[str, Any]]) -> dict[str, Any]:
+        """Apply commands in order; return results plus the internal ids of aborted requests."""
+        results: list[dict[str, Any]] = []
+        aborted: list[str] = []
+        for cmd in commands:
+            bad = cmds.validate(cmd)
+            if bad is not None:
+                results.append(bad)
+                continue
+            op, tf_id = cmd["op"], cmd["id"]
+            rid = self._tf_ids.get(tf_id)
+            t = self._tf.get(rid) if rid is not None else None
+            if t is None or t.req.is_finished():
+                results.append(cmds.not_found(tf_id, op))
+                continue
+            try:
+                if op == "abort":
+                    self._abort(t)
+                    aborted.append(rid)
+                    results.append({"id": tf_id, "op": op, "ok": True, "status": "aborted"})
+                    continue
+                {
+                    "preempt": self._preempt,
+                    "resume": self._resume,
+                    "prefetch": self._prefetch,
+                }.get(op, lambda t: self._set_priority(t, cmd["priority"]))(t)
+            except Exception as e:  # never take the engine down for one command
+                log.exception("tokenflow %s %s failed", op, tf_id)
+                results.append(cmds.error_result(tf_id, op, "internal_error", f"{type(e).__name__}: {e}"))
+                continue
+            results.append({"id": tf_id, "op": op, "ok": True, "status": self._status(t)})
+        return {"results": results, "aborted_request_ids": aborted}
+
+    # ------------------------------------------------------------------ state
+
+    def _request_state(self, t: Tracked) -> dict[str, Any]:
+        req = t.req
+        status = self._status(t)
+        on_device = status in ("running", "parked", "loading") and not t.parked_out
+        computed = req.num_computed_tokens if status in ("running", "parked") and not t.parked_out else 0
+        return {
+            "id": t.tf_id,
+            "status": status,
+            "priority": req.priority,
+            "arrival_time": req.arrival_time,
+            "prompt_tokens": req.num_prompt_tokens,
+            "output_tokens": req.num_output_tokens,
+            "computed_tokens": computed,
+            "max_tokens": req.sampling_params.max_tokens if req.sampling_params else None,
+            "kv_device_tokens": req.num_computed_tokens if on_device else 0,
+            "kv_host_tokens": self._host_tokens(req),
+            "preemptions": req.num_preemptions,
+            "request_id": req.request_id,
+        }
+
+    def _tf_name(self) -> str:
+        name = self.vllm_config.model_config.served_model_name
+        return name[0] if isinstance(name, (list, tuple)) else str(name)
+
+    def tokenflow_state(self, request_id: str | None = None) -> dict[str, Any]:
+        if request_id is not None:
+            rid = self._tf_ids.get(request_id)
+            t = self._tf.get(rid) if rid is not None else None
+            return {"request": self._request_state(t) if t is not None and not t.req.is_finished() else None}
+        reqs = [self._request_state(t) for t in self._tf.values() if not t.req.is_finished()]
+        counts = dict.fromkeys(("running", "waiting", "held", "loading", "parked"), 0)
+        for r in reqs:
+            counts[r["status"]] += 1
+        pool = self.kv_cache_manager.block_pool
+        dev_cap = (pool.num_gpu_blocks - 1) * self.block_size  # one block is vLLM's null block
+        dev_used = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()) * self.block_size
+        host_cap = host_used = None
+        if self._tf_offload is not None:
+            m = self._tf_offload.manager
+            per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk
+            if hasattr(m, "_num_chunks"):
+                host_cap = m._num_chunks * per_chunk
+                host_used = (m._num_allocated_chunks - len(m._free_list)) * per_chunk
+        c = self._tf_copy
+        engine = {
+            "name": self._tf_name(),
+            "kind": "vllm",
+            "block_size": self.block_size,
+            "max_num_seqs": self.max_num_running_reqs,
+            "kv_bytes_per_token": self._tf_kv_bytes_per_token,
+            "kv_device_capacity_tokens": dev_cap,
+            "kv_device_used_tokens": dev_used,
+            "kv_host_capacity_tokens": host_cap if host_cap is not None else 0,
+            "kv_host_used_tokens": host_used if host_used is not None else 0,
+            "kv_host_pinned_chunks": pins.count(),
+            "num_running": counts["running"],
+            "num_waiting": counts["waiting"],
+            "num_held": counts["held"],
+            "num_loading": counts["loading"],
+            "num_parked": counts["parked"],
+            **self._tf_rates.report(),
+            "h2d_bytes_per_s": c["h2d_bytes"] / c["h2d_s"] if c["h2d_s"] > 0 else None,
+            "d2h_bytes_per_s": c["d2h_bytes"] / c["d2h_s"] if c["d2h_s"] > 0 else None,
+            "counters": dict(self._tf_counters),
+        }
+        return {"engine": engine, "requests": reqs}
+
+    def tokenflow_call(self, payload: str) -> str:
+        """Entry point of the EngineCore utility: JSON in, JSON out (keeps msgpack out of the way)."""
+        msg = json.loads(payload)
+        kind = msg.get("kind")
+        if kind == "commands":
+            return json.dumps(self.tokenflow_apply(msg["commands"]))
+        if kind == "state":
+            return json.dumps(self.tokenflow_state(msg.get("id")))
+        return json.dumps({"error": f"unknown call {kind!r}"})
+
+
+class TokenFlowScheduler(TokenFlowMixin, Scheduler):
+    """For synchronous scheduling (the CPU build; CUDA with ``--no-async-scheduling``)."""
+
+
+class TokenFlowAsyncScheduler(TokenFlowMixin, AsyncScheduler):
+    """For async scheduling (the CUDA default in vLLM 0.33). Untested on GPU so far: see docs."""
