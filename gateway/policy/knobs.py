@@ -24,8 +24,6 @@ class TokenFlowKnobs:
     shrink_rate: float = 0.5
     # Share of device KV the chosen running set may fill; the rest absorbs one tick of growth.
     memory_target: float = 0.92
-    # A started request whose buffer lasts less than this (seconds) counts as stress.
-    critical_s: float = 1.0
     # Local swap: a paused request replaces a running one only if it is more urgent by more than
     # this many seconds of slack (hysteresis against thrashing).
     swap_tolerance_s: float = 2.0
@@ -33,6 +31,8 @@ class TokenFlowKnobs:
     # the engine's estimated decode capacity; leave the fallback below `overload_exit`.
     overload_enter: float = 1.15
     overload_exit: float = 1.0
+    # Half-life (seconds) of the decaying maximum that estimates the engine's decode speed.
+    capacity_halflife_s: float = 30.0
     # Prefetch a paused request when its buffer will run dry within (load time + this many ticks)
     # times conservativeness.
     prefetch_ticks: float = 2.0

@@ -69,23 +69,34 @@ class TokenFlowPolicy:
             raise TypeError("pass either knobs or keyword overrides, not both")
         self.knobs = knobs
         self._fallback = False
-        self._per_seq_tps: float | None = None  # last decode-only per-sequence rate seen
+        self._per_seq_tps: float | None = None  # decaying max of the decode-only per-sequence rate
+        self._cap_time: float | None = None
         self.info = TickInfo()
 
     def forget(self, stream_id: str) -> None:
         return None  # no per-stream state
 
     # ------------------------------------------------------------------ helpers
-    def _capacity(self, snap: Snapshot, beta: float, prefilling: bool) -> float:
-        """Decode tokens/s the engine sustains with a full batch (Eq. 6's Gamma)."""
+    def _capacity(self, snap: Snapshot, now: float, beta: float, prefilling: bool) -> float:
+        """Decode tokens/s the engine sustains (Eq. 6's Gamma): a decaying maximum of the per-sequence
+        decode speed seen in steps without new prompts, times the batch that fits in device memory.
+
+        Steps that carry prompt work (new arrivals, recomputation) are slower than decode steps; the
+        decaying maximum keeps one prefill-heavy window from reading as a capacity collapse, while a
+        lasting slow-down (longer contexts) still lowers the estimate within a few half-lives.
+        """
         eng = snap.engine
+        est = self._per_seq_tps
+        if est is not None and self._cap_time is not None and now > self._cap_time:
+            est *= 0.5 ** ((now - self._cap_time) / self.knobs.capacity_halflife_s)
         if not prefilling and eng.step_time_s:
-            # Only steps without prompt work tell the decode speed; keep the last such estimate.
-            self._per_seq_tps = 1.0 / eng.step_time_s
-        if self._per_seq_tps is None:
+            obs = 1.0 / eng.step_time_s
+            est = obs if est is None or obs > est else est
+        self._per_seq_tps, self._cap_time = est, now
+        if est is None:
             return math.inf
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
-        return self._per_seq_tps * max(fit, 1.0)
+        return est * max(fit, 1.0)
 
     # ------------------------------------------------------------------ the tick
     def decide(self, snapshot: Snapshot, now: float) -> list[Decision]:
@@ -165,7 +176,7 @@ class TokenFlowPolicy:
         w_sched = w_static
         if n_running < w_static:
             w_sched = int(w_static - k.shrink_rate * (w_static - n_running))
-        gamma = self._capacity(snapshot, beta, prefilling)
+        gamma = self._capacity(snapshot, now, beta, prefilling)
         if self._fallback:
             if demand <= k.overload_exit * gamma:
                 self._fallback = False
@@ -189,12 +200,7 @@ class TokenFlowPolicy:
                 admit_new.append(j)
                 room -= 1
                 demand += r
-            elif streams[j].priority != PRIORITY_DEFERRED:
-                decisions.append(Decision("priority", streams[j].id, PRIORITY_DEFERRED, "working_set"))
-        for j in admit_new:
-            keys[j] = 0.0
-            if streams[j].priority != PRIORITY_ADMITTED:
-                decisions.append(Decision("priority", streams[j].id, PRIORITY_ADMITTED, "admit"))
+        # A new request not admitted stays out of the engine's queue (see `_gate`).
 
         # Step 2: greedy fill of batch slots and device memory in slack order.
         order = [i for i in range(n) if streams[i].first_token_time is not None or streams[i].status is _RUNNING]
@@ -216,57 +222,106 @@ class TokenFlowPolicy:
                 mem -= f
 
         # Local swaps: keep a running request rather than switch to a paused one that is barely more
-        # urgent. Outgoing = running but not chosen (all safe by construction); incoming = paused, chosen.
+        # urgent and can still wait. Outgoing = running, not chosen (safe by construction); incoming =
+        # paused, chosen, least urgent first.
         out = [i for i in order if not selected[i] and streams[i].status is _RUNNING]
         inc = [i for i in reversed(order) if selected[i] and streams[i].first_token_time is not None
-               and streams[i].status is not _RUNNING and streams[i].status is not _PARKED]
+               and (streams[i].status is _HELD or streams[i].status is _WAITING)]
         a = b = 0
         while a < len(out) and b < len(inc):
             o, p = out[a], inc[b]
-            if keys[o] - keys[p] >= k.swap_tolerance_s:
-                break
+            if keys[p] <= 0 or keys[o] - keys[p] >= k.swap_tolerance_s:
+                break  # p must run now (safety), or o is clearly less urgent
             if foot[o] - foot[p] <= mem:
                 selected[o], selected[p] = 1, 0
                 mem -= foot[o] - foot[p]
                 b += 1
             a += 1
 
-        # Decisions.
+        # Decisions. Reloads share one host-to-device channel: a reload queued behind others is worth it
+        # only while queueing + copy beats recomputing (Step 3); past that a request that can still wait
+        # is left paused for a later tick instead of being recomputed, one that cannot is resumed anyway.
         prefetch_window = mu * k.prefetch_ticks * tick
+        relaxed = k.swap_tolerance_s
+        backlog = 0.0
+        for s in streams:
+            if s.status is _LOADING:  # progress is not reported: assume the whole copy is still queued
+                backlog += s.kv_host_tokens * load_s
         for i in order:
             s = streams[i]
             st = s.status
             if selected[i]:
                 info.selected += 1
-                if st is _HELD or st is _PARKED:
-                    decisions.append(Decision("resume", s.id, None, "urgent"))
+                if st is _RUNNING:
+                    # Mark comfortably buffered runners as the engine's first victims should it run out
+                    # of KV blocks on its own between ticks.
+                    want = PRIORITY_DEFERRED if keys[i] >= relaxed else PRIORITY_ADMITTED
+                    if s.priority != want:
+                        decisions.append(Decision("priority", s.id, want, "victim_order"))
+                elif st is _HELD:
+                    if s.priority != PRIORITY_ADMITTED:
+                        decisions.append(Decision("priority", s.id, PRIORITY_ADMITTED, "admit"))
+                    host = s.kv_host_tokens
+                    ctx = s.prompt_tokens + s.generated_tokens
+                    # Step 3, reload or recompute: the copy waits behind the channel's queue; it still
+                    # wins if it beats recomputing, or if the client's buffer covers the wait (a
+                    # recomputation costs every running request a share of the batch, a queued copy
+                    # costs nobody).
+                    io = backlog + host * load_s
+                    if host > 0 and (io + (ctx - host) * rec_s <= ctx * rec_s or io <= s.buffer_tokens / s.rate):
+                        backlog = io
+                        # prefetch always copies (resume may recompute when the channel is busy);
+                        # resume right after makes it run as soon as the copy lands.
+                        decisions.append(Decision("prefetch", s.id, None, "reload"))
+                        if keys[i] < 0:
+                            decisions.append(Decision("resume", s.id, None, "urgent"))
+                    else:
+                        decisions.append(Decision("resume", s.id, None, "recompute"))
+                elif st is _PARKED:
+                    decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0 else "fill"))
+                elif st is _LOADING:
+                    decisions.append(Decision("resume", s.id, None, "run_after_load"))
                 continue
             if st is _RUNNING:
                 decisions.append(Decision("preempt", s.id, None, "buffered"))
-            elif st is _HELD and s.first_token_time is not None:
+            elif st is _WAITING:
+                decisions.append(Decision("preempt", s.id, None, "defer"))  # keep it out of the engine queue
+            elif st is _HELD:
                 ctx = s.prompt_tokens + s.generated_tokens
                 host = s.kv_host_tokens
-                reload = host * load_s + (ctx - host) * rec_s
-                if host > 0 and reload < ctx * rec_s and s.buffer_tokens / s.rate <= mu * reload + prefetch_window:
-                    if foot[i] <= mem:
-                        mem -= foot[i]
-                        decisions.append(Decision("prefetch", s.id, None, "prefetch"))
+                io = backlog + host * load_s
+                if (host > 0 and io + (ctx - host) * rec_s < ctx * rec_s
+                        and s.buffer_tokens <= s.rate * (mu * io + prefetch_window) and foot[i] <= mem):
+                    mem -= foot[i]
+                    backlog = io
+                    decisions.append(Decision("prefetch", s.id, None, "prefetch"))
             elif st is _PARKED and mem < 0 and keys[i] > prefetch_window:
                 mem += foot[i]
                 decisions.append(Decision("preempt", s.id, None, "unpark"))
+        self._gate(streams, new_idx, set(admit_new), decisions)
         return decisions
 
+    @staticmethod
+    def _gate(streams: tuple, new_idx: list[int], admitted: set[int], decisions: list[Decision]) -> None:
+        """Keep new requests outside the working set out of the engine's queue (held, no KV): the engine
+        admits whatever waits as soon as blocks free up, which would over-commit device memory."""
+        for j in new_idx:
+            if j not in admitted and streams[j].status is _WAITING:
+                decisions.append(Decision("preempt", streams[j].id, None, "working_set"))
+
     def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]) -> list[Decision]:
-        """FCFS with memory-aware admission: resume paused requests oldest first while they fit."""
+        """FCFS with memory-aware admission: no preemption of running requests; paused requests resume
+        oldest first while they fit in device memory; new requests are not admitted."""
         streams = snap.streams
         eng = snap.engine
         mem = self.knobs.memory_target * eng.kv_device_capacity_tokens
         slots = eng.max_num_seqs
         for s in streams:
-            if s.status is _RUNNING or s.status is _PARKED or s.status is _LOADING:
-                mem -= s.kv_device_tokens
+            if s.status is not _HELD:
+                mem -= max(s.kv_device_tokens, foot_of(s)) if s.status is _WAITING else s.kv_device_tokens
                 slots -= 1
-        paused = sorted((i for i, s in enumerate(streams) if s.status is _HELD or s.status is _PARKED),
+        paused = sorted((i for i, s in enumerate(streams) if s.first_token_time is not None
+                         and (s.status is _HELD or s.status is _PARKED)),
                         key=lambda i: streams[i].arrival_time)
         for i in paused:
             s = streams[i]
@@ -278,7 +333,9 @@ class TokenFlowPolicy:
             slots -= 1
             mem -= foot[i]
             decisions.append(Decision("resume", s.id, None, "fcfs"))
-        for j in new_idx:
-            if streams[j].priority != PRIORITY_DEFERRED:
-                decisions.append(Decision("priority", streams[j].id, PRIORITY_DEFERRED, "overload"))
+        self._gate(streams, new_idx, set(), decisions)
         return decisions
+
+
+def foot_of(s) -> int:  # type: ignore[no-untyped-def]
+    return s.prompt_tokens + s.generated_tokens
