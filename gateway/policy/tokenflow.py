@@ -128,20 +128,31 @@ class TokenFlowPolicy:
         growth = tick / step  # tokens a running request adds in one tick
         big = 1 << 40
 
-        # One pass: slack key, footprint, working-set bookkeeping.
+        # One pass: slack key, footprint, working-set bookkeeping. (Hot loop: no calls, locals only.)
         keys = [0.0] * n
         foot = [0] * n
         new_idx: list[int] = []
         admitted = 0
         demand = 0.0
         beta_sum = 0.0
+        g_int = int(growth)
+        back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
+        mu_tick = mu * tick
+        host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
+        inf = math.inf
         for i, s in enumerate(streams):
             st = s.status
-            ctx = s.prompt_tokens + s.generated_tokens
+            gen = s.generated_tokens
+            prompt = s.prompt_tokens
+            ctx = prompt + gen
             mt = s.max_tokens
-            rem = mt - s.generated_tokens if mt is not None else big
-            beta_sum += s.prompt_tokens + (mt * 0.5 if mt is not None else s.generated_tokens)
-            foot[i] = ctx + (rem if rem < growth else int(growth))
+            if mt is None:
+                rem = big
+                beta_sum += ctx
+            else:
+                rem = mt - gen
+                beta_sum += prompt + 0.5 * mt
+            foot[i] = ctx + (rem if rem < g_int else g_int)
             if s.first_token_time is None:
                 if st is _RUNNING:
                     keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
@@ -151,23 +162,23 @@ class TokenFlowPolicy:
                     new_idx.append(i)
                 continue
             admitted += 1
-            demand += s.rate
-            tte = s.buffer_tokens / s.rate if s.rate > 0 else math.inf
-            host = s.kv_host_tokens
+            r = s.rate
+            demand += r
+            tte = s.buffer_tokens / r if r > 0 else inf
             if st is _RUNNING:
                 if rem * step <= tick:
                     keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
                     continue
-                evict = max(0, s.kv_device_tokens - host) * evict_s
-                back = min(ctx * load_s, ctx * rec_s)
-                keys[i] = tte - mu * (evict + back + tick)
+                tail = s.kv_device_tokens - s.kv_host_tokens
+                keys[i] = tte - mu * ((tail * evict_s if tail > 0 else 0.0) + ctx * back_run) - mu_tick
             elif st is _PARKED:
-                keys[i] = tte - mu * tick
+                keys[i] = tte - mu_tick
             elif st is _LOADING:
-                keys[i] = tte - mu * (max(0, ctx - s.kv_device_tokens) * load_s + tick)
-            else:  # held, or resumed and waiting for admission
-                back = min(host * load_s + (ctx - host) * rec_s, ctx * rec_s)
-                keys[i] = tte - mu * (back + tick)
+                miss = ctx - s.kv_device_tokens
+                keys[i] = tte - mu * (miss * load_s if miss > 0 else 0.0) - mu_tick
+            else:  # held, or resumed and waiting for admission: reload what the host has if cheaper
+                host = s.kv_host_tokens
+                keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
 
         # Step 1: working set (Eq. 4-5) and the capacity check (Eq. 6).
         beta = beta_sum / n
@@ -203,9 +214,10 @@ class TokenFlowPolicy:
         # A new request not admitted stays out of the engine's queue (see `_gate`).
 
         # Step 2: greedy fill of batch slots and device memory in slack order.
-        order = [i for i in range(n) if streams[i].first_token_time is not None or streams[i].status is _RUNNING]
-        order.extend(admit_new)
-        order.sort(key=lambda i: (keys[i], streams[i].arrival_time))
+        admit_set = set(admit_new)
+        new_set = set(new_idx)
+        order = [i for i in range(n) if i not in new_set or i in admit_set]
+        order.sort(key=keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected = bytearray(n)
         slots = eng.max_num_seqs
         mem = k.memory_target * cap_tokens
@@ -273,8 +285,7 @@ class TokenFlowPolicy:
                         # prefetch always copies (resume may recompute when the channel is busy);
                         # resume right after makes it run as soon as the copy lands.
                         decisions.append(Decision("prefetch", s.id, None, "reload"))
-                        if keys[i] < 0:
-                            decisions.append(Decision("resume", s.id, None, "urgent"))
+                        decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0 else "fill"))
                     else:
                         decisions.append(Decision("resume", s.id, None, "recompute"))
                 elif st is _PARKED:
@@ -298,7 +309,7 @@ class TokenFlowPolicy:
             elif st is _PARKED and mem < 0 and keys[i] > prefetch_window:
                 mem += foot[i]
                 decisions.append(Decision("preempt", s.id, None, "unpark"))
-        self._gate(streams, new_idx, set(admit_new), decisions)
+        self._gate(streams, new_idx, admit_set, decisions)
         return decisions
 
     @staticmethod
