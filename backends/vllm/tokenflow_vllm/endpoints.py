@@ -227,7 +227,12 @@ class TokenFlowIdMiddleware:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return None, None  # vLLM answers malformed bodies itself
-        if not isinstance(data, dict) or not isinstance(data.get("vllm_xargs"), dict):
+        if not isinstance(data, dict):
+            return None, None
+        if "stream" in data and not isinstance(data["stream"], bool):
+            # vLLM's lax parsing would read "yes" as true; the gateway's contract wants a 400.
+            return None, openai_error(400, "'stream' must be a boolean", "invalid_type", "stream")
+        if not isinstance(data.get("vllm_xargs"), dict):
             return None, None
         tf_id = data["vllm_xargs"].get("tokenflow_id")
         if tf_id is None:

@@ -49,6 +49,7 @@ class Tracked:
     hold_pending: bool = False  # preempt asked while a host->device load was in flight
     parked: bool = False  # prefetched: load, then wait for resume without computing
     parked_out: bool = False  # parked with nothing to load: kept out of the queues like a held one
+    parked_device_tokens: int = 0  # parked_out: its tokens found in the device prefix cache
     kv_at_preempt: int = 0  # tokens with valid device KV when last preempted
     restore_pending: bool = False  # count restored/recomputed tokens at the next admission
     restore_external: int = 0  # tokens the connector loads from host for that admission
@@ -123,20 +124,24 @@ class TokenFlowMixin:
         hpc = g.hashes_per_chunk
         return [make_offload_key(h, g.group_idx) for h in req.block_hashes[hpc - 1 :: hpc]]
 
-    def _host_tokens(self, req: Request) -> int:
-        """Tokens of the request's leading chunks present (stored and readable) in the host tier."""
+    def _host_prefix_keys(self, req: Request) -> list:
+        """Keys of the request's leading chunks present (stored and readable) in the host tier."""
         if self._tf_offload is None:
-            return 0
+            return []
         policy = getattr(self._tf_offload.manager, "_policy", None)
         if policy is None:
-            return 0
-        n = 0
+            return []
+        keys = []
         for key in self._host_chunk_keys(req):
             chunk = policy.get(key)
             if chunk is None or not chunk.is_ready:
                 break
-            n += 1
-        return min(n * self._tf_offload.config.kv_group_configs[0].tokens_per_chunk, req.num_tokens)
+            keys.append(key)
+        return keys
+
+    def _host_tokens(self, req: Request) -> int:
+        per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk if self._tf_offload else 0
+        return min(len(self._host_prefix_keys(req)) * per_chunk, req.num_tokens)
 
     def _pin(self, t: Tracked) -> None:
         if self._tf_offload is not None and not t.pinned:
@@ -358,6 +363,7 @@ class TokenFlowMixin:
             self._unpin(t)
             t.held = False
             t.parked_out = True
+            _, t.parked_device_tokens, _, _ = self._get_local_prefix_cache_hit(t.req)
 
     def _needs_load(self, req: Request) -> bool:
         """Whether admission would load KV from host beyond the device prefix-cache hit."""
@@ -421,8 +427,11 @@ class TokenFlowMixin:
     def _request_state(self, t: Tracked) -> dict[str, Any]:
         req = t.req
         status = self._status(t)
-        on_device = status in ("running", "parked", "loading") and not t.parked_out
-        computed = req.num_computed_tokens if status in ("running", "parked") and not t.parked_out else 0
+        if t.parked_out:
+            device = computed = t.parked_device_tokens
+        else:
+            device = req.num_computed_tokens if status in ("running", "parked", "loading") else 0
+            computed = req.num_computed_tokens if status in ("running", "parked") else 0
         return {
             "id": t.tf_id,
             "status": status,
@@ -432,7 +441,7 @@ class TokenFlowMixin:
             "output_tokens": req.num_output_tokens,
             "computed_tokens": computed,
             "max_tokens": req.sampling_params.max_tokens if req.sampling_params else None,
-            "kv_device_tokens": req.num_computed_tokens if on_device else 0,
+            "kv_device_tokens": device,
             "kv_host_tokens": self._host_tokens(req),
             "preemptions": req.num_preemptions,
             "request_id": req.request_id,
@@ -454,13 +463,20 @@ class TokenFlowMixin:
         pool = self.kv_cache_manager.block_pool
         dev_cap = (pool.num_gpu_blocks - 1) * self.block_size  # one block is vLLM's null block
         dev_used = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()) * self.block_size
-        host_cap = host_used = None
+        # Host tier, like the device prefix cache: chunks no live request refers to are a reusable cache,
+        # reported as free ("cached"); "used" is what live requests' KV occupies.
+        host_cap = host_used = host_cached = 0
         if self._tf_offload is not None:
             m = self._tf_offload.manager
             per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk
+            live_keys = set()
+            for t in self._tf.values():
+                if not t.req.is_finished():
+                    live_keys.update(self._host_prefix_keys(t.req))
+            host_used = len(live_keys) * per_chunk
             if hasattr(m, "_num_chunks"):
                 host_cap = m._num_chunks * per_chunk
-                host_used = (m._num_allocated_chunks - len(m._free_list)) * per_chunk
+                host_cached = (m._num_allocated_chunks - len(m._free_list)) * per_chunk
         c = self._tf_copy
         engine = {
             "name": self._tf_name(),
@@ -470,8 +486,9 @@ class TokenFlowMixin:
             "kv_bytes_per_token": self._tf_kv_bytes_per_token,
             "kv_device_capacity_tokens": dev_cap,
             "kv_device_used_tokens": dev_used,
-            "kv_host_capacity_tokens": host_cap if host_cap is not None else 0,
-            "kv_host_used_tokens": host_used if host_used is not None else 0,
+            "kv_host_capacity_tokens": host_cap,
+            "kv_host_used_tokens": host_used,
+            "kv_host_cached_tokens": host_cached,
             "kv_host_pinned_chunks": pins.count(),
             "num_running": counts["running"],
             "num_waiting": counts["waiting"],
