@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import __version__
+from . import __version__, auth
 from .api.errors import ApiError, invalid, not_found
 from .api.requests import ClientRequest, parse_json, parse_request
 from .api.sse import DONE, ChunkEncoder, usage_dict
@@ -151,9 +151,10 @@ class Gateway:
             self.metrics.requests.labels(kind, "rejected").inc()
             raise ApiError(
                 429, "the gateway is at its stream limit; retry shortly", type="rate_limit_error", code="too_many_streams",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": str(self.cfg.auth.retry_after_s)},
             )
         sid = uuid.uuid4().hex[:24]
+        auth.admit(request, creq, engine.config.name, sid, self.cfg.streams)  # the API key's default rate
         stream = Stream(
             sid,
             engine.config.name,
@@ -371,7 +372,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 
 def create_app(cfg: Config) -> web.Application:
     gw = Gateway(cfg)
-    app = web.Application(middlewares=[error_middleware], client_max_size=cfg.server.max_body_bytes)
+    middlewares = [error_middleware, auth.auth_middleware(cfg.auth, gw.metrics)]  # keys, per-key limits, access log
+    app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[GATEWAY_KEY] = gw
     app.on_startup.append(gw.startup)
     app.on_cleanup.append(gw.cleanup)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 Pacing = Literal["smooth", "none"]
@@ -66,6 +66,61 @@ class EngineConfig(_Strict):
     request_timeout_s: float = Field(3600.0, gt=0, description="longest a single engine request may last")
 
 
+class ApiKeyConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="key name (logs, metrics label); never the key itself")
+    key: SecretStr | None = Field(None, description="the bearer token itself (or give key_sha256 instead)")
+    key_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the bearer token, e.g. from `printf %s KEY \\| sha256sum`"
+    )
+    rate_class: str | None = Field(
+        None, description="rate for this key's requests that declare none: a streams.rate_classes name (default: streams.default_rate)"
+    )
+    max_streams: int | None = Field(None, gt=0, description="concurrent streams for this key; above it 429 with Retry-After (none: no limit)")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "ApiKeyConfig":
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"API key '{self.name}': give exactly one of key or key_sha256")
+        return self
+
+
+class AuthConfig(_Strict):
+    keys: list[ApiKeyConfig] = Field(
+        default_factory=list, description="API keys for the client API (a list, see auth.keys[]); none here or in keys_file: no key required"
+    )
+    keys_file: str | None = Field(
+        None, description="YAML/JSON file holding a list of keys (fields of auth.keys[]), read at start, added to auth.keys"
+    )
+    control_token: SecretStr | None = Field(
+        None, description="bearer token for the control API of every engine that sets no engines[].control_token"
+    )
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After (seconds) sent with 429 when a stream limit is reached")
+
+    def all_keys(self) -> list[ApiKeyConfig]:
+        """``keys`` plus those of ``keys_file`` (read now)."""
+        return [*self.keys, *read_keys_file(self.keys_file)] if self.keys_file else list(self.keys)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AuthConfig":
+        names = [k.name for k in self.all_keys()]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"API key names must be unique: {', '.join(sorted(dup))}")
+        return self
+
+
+def read_keys_file(path: str) -> list[ApiKeyConfig]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())  # JSON is YAML too
+    except OSError as e:
+        raise ValueError(f"auth.keys_file {path}: {e.strerror or e}") from None
+    if isinstance(loaded, dict) and "keys" in loaded:
+        loaded = loaded["keys"]
+    if not isinstance(loaded, list):
+        raise ValueError(f"auth.keys_file {path}: expected a list of keys (or a mapping with 'keys')")
+    return [ApiKeyConfig.model_validate(k) for k in loaded]
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENFLOW_", env_nested_delimiter="__", extra="forbid")
 
@@ -73,6 +128,7 @@ class Config(BaseSettings):
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     engines: list[EngineConfig] = Field(default_factory=lambda: [EngineConfig(name="sim")])
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @field_validator("engines")
     @classmethod
@@ -83,6 +139,18 @@ class Config(BaseSettings):
         if not v:
             raise ValueError("at least one engine is required")
         return v
+
+    @model_validator(mode="after")
+    def _auth_refs(self) -> "Config":
+        for k in self.auth.all_keys():
+            if k.rate_class is not None and k.rate_class not in self.streams.rate_classes:
+                raise ValueError(f"API key '{k.name}': rate_class '{k.rate_class}' is not in streams.rate_classes")
+        if self.auth.control_token is not None:
+            token = self.auth.control_token.get_secret_value()
+            for e in self.engines:
+                if e.control_token is None:
+                    e.control_token = token
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -137,18 +205,26 @@ def reference_markdown() -> str:
         ("streams", StreamsConfig, False),
         ("scheduler", SchedulerConfig, False),
         ("engines", EngineConfig, True),
+        ("auth", AuthConfig, False),
+        ("auth.keys", ApiKeyConfig, True),
     ]
+    list_env = {"engines": "`TOKENFLOW_ENGINES` (JSON list)", "auth.keys": "`TOKENFLOW_AUTH__KEYS` (JSON list)"}
+    list_what = {"engines": "one entry per engine", "auth.keys": "one entry per API key"}
     for name, model, is_list in sections:
-        lines += [f"## `{name}`" + (" (a list; one entry per engine)" if is_list else ""), ""]
+        lines += [f"## `{name}`" + (f" (a list; {list_what[name]})" if is_list else ""), ""]
         lines += ["| option | default | environment variable | description |", "|---|---|---|---|"]
         for fname, f in model.model_fields.items():
             default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
             shown = "required" if f.is_required() else f"`{default!r}`" if not isinstance(default, str) else f"`{default}`"
-            env = f"`TOKENFLOW_ENGINES` (JSON list)" if is_list else f"`TOKENFLOW_{name.upper()}__{fname.upper()}`"
+            env = list_env[name] if is_list else f"`TOKENFLOW_{name.upper()}__{fname.upper()}`"
             lines.append(f"| `{name}{'[]' if is_list else ''}.{fname}` | {shown} | {env} | {f.description or ''} |")
         lines.append("")
     lines += [
         "The default `engines` is one embedded simulated engine: `[{name: sim, profile: sim-small}]`.",
+        "",
+        "API keys: when `auth.keys` or `auth.keys_file` lists any key, every `/v1/*` request needs",
+        "`Authorization: Bearer <key>` (401 otherwise); `/healthz`, `/readyz` and `/metrics` stay open. Secrets",
+        "(`key`, `control_token`) are never logged; prefer `key_sha256` and a `keys_file` mounted as a secret.",
         "",
     ]
     return "\n".join(lines)

@@ -60,7 +60,7 @@ class ControlLoop:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug in one tick must not stop scheduling for good
-                log.exception("control tick failed for engine %s", self.engine.name)
+                log.exception("control tick failed", extra={"engine": self.engine.name})
                 self.metrics.errors.labels("control_tick").inc()
             next_at += self.tick_interval_s
             now = self._clock()
@@ -74,7 +74,7 @@ class ControlLoop:
             state = await self.engine.state()
         except (EngineError, OSError, asyncio.TimeoutError) as e:
             if self.healthy:
-                log.warning("engine %s control API unavailable: %s", name, e)
+                log.warning("engine control API unavailable", extra={"engine": name, "error": str(e)})
             self.healthy = False
             self.metrics.engine_up.labels(name).set(0)
             return []
@@ -88,6 +88,7 @@ class ControlLoop:
             m.engine_kv_device.labels(name).set(eng.get("kv_device_used_tokens", 0) / eng["kv_device_capacity_tokens"])
         if eng.get("kv_host_capacity_tokens"):
             m.engine_kv_host.labels(name).set(eng.get("kv_host_used_tokens", 0) / eng["kv_host_capacity_tokens"])
+        m.engine_counters.update(name, eng.get("counters") or {})
 
         now = self._clock()
         streams = [s for s in self._streams() if not s.upstream_done]
@@ -105,7 +106,10 @@ class ControlLoop:
         try:
             results = await self.engine.commands([d.to_command() for d in decisions])
         except (EngineError, OSError, asyncio.TimeoutError) as e:
-            log.warning("engine %s refused %d decisions: %s", name, len(decisions), e)
+            log.warning(
+                "engine refused decisions",
+                extra={"engine": name, "decisions": [f"{d.op}:{d.id}" for d in decisions], "error": str(e)},
+            )
             m.errors.labels("control_commands").inc()
             return decisions
         for d, r in zip(decisions, results):

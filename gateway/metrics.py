@@ -5,12 +5,49 @@ Each gateway app owns its registry, so several apps can live in one process (tes
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 _BUFFER_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _TTE_BUCKETS = (0, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300)
 _TICK_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+# Engine counters (docs/engine-control-api.md, state.engine.counters) exposed as tokenflow_engine_<name>_total.
+ENGINE_COUNTERS = {
+    "preemptions": "Requests preempted on the engine (gateway commands and the engine's own)",
+    "resumes": "Held requests resumed on the engine",
+    "prefetches": "Held requests whose KV was prefetched to the device",
+    "aborts": "Requests aborted on the engine",
+    "host_restored_tokens": "Tokens whose KV was restored from host memory",
+    "recomputed_tokens": "Tokens recomputed because their KV was gone",
+}
+
+
+class EngineCounters(Collector):
+    """Mirrors each engine's monotonic counters, as last read by its control loop, as Prometheus counters.
+
+    The engine owns the counts; the gateway only reports the latest values (an engine restart resets them,
+    which Prometheus' rate() treats as a counter reset).
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, dict[str, float]] = {}
+
+    def update(self, engine: str, counters: Mapping[str, object]) -> None:
+        self._values[engine] = {k: float(v) for k, v in counters.items() if k in ENGINE_COUNTERS and isinstance(v, (int, float))}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, doc in ENGINE_COUNTERS.items():
+            fam = CounterMetricFamily(f"tokenflow_engine_{name}", doc, labels=["engine"])
+            for engine, values in sorted(self._values.items()):
+                if name in values:
+                    fam.add_metric([engine], values[name])
+            yield fam
 
 
 class Metrics:
@@ -37,6 +74,11 @@ class Metrics:
         self.engine_up = Gauge("tokenflow_engine_up", "1 if the engine's control API answered the last tick", ["engine"], registry=r)
         self.engine_kv_device = Gauge("tokenflow_engine_kv_device_used_ratio", "Engine device KV in use", ["engine"], registry=r)
         self.engine_kv_host = Gauge("tokenflow_engine_kv_host_used_ratio", "Engine host KV in use", ["engine"], registry=r)
+        self.engine_counters = EngineCounters()
+        r.register(self.engine_counters)
+        self.key_streams_active = Gauge("tokenflow_key_streams_active", "Streams held per API key (by key name)", ["key"], registry=r)
+        # Set by the Redis-backed stream registry when one is configured: 1 if the last Redis call succeeded.
+        self.redis_up = Gauge("tokenflow_redis_up", "1 if the gateway's last Redis operation succeeded (0 also when no Redis is configured)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
