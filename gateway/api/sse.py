@@ -38,6 +38,10 @@ class ChunkEncoder:
     def _object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
+    def resumed(self, past_start: bool) -> None:
+        """A client resumes this stream; past the first token it has had the assistant role already."""
+        self._role_sent = past_start
+
     def event_id(self, index: int) -> bytes:
         return self._id_prefix + str(index).encode() + b"\n"
 

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from .pacer import PacingClock
 
 Pacing = Literal["smooth", "none"]
+# One engine delta: (token index after it, its text, its token ids when the engine gave them).
+Delta = tuple[int, str, "list[int] | None"]
+
+
+class Superseded(Exception):
+    """A newer client connection took this stream over; the older writer must stop."""
 
 
 class Stream:
@@ -53,6 +59,13 @@ class Stream:
         "_scheduled",
         "_max_pending",
         "collected",
+        "deltas",
+        "base",
+        "attached",
+        "attach_seq",
+        "owned",
+        "lost",
+        "created",
     )
 
     def __init__(
@@ -104,6 +117,15 @@ class Stream:
         self._scheduled = False
         self._max_pending = max_pending
         self.collected: list[str] | None = [] if collect else None  # non-streaming: gather text, send nothing
+        # Resumption: every delta so far (bounded by max_tokens), the index the attached client resumed
+        # from, whether a client writer is attached (and which one), whether this replica reads the engine.
+        self.deltas: list[Delta] = []
+        self.base = 0
+        self.attached = False
+        self.attach_seq = 0
+        self.owned = True
+        self.lost = False  # ownership moved to another replica: the writer closes so the client reconnects
+        self.created = encoder.created
 
     # --- BufferSource (gateway.policy.snapshot) ---
     @property
@@ -122,14 +144,23 @@ class Stream:
         return float(self.reader.buffer(now))
 
     # --- producer side (upstream reader) ---
-    def on_tokens(self, text: str, n: int, now: float) -> None:
+    def on_tokens(self, text: str, n: int, now: float, ids: list[int] | None = None) -> None:
         """``n`` tokens whose text is ``text`` arrived from the engine."""
+        start = self.generated
         self.generated += n
-        self.reader.on_tokens(n, now)
         if self.collected is not None:
+            self.reader.on_tokens(n, now)
             self.collected.append(text)
             return
-        event = self.encoder.token(text, self.generated)
+        self.deltas.append((self.generated, text, ids))
+        if self.generated <= self.base:
+            return  # the attached client already has these (it resumed past them)
+        self._emit(text, self.generated, self.generated - max(start, self.base), now)
+
+    def _emit(self, text: str, index: int, n: int, now: float) -> None:
+        """Queue the event for a delta ending at token ``index``, ``n`` of whose tokens are new to the client."""
+        self.reader.on_tokens(n, now)
+        event = self.encoder.token(text, index)
         if self._clock is None:
             self._release(event)
         else:
@@ -137,8 +168,40 @@ class Stream:
                 # Explicit bound: merging keeps memory flat if a client is paced far behind its engine.
                 end, ev = self._pending.pop()
                 event = ev + event
-            self._pending.append((self.generated, event))
+            self._pending.append((index - self.base, event))
             self._kick(now)
+
+    def reattach(self, after: int, now: float) -> int:
+        """A client (re)connects having received the tokens up to ``after``: serve it from there.
+
+        The reader model restarts at ``now`` (the client resumes reading where it stopped), the tokens
+        already produced after ``after`` are paced from now on, and the older writer, if any, is superseded.
+        Returns the new attachment's sequence number for :meth:`next_output`.
+        """
+        self.base = after
+        self.reader = ReaderModel(self.reader.rate)
+        self._pending.clear()
+        self._out.clear()
+        self.client_done = False
+        self.first_sent_time = None
+        self.encoder.resumed(after > 0)
+        prev = 0
+        for end, text, _ in self.deltas:
+            if end > after:
+                self._emit(text, end, end - max(prev, after), now)
+            prev = end
+        if self.upstream_done:
+            self.reader.finished = True
+            self._queue_tail(self._tail(), now)
+        self.attach_seq += 1
+        self.attached = True
+        self._wake.set()
+        return self.attach_seq
+
+    def mark_lost(self) -> None:
+        """Another replica owns this stream now: end the client's connection so it resumes there."""
+        self.lost = True
+        self._wake.set()
 
     def on_finished(self, reason: str, prompt_tokens: int, completion_tokens: int | None, now: float) -> None:
         self.upstream_done = True
@@ -152,10 +215,15 @@ class Stream:
         self.reader.finished = True
         if self.collected is not None:
             return
-        tail = self.encoder.finish(reason, self.generated)
+        self._queue_tail(self._tail(), now)
+
+    def _tail(self) -> bytes:
+        if self.error is not None:
+            return self.encoder.error(*self.error)
+        tail = self.encoder.finish(self.finish_reason or "stop", self.generated)
         if self.include_usage:
-            tail += self.encoder.usage(prompt_tokens, self.generated, self.generated)
-        self._queue_tail(tail, now)
+            tail += self.encoder.usage(self.prompt_tokens, self.generated, self.generated)
+        return tail
 
     def on_error(self, message: str, code: str, now: float) -> None:
         self.upstream_done = True
@@ -169,7 +237,7 @@ class Stream:
         if self._clock is None:
             self._release(tail, last=True)
         else:
-            self._pending.append((self.generated, tail))
+            self._pending.append((max(0, self.generated - self.base), tail))
             self._kick(now)
 
     def _kick(self, now: float) -> None:
@@ -198,11 +266,21 @@ class Stream:
         self._wake.set()
 
     # --- consumer side (client writer) ---
-    async def next_output(self) -> bytes:
-        """Wait until something is released; return it (possibly several events joined)."""
+    async def next_output(self, seq: int | None = None) -> bytes:
+        """Wait until something is released; return it (possibly several events joined).
+
+        With ``seq`` (from :meth:`reattach`), raise :class:`Superseded` once a newer connection attached, and
+        return ``b""`` when the stream was lost to another replica.
+        """
         while not self._out:
+            if seq is not None and seq != self.attach_seq:
+                raise Superseded(self.id)
+            if self.lost:
+                return b""
             self._wake.clear()
             await self._wake.wait()
+        if seq is not None and seq != self.attach_seq:
+            raise Superseded(self.id)
         out = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         return out
