@@ -116,7 +116,7 @@ class WallClockEngine:
         if q is not None and self.queues.get(rid) is q:
             del self.queues[rid]
         if rid in self.core:
-            pass
+            self._at_boundary(lambda now: self.core.abort(rid) if self.queues.get(rid) is None else None)
 
     # --- control ---
 
