@@ -53,6 +53,7 @@ class Gateway:
         self.streams: dict[str, Stream] = {}
         self.engines: dict[str, EngineHandle] = {}
         self._model_routes: dict[str, EngineHandle] = {}
+        self._model_engines: dict[str, list[EngineHandle]] = {}  # every engine serving a model, for balancing
         self._session: aiohttp.ClientSession | None = None
         self._clock: PacingClock | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -93,6 +94,7 @@ class Gateway:
             self.engines[ec.name] = handle
             for m in models:
                 self._model_routes.setdefault(m, handle)
+                self._model_engines.setdefault(m, []).append(handle)
             control.start()
         log.info("gateway ready", extra={"engines": {n: h.client.base_url for n, h in self.engines.items()}})
 
@@ -131,6 +133,13 @@ class Gateway:
 
     def route(self, model: str) -> EngineHandle:
         h = self._model_routes.get(model)
+        candidates = self._model_engines.get(model, ())
+        if len(candidates) > 1:  # several engines serve it: the healthy one with the fewest live streams
+            load = {c.config.name: 0 for c in candidates}
+            for s in self.streams.values():
+                if s.engine in load:
+                    load[s.engine] += 1
+            h = min(candidates, key=lambda c: (not c.control.healthy, load[c.config.name]))
         if h is None:  # parse_request already checked the name; this is a guard
             raise ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
         return h
