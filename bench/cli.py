@@ -1,0 +1,268 @@
+"""``tokenflow bench``: compare scheduling policies on identical arrivals.
+
+    tokenflow bench virtual  [workload options] [--profile P] [--policies fcfs,tokenflow,andes] [--out DIR]
+    tokenflow bench http     [workload options] [--gateway-url URL | --profile sim-small] [--policies ...]
+    tokenflow bench sweep    [workload options] --grid tokenflow.conservativeness=1,2,4 [--grid ...]
+    tokenflow bench tick-cost [--streams 100,1000,10000] [--policies tokenflow,andes,fcfs]
+
+``--config configs/bench/<name>.yaml`` sets any option (its keys are the option names with ``_``);
+options on the command line win. Results go to ``--out`` (default ``bench-results/<mode>-<time>``):
+``report.json`` and PNG plots; the metrics table and the target checks are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .metrics import summarize
+from .report import build_report, plot, table, write_json
+from .workload import WorkloadConfig, generate, parse_rates
+
+DEFAULT_POLICIES = "fcfs,tokenflow,andes"
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--config", help="YAML file of option defaults (configs/bench/*.yaml)")
+    g.add_argument("--workload", choices=("burst", "poisson", "gamma", "trace"), default="burst")
+    g.add_argument("--n", type=int, default=100, help="requests (burst size for burst)")
+    g.add_argument("--rate-rps", type=float, default=5.0, help="mean arrivals/s (poisson, gamma)")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma: squared CV of gaps (1 = Poisson)")
+    g.add_argument("--trace", help="CSV trace: arrival_s,input_tokens,output_tokens,rate")
+    g.add_argument("--input-mean", type=float, default=512)
+    g.add_argument("--input-std", type=float, default=None, help="default: 25%% of the mean")
+    g.add_argument("--output-mean", type=float, default=1024)
+    g.add_argument("--output-std", type=float, default=None, help="default: 25%% of the mean")
+    g.add_argument("--rates", default="15:0.4,20:0.6", help="consumption mix rate:weight,... (or reading/listening)")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--policies", default=DEFAULT_POLICIES)
+    g.add_argument("--tick", type=float, default=0.5, help="policy tick interval (s)")
+    g.add_argument("--knob", action="append", default=[], metavar="POLICY.NAME=VALUE", help="override a policy knob")
+    g.add_argument("--out", help="output directory (default bench-results/<mode>-<time>)")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenflow bench", description="Benchmark scheduling policies.")
+    sub = p.add_subparsers(dest="mode", required=True)
+    v = sub.add_parser("virtual", help="virtual clock: policies + simulated engine core in one process")
+    _workload_args(v)
+    v.add_argument("--profile", default="h200-llama3-8b", help="hardware profile (configs/profiles)")
+    v.add_argument("--engine-preempt", choices=("recompute", "offload"), default="recompute",
+                   help="what the engine's own preemption (KV exhausted) does")
+    h = sub.add_parser("http", help="real HTTP through a gateway to a (simulated) engine")
+    _workload_args(h)
+    h.add_argument("--gateway-url", help="an already running gateway (one policy: --policies names it)")
+    h.add_argument("--profile", default="sim-small", help="profile of the spawned gateway's embedded engine")
+    s = sub.add_parser("sweep", help="virtual-clock runs over a grid of knob values")
+    _workload_args(s)
+    s.add_argument("--profile", default="h200-llama3-8b")
+    s.add_argument("--engine-preempt", choices=("recompute", "offload"), default="recompute")
+    s.add_argument("--grid", action="append", default=[], metavar="POLICY.NAME=V1,V2,...")
+    t = sub.add_parser("tick-cost", help="wall time of one policy tick for N streams")
+    t.add_argument("--streams", default="100,1000,10000")
+    t.add_argument("--policies", default="tokenflow,andes,fcfs")
+    t.add_argument("--repeats", type=int, default=20)
+    t.add_argument("--out", help="write the results as JSON here")
+    return p
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    cfg_path = getattr(args, "config", None)
+    if cfg_path:
+        data = yaml.safe_load(Path(cfg_path).read_text()) or {}
+        sub = p._subparsers._group_actions[0].choices[args.mode]  # type: ignore[union-attr]
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(k.replace("-", "_") for k in data) - known)
+        if unknown:
+            p.error(f"{cfg_path}: unknown option(s) {', '.join(unknown)}")
+        sub.set_defaults(**{k.replace("-", "_"): v for k, v in data.items()})
+        args = p.parse_args(argv)
+    return args
+
+
+def _knobs(items: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        pol, _, knob = name.partition(".")
+        if not (pol and knob and value):
+            raise SystemExit(f"tokenflow bench: --knob wants POLICY.NAME=VALUE, got {item!r}")
+        out.setdefault(pol, {})[knob] = float(value)
+    return out
+
+
+def _workload(args: argparse.Namespace) -> WorkloadConfig:
+    return WorkloadConfig(kind=args.workload, n=args.n, rate_rps=args.rate_rps, burstiness=args.burstiness,
+                          input_mean=args.input_mean, input_std=args.input_std, output_mean=args.output_mean,
+                          output_std=args.output_std, rates=parse_rates(args.rates), trace=args.trace, seed=args.seed)
+
+
+def _progress(total: int, disable: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=disable, mininterval=0.5, file=sys.stderr)
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path("bench-results") / f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _meta(args: argparse.Namespace, argv: Sequence[str], wl: WorkloadConfig) -> dict[str, Any]:
+    return {
+        "mode": args.mode,
+        "command": "tokenflow bench " + " ".join(shlex.quote(a) for a in argv),
+        "profile": getattr(args, "profile", None),
+        "tick_s": args.tick,
+        "workload": {k: getattr(wl, k) for k in wl.__dataclass_fields__},
+        "knobs": _knobs(args.knob),
+    }
+
+
+def _finish(args: argparse.Namespace, argv: Sequence[str], wl: WorkloadConfig, results: dict[str, dict[str, Any]],
+            runs: dict[str, Any]) -> int:
+    out = _out_dir(args)
+    report = build_report(_meta(args, argv, wl), results)
+    write_json(out / "report.json", report)
+    if not args.no_plots:
+        plot(out, runs)
+    print(table(report))
+    for t in report["targets"]:
+        print(f"  {'MET   ' if t['met'] else 'MISSED'} {t['metric']}: {t['rule']} (ratio {t['ratio']:.3f})")
+    print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from backends.sim.profile import load_profile
+
+    from .virtual import run_virtual
+
+    wl = _workload(args)
+    specs = generate(wl)
+    prof = load_profile(args.profile)
+    knobs = _knobs(args.knob)
+    policies = [p for p in args.policies.split(",") if p]
+    results: dict[str, dict[str, Any]] = {}
+    runs = {}
+    total = sum(s.output_tokens for s in specs)
+    for pol in policies:
+        with _progress(total, args.no_progress, pol) as bar:
+            r = run_virtual(prof, specs, pol, tick_s=args.tick, engine_preempt=args.engine_preempt,
+                            policy_knobs=knobs.get(pol), progress=bar.update)
+        m = summarize(r.records, preemptions=r.preemptions)
+        m.update(engine_counters=r.engine_counters, decisions=r.decisions, tick_ms_mean=r.tick_ms_mean,
+                 tick_ms_max=r.tick_ms_max)
+        results[pol] = m
+        runs[pol] = r.records
+    return _finish(args, argv, wl, results, runs)
+
+
+def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .http import fetch_preemptions, run_clients, spawn_gateway
+
+    wl = _workload(args)
+    specs = generate(wl)
+    knobs = _knobs(args.knob)
+    policies = [p for p in args.policies.split(",") if p]
+    if args.gateway_url and len(policies) != 1:
+        raise SystemExit("tokenflow bench http: with --gateway-url name the gateway's one policy in --policies")
+    results: dict[str, dict[str, Any]] = {}
+    runs = {}
+    total = sum(s.output_tokens for s in specs)
+    for pol in policies:
+        with _progress(total, args.no_progress, pol) as bar:
+            if args.gateway_url:
+                url = args.gateway_url.rstrip("/")
+                before = asyncio.run(fetch_preemptions(url))
+                recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update))
+                after = asyncio.run(fetch_preemptions(url))
+            else:
+                with spawn_gateway(pol, profile=args.profile, tick_s=args.tick, knobs=knobs.get(pol)) as url:
+                    before = 0
+                    recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update))
+                    after = asyncio.run(fetch_preemptions(url))
+        pre = after - before if after is not None and before is not None else None
+        m = summarize(recs, preemptions=pre)
+        m["errors"] = [r.error for r in recs if r.error][:5]
+        results[pol] = m
+        runs[pol] = recs
+    return _finish(args, argv, wl, results, runs)
+
+
+def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from backends.sim.profile import load_profile
+
+    from .virtual import run_virtual
+
+    wl = _workload(args)
+    specs = generate(wl)
+    prof = load_profile(args.profile)
+    base = _knobs(args.knob)
+    axes = []
+    for g in args.grid:
+        name, _, values = g.partition("=")
+        pol, _, knob = name.partition(".")
+        axes.append((pol, knob, [float(x) for x in values.split(",") if x]))
+    if not axes:
+        raise SystemExit("tokenflow bench sweep: give at least one --grid POLICY.NAME=V1,V2")
+    rows = []
+    for combo in itertools.product(*(vals for _, _, vals in axes)):
+        knobs = {p: dict(k) for p, k in base.items()}
+        label = []
+        for (pol, knob, _), v in zip(axes, combo):
+            knobs.setdefault(pol, {})[knob] = v
+            label.append(f"{pol}.{knob}={v:g}")
+        pol = axes[0][0]
+        r = run_virtual(prof, specs, pol, tick_s=args.tick, engine_preempt=args.engine_preempt, policy_knobs=knobs.get(pol))
+        m = summarize(r.records, preemptions=r.preemptions)
+        rows.append({"knobs": ", ".join(label), **{k: m[k] for k in ("ttft_p99_s", "effective_throughput_tps",
+                     "throughput_tps", "rebuffer_mean_s", "qoe_mean", "preemptions")}})
+        print(json.dumps(rows[-1]), flush=True)
+    out = _out_dir(args)
+    write_json(out / "sweep.json", {**_meta(args, argv, wl), "rows": rows})
+    print(f"sweep: {out / 'sweep.json'}")
+    return 0
+
+
+def _tick_cost(args: argparse.Namespace) -> int:
+    from .tickcost import run
+
+    rows = run([p for p in args.policies.split(",") if p], [int(x) for x in args.streams.split(",") if x], args.repeats)
+    print("| policy | streams | cold tick ms (decisions) | steady tick ms (decisions) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['policy']} | {r['streams']} | {r['cold_median_ms']:.3f} ({r['cold_decisions']}) | "
+              f"{r['steady_median_ms']:.3f} ({r['steady_decisions']}) |")
+    if args.out:
+        write_json(Path(args.out), {"rows": rows})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    if args.mode == "tick-cost":
+        return _tick_cost(args)
+    if args.mode == "virtual":
+        return _virtual(args, argv)
+    if args.mode == "http":
+        return _http(args, argv)
+    return _sweep(args, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

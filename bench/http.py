@@ -1,0 +1,157 @@
+"""HTTP mode: simulated clients stream from a real gateway over real HTTP.
+
+Each client arrives at its workload time, asks ``/v1/completions`` for exactly its prompt length (a list of
+token ids) and output length (``max_tokens``) with ``"tokenflow": {"rate": r, "pacing": "none"}``, and
+records when each token reached it. Unpaced, the gateway forwards tokens as the engine makes them; the
+client's reading is the :class:`ReaderModel` replayed over those times in :mod:`bench.metrics`, exactly
+as the gateway models it. Token counts come from the SSE event ids (``<stream>:<tokens so far>``).
+
+``--gateway-url`` drives a gateway that is already running. Without it, :func:`spawn_gateway` starts one
+per policy (a subprocess running ``tokenflow serve`` with its embedded simulated engine) so one command
+compares policies on identical arrivals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import aiohttp
+import yaml
+
+from .metrics import RequestRecord
+from .workload import RequestSpec
+
+
+async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, t0: float,
+                  on_token: Callable[[int], None] | None) -> RequestRecord:
+    loop = asyncio.get_running_loop()
+    delay = t0 + spec.arrival_s - loop.time()
+    if delay > 0:
+        await asyncio.sleep(delay)  # the workload's arrival time, not a synchronisation
+    rec = RequestRecord(spec.id, loop.time() - t0, spec.rate, spec.prompt_tokens, spec.output_tokens)
+    body = {
+        "model": model,
+        "prompt": [1 + (k % 1000) for k in range(spec.prompt_tokens)],
+        "max_tokens": spec.output_tokens,
+        "stream": True,
+        "tokenflow": {"rate": spec.rate, "pacing": "none"},
+    }
+    count = 0
+    try:
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return rec
+            async for line in resp.content:
+                if line.startswith(b"id: "):
+                    idx = int(line.rsplit(b":", 1)[1])
+                    if idx > count:
+                        now = loop.time() - t0
+                        rec.token_times.extend([now] * (idx - count))
+                        if on_token is not None:
+                            on_token(idx - count)
+                        count = idx
+                elif line.startswith(b"data: ") and b'"finish_reason":"' in line:
+                    rec.finished = b'"finish_reason":"length"' in line or b'"finish_reason":"stop"' in line
+                elif line.startswith(b"data: [DONE]"):
+                    break
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
+async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,
+                      timeout_s: float = 3600.0) -> tuple[list[RequestRecord], float]:
+    """Run every client against ``url``; returns the records and the run's end (seconds after start)."""
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        async with session.get(url + "/v1/models") as resp:
+            resp.raise_for_status()
+            models = (await resp.json()).get("data", [])
+        model = models[0]["id"] if models else "sim-small"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.2
+        recs = await asyncio.gather(*(_client(session, url, model, s, t0, on_token) for s in specs))
+        return list(recs), loop.time() - t0
+
+
+async def fetch_preemptions(url: str) -> int | None:
+    """Preempt decisions the gateway sent (its Prometheus counter), or None if unavailable."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+            text = await resp.text()
+    except aiohttp.ClientError:
+        return None
+    total = 0.0
+    found = False
+    for m in re.finditer(r'^tokenflow_decisions_total\{[^}]*op="preempt"[^}]*\}\s+([0-9.eE+]+)$', text, re.M):
+        total += float(m.group(1))
+        found = True
+    return int(total) if found else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, Any] | None = None,
+                  start_timeout_s: float = 60.0) -> Iterator[str]:
+    """Start ``tokenflow serve`` (embedded simulated engine) with ``policy``; yields its URL."""
+    port = _free_port()
+    cfg = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "scheduler": {"policy": policy, "tick_interval_s": tick_s, "knobs": knobs or {}},
+        "engines": [{"name": "sim", "profile": profile}],
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+        path = f.name
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFLOW_")}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise RuntimeError(f"gateway exited with {proc.returncode}: {err[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    pass
+                if asyncio.run(_ready(url)):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not become ready on {url} within {start_timeout_s:.0f}s")
+            time.sleep(0.1)  # polling a condition with a deadline
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.unlink(path)
+
+
+async def _ready(url: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url + "/readyz") as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False

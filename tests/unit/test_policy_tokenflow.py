@@ -1,0 +1,139 @@
+"""Rules of the tokenflow policy, each on a small hand-built snapshot."""
+
+from __future__ import annotations
+
+from gateway.policy import make_policy
+from gateway.policy.knobs import TokenFlowKnobs
+from gateway.policy.tokenflow import TokenFlowPolicy
+from gateway.policy.types import Decision, EngineStatus, EngineView, Snapshot, StreamView
+
+R, W, H, P, L = EngineStatus.RUNNING, EngineStatus.WAITING, EngineStatus.HELD, EngineStatus.PARKED, EngineStatus.LOADING
+NOW = 100.0
+TICK = 0.5
+
+
+def engine(capacity: int = 10_000, seqs: int = 64, step: float | None = 0.02) -> EngineView:
+    # 1 KiB of KV per token at 1 GB/s: reloading 1,000 tokens takes ~1 ms; prefill 10k tok/s.
+    return EngineView("e", 16, seqs, 1024, capacity, 0, 1_000_000, 0, step, 1000.0, 10_000.0, 1e9, 1e9)
+
+
+def sv(i: str, status: EngineStatus, *, buf: float = 0.0, rate: float = 10.0, prompt: int = 1000, gen: int = 100,
+       started: bool = True, max_tokens: int = 2000, arrival: float = 50.0, host: int | None = None) -> StreamView:
+    ctx = prompt + gen if started else prompt
+    dev = ctx if status in (R, P) else 0
+    return StreamView(i, status, arrival, rate, prompt, gen if started else 0, buf, 60.0 if started else None, max_tokens,
+                      dev, ctx if host is None else host)
+
+
+def snap(*streams: StreamView, eng: EngineView | None = None) -> Snapshot:
+    return Snapshot(eng or engine(), tuple(streams), TICK)
+
+
+def ops(ds: list[Decision]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for d in ds:
+        out.setdefault(d.op, set()).add(d.id)
+    return out
+
+
+def test_registered_with_knob_overrides() -> None:
+    p = make_policy("tokenflow", conservativeness=3)
+    assert isinstance(p, TokenFlowPolicy) and p.knobs.conservativeness == 3.0
+    assert make_policy("tokenflow").knobs == TokenFlowKnobs()
+
+
+def test_no_action_without_stress() -> None:
+    # Everyone runs, nothing waits: the engine is left alone, even with a nearly empty buffer.
+    s = snap(sv("a", R, buf=0.0), sv("b", R, buf=500.0), sv("c", R, buf=3.0))
+    assert TokenFlowPolicy().decide(s, NOW) == []
+
+
+def test_new_request_preempts_a_well_buffered_runner() -> None:
+    # Memory holds two requests of ~1,100 tokens; a third, new one waits: it is urgent (empty buffer),
+    # so the runner with 60 s of buffer gives way; the one with 1 s keeps running.
+    s = snap(sv("rich", R, buf=600.0), sv("poor", R, buf=10.0), sv("new", W, started=False),
+             eng=engine(capacity=2600))
+    o = ops(TokenFlowPolicy().decide(s, NOW))
+    assert o.get("preempt") == {"rich"}
+    assert "new" not in o.get("preempt", set())
+
+
+def test_safety_rule_blocks_unsafe_preempts() -> None:
+    # Same pressure, but both runners' buffers last less than mu * (evict + load + tick) = 2 * (~0 + 0.5):
+    # neither may be paused, so the new request waits.
+    s = snap(sv("a", R, buf=5.0), sv("b", R, buf=8.0), sv("new", W, started=False), eng=engine(capacity=2600))
+    preempted = ops(TokenFlowPolicy().decide(s, NOW)).get("preempt", set())
+    assert not preempted & {"a", "b"}
+    # Just above the bound for one of them (buffer 12 tokens at 10 tok/s = 1.2 s > 1.0 s + copy time): that one may go.
+    s2 = snap(sv("a", R, buf=5.0), sv("b", R, buf=12.0), sv("new", W, started=False), eng=engine(capacity=2600))
+    assert ops(TokenFlowPolicy().decide(s2, NOW)).get("preempt") == {"b"}
+
+
+def test_conservativeness_scales_the_safety_margin() -> None:
+    s = snap(sv("a", R, buf=5.0), sv("b", R, buf=25.0), sv("new", W, started=False), eng=engine(capacity=2600))
+    assert ops(TokenFlowPolicy(conservativeness=2.0).decide(s, NOW)).get("preempt") == {"b"}
+    assert "b" not in ops(TokenFlowPolicy(conservativeness=8.0).decide(s, NOW)).get("preempt", set())
+
+
+def test_not_started_requests_come_before_paused_ones_that_can_wait() -> None:
+    # Room for one more request: a new arrival (empty buffer) and a paused request with 30 s of buffer
+    # compete; the new one goes first and the paused one is not resumed.
+    s = snap(sv("run", R, buf=5.0), sv("paused", H, buf=300.0), sv("new", W, started=False),
+             eng=engine(capacity=2500))
+    o = ops(TokenFlowPolicy().decide(s, NOW))
+    assert "paused" not in o.get("resume", set()) and "paused" not in o.get("prefetch", set())
+    assert "new" not in o.get("preempt", set())
+
+
+def test_paused_request_about_to_run_dry_beats_a_new_one() -> None:
+    s = snap(sv("run", R, buf=5.0), sv("paused", H, buf=2.0), sv("new", W, started=False), eng=engine(capacity=2500))
+    o = ops(TokenFlowPolicy().decide(s, NOW))
+    assert "paused" in o.get("resume", set())
+    assert "new" in o.get("preempt", set())  # kept out of the engine's queue: no room for it this tick
+
+
+def test_reload_versus_recompute() -> None:
+    # With its KV on the host, a paused request is copied back (prefetch) and run when it lands (resume);
+    # without a host copy it is resumed and the engine recomputes it.
+    s = snap(sv("hosted", H, buf=0.0), sv("lost", H, buf=0.0, host=0))
+    ds = TokenFlowPolicy().decide(s, NOW)
+    assert [(d.op, d.id) for d in ds if d.id == "hosted"] == [("prefetch", "hosted"), ("resume", "hosted")]
+    assert [(d.op, d.id) for d in ds if d.id == "lost"] == [("resume", "lost")]
+
+
+def test_prefetch_timing() -> None:
+    # Batch slots are full with runners that cannot be paused; device memory is free. A paused request is
+    # prefetched only once its buffer would run dry within mu * (load + prefetch_ticks * tick) = ~2 s.
+    eng = engine(capacity=100_000, seqs=2)
+    base = (sv("a", R, buf=1.0), sv("b", R, buf=1.0))
+    far = TokenFlowPolicy().decide(snap(*base, sv("p", H, buf=100.0), eng=eng), NOW)  # 10 s of buffer
+    assert "p" not in ops(far).get("prefetch", set())
+    near = TokenFlowPolicy().decide(snap(*base, sv("p", H, buf=15.0), eng=eng), NOW)  # 1.5 s of buffer
+    assert ops(near).get("prefetch") == {"p"}
+    assert "p" not in ops(near).get("resume", set())  # no slot: it waits parked on the device
+
+
+def test_overload_falls_back_to_fcfs() -> None:
+    # Decode capacity: 1 / 0.02 s per sequence x ~8 sequences in memory = ~400 tok/s. Admitted requests
+    # want 60 x 10 tok/s = 600 tok/s: overload. No preemption, paused requests resume oldest first as memory
+    # allows, new requests stay out.
+    eng = engine(capacity=10_000, seqs=64)
+    runners = [sv(f"r{i}", R, buf=500.0, arrival=10.0 + i) for i in range(5)]
+    paused = [sv(f"p{i}", H, buf=500.0, arrival=20.0 + i) for i in range(55)]
+    pol = TokenFlowPolicy()
+    ds = pol.decide(snap(*runners, *paused, sv("new", W, started=False, arrival=90.0), eng=eng), NOW)
+    o = ops(ds)
+    assert pol.info.mode == "fallback"
+    assert "preempt" not in o or o["preempt"] == {"new"}
+    resumed = [d.id for d in ds if d.op == "resume"]
+    assert resumed and resumed == [f"p{i}" for i in range(len(resumed))]  # arrival order
+    # The same snapshot with demand below capacity balances buffers instead.
+    pol2 = TokenFlowPolicy()
+    pol2.decide(snap(*runners, *paused[:10], eng=eng), NOW)
+    assert pol2.info.mode == "balance"
+
+
+def test_deterministic() -> None:
+    streams = [sv(f"s{i}", [R, H, W][i % 3], buf=float(i * 7 % 90), started=i % 3 != 2, arrival=float(i)) for i in range(60)]
+    s = snap(*streams, eng=engine(capacity=20_000, seqs=16))
+    assert TokenFlowPolicy().decide(s, NOW) == TokenFlowPolicy().decide(s, NOW)
