@@ -105,6 +105,7 @@ class WallClockEngine:
 
     def submit(self, rid: str, prompt_tokens: int, max_tokens: int | None, priority: int) -> asyncio.Queue:
         """Queue a request; its tokens arrive on the returned queue as (index, finish_reason)."""
+        self._check_alive()
         self.core.add(rid, prompt_tokens, max_tokens, priority, self.now())
         q: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
         self.queues[rid] = q
@@ -122,6 +123,7 @@ class WallClockEngine:
 
     async def commands(self, cmds: list[Any]) -> list[dict[str, Any]]:
         """Apply validated commands at the next step boundary; one result per command, in order."""
+        self._check_alive()
         fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._at_boundary(lambda now: [self._apply(c, now) for c in cmds], fut)
         return await fut
@@ -139,6 +141,10 @@ class WallClockEngine:
         return res
 
     def _at_boundary(self, fn: Callable[[float], Any], fut: asyncio.Future[Any] | None = None) -> None:
+        if not self.healthy:
+            if fut is not None:
+                fut.set_exception(RuntimeError("engine loop is not running"))
+            return
         if self.core.in_flight:
             self._pending.append((fn, fut))
         else:
@@ -164,7 +170,32 @@ class WallClockEngine:
 
     # --- the loop ---
 
+    def _check_alive(self) -> None:
+        if not self.healthy:
+            raise ApiError(503, "the simulated engine loop is not running", "engine_unavailable")
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def _run(self) -> None:
+        try:
+            await self._steps()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            # A bug in the core: say so loudly, end every open stream instead of leaving it hanging.
+            log.exception("simulated engine loop failed; /health now reports 503")
+            for q in self.queues.values():
+                q.put_nowait((-1, "abort"))
+            self.queues.clear()
+            for _, fut in self._pending:
+                if fut is not None and not fut.done():
+                    fut.set_exception(RuntimeError("engine loop failed"))
+            self._pending.clear()
+            raise
+
+    async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
         core = self.core
         last_end: float | None = None
@@ -510,6 +541,8 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
+    if not request.app[ENGINE_KEY].healthy:
+        return web.Response(status=503, text="engine loop is not running")
     return web.Response(text="ok")
 
 
