@@ -11,10 +11,12 @@ export PYTHONUNBUFFERED=1
     --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/env.txt"
-timeout "${OFFLOAD_TIMEOUT:-150}" python3 -m backends.gpu_checks.cuda_offload_check --out "$out/offload.json" \
-  > "$out/offload.log" 2>&1
-echo "offload check rc=$?"
-tail -25 "$out/offload.log"
+if [ -z "${SKIP_OFFLOAD:-}" ]; then
+  timeout "${OFFLOAD_TIMEOUT:-150}" python3 -m backends.gpu_checks.cuda_offload_check --out "$out/offload.json" \
+    > "$out/offload.log" 2>&1
+  echo "offload check rc=$?"
+  tail -25 "$out/offload.log"
+fi
 timeout "${CALIB_TIMEOUT:-400}" python3 -m backends.sim.calibrate measure --budget-s "${CALIB_BUDGET:-330}" \
   --out "$out/h100-llama3-8b.json" > "$out/calib.log" 2>&1
 echo "calibrate rc=$?"

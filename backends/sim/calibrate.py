@@ -77,17 +77,21 @@ TINY = ModelShape(name="tiny", layers=2, hidden=256, heads=4, kv_heads=2, head_d
                   vocab=1000, max_model_len=1024)
 
 
-def step_cost(shape: ModelShape, kind: str, batch: int, length: int) -> dict[str, float]:
-    """Bytes and FLOPs of one step: `batch` decodes at context `length`, or `batch` prefills of `length` tokens."""
+def step_cost(shape: ModelShape, segments: list[tuple[str, int, int]]) -> dict[str, float]:
+    """Fewest bytes and FLOPs of one step over (kind, n, length) segments: ("decode", batch, context) or
+    ("prefill", prompts, prompt length). Weights are read once per step, KV once per decoding request."""
     kvb = shape.kv_bytes_per_token
     attn_per_pair = 4 * shape.heads * shape.head_dim * shape.layers  # QK^T and PV, 2 FLOPs per multiply-add
-    if kind == "decode":
-        tokens, kv_read, pairs, logit_rows = batch, batch * (length + 1), batch * (length + 1), batch
-    else:
-        tokens, kv_read, pairs, logit_rows = batch * length, 0, batch * length * (length + 1) // 2, batch
-    flops = 2 * shape.layers * shape.layer_matmul_params * tokens + 2 * shape.vocab * shape.hidden * logit_rows
-    flops += attn_per_pair * pairs
-    return {"bytes": shape.weight_read_bytes + (kv_read + tokens) * kvb, "flops": float(flops)}
+    nbytes, flops = float(shape.weight_read_bytes), 0.0
+    for kind, n, length in segments:
+        if kind == "decode":
+            tokens, kv_read, pairs = n, n * (length + 1), n * (length + 1)
+        else:
+            tokens, kv_read, pairs = n * length, 0, n * length * (length + 1) // 2
+        flops += 2 * shape.layers * shape.layer_matmul_params * tokens + 2 * shape.vocab * shape.hidden * n
+        flops += attn_per_pair * pairs
+        nbytes += (kv_read + tokens) * kvb
+    return {"bytes": nbytes, "flops": flops}
 
 
 def roofline_s(cost: dict[str, float], hbm_bytes_per_s: float, flops_per_s: float) -> float:
@@ -97,12 +101,38 @@ def roofline_s(cost: dict[str, float], hbm_bytes_per_s: float, flops_per_s: floa
 # ----------------------------------------------------------------------------------------- the model (torch)
 
 
+@dataclass
+class Segment:
+    """A part of one step's batch: `n` decodes at context `length`, or `n` prefills of `length` tokens."""
+
+    kind: str  # "decode" or "prefill"
+    n: int
+    length: int
+    kc: list[Any]  # per-layer K cache [n, kv_heads, cap, head_dim]
+    vc: list[Any]
+    backend: Any = None  # a list of SDPBackend, or None for torch's own choice
+
+    @property
+    def rows(self) -> int:
+        return self.n if self.kind == "decode" else self.n * self.length
+
+
+def _rms_plain(F: Any, x: Any, w: Any) -> Any:
+    return F.rms_norm(x, (x.shape[-1],), w, eps=1e-5)
+
+
 class RandomLlama:
-    """Llama3-shaped decoder with random bf16 weights; prefill and decode forwards over a contiguous KV cache."""
+    """Llama3-shaped decoder with random bf16 weights over a contiguous KV cache.
+
+    One forward runs a list of segments (decodes, prefills, or both: a mixed chunked-prefill step) through
+    shared GEMMs, as an engine does. With ``fused`` the pointwise work is fused the way vLLM's kernels fuse it
+    (residual add + RMSNorm, rotary on q and k together, SiLU x mul), through torch.compile; otherwise it is
+    plain PyTorch ops.
+    """
 
     def __init__(self, torch: Any, shape: ModelShape, device: str, seed: int = 0) -> None:
         self.torch, self.shape, self.device = torch, shape, device
-        self.F = torch.nn.functional
+        F = self.F = torch.nn.functional
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         bf16 = torch.bfloat16
@@ -127,86 +157,115 @@ class RandomLlama:
         freqs = torch.outer(torch.arange(s.max_model_len + 64, device=device, dtype=torch.float32), inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos().to(bf16), emb.sin().to(bf16)
-        self.attn_backend: Any = None  # a list of SDPBackend, or None for torch's own choice
 
-    def _rms(self, x: Any, w: Any) -> Any:
-        if hasattr(self.F, "rms_norm"):
-            return self.F.rms_norm(x, (x.shape[-1],), w, eps=1e-5)
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * self.torch.rsqrt(var + 1e-5)).to(x.dtype) * w
+        def add_rms(x: Any, residual: Any, w: Any) -> tuple[Any, Any]:
+            y = x + residual
+            return _rms_plain(F, y, w), y
 
-    @staticmethod
-    def _rope(x: Any, cos: Any, sin: Any, torch: Any) -> Any:
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
+        def rope_qk(q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]:
+            def rot(t: Any) -> Any:
+                half = t.shape[-1] // 2
+                return torch.cat([-t[..., half:], t[..., :half]], dim=-1)
 
-    def _sdpa(self, q: Any, k: Any, v: Any, causal: bool) -> Any:
-        if self.attn_backend is None:
+            return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+        def silu_mul(gu: Any) -> Any:
+            g, u = gu.chunk(2, dim=-1)
+            return F.silu(g) * u
+
+        self.plain = {"add_rms": add_rms, "rope_qk": rope_qk, "silu_mul": silu_mul}
+        self.ops = dict(self.plain)
+        self.fused = False
+        self.fuse_error: str | None = None
+
+    def enable_fusion(self) -> bool:
+        """Compile the pointwise ops (one kernel each); falls back to plain ops if compilation fails."""
+        torch = self.torch
+        try:
+            compiled = {k: torch.compile(f, dynamic=True, fullgraph=True) for k, f in self.plain.items()}
+            x = torch.randn(3, self.shape.hidden, device=self.device, dtype=torch.bfloat16)
+            compiled["add_rms"](x, x, self.norm)
+            self.compiled = compiled
+            return True
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: measure without fusion
+            self.fuse_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            return False
+
+    def set_fused(self, on: bool) -> None:
+        self.fused = on and hasattr(self, "compiled")
+        self.ops = self.compiled if self.fused else self.plain
+
+    def _sdpa(self, q: Any, k: Any, v: Any, causal: bool, backend: Any) -> Any:
+        if backend is None:
             return self.F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(self.attn_backend):
+        with sdpa_kernel(backend):
             return self.F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    def _mlp(self, x: Any, p: dict[str, Any]) -> Any:
-        g, u = self.F.linear(self._rms(x, p["ln2"]), p["wgu"]).chunk(2, dim=-1)
-        return x + self.F.linear(self.F.silu(g) * u, p["wd"])
+    def _attention(self, qkv: Any, segs: list[Segment], layer: int) -> Any:
+        s, ops = self.shape, self.ops
+        H, KVH, D = s.heads, s.kv_heads, s.head_dim
+        outs, row = [], 0
+        for seg in segs:
+            part = qkv[row : row + seg.rows]
+            row += seg.rows
+            q, k, v = part.split([H * D, KVH * D, KVH * D], dim=-1)
+            kc, vc = seg.kc[layer], seg.vc[layer]
+            if seg.kind == "decode":
+                B, pos = seg.n, seg.length
+                q, k = ops["rope_qk"](q.view(B, H, D), k.view(B, KVH, D), self.cos[pos], self.sin[pos])
+                kc[:, :, pos] = k
+                vc[:, :, pos] = v.view(B, KVH, D)
+                # Grouped-query decode as a (H/KVH)-row query per KV head: each KV head's cache is read once.
+                o = self._sdpa(q.view(B, KVH, H // KVH, D), kc[:, :, : pos + 1], vc[:, :, : pos + 1], False,
+                               seg.backend)
+                outs.append(o.reshape(B, H * D))
+            else:
+                n, L = seg.n, seg.length
+                cos, sin = self.cos[:L].view(1, L, 1, D), self.sin[:L].view(1, L, 1, D)
+                q, k = ops["rope_qk"](q.view(n, L, H, D), k.view(n, L, KVH, D), cos, sin)
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(n, L, KVH, D).transpose(1, 2)
+                kc[:, :, :L] = k
+                vc[:, :, :L] = v
+                # KV heads expanded to query heads (query head h reads KV head h // group), as repeat_kv does.
+                g = H // KVH
+                ke = k[:, :, None].expand(n, KVH, g, L, D).reshape(n, H, L, D)
+                ve = v[:, :, None].expand(n, KVH, g, L, D).reshape(n, H, L, D)
+                o = self._sdpa(q, ke, ve, True, seg.backend)
+                outs.append(o.transpose(1, 2).reshape(n * L, H * D))
+        return outs[0] if len(outs) == 1 else self.torch.cat(outs)
 
-    def decode(self, tokens: Any, pos: int, kc: list[Any], vc: list[Any], logits: bool = False) -> Any:
-        """One decode step: tokens [B] at position `pos` (context `pos`); caches [B, kv_heads, >pos, head_dim]."""
-        torch, s, F = self.torch, self.shape, self.F
-        B, group = tokens.shape[0], s.heads // s.kv_heads
+    def forward(self, tokens: Any, segs: list[Segment], logits: bool = False) -> Any:
+        """One engine step over `segs` (tokens: all segments' tokens, flat); returns each sequence's next token."""
+        F, ops = self.F, self.ops
         x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[pos], self.sin[pos]
-        for layer, p in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, p["ln1"]), p["wqkv"])
-            q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
-            q = self._rope(q.view(B, s.heads, s.head_dim), cos, sin, torch)
-            k = self._rope(k.view(B, s.kv_heads, s.head_dim), cos, sin, torch)
-            kc[layer][:, :, pos] = k
-            vc[layer][:, :, pos] = v.view(B, s.kv_heads, s.head_dim)
-            # Grouped-query decode as a 'group'-row query per KV head: each KV head's cache is read once.
-            o = self._sdpa(q.view(B, s.kv_heads, group, s.head_dim), kc[layer][:, :, : pos + 1],
-                           vc[layer][:, :, : pos + 1], causal=False)
-            x = x + F.linear(o.reshape(B, s.heads * s.head_dim), p["wo"])
-            x = self._mlp(x, p)
-        out = F.linear(self._rms(x, self.norm), self.lm_head)
-        return out if logits else out.argmax(-1)
-
-    def prefill(self, tokens: Any, kc: list[Any], vc: list[Any], logits: bool = False) -> Any:
-        """Prefill n prompts of L tokens (tokens [n, L]); writes their KV, returns the next token of each."""
-        torch, s, F = self.torch, self.shape, self.F
-        n, L = tokens.shape
-        group = s.heads // s.kv_heads
-        x = F.embedding(tokens.reshape(-1), self.embed)
-        cos, sin = self.cos[:L].view(1, L, 1, -1), self.sin[:L].view(1, L, 1, -1)
-        for layer, p in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, p["ln1"]), p["wqkv"])
-            q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
-            q = self._rope(q.view(n, L, s.heads, s.head_dim), cos, sin, torch).transpose(1, 2)
-            k = self._rope(k.view(n, L, s.kv_heads, s.head_dim), cos, sin, torch).transpose(1, 2)
-            v = v.view(n, L, s.kv_heads, s.head_dim).transpose(1, 2)
-            kc[layer][:, :, :L] = k
-            vc[layer][:, :, :L] = v
-            # Expand KV heads to query heads (query head h uses KV head h // group), as Llama's repeat_kv does.
-            ke = k[:, :, None].expand(n, s.kv_heads, group, L, s.head_dim).reshape(n, s.heads, L, s.head_dim)
-            ve = v[:, :, None].expand(n, s.kv_heads, group, L, s.head_dim).reshape(n, s.heads, L, s.head_dim)
-            o = self._sdpa(q, ke, ve, causal=True)
-            x = x + F.linear(o.transpose(1, 2).reshape(n * L, s.heads * s.head_dim), p["wo"])
-            x = self._mlp(x, p)
-        last = x.view(n, L, s.hidden)[:, -1]
-        out = F.linear(self._rms(last, self.norm), self.lm_head)
+        residual = None
+        for i, p in enumerate(self.layers):
+            if residual is None:
+                h, residual = _rms_plain(F, x, p["ln1"]), x
+            else:
+                h, residual = ops["add_rms"](x, residual, p["ln1"])
+            x = F.linear(self._attention(F.linear(h, p["wqkv"]), segs, i), p["wo"])
+            h, residual = ops["add_rms"](x, residual, p["ln2"])
+            x = F.linear(ops["silu_mul"](F.linear(h, p["wgu"])), p["wd"])
+        h, _ = ops["add_rms"](x, residual, self.norm)
+        rows, row = [], 0  # logits for every decode row and the last row of every prefill
+        for seg in segs:
+            part = h[row : row + seg.rows]
+            rows.append(part if seg.kind == "decode" else part.view(seg.n, seg.length, -1)[:, -1])
+            row += seg.rows
+        out = F.linear(rows[0] if len(rows) == 1 else self.torch.cat(rows), self.lm_head)
         return out if logits else out.argmax(-1)
 
 
-def kv_views(pool: Any, shape: ModelShape, batch: int, cap: int) -> tuple[list[Any], list[Any]]:
+def kv_views(pool: Any, shape: ModelShape, batch: int, cap: int, offset_tokens: int = 0) -> tuple[list[Any], list[Any]]:
     """Per-layer K and V caches [batch, kv_heads, cap, head_dim] carved from one flat bf16 pool."""
     per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim
-    need = per_token * batch * cap
-    if need > pool.numel():
-        raise ValueError(f"KV pool too small for batch {batch} x {cap} tokens")
-    v = pool[:need].view(shape.layers, 2, batch, shape.kv_heads, cap, shape.head_dim)
+    start, need = per_token * offset_tokens, per_token * batch * cap
+    if start + need > pool.numel():
+        raise ValueError(f"KV pool too small for batch {batch} x {cap} tokens at offset {offset_tokens}")
+    v = pool[start : start + need].view(shape.layers, 2, batch, shape.kv_heads, cap, shape.head_dim)
     return [v[i, 0] for i in range(shape.layers)], [v[i, 1] for i in range(shape.layers)]
 
 
@@ -259,23 +318,46 @@ def capture_graph(torch: Any, fn: Callable[[], Any]) -> Any:
     return graph
 
 
-def pick_attention(torch: Any, clock: Clock, q: Any, k: Any, v: Any, causal: bool,
-                   allow_math: bool) -> tuple[Any, dict[str, float | None]]:
-    """Time every scaled_dot_product_attention backend on this shape; return the fastest and all times."""
+def pick_attention(torch: Any, clock: Clock, model: RandomLlama, seg: Segment,
+                   cuda: bool) -> tuple[Any, dict[str, float | None]]:
+    """Time each scaled_dot_product_attention backend on this segment's attention for all layers, replayed as a
+    CUDA graph (eager timing would measure launch overhead); return the fastest backend and every time."""
+    if not cuda:
+        return None, {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    s = model.shape
+    bf16 = torch.bfloat16
+    if seg.kind == "decode":
+        q = torch.randn(seg.n, s.kv_heads, s.heads // s.kv_heads, s.head_dim, device="cuda", dtype=bf16)
+        n_ctx = seg.length + 1
+        kv = [(seg.kc[i][:, :, :n_ctx], seg.vc[i][:, :, :n_ctx]) for i in range(s.layers)]
+        causal, allow_math = False, True
+    else:
+        q = torch.randn(seg.n, s.heads, seg.length, s.head_dim, device="cuda", dtype=bf16)
+        kx = torch.randn_like(q)
+        kv = [(kx, kx)] * s.layers
+        causal, allow_math = True, seg.n * seg.length * seg.length <= 8192 * 2048
     names = ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"] + (["MATH"] if allow_math else [])
     times: dict[str, float | None] = {}
+    F = torch.nn.functional
     for name in names:
         backend = getattr(SDPBackend, name, None)
         if backend is None:
             continue
-        try:
+
+        def all_layers() -> None:
             with sdpa_kernel([backend]):
-                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-                times[name] = clock.time(fn, 2, 10)["median_s"]
-        except RuntimeError:  # the backend refuses this shape or dtype
+                for k, v in kv:
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        try:
+            g = capture_graph(torch, all_layers)
+            times[name] = clock.time(g.replay, 1, 5)["median_s"]
+            del g
+        except RuntimeError:  # the backend refuses this shape, or cannot be captured
             times[name] = None
+            torch.cuda.synchronize()
     ok = {n: t for n, t in times.items() if t is not None}
     if not ok:
         return None, times
@@ -286,16 +368,20 @@ def pick_attention(torch: Any, clock: Clock, q: Any, k: Any, v: Any, causal: boo
 # ------------------------------------------------------------------------------------------------- measuring
 
 
-def default_grids(tiny: bool) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(prefill (n prompts, length) points, decode (batch, context) points)."""
+def default_grids(tiny: bool) -> dict[str, list[tuple[int, ...]]]:
+    """prefill: (n prompts, length); decode: (batch, context); mixed: (batch, context, prefill tokens)."""
     if tiny:
-        return [(1, 32), (1, 128), (4, 64)], [(1, 32), (4, 128), (8, 256)]
+        return {"prefill": [(1, 32), (1, 128), (4, 64)], "decode": [(1, 32), (4, 128), (8, 256)],
+                "mixed": [(4, 64, 32)]}
     prefill = [(1, L) for L in (128, 256, 512, 1024, 2048, 4096, 8192)]
-    prefill += [(64, 128), (16, 512), (8, 1024), (4, 2048), (2, 4096)]  # 8192-token chunks of shorter prompts
+    prefill += [(64, 128), (16, 512), (8, 1024), (4, 2048), (2, 4096)]  # 8192-token steps of shorter prompts
     batches = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
     contexts = (128, 512, 1024, 2048, 4096, 8192)
     decode = [(b, c) for b in batches for c in contexts]
-    return prefill, decode
+    # Chunked-prefill steps: a decode batch plus one prompt chunk, within the 8192-token budget.
+    mixed = [(32, 1024, 512), (128, 1024, 512), (256, 1024, 512), (64, 2048, 2048), (256, 512, 2048),
+             (128, 1024, 8064), (256, 512, 7936)]
+    return {"prefill": prefill, "decode": decode, "mixed": mixed}
 
 
 class Recorder:
@@ -323,15 +409,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     clock = Clock(torch, cuda)
     torch.manual_seed(args.seed)
     doc: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,
         "command": "python3 -m backends.sim.calibrate " + " ".join(args.argv),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": asdict(shape) | {"kv_bytes_per_token": shape.kv_bytes_per_token,
                                   "weight_read_bytes": shape.weight_read_bytes,
                                   "total_weight_bytes": shape.total_weight_bytes},
-        "method": {"kv_cache": "contiguous per sequence", "dtype": "bfloat16",
-                   "attention": "scaled_dot_product_attention, fastest backend per shape",
-                   "decode_attention": "grouped-query as a (heads/kv_heads)-row query per KV head"},
+        "method": {
+            "kv_cache": "contiguous per sequence, random contents",
+            "dtype": "bfloat16",
+            "t_eager_s": "plain PyTorch ops launched from Python, no CUDA graph",
+            "t_graph_plain_s": "the same ops replayed as one CUDA graph",
+            "t_graph_s": "CUDA graph with vLLM-style fused pointwise kernels (residual+RMSNorm, rotary q+k, "
+                         "SiLU*mul) compiled by torch.compile",
+            "t_roofline_s": "max(bytes / HBM copy bandwidth, FLOPs / matmul rate): weights and KV read once",
+            "attention": "scaled_dot_product_attention with the backend fastest for the shape (timed as a graph)",
+            "decode_attention": "grouped-query as a (heads/kv_heads)-row query per KV head",
+        },
         "skipped": [],
     }
     rec = Recorder(args.out, doc)
@@ -385,11 +479,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         # Activation peak of one max_num_batched_tokens forward (vLLM's profile run), with its KV excluded.
         tmp = torch.empty(args.max_num_batched_tokens * per_token_elems, device="cuda", dtype=torch.bfloat16)
         kc, vc = kv_views(tmp, shape, 1, args.max_num_batched_tokens)
-        toks = torch.randint(0, shape.vocab, (1, args.max_num_batched_tokens), device="cuda")
+        toks = torch.randint(0, shape.vocab, (args.max_num_batched_tokens,), device="cuda")
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        logits = model.prefill(toks, kc, vc, logits=True)
+        logits = model.forward(toks, [Segment("prefill", 1, args.max_num_batched_tokens, kc, vc)], logits=True)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
         finite = bool(torch.isfinite(logits).all())
@@ -408,82 +502,124 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         chunk.normal_()
     doc["kv_pool_tokens"] = pool_tokens
 
-    prefill_grid, decode_grid = default_grids(args.tiny)
+    # 3. Fused pointwise kernels (compiled once, dynamic shapes).
+    t0 = time.perf_counter()
+    doc["fusion"] = {"enabled": (not args.no_fusion) and model.enable_fusion(), "error": model.fuse_error}
+    doc["fusion"]["compile_s"] = time.perf_counter() - t0
+    rec.save()
+
+    grids = default_grids(args.tiny)
     if args.quick:
-        prefill_grid, decode_grid = prefill_grid[:3:2], [(1, 1024), (64, 1024)]
-    doc["prefill"], doc["decode"] = [], []
-
-    def record_point(kind: str, n: int, length: int, eager: dict[str, float], graph: dict[str, float] | None,
-                     attn: tuple[Any, dict[str, float | None]], extra: dict[str, Any]) -> None:
-        cost = step_cost(shape, kind, n, length)
-        tokens = n if kind == "decode" else n * length
-        pt = {"kind": kind, "n": n, "length": length, "scheduled_tokens": tokens,
-              # each decoding request's context includes the token being computed (backends/sim/profile.py)
-              "attended_kv_tokens": n * (length + 1) if kind == "decode" else 0,
-              "t_eager_s": eager["median_s"], "t_graph_s": graph["median_s"] if graph else None,
-              "t_roofline_s": roofline_s(cost, hbm, rate), "bytes": cost["bytes"], "flops": cost["flops"],
-              "attn_backend": attn[0][0].name if attn[0] else "default", "attn_times_s": attn[1]} | extra
-        doc[kind].append(pt)
-        g = f"{pt['t_graph_s'] * 1e3:8.2f}" if graph else "     n/a"
-        print(f"{kind:7s} n={n:4d} len={length:5d} eager {pt['t_eager_s'] * 1e3:8.2f} ms graph {g} ms "
-              f"roofline {pt['t_roofline_s'] * 1e3:8.2f} ms attn {pt['attn_backend']}", flush=True)
-
-    def run_point(kind: str, n: int, length: int, step: Callable[[], Any], attn: Any) -> None:
-        model.attn_backend = attn[0]
-        eager = clock.time(step, 1, 3 if kind == "prefill" else 5)
-        graph, extra = None, {}
-        if cuda and not args.no_graphs:
-            for backend in (attn[0], None):  # retry with torch's own attention choice if capture fails
-                model.attn_backend = backend
-                try:
-                    g = capture_graph(torch, step)
-                    graph = clock.time(g.replay, 3, 10 if kind == "prefill" else 30)
-                    del g
-                    break
-                except RuntimeError as exc:  # keep the eager number; say why the graph is missing
-                    extra["graph_error"] = str(exc)[:300]
-                    torch.cuda.synchronize()
-            if graph is not None and model.attn_backend is None and attn[0] is not None:
-                extra["graph_attn_backend"] = "default"
-        record_point(kind, n, length, eager, graph, attn, extra)
-        model.attn_backend = None
-
-    # 3. Prefill sweep.
+        grids = {"prefill": grids["prefill"][:3:2], "decode": [(1, 1024), (64, 1024)], "mixed": grids["mixed"][:1]}
+    for kind in grids:
+        doc[kind] = []
     s = shape
-    for n, L in prefill_grid:
-        if n * L > pool_tokens or L > s.max_model_len or left() < 60:
+
+    def run_point(kind: str, segs: list[Segment], tokens: Any) -> None:
+        picks = [pick_attention(torch, clock, model, seg, cuda) for seg in segs]
+        for seg, (backend, _) in zip(segs, picks):
+            seg.backend = backend
+        step = lambda: model.forward(tokens, segs)  # noqa: E731
+        model.set_fused(False)
+        if kind == "decode" and not doc.get("decode_logits_finite_checked"):
+            doc["decode_logits_finite"] = bool(torch.isfinite(model.forward(tokens, segs, logits=True)).all())
+            doc["decode_logits_finite_checked"] = True
+        heavy = sum(seg.rows for seg in segs) >= 4096
+        eager = clock.time(step, 1, 3 if heavy else 5)
+        extra: dict[str, Any] = {}
+        graphs: dict[str, float | None] = {"t_graph_plain_s": None, "t_graph_s": None}
+        if cuda and not args.no_graphs:
+            for key, fused in (("t_graph_plain_s", False), ("t_graph_s", True)):
+                model.set_fused(fused)
+                for attempt in ("picked", "default"):  # retry with torch's own attention choice if capture fails
+                    if attempt == "default":
+                        for seg in segs:
+                            seg.backend = None
+                    try:
+                        g = capture_graph(torch, step)
+                        graphs[key] = clock.time(g.replay, 3, 8 if heavy else 30)["median_s"]
+                        del g
+                        break
+                    except RuntimeError as exc:
+                        extra[f"{key}_error"] = f"{attempt}: {str(exc)[:300]}"
+                        torch.cuda.synchronize()
+                for seg, (backend, _) in zip(segs, picks):
+                    seg.backend = backend
+        model.set_fused(False)
+        dec = [seg for seg in segs if seg.kind == "decode"]
+        pre = [seg for seg in segs if seg.kind == "prefill"]
+        desc = [(seg.kind, seg.n, seg.length) for seg in segs]
+        cost = step_cost(s, desc)
+        attn_best = [min(t for t in times.values() if t is not None) if any(times.values()) else None
+                     for _, times in picks]
+        pt = {
+            "kind": kind,
+            "segments": desc,
+            "n": segs[0].n,
+            "length": segs[0].length,
+            "decode_tokens": sum(seg.n for seg in dec),
+            "prefill_tokens": sum(seg.rows for seg in pre),
+            "scheduled_tokens": sum(seg.rows for seg in segs),
+            # each decoding request's context includes the token being computed (backends/sim/profile.py)
+            "attended_kv_tokens": sum(seg.n * (seg.length + 1) for seg in dec),
+            "t_eager_s": eager["median_s"],
+            **graphs,
+            "t_roofline_s": roofline_s(cost, hbm, rate),
+            "bytes": cost["bytes"],
+            "flops": cost["flops"],
+            "attn_backends": [b[0].name if b else "default" for b, _ in picks],
+            "attn_all_layers_s": attn_best,
+            "attn_times_s": [times for _, times in picks],
+        } | extra
+        doc[kind].append(pt)
+
+        def ms(v: float | None) -> str:
+            return f"{v * 1e3:8.2f}" if v is not None else "     n/a"
+
+        print(f"{kind:7s} {desc} eager {ms(pt['t_eager_s'])} graph {ms(pt['t_graph_plain_s'])} "
+              f"fused+graph {ms(pt['t_graph_s'])} roofline {ms(pt['t_roofline_s'])} ms attn {pt['attn_backends']}",
+              flush=True)
+
+    # 4. Prefill sweep.
+    for n, L in grids["prefill"]:
+        if n * L > pool_tokens or L > s.max_model_len or left() < 90:
             doc["skipped"].append({"kind": "prefill", "n": n, "length": L})
             continue
         kc, vc = kv_views(pool, s, n, L)
-        toks = torch.randint(0, s.vocab, (n, L), device=args.device)
-        q = torch.randn(n, s.heads, L, s.head_dim, device=args.device, dtype=torch.bfloat16)
-        kx = torch.randn(n, s.heads, L, s.head_dim, device=args.device, dtype=torch.bfloat16)
-        attn = pick_attention(torch, clock, q, kx, kx, True, allow_math=L <= 2048) if cuda else (None, {})
-        del q, kx
-        run_point("prefill", n, L, lambda: model.prefill(toks, kc, vc), attn)
+        toks = torch.randint(0, s.vocab, (n * L,), device=args.device)
+        run_point("prefill", [Segment("prefill", n, L, kc, vc)], toks)
         if cuda:
             torch.cuda.empty_cache()
     rec.save()
 
-    # 4. Decode sweep (the first point also checks the logits are finite and graph == eager).
-    for B, C in decode_grid:
-        if B * (C + 1) > pool_tokens or C + 1 > s.max_model_len + 1 or left() < 45:
+    # 5. Decode sweep.
+    for B, C in grids["decode"]:
+        if B * (C + 1) > pool_tokens or C > s.max_model_len or left() < 60:
             doc["skipped"].append({"kind": "decode", "n": B, "length": C})
             continue
         kc, vc = kv_views(pool, s, B, C + 1)
         toks = torch.randint(0, s.vocab, (B,), device=args.device)
-        q = torch.randn(B, s.kv_heads, s.heads // s.kv_heads, s.head_dim, device=args.device, dtype=torch.bfloat16)
-        attn = pick_attention(torch, clock, q, kc[0][:, :, : C + 1], vc[0][:, :, : C + 1], False,
-                              allow_math=True) if cuda else (None, {})
-        del q
-        if not doc["decode"]:
-            doc["decode_logits_finite"] = bool(torch.isfinite(model.decode(toks, C, kc, vc, logits=True)).all())
-        run_point("decode", B, C, lambda: model.decode(toks, C, kc, vc), attn)
+        run_point("decode", [Segment("decode", B, C, kc, vc)], toks)
     rec.save()
 
-    # 5. KV block copies alone and while a decode step / a prefill runs on the main stream.
-    if cuda and not args.no_copies and left() > 40:
+    # 6. Mixed (chunked-prefill) steps: a decode batch and one prompt chunk in one forward.
+    for B, C, P in grids["mixed"]:
+        if B * (C + 1) + P > pool_tokens or left() < 45:
+            doc["skipped"].append({"kind": "mixed", "n": B, "length": C, "prefill": P})
+            continue
+        kc, vc = kv_views(pool, s, B, C + 1)
+        kp, vp = kv_views(pool, s, 1, P, offset_tokens=B * (C + 1))
+        toks = torch.randint(0, s.vocab, (B + P,), device=args.device)
+        run_point("mixed", [Segment("decode", B, C, kc, vc), Segment("prefill", 1, P, kp, vp)], toks)
+        if cuda:
+            torch.cuda.empty_cache()
+    rec.save()
+
+    # 7. KV block copies alone and while a decode step / a prefill runs on the main stream.
+    if cuda and not args.no_copies and left() > 30:
+        model.set_fused(True)
         doc["copy"] = measure_copies(torch, model, pool, shape, args)
+        model.set_fused(False)
         rec.save()
     elif cuda:
         doc["skipped"].append({"kind": "copy"})
@@ -507,14 +643,14 @@ def measure_copies(torch: Any, model: RandomLlama, pool: Any, shape: ModelShape,
     B, C = (64, 1024) if args.quick else (128, 1024)
     kc, vc = kv_views(pool, shape, B, C + 1)
     toks = torch.randint(0, shape.vocab, (B,), device="cuda")
-    g = capture_graph(torch, lambda: model.decode(toks, C, kc, vc))
+    g = capture_graph(torch, lambda: model.forward(toks, [Segment("decode", B, C, kc, vc)]))
     out["with_decode"] = oc.measure_copies_with(torch, gate, blocks, rng, streams, g.replay,
                                                 f"decode B={B} C={C} (graph)", n_dev // 2, 2)
     del g
     L = 2048
     kc, vc = kv_views(pool, shape, 1, L)
-    toks = torch.randint(0, shape.vocab, (1, L), device="cuda")
-    g = capture_graph(torch, lambda: model.prefill(toks, kc, vc))
+    toks = torch.randint(0, shape.vocab, (L,), device="cuda")
+    g = capture_graph(torch, lambda: model.forward(toks, [Segment("prefill", 1, L, kc, vc)]))
     out["with_prefill"] = oc.measure_copies_with(torch, gate, blocks, rng, streams, g.replay,
                                                  f"prefill L={L} (graph)", n_dev // 2, 2)
     del g
@@ -562,9 +698,7 @@ def fit_split(points: list[Point], key: str) -> dict[str, Any]:
     """Linear fit with separate prices for decode and prefill tokens (a candidate cost-model extension)."""
     import numpy as np
 
-    X = np.array([[1.0, p["scheduled_tokens"] if p["kind"] == "decode" else 0.0,
-                   p["scheduled_tokens"] if p["kind"] == "prefill" else 0.0, p["attended_kv_tokens"]]
-                  for p in points])
+    X = np.array([[1.0, p["decode_tokens"], p["prefill_tokens"], p["attended_kv_tokens"]] for p in points])
     y = np.array([p[key] for p in points])
     scale = np.array([1e-3, 1e-5, 1e-5, 1e-8])
     coef = _lstsq_nonneg((X * scale) / y[:, None], np.ones(len(y))) * scale
@@ -620,18 +754,20 @@ OPERATING_RANGE = {"decode_max_context": 4096, "prefill_min_tokens": 1024, "pref
 def in_range(p: Point, rng: dict[str, int]) -> bool:
     if p["kind"] == "decode":
         return p["length"] <= rng["decode_max_context"]
+    if p["kind"] == "mixed":  # a decode batch plus a prompt chunk within the step's token budget
+        return p["length"] <= rng["decode_max_context"] and p["scheduled_tokens"] <= rng["prefill_max_tokens"]
     return rng["prefill_min_tokens"] <= p["scheduled_tokens"] <= rng["prefill_max_tokens"]
 
 
 def select_points(doc: dict[str, Any], key: str, rng: dict[str, int] | None) -> list[Point]:
-    pts = [p for p in doc["prefill"] + doc["decode"] if p.get(key) is not None]
+    pts = [p for p in doc.get("prefill", []) + doc.get("decode", []) + doc.get("mixed", []) if p.get(key) is not None]
     return [p for p in pts if rng is None or in_range(p, rng)]
 
 
 def fit_all(doc: dict[str, Any]) -> dict[str, Any]:
     """Every candidate fit (data source x range x cost-model form), for the report."""
     out: dict[str, Any] = {}
-    for key in ("t_graph_s", "t_eager_s", "t_roofline_s"):
+    for key in ("t_graph_s", "t_graph_plain_s", "t_eager_s", "t_roofline_s"):
         for rname, rng in (("all", None), ("operating", OPERATING_RANGE)):
             pts = select_points(doc, key, rng)
             if len(pts) < 4:
@@ -757,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--quick", action="store_true", help="few points (a smoke run on the GPU)")
     m.add_argument("--no-graphs", action="store_true")
     m.add_argument("--no-copies", action="store_true")
+    m.add_argument("--no-fusion", action="store_true", help="skip torch.compile of the pointwise kernels")
     m.add_argument("--kv-pool-tokens", type=int, default=262144 + 4096)
     m.add_argument("--max-num-batched-tokens", type=int, default=8192)
     m.add_argument("--budget-s", type=float, default=420.0, help="stop adding points after this many seconds")
