@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .core import OPS, EngineCore, Emitted
+from .core import OPS, DuplicateId, EngineCore, Emitted
 from .profile import Profile
 
 TokenCallback = Callable[[float, list[Emitted]], None]
@@ -50,6 +50,7 @@ class VirtualEngine:
         self.now = 0.0
         self._arrivals: list[tuple[float, int, str, int, int | None, int]] = []
         self._seq = 0
+        self._pending_ids: set[str] = set()
         self.steps = 0
         self.busy_s = 0.0  # virtual time spent in steps
 
@@ -58,10 +59,17 @@ class VirtualEngine:
     def add(
         self, req_id: str, prompt_tokens: int, max_tokens: int | None = None, priority: int = 0, at: float | None = None
     ) -> None:
-        """Submit a request now, or schedule its arrival at virtual time ``at``."""
+        """Submit a request now, or schedule its arrival at virtual time ``at``.
+
+        Raises DuplicateId if the id is live or already scheduled, ValueError for impossible lengths."""
+        if req_id in self._pending_ids:
+            raise DuplicateId(f"request id '{req_id}' is already scheduled")
         if at is None or at <= self.now:
             self.core.add(req_id, prompt_tokens, max_tokens, priority, self.now)
         else:
+            if req_id in self.core:
+                raise DuplicateId(f"request id '{req_id}' is already live")
+            self._pending_ids.add(req_id)
             self._seq += 1
             heapq.heappush(self._arrivals, (at, self._seq, req_id, prompt_tokens, max_tokens, priority))
 
@@ -110,6 +118,7 @@ class VirtualEngine:
         while True:
             while arrivals and arrivals[0][0] <= self.now:
                 _, _, rid, p, m, pr = heapq.heappop(arrivals)
+                self._pending_ids.discard(rid)
                 core.add(rid, p, m, pr, self.now)
             if self.now >= t:
                 return

@@ -84,3 +84,19 @@ def test_burst_on_h200_profile_completes_every_token() -> None:
     eng.core.check_invariants()
     st = eng.state()["engine"]
     assert st["kv_device_used_tokens"] == 0 and st["kv_host_used_tokens"] == 0
+
+
+def test_duplicate_ids_are_refused_when_added() -> None:
+    from backends.sim.core import DuplicateId
+
+    eng = VirtualEngine(SMALL)
+    eng.add("a", 10, 5, at=1.0)
+    with pytest.raises(DuplicateId):
+        eng.add("a", 10, 5, at=2.0)
+    eng.add("b", 10, 5)
+    with pytest.raises(DuplicateId):
+        eng.add("b", 10, 5, at=3.0)
+    eng.run_until_idle()
+    eng.add("a", 10, 5, at=eng.now + 1)  # finished ids may come back
+    eng.run_until_idle()
+    assert eng.state()["requests"] == []
