@@ -23,8 +23,11 @@ from .control import ControlLoop
 from .engines.client import EngineClient, EngineError
 from .metrics import Metrics
 from .policy import make_policy
+from .relay import Relay
+from .state import Final, SessionStore, make_store
+from .state.metrics import SessionCollector
 from .streams.pacer import PacingClock
-from .streams.stream import Stream
+from .streams.stream import Stream, Superseded
 
 log = logging.getLogger("tokenflow.gateway")
 
@@ -58,6 +61,9 @@ class Gateway:
         self._clock: PacingClock | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.loop_time: Callable[[], float] = time.monotonic
+        # Session state (records, token logs, leases) and the cross-replica data path (gateway/relay.py).
+        self.store: SessionStore = make_store(cfg.session, [e.name for e in cfg.engines])
+        self.relay = Relay(self, self.store)
 
     # ----- lifecycle -----
     async def startup(self, app: web.Application) -> None:
@@ -86,6 +92,7 @@ class Gateway:
                 loop.time,
                 self.cfg.scheduler.tick_interval_s,
                 self.metrics,
+                coordinator=self.relay,  # one driver per engine across replicas
             )
             models = list(ec.models)
             if not models:
@@ -96,6 +103,8 @@ class Gateway:
                 self._model_routes.setdefault(m, handle)
                 self._model_engines.setdefault(m, []).append(handle)
             control.start()
+        self.metrics.registry.register(SessionCollector(self.relay))
+        await self.store.start()
         log.info("gateway ready", extra={"engines": {n: h.client.base_url for n, h in self.engines.items()}})
 
     async def _discover_models(self, client: EngineClient) -> list[str]:
@@ -111,6 +120,7 @@ class Gateway:
     async def cleanup(self, app: web.Application) -> None:
         for h in self.engines.values():
             await h.control.stop()
+        await self.relay.close()  # flush the store, hand leases over
         for t in list(self._background):
             t.cancel()
         if self._clock is not None:
@@ -152,6 +162,9 @@ class Gateway:
         return await self._completion(request, "completion")
 
     async def _completion(self, request: web.Request, kind: str) -> web.StreamResponse:
+        last_event = request.headers.get("Last-Event-ID")
+        if last_event:  # a reconnecting client: resume its stream rather than start a new generation
+            return await self.relay.resume_header(request, last_event)
         arrival = self.loop_time()
         body = parse_json(await request.read())
         creq = parse_request(body, kind, request.headers, self.cfg.streams, self.models)  # type: ignore[arg-type]
@@ -180,6 +193,8 @@ class Gateway:
             max_pending=self.cfg.streams.max_buffered_chunks,
             collect=not creq.stream,
         )
+        if creq.stream:  # resumable: recorded in the session store, read from the engine by this replica
+            return await self.relay.serve_new(request, stream, engine, creq.engine_body)
         upstream_body = {
             **creq.engine_body,
             "stream": True,
@@ -220,37 +235,57 @@ class Gateway:
         except (EngineError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             log.warning("abort failed", extra={"stream_id": sid, "engine": engine.config.name, "error": str(e)})
 
-    async def _pump(self, engine: EngineHandle, upstream: aiohttp.ClientResponse, stream: Stream) -> None:
-        """Read the engine's stream into ``stream`` until it ends."""
+    async def _pump(self, engine: EngineHandle, upstream: aiohttp.ClientResponse, stream: Stream, start: int = 0) -> None:
+        """Read the engine's stream until it ends: into the session store (streaming requests, which the store
+        hands to ``stream`` once durable) or straight into ``stream`` (non-streaming). ``start``: tokens the
+        stream had before this engine request (a resubmitted continuation)."""
         name = engine.config.name
         reason: str | None = None
         usage: dict[str, int] | None = None
         clock = self.loop_time
         tokens_in = self.metrics.tokens_in.labels(name)
+        sid = stream.id
+        store = self.store if stream.collected is None else None
+        produced = start
         try:
             async for d in EngineClient.deltas(upstream, stream.kind):
                 if d.tokens or d.text:
                     n = d.tokens or 1
-                    stream.on_tokens(d.text, n, clock())
+                    produced += n
+                    if store is not None:
+                        store.append(sid, (produced, d.text, None))
+                    else:
+                        stream.on_tokens(d.text, n, clock())
                     tokens_in.inc(n)
                 if d.finish_reason:
                     reason = d.finish_reason
                 if d.usage:
                     usage = d.usage
             usage = usage or {}
-            stream.on_finished(
-                reason or "stop", int(usage.get("prompt_tokens", 0)), usage.get("completion_tokens"), clock()
-            )
+            prompt = max(0, int(usage.get("prompt_tokens", 0)) - start)  # a continuation's prompt holds the output
+            completion = usage.get("completion_tokens")
+            if store is None:
+                stream.on_finished(reason or "stop", prompt, completion, clock())
+            else:
+                if completion is not None and start + completion > produced:  # tokens that carried no text
+                    produced = start + completion
+                    store.append(sid, (produced, "", None))
+                store.finish(sid, Final(reason or "stop", prompt))
         except asyncio.CancelledError:
             raise
         except (EngineError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             self.metrics.errors.labels("engine_stream").inc()
-            log.warning("engine stream failed", extra={"stream_id": stream.id, "engine": name, "error": str(e)})
-            stream.on_error(f"the engine stream failed: {e}", "engine_stream_failed", clock())
+            log.warning("engine stream failed", extra={"stream_id": sid, "engine": name, "error": str(e)})
+            if store is None:
+                stream.on_error(f"the engine stream failed: {e}", "engine_stream_failed", clock())
+            else:
+                store.finish(sid, Final(None, 0, (f"the engine stream failed: {e}", "engine_stream_failed")))
         finally:
             upstream.close()
 
-    async def _stream_to_client(self, request: web.Request, stream: Stream, engine: EngineHandle) -> web.StreamResponse:
+    async def _stream_to_client(
+        self, request: web.Request, stream: Stream, engine: EngineHandle, seq: int | None = None
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={**_SSE_HEADERS, "X-TokenFlow-Stream-Id": stream.id})
         await resp.prepare(request)
         name = engine.config.name
@@ -258,7 +293,10 @@ class Gateway:
         outcome = "disconnected"
         try:
             while True:
-                data = await stream.next_output()
+                data = await stream.next_output(seq)
+                if not data:  # another replica owns the stream now: end without [DONE]; the client resumes there
+                    outcome = "moved"
+                    return resp
                 await resp.write(data)
                 if first:
                     first = False
@@ -271,9 +309,11 @@ class Gateway:
             outcome = "error" if stream.error else "completed"
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
+        except Superseded:  # the client reconnected: the newer connection carries on
+            outcome = "superseded"
         finally:
             self.metrics.requests.labels(stream.kind, outcome).inc()
-            delivered = stream.generated if stream.pacing == "none" else stream.reader.consumed
+            delivered = stream.generated - stream.base if stream.pacing == "none" else stream.reader.consumed
             self.metrics.tokens_out.labels(name).inc(delivered)
         return resp
 
@@ -313,9 +353,12 @@ class Gateway:
     async def readyz(self, request: web.Request) -> web.Response:
         engines = {n: ("up" if h.control.healthy else "down") for n, h in self.engines.items()}
         ready = bool(engines) and all(v == "up" for v in engines.values())
-        return _json({"status": "ready" if ready else "not_ready", "engines": engines}, status=200 if ready else 503)
+        session = self.relay.info()  # a degraded store still serves (from memory): ready, but say so
+        status = ("degraded" if session["status"] == "degraded" else "ready") if ready else "not_ready"
+        return _json({"status": status, "engines": engines, "session": session}, status=200 if ready else 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        self.metrics.redis_up.set(1 if self.store.kind == "redis" and not self.store.degraded else 0)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def stream_info(self, s: Stream, now: float) -> dict[str, Any]:
@@ -392,6 +435,7 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/v1/streams", gw.list_streams)
     app.router.add_get("/v1/streams/{id}", gw.get_stream)
     app.router.add_get("/healthz", gw.healthz)
+    app.router.add_get("/v1/streams/{id}/events", gw.relay.resume_endpoint)  # resume (docs/replicas.md)
     app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_endpoint)
     return app

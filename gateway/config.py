@@ -57,6 +57,20 @@ class SchedulerConfig(_Strict):
     knobs: dict[str, Any] = Field(default_factory=dict, description="policy-specific knobs (docs/policies.md)")
 
 
+class DrainConfig(_Strict):
+    """Measured drain (docs/drain-rate.md): each client's real consumption rate from its connection."""
+
+    enabled: bool = Field(True, description="measure each streamed client's drain from its socket and adapt its effective rate")
+    sample_interval_s: float = Field(0.25, gt=0, le=5, description="one sampler pass over every client socket per interval (seconds)")
+    window_s: float = Field(6.0, gt=0, description="sliding window of the drain-rate estimate (seconds)")
+    min_span_s: float = Field(1.0, gt=0, description="shortest measured span before a drain rate is reported (seconds)")
+    stall_after_s: float = Field(3.0, gt=0, description="a client with a waiting backlog and no progress for this long is stalled")
+    stall_gap_factor: float = Field(3.0, ge=1, description="for slow clients, stalled only after this many times its usual gap between acknowledgements (at most 4x stall_after_s)")
+    probe_after_s: float = Field(2.0, gt=0, description="a client keeping up for this long gets its effective rate raised (probing)")
+    probe_factor: float = Field(1.25, gt=1, description="factor of each upward probe, up to the declared rate")
+    learn_max_rate: float = Field(20.0, gt=0, description="highest rate probing reaches for clients that declared none (tokens/s)")
+
+
 class EngineConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="engine name (metrics label, logs)")
     url: str | None = Field(None, description="base URL serving /v1 and /control/v1; none = embedded simulator")
@@ -121,14 +135,61 @@ def read_keys_file(path: str) -> list[ApiKeyConfig]:
     return [ApiKeyConfig.model_validate(k) for k in loaded]
 
 
+class SessionConfig(_Strict):
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="where stream records and token logs live: memory (one replica) or redis (several replicas)"
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL; redis://[:password@]host:port/db, rediss:// for TLS"
+    )
+    redis_password: SecretStr | None = Field(None, description="Redis password (instead of putting it in redis_url)")
+    redis_tls_ca_file: str | None = Field(None, description="CA bundle to verify a rediss:// server (default: system CAs)")
+    key_prefix: str = Field(
+        "tokenflow", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="prefix of every Redis key (one per deployment)"
+    )
+    replica_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,128}$", description="this replica's name in leases (default: host-pid-random)"
+    )
+    ttl_s: float = Field(600.0, gt=0, description="how long a stream's record and tokens stay resumable after it ends")
+    flush_interval_s: float = Field(
+        0.02, gt=0, le=1, description="token writes are batched for this long (one Redis round trip per batch, all streams)"
+    )
+    lease_ttl_s: float = Field(
+        3.0, gt=0, description="a stream whose reading replica did not renew its lease for this long is taken over"
+    )
+    scan_interval_s: float = Field(1.0, gt=0, description="how often each replica looks for streams to take over")
+    driver_lease_ttl_s: float = Field(
+        2.0, gt=0, description="an engine's scheduler lease; another replica drives the engine this long after its driver died"
+    )
+    tick_interval_s: float = Field(
+        0.25, gt=0, le=10, description="lease renewal and stream-state publication period (one round trip each)"
+    )
+    op_timeout_s: float = Field(1.0, gt=0, description="Redis connect/command timeout; beyond it the store is degraded")
+    retry_interval_s: float = Field(0.5, gt=0, description="while degraded, how often writes are retried")
+    max_backlog_tokens: int = Field(
+        1_000_000, gt=0, description="tokens queued for Redis while it is away, at most (oldest ended streams dropped first)"
+    )
+    max_records: int = Field(100_000, gt=0, description="memory store: stream records kept at most")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SessionConfig":
+        if self.scan_interval_s > self.lease_ttl_s:
+            raise ValueError("session.scan_interval_s must be <= session.lease_ttl_s")
+        if self.tick_interval_s * 2 > min(self.lease_ttl_s, self.driver_lease_ttl_s):
+            raise ValueError("session.tick_interval_s must be at most half of lease_ttl_s and driver_lease_ttl_s")
+        return self
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENFLOW_", env_nested_delimiter="__", extra="forbid")
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    drain: DrainConfig = Field(default_factory=DrainConfig)
     engines: list[EngineConfig] = Field(default_factory=lambda: [EngineConfig(name="sim")])
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    session: SessionConfig = Field(default_factory=SessionConfig)
 
     @field_validator("engines")
     @classmethod
@@ -204,9 +265,11 @@ def reference_markdown() -> str:
         ("server", ServerConfig, False),
         ("streams", StreamsConfig, False),
         ("scheduler", SchedulerConfig, False),
+        ("drain", DrainConfig, False),
         ("engines", EngineConfig, True),
         ("auth", AuthConfig, False),
         ("auth.keys", ApiKeyConfig, True),
+        ("session", SessionConfig, False),
     ]
     list_env = {"engines": "`TOKENFLOW_ENGINES` (JSON list)", "auth.keys": "`TOKENFLOW_AUTH__KEYS` (JSON list)"}
     list_what = {"engines": "one entry per engine", "auth.keys": "one entry per API key"}
@@ -225,6 +288,9 @@ def reference_markdown() -> str:
         "API keys: when `auth.keys` or `auth.keys_file` lists any key, every `/v1/*` request needs",
         "`Authorization: Bearer <key>` (401 otherwise); `/healthz`, `/readyz` and `/metrics` stay open. Secrets",
         "(`key`, `control_token`) are never logged; prefer `key_sha256` and a `keys_file` mounted as a secret.",
+        "",
+        "Replicas: set `session.store: redis` (and the same `session.redis_url` and `session.key_prefix`) on every",
+        "replica so clients can resume on any of them and one replica schedules each engine (docs/replicas.md).",
         "",
     ]
     return "\n".join(lines)

@@ -9,15 +9,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from .engines.client import EngineClient, EngineError
 from .metrics import Metrics
-from .policy.snapshot import build_snapshot
+from .policy.snapshot import BufferSource, build_snapshot
 from .policy.types import Decision, Policy
 from .streams.stream import Stream
 
 log = logging.getLogger("tokenflow.control")
+
+
+class Coordinator(Protocol):
+    """Several replicas: whether this one drives the engine, and every replica's streams on it."""
+
+    def is_driver(self, engine: str) -> bool: ...
+
+    def streams_for(self, engine: str, local: list[Stream], now: float) -> list[BufferSource]: ...
 
 
 class ControlLoop:
@@ -29,6 +37,7 @@ class ControlLoop:
         clock: Callable[[], float],
         tick_interval_s: float,
         metrics: Metrics,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -39,6 +48,8 @@ class ControlLoop:
         self.last_state: dict[str, Any] | None = None
         self.healthy = False
         self.ticks = 0
+        self.coordinator = coordinator
+        self.driving = coordinator is None  # this replica runs the policy for the engine
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -93,7 +104,13 @@ class ControlLoop:
         now = self._clock()
         streams = [s for s in self._streams() if not s.upstream_done]
         self._record_engine_view(state, streams)
-        snap = build_snapshot(state, streams, now, self.tick_interval_s)
+        sources: list[BufferSource] = list(streams)
+        if self.coordinator is not None:
+            self.driving = self.coordinator.is_driver(name)
+            if not self.driving:
+                return []  # another replica schedules this engine (it sees our streams' published state)
+            sources = self.coordinator.streams_for(name, streams, now)
+        snap = build_snapshot(state, sources, now, self.tick_interval_s)
         for v in snap.streams:
             m.buffer.labels(name).observe(v.buffer_tokens)
             if v.started:

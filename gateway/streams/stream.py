@@ -198,6 +198,16 @@ class Stream:
         self._wake.set()
         return self.attach_seq
 
+    def restore(self, deltas: list[Delta], final: tuple[str | None, int, tuple[str, str] | None] | None) -> None:
+        """Load what another replica produced (no client attached yet): its deltas and, if it ended, how."""
+        self.deltas = list(deltas)
+        self.generated = deltas[-1][0] if deltas else 0
+        self.base = self.generated
+        if final is not None:
+            self.upstream_done = True
+            self.finish_reason, self.prompt_tokens, self.error = final
+            self.reader.finished = True
+
     def mark_lost(self) -> None:
         """Another replica owns this stream now: end the client's connection so it resumes there."""
         self.lost = True

@@ -1,0 +1,567 @@
+"""The Redis session store: stream records, token logs and leases shared by every gateway replica.
+
+Data path cost: one pipelined round trip per flush (every ``flush_interval_s`` while tokens are pending) for
+all of this replica's streams, carrying their new tokens and the tails of streams it follows; one more per
+control tick for leases, published stream states and orphan scans. Tokens reach the local client only once
+they are in Redis (so a replica that dies never delivered a token the log lacks), except in degraded mode:
+when Redis is unreachable streams keep being served from memory, writes queue (bounded) and are replayed,
+in order, when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from redis import exceptions as rexc
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..streams.stream import Delta
+from . import scripts
+from .base import Final, Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
+from .memory import default_replica_id
+from .published import PublishedStream, RemoteStream
+
+if TYPE_CHECKING:
+    from ..config import SessionConfig
+
+log = logging.getLogger("tokenflow.state")
+
+_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError, rexc.BusyLoadingError,
+           rexc.ReadOnlyError)
+
+
+@dataclass(slots=True)
+class _Outbox:
+    """Writes queued for one stream this replica owns, in order."""
+
+    record: StreamRecord
+    stored: int = 0  # tokens durable in Redis
+    create: bool = True  # the record still has to be written
+    deltas: list[Delta] = field(default_factory=list)
+    sunk: int = 0  # how many of ``deltas`` were already handed to the sink (degraded mode)
+    end: Final | None = None
+    end_state: str | None = None  # finished | detached
+    end_sunk: bool = False
+    ended_at: float | None = None
+
+
+class RedisStore(SessionStore):
+    kind = "redis"
+
+    def __init__(self, cfg: "SessionConfig", engines: list[str]) -> None:
+        super().__init__(cfg.replica_id or default_replica_id())
+        self.cfg = cfg
+        self.prefix = cfg.key_prefix
+        self.engines = [valid_id(e) for e in engines]
+        kwargs: dict[str, Any] = dict(
+            socket_timeout=cfg.op_timeout_s,
+            socket_connect_timeout=cfg.op_timeout_s,
+            retry=Retry(NoBackoff(), 0),  # fail fast: the store has its own reconnect cadence
+            health_check_interval=0,
+            client_name=f"tokenflow-{self.replica_id}"[:100],
+        )
+        if cfg.redis_password is not None:
+            kwargs["password"] = cfg.redis_password.get_secret_value()
+        if cfg.redis_tls_ca_file:
+            kwargs["ssl_ca_certs"] = cfg.redis_tls_ca_file
+        self.redis: Redis = Redis.from_url(cfg.redis_url, **kwargs)
+        self._sha: dict[str, str] = {}
+        self.roundtrips = 0  # pipelines and single commands sent (benchmarks read it)
+        self.errors = 0
+        self._out: dict[str, _Outbox] = {}
+        self._owned: set[str] = set()
+        self._follow: dict[str, str] = {}  # sid -> last log entry id seen
+        self._driver_until: dict[str, float] = {}
+        self._remote: dict[str, list[tuple[PublishedStream, float]]] = {}
+        self._stale_pubs: dict[str, list[str]] = {}
+        self._connected_since: float | None = None
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._next_scan = 0.0
+        self._backlog_tokens = 0
+        self.tick_interval_s = cfg.tick_interval_s
+
+    # ----- keys (ids are validated by the callers' entry points) -----
+    def _k(self, kind: str, ident: str) -> str:
+        return f"{self.prefix}:{kind}:{ident}"
+
+    @property
+    def _live(self) -> str:
+        return f"{self.prefix}:live"
+
+    # ----- lifecycle -----
+    async def start(self) -> None:
+        try:
+            await self._load_scripts()
+            self._ok()
+        except _ERRORS as e:
+            self._fail(e)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._flush_loop(), name="store-flush"),
+                       loop.create_task(self._tick_loop(), name="store-tick")]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await asyncio.wait_for(self._flush(), self.cfg.op_timeout_s)
+            pipe = self.redis.pipeline(transaction=False)
+            for e in self.engines:
+                self._evalsha(pipe, "RESIGN", [self._k("drv", e)], [self.replica_id])
+                pipe.hdel(self._k("pub", e), self.replica_id)
+            if self._owned:
+                self._evalsha(pipe, "YIELD", [self._live], [self.replica_id, self.prefix, *self._owned])
+            await asyncio.wait_for(self._execute(pipe), self.cfg.op_timeout_s)
+        except (*_ERRORS, rexc.RedisError):
+            pass
+        await self.redis.aclose()
+
+    async def _load_scripts(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        names = list(scripts.ALL)
+        for n in names:
+            pipe.script_load(scripts.ALL[n])
+        shas = await self._execute(pipe)
+        self._sha = {n: (s.decode() if isinstance(s, bytes) else s) for n, s in zip(names, shas)}
+
+    def _evalsha(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    async def _execute(self, pipe: Any) -> list[Any]:
+        self.roundtrips += 1
+        return await pipe.execute(raise_on_error=False)
+
+    def _ok(self) -> None:
+        if self.degraded or self._connected_since is None:
+            if self.degraded:
+                log.warning("session store reconnected", extra={"store": "redis"})
+            self._connected_since = time.monotonic()
+        self.degraded = False
+
+    def _fail(self, e: BaseException) -> None:
+        self.errors += 1
+        if not self.degraded:
+            log.warning("session store unavailable: serving from memory", extra={"store": "redis", "error": str(e)})
+        self.degraded = True
+        self._connected_since = None
+
+    def _settled(self) -> bool:
+        """Connected long enough that every live owner renewed its leases: expired leases are real."""
+        return self._connected_since is not None and time.monotonic() - self._connected_since >= self.cfg.lease_ttl_s
+
+    @staticmethod
+    def _check(results: list[Any]) -> None:
+        for r in results:
+            if isinstance(r, rexc.NoScriptError):
+                raise r
+            if isinstance(r, _ERRORS):
+                raise r
+
+    # ----- owner side -----
+    def create(self, rec: StreamRecord, deltas: list[Delta] | None = None) -> None:
+        sid = valid_id(rec.id)
+        ob = _Outbox(rec)
+        if deltas:  # a takeover: the log already holds these
+            ob.create, ob.stored = False, deltas[-1][0]
+        self._out[sid] = ob
+        self._owned.add(sid)
+        self._dirty.set()
+
+    def adopt(self, sid: str) -> None:
+        self._owned.add(sid)
+
+    def append(self, sid: str, delta: Delta) -> None:
+        ob = self._out.get(sid)
+        if ob is None:
+            self.sink(sid, [delta], None)
+            return
+        ob.deltas.append(delta)
+        self._backlog_tokens += 1
+        if self.degraded:  # serve from memory now; the write waits for Redis
+            ob.sunk = len(ob.deltas)
+            self.sink(sid, [delta], None)
+            self._bound_backlog()
+        self._dirty.set()
+
+    def finish(self, sid: str, final: Final) -> None:
+        self._end(sid, final, "finished")
+
+    def release(self, sid: str) -> None:
+        self._end(sid, None, "detached")
+
+    def _end(self, sid: str, final: Final | None, state: str) -> None:
+        ob = self._out.get(sid)
+        if ob is None:
+            if final is not None:
+                self.sink(sid, [], final)
+            return
+        ob.end, ob.end_state, ob.ended_at = final, state, time.monotonic()
+        if self.degraded and final is not None:
+            ob.end_sunk = True
+            self.sink(sid, [], final)
+        self._dirty.set()
+
+    def forget(self, sid: str) -> None:
+        self._follow.pop(sid, None)
+
+    def _bound_backlog(self) -> None:
+        """While Redis is away, queued writes are bounded: the oldest ended streams' writes go first."""
+        if self._backlog_tokens <= self.cfg.max_backlog_tokens:
+            return
+        for sid, ob in sorted(self._out.items(), key=lambda kv: kv[1].ended_at or float("inf")):
+            if self._backlog_tokens <= self.cfg.max_backlog_tokens:
+                break
+            self._backlog_tokens -= len(ob.deltas)
+            del self._out[sid]
+            self._owned.discard(sid)
+            log.warning("session store backlog full: dropped a stream's queued writes", extra={"stream_id": sid})
+
+    # ----- followers -----
+    def follow(self, sid: str, cursor: str) -> None:
+        self._follow[valid_id(sid)] = cursor
+        self._dirty.set()
+
+    def unfollow(self, sid: str) -> None:
+        self._follow.pop(sid, None)
+
+    # ----- flushing -----
+    async def _flush_loop(self) -> None:
+        while True:
+            try:
+                if not self._out and not self._follow:
+                    self._dirty.clear()
+                    await self._dirty.wait()
+                await asyncio.sleep(self.cfg.retry_interval_s if self.degraded else self.cfg.flush_interval_s)
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let a bug stop the data path
+                log.exception("session store flush failed")
+                await asyncio.sleep(self.cfg.retry_interval_s)
+
+    async def _flush(self) -> None:
+        plan: list[tuple[str, str, Any]] = []  # (sid, what, extra) per command
+        pipe = self.redis.pipeline(transaction=False)
+        ttl_ms = int(self.cfg.ttl_s * 1000)
+        lease_ms = int(self.cfg.lease_ttl_s * 1000)
+        now = time.monotonic()
+        for sid, ob in list(self._out.items()):
+            if ob.ended_at is not None and now - ob.ended_at > self.cfg.ttl_s:
+                self._drop(sid)  # ended long ago and never written: it no longer matters
+                continue
+            if ob.create:
+                self._evalsha(pipe, "CREATE", [self._k("s", sid), self._live],
+                              [self.replica_id, ob.record.to_json(), lease_ms, sid])
+                plan.append((sid, "create", None))
+            if ob.deltas:
+                n = len(ob.deltas)
+                payload = orjson.dumps([list(d) for d in ob.deltas])
+                self._evalsha(pipe, "APPEND", [self._k("s", sid), self._k("t", sid)],
+                              [self.replica_id, ob.stored, payload, ob.deltas[-1][0] - ob.stored])
+                plan.append((sid, "append", n))
+            if ob.end_state is not None:
+                fin = (ob.end or Final(None, 0)).to_json()
+                self._evalsha(pipe, "END", [self._k("s", sid), self._k("t", sid), self._live],
+                              [self.replica_id, fin, ttl_ms, sid, ob.end_state])
+                plan.append((sid, "end", None))
+        follow = list(self._follow.items())
+        if follow:
+            pipe.xread({self._k("t", sid): cur for sid, cur in follow}, count=10000)
+            plan.append(("", "follow", None))
+        if not plan:
+            return
+        try:
+            results = await self._execute(pipe)
+            self._check(results)
+        except rexc.NoScriptError:  # Redis restarted and lost its script cache
+            await self._load_scripts()
+            self._dirty.set()
+            return
+        except (*_ERRORS, rexc.RedisError) as e:
+            self._fail(e)
+            self._sink_unsunk()
+            return
+        self._ok()
+        for (sid, what, extra), res in zip(plan, results):
+            if isinstance(res, Exception):
+                log.warning("session store write failed", extra={"stream_id": sid, "error": str(res)})
+                continue
+            if what == "follow":
+                self._on_follow(res)
+                continue
+            ob = self._out.get(sid)
+            if ob is None:
+                continue
+            res = int(res)
+            if res == -1:
+                self._drop(sid)
+                self.on_lost([sid])
+                continue
+            if res == -3:  # the record is gone (Redis restarted empty): write it again, whole
+                self._recreate(sid, ob)
+                continue
+            if what == "create":
+                ob.create = False
+            elif what == "append":
+                done = ob.deltas[:extra]
+                del ob.deltas[:extra]
+                self._backlog_tokens -= extra
+                new = done[ob.sunk:]
+                ob.sunk = max(0, ob.sunk - extra)
+                if res == -2:
+                    log.warning("session store log gap: writes dropped", extra={"stream_id": sid})
+                else:
+                    ob.stored = res
+                if new:
+                    self.sink(sid, new, None)
+            elif what == "end":
+                if ob.end is not None and not ob.end_sunk:
+                    self.sink(sid, [], ob.end)
+                self._drop(sid)
+        if any(ob.deltas or ob.create or ob.end_state for ob in self._out.values()):
+            self._dirty.set()
+
+    def _drop(self, sid: str) -> None:
+        ob = self._out.pop(sid, None)
+        if ob is not None:
+            self._backlog_tokens -= len(ob.deltas)
+        self._owned.discard(sid)
+
+    def _sink_unsunk(self) -> None:
+        for sid, ob in self._out.items():
+            if ob.sunk < len(ob.deltas):
+                new = ob.deltas[ob.sunk:]
+                ob.sunk = len(ob.deltas)
+                self.sink(sid, new, None)
+            if ob.end is not None and not ob.end_sunk:
+                ob.end_sunk = True
+                self.sink(sid, [], ob.end)
+        self._bound_backlog()
+
+    def _recreate(self, sid: str, ob: _Outbox) -> None:
+        full = self.local_log(sid)  # what the local stream holds: every delta already handed to the sink
+        if full is None:
+            self._drop(sid)
+            return
+        log.warning("session record lost by Redis: writing it again", extra={"stream_id": sid})
+        unsunk = ob.deltas[ob.sunk:]
+        self._backlog_tokens += len(full) + len(unsunk) - len(ob.deltas)
+        ob.deltas = list(full) + unsunk
+        ob.sunk = len(full)
+        ob.create, ob.stored = True, 0
+        self._dirty.set()
+
+    def local_log(self, sid: str) -> list[Delta] | None:
+        """Every delta of ``sid`` durable or sunk locally (the gateway sets this to read its Stream)."""
+        return None
+
+    def _on_follow(self, res: Any) -> None:
+        if not res:
+            return
+        plen = len(self.prefix) + 3
+        for name, entries in (res.items() if isinstance(res, dict) else res):
+            key = name.decode() if isinstance(name, bytes) else name
+            sid = key[plen:]
+            if sid not in self._follow:
+                continue
+            deltas: list[Delta] = []
+            final: Final | None = None
+            for eid, fields in entries:
+                self._follow[sid] = eid.decode() if isinstance(eid, bytes) else eid
+                d = fields.get(b"d")
+                if d is not None:
+                    deltas.extend((int(e), t, ids) for e, t, ids in orjson.loads(d))
+                f = fields.get(b"f")
+                if f is not None:
+                    final = Final.from_json(f)
+            if final is not None:
+                self._follow.pop(sid, None)
+            if deltas or final is not None:
+                self.sink(sid, deltas, final)
+
+    # ----- any replica -----
+    async def load(self, sid: str) -> Loaded | None:
+        sid = valid_id(sid)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self._k("s", sid))
+        pipe.xrange(self._k("t", sid))
+        pipe.zscore(self._live, sid)
+        pipe.time()
+        try:
+            h, entries, score, now = await self._execute(pipe)
+            self._check([h, entries, score, now])
+        except (*_ERRORS, rexc.RedisError) as e:
+            self._fail(e)
+            raise StoreUnavailable(str(e)) from None
+        self._ok()
+        if not h or b"rec" not in h:
+            return None
+        rec = StreamRecord.from_json(h[b"rec"])
+        deltas: list[Delta] = []
+        final = None
+        cursor = "0-0"
+        for eid, fields in entries:
+            cursor = eid.decode() if isinstance(eid, bytes) else eid
+            if b"d" in fields:
+                deltas.extend((int(e), t, ids) for e, t, ids in orjson.loads(fields[b"d"]))
+            if b"f" in fields:
+                final = Final.from_json(fields[b"f"])
+        state = h.get(b"state", b"running").decode()
+        if final is None and b"final" in h:
+            final = Final.from_json(h[b"final"])
+        owner = h.get(b"owner")
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        alive = owner is not None and score is not None and float(score) > now_ms
+        return Loaded(rec, state, deltas, final, owner.decode() if alive and owner else None, cursor)
+
+    async def claim(self, sid: str) -> bool:
+        sid = valid_id(sid)
+        pipe = self.redis.pipeline(transaction=False)
+        self._evalsha(pipe, "CLAIM", [self._live],
+                      [self.replica_id, int(self.cfg.lease_ttl_s * 1000), self.prefix, 1,
+                       "1" if self._settled() else "0", sid])
+        try:
+            (res,) = await self._execute(pipe)
+            self._check([res])
+        except rexc.NoScriptError:
+            await self._load_scripts()
+            return await self.claim(sid)
+        except (*_ERRORS, rexc.RedisError) as e:
+            self._fail(e)
+            raise StoreUnavailable(str(e)) from None
+        if res:
+            self._owned.add(sid)
+        return bool(res)
+
+    # ----- scheduling: one pipeline per tick -----
+    async def _tick_loop(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("session store tick failed")
+            await asyncio.sleep(max(0.0, self.tick_interval_s - (time.monotonic() - t0)))
+
+    async def _tick(self) -> None:
+        if not self._sha:
+            try:
+                await self._load_scripts()
+            except (*_ERRORS, rexc.RedisError) as e:
+                self._fail(e)
+                return
+        pipe = self.redis.pipeline(transaction=False)
+        plan: list[tuple[str, str]] = []
+        me = self.replica_id
+        owned = sorted(self._owned)
+        if owned:
+            self._evalsha(pipe, "RENEW", [self._live], [me, int(self.cfg.lease_ttl_s * 1000), self.prefix, *owned])
+            plan.append(("renew", ""))
+        wall = time.time()
+        try:
+            published = self.publisher()
+        except Exception:
+            log.exception("publishing stream states failed")
+            published = {}
+        for e in self.engines:
+            self._evalsha(pipe, "DRIVER", [self._k("drv", e)], [me, int(self.cfg.driver_lease_ttl_s * 1000)])
+            plan.append(("driver", e))
+            states = [p.to_list() for p in published.get(e, ())]
+            pipe.hset(self._k("pub", e), me, orjson.dumps({"t": wall, "s": states}))
+            pipe.pexpire(self._k("pub", e), 60_000)
+            plan += [("pub", e), ("pexpire", e)]
+            stale = self._stale_pubs.pop(e, None)
+            if stale:
+                pipe.hdel(self._k("pub", e), *stale)
+                plan.append(("hdel", e))
+            pipe.hgetall(self._k("pub", e))
+            plan.append(("pubs", e))
+        scan = self._settled() and time.monotonic() >= self._next_scan
+        if scan:
+            self._next_scan = time.monotonic() + self.cfg.scan_interval_s
+            self._evalsha(pipe, "CLAIM", [self._live],
+                          [me, int(self.cfg.lease_ttl_s * 1000), self.prefix, 100, "1"])
+            plan.append(("claim", ""))
+        t_sent = time.monotonic()
+        try:
+            results = await self._execute(pipe)
+            self._check(results)
+        except rexc.NoScriptError:
+            await self._load_scripts()
+            return
+        except (*_ERRORS, rexc.RedisError) as e:
+            self._fail(e)
+            return
+        self._ok()
+        for (what, arg), res in zip(plan, results):
+            if isinstance(res, Exception):
+                log.warning("session store tick command failed", extra={"op": what, "error": str(res)})
+                continue
+            if what == "renew":
+                lost = [x.decode() for x in res[0]]
+                missing = [x.decode() for x in res[1]]
+                for sid in lost:
+                    self._drop(sid)
+                if lost:
+                    self.on_lost(lost)
+                for sid in missing:
+                    ob = self._out.get(sid)
+                    if ob is not None:
+                        self._recreate(sid, ob)
+            elif what == "driver":
+                self._driver_until[arg] = t_sent + self.cfg.driver_lease_ttl_s * 0.8 if int(res) == 1 else 0.0
+            elif what == "pubs":
+                self._read_pubs(arg, res, wall)
+            elif what == "claim":
+                claimed = [x.decode() for x in res]
+                if claimed:
+                    self._owned.update(claimed)
+                    self.on_claimed(claimed)
+
+    def _read_pubs(self, engine: str, h: dict[bytes, bytes], wall: float) -> None:
+        fresh: list[tuple[PublishedStream, float]] = []
+        stale: list[str] = []
+        horizon = max(3 * self.tick_interval_s, 2.0)
+        for rid, raw in h.items():
+            r = rid.decode()
+            if r == self.replica_id:
+                continue
+            try:
+                obj = orjson.loads(raw)
+                t = float(obj["t"])
+                if wall - t > 30:
+                    stale.append(r)
+                if wall - t > horizon:
+                    continue
+                fresh += [(PublishedStream.from_list(v), t) for v in obj["s"]]
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+                stale.append(r)
+        self._remote[engine] = fresh
+        if stale:
+            self._stale_pubs[engine] = stale
+
+    def is_driver(self, engine: str) -> bool:
+        return time.monotonic() < self._driver_until.get(engine, 0.0)
+
+    def remote_streams(self, engine: str, now: float) -> Iterable[RemoteStream]:
+        wall = time.time()
+        return [RemoteStream.from_published(p, t, wall, now) for p, t in self._remote.get(engine, ())]
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "owned": len(self._owned), "following": len(self._follow),
+                "queued_tokens": max(0, self._backlog_tokens)}
