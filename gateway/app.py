@@ -26,6 +26,8 @@ from .policy import make_policy
 from .relay import Relay
 from .state import Final, SessionStore, make_store
 from .state.metrics import SessionCollector
+from .streams import progress
+from .streams.drain import DrainSampler, settings_from, stream_fields
 from .streams.pacer import PacingClock
 from .streams.stream import Stream, Superseded
 
@@ -59,6 +61,7 @@ class Gateway:
         self._model_engines: dict[str, list[EngineHandle]] = {}  # every engine serving a model, for balancing
         self._session: aiohttp.ClientSession | None = None
         self._clock: PacingClock | None = None
+        self.drain: DrainSampler | None = None  # measured client drain, one sampler per process
         self._background: set[asyncio.Task[Any]] = set()
         self.loop_time: Callable[[], float] = time.monotonic
         # Session state (records, token logs, leases) and the cross-replica data path (gateway/relay.py).
@@ -70,6 +73,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self.loop_time = loop.time
         self._clock = PacingClock(loop)
+        self.drain = DrainSampler(loop, settings_from(self.cfg), self.metrics)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), timeout=aiohttp.ClientTimeout(total=None)
         )
@@ -125,6 +129,8 @@ class Gateway:
             t.cancel()
         if self._clock is not None:
             self._clock.close()
+        if self.drain is not None:
+            self.drain.close()
         if self._session is not None:
             await self._session.close()
         for h in self.engines.values():
@@ -287,7 +293,11 @@ class Gateway:
         self, request: web.Request, stream: Stream, engine: EngineHandle, seq: int | None = None
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={**_SSE_HEADERS, "X-TokenFlow-Stream-Id": stream.id})
-        await resp.prepare(request)
+        writer = await resp.prepare(request)
+        drain = self.drain.attach(  # measured drain: what this connection really takes (docs/drain-rate.md)
+            stream, request.transport, writer, declared=stream.rate if stream.rate_declared else None,
+            default_rate=stream.rate, owner=progress.owner_of(request),
+        ) if self.drain is not None else None
         name = engine.config.name
         first = True
         outcome = "disconnected"
@@ -297,7 +307,10 @@ class Gateway:
                 if not data:  # another replica owns the stream now: end without [DONE]; the client resumes there
                     outcome = "moved"
                     return resp
+                released = stream.released_tokens
                 await resp.write(data)
+                if drain is not None:
+                    drain.on_write(released)
                 if first:
                     first = False
                     stream.first_sent_time = self.loop_time()
@@ -315,6 +328,8 @@ class Gateway:
             self.metrics.requests.labels(stream.kind, outcome).inc()
             delivered = stream.generated - stream.base if stream.pacing == "none" else stream.reader.consumed
             self.metrics.tokens_out.labels(name).inc(delivered)
+            if self.drain is not None:
+                self.drain.detach(stream, drain)
         return resp
 
     async def _collect(self, stream: Stream, pump: asyncio.Task[None], creq: ClientRequest) -> web.Response:
@@ -382,6 +397,7 @@ class Gateway:
             "priority": s.priority,
             "preemptions": s.preemptions,
             "finished": s.upstream_done,
+            **stream_fields(s, now),  # measured drain: evidence-based buffer, declared vs measured rate, stalled
         }
 
     async def list_streams(self, request: web.Request) -> web.Response:
@@ -434,8 +450,9 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/v1/models", gw.list_models)
     app.router.add_get("/v1/streams", gw.list_streams)
     app.router.add_get("/v1/streams/{id}", gw.get_stream)
-    app.router.add_get("/healthz", gw.healthz)
     app.router.add_get("/v1/streams/{id}/events", gw.relay.resume_endpoint)  # resume (docs/replicas.md)
+    app.router.add_post("/v1/streams/{id}/progress", progress.route(gw))
+    app.router.add_get("/healthz", gw.healthz)
     app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_endpoint)
     return app

@@ -14,6 +14,8 @@ from prometheus_client.registry import Collector
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 _BUFFER_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _TTE_BUCKETS = (0, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300)
+_RATE_BUCKETS = (0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 100, 200, 1000)
+_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2, 5)
 _TICK_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -79,6 +81,18 @@ class Metrics:
         self.key_streams_active = Gauge("tokenflow_key_streams_active", "Streams held per API key (by key name)", ["key"], registry=r)
         # Set by the Redis-backed stream registry when one is configured: 1 if the last Redis call succeeded.
         self.redis_up = Gauge("tokenflow_redis_up", "1 if the gateway's last Redis operation succeeded (0 also when no Redis is configured)", registry=r)
+
+        # Measured drain (docs/drain-rate.md): each streamed client's declared vs measured rate, at its end.
+        self.client_rate = Histogram(
+            "tokenflow_client_rate_tokens_per_second", "Client consumption rate per stream at its end, by kind (declared, measured, effective)",
+            ["engine", "kind"], buckets=_RATE_BUCKETS, registry=r,
+        )
+        self.client_rate_ratio = Histogram(
+            "tokenflow_client_rate_measured_ratio", "Measured over declared rate per stream at its end", ["engine"], buckets=_RATIO_BUCKETS, registry=r
+        )
+        self.clients_stalled = Gauge("tokenflow_clients_stalled", "Clients whose connection stopped draining", ["engine"], registry=r)
+        self.client_stalls = Counter("tokenflow_client_stalls_total", "Times a client connection stopped draining", ["engine"], registry=r)
+        self.progress_reports = Counter("tokenflow_progress_reports_total", "Client progress reports by outcome", ["outcome"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

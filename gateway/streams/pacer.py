@@ -30,7 +30,9 @@ class PacingClock:
         return self._loop.time()
 
     def schedule(self, stream: "Stream", due: float) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), stream))
+        """(Re)schedule ``stream`` at ``due``; an earlier entry for it becomes stale and is skipped."""
+        seq = stream._clock_seq = next(self._seq)
+        heapq.heappush(self._heap, (due, seq, stream))
         if due < self._timer_at:
             self._arm(due)
 
@@ -48,10 +50,13 @@ class PacingClock:
         horizon = now + self.slack_s
         heap = self._heap
         while heap and heap[0][0] <= horizon:
-            _, _, stream = heapq.heappop(heap)
+            _, seq, stream = heapq.heappop(heap)
+            if seq != stream._clock_seq:
+                continue  # superseded by a reschedule (rate change)
             nxt = stream.release_due(max(now, horizon))
             if nxt < math.inf:
-                heapq.heappush(heap, (nxt, next(self._seq), stream))
+                seq = stream._clock_seq = next(self._seq)
+                heapq.heappush(heap, (nxt, seq, stream))
         if heap:
             self._arm(heap[0][0])
 

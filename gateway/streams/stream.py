@@ -16,6 +16,7 @@ from ..api.sse import ChunkEncoder
 from .reader import ReaderModel
 
 if TYPE_CHECKING:
+    from .drain import DrainTracker
     from .pacer import PacingClock
 
 Pacing = Literal["smooth", "none"]
@@ -66,6 +67,9 @@ class Stream:
         "owned",
         "lost",
         "created",
+        "drain",
+        "released_tokens",
+        "_clock_seq",
     )
 
     def __init__(
@@ -126,6 +130,10 @@ class Stream:
         self.owned = True
         self.lost = False  # ownership moved to another replica: the writer closes so the client reconnects
         self.created = encoder.created
+        # Measured drain (gateway.streams.drain): the connection's evidence, when a writer tracks it.
+        self.drain: DrainTracker | None = None
+        self.released_tokens = 0  # reader-relative token index through which events were released
+        self._clock_seq = -1  # the pacing clock's live entry for this stream (older entries are stale)
 
     # --- BufferSource (gateway.policy.snapshot) ---
     @property
@@ -141,7 +149,17 @@ class Stream:
         return self.reader.first_token_time
 
     def buffer_tokens(self, now: float) -> float:
+        if self.drain is not None:  # evidence (acknowledged bytes, reported progress) beats the model
+            r = self.reader
+            r.advance(now)
+            return float(r.produced - self.drain.consumed(now, r.consumed))
         return float(self.reader.buffer(now))
+
+    def set_rate(self, rate: float, now: float) -> None:
+        """Change the effective rate (from drain evidence); a paced stream is rescheduled at once."""
+        self.reader.set_rate(rate, now)
+        if self._scheduled and self._clock is not None:
+            self._clock.schedule(self, max(now, self.reader.due_time()))
 
     # --- producer side (upstream reader) ---
     def on_tokens(self, text: str, n: int, now: float, ids: list[int] | None = None) -> None:
@@ -162,7 +180,7 @@ class Stream:
         self.reader.on_tokens(n, now)
         event = self.encoder.token(text, index)
         if self._clock is None:
-            self._release(event)
+            self._release(event, index - self.base)
         else:
             if len(self._pending) >= self._max_pending:
                 # Explicit bound: merging keeps memory flat if a client is paced far behind its engine.
@@ -245,7 +263,7 @@ class Stream:
 
     def _queue_tail(self, tail: bytes, now: float) -> None:
         if self._clock is None:
-            self._release(tail, last=True)
+            self._release(tail, max(0, self.generated - self.base), last=True)
         else:
             self._pending.append((max(0, self.generated - self.base), tail))
             self._kick(now)
@@ -262,15 +280,16 @@ class Stream:
         consumed = self.reader.consumed
         pending = self._pending
         while pending and pending[0][0] <= consumed:
-            _, ev = pending.popleft()
-            self._release(ev, last=not pending and self.upstream_done)
+            end, ev = pending.popleft()
+            self._release(ev, end, last=not pending and self.upstream_done)
         if not pending:
             self._scheduled = False
             return math.inf
         return self.reader.due_time()
 
-    def _release(self, event: bytes, last: bool = False) -> None:
+    def _release(self, event: bytes, tokens: int, last: bool = False) -> None:
         self._out.append(event)
+        self.released_tokens = tokens
         if last:
             self.client_done = True
         self._wake.set()

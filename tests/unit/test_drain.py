@@ -1,0 +1,211 @@
+"""Drain-rate estimator, tracker and effective-rate rule, on synthetic clocks (no sockets)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.streams.drain import DrainSettings, DrainTracker, RateEstimator, effective_rate
+
+S = DrainSettings()
+
+
+def feed_stepwise(est: RateEstimator, rate: float, step_tokens: int, until: float, dt: float = 0.25, supply: int = 10_000) -> None:
+    """A client reading ``rate`` tok/s whose acknowledgements arrive in steps of ``step_tokens``."""
+    t = 0.0
+    while t <= until:
+        read = int(rate * t)
+        acked = (read // step_tokens) * step_tokens
+        est.observe(t, acked, supply - acked)
+        t += dt
+
+
+@pytest.mark.parametrize("rate,step", [(5.0, 6), (5.0, 30), (2.0, 6), (20.0, 10), (50.0, 1)])
+def test_rate_from_stepped_acknowledgements(rate, step):
+    est = RateEstimator(window_s=6.0, min_span_s=1.0)
+    feed_stepwise(est, rate, step, until=15.0)
+    assert est.rate == pytest.approx(rate, rel=0.1)
+    assert est.limited
+
+
+def test_no_measurement_while_the_client_keeps_up():
+    est = RateEstimator()
+    t, acked = 0.0, 0
+    for _ in range(100):  # everything written is acknowledged by the next sample: the supply sets the pace
+        est.observe(t, acked, 0)
+        acked += 3
+        t += 0.25
+    assert est.rate is None and not est.limited
+    assert not est.stalled(t, 3.0, 3.0)
+
+
+def test_window_follows_a_slowdown():
+    est = RateEstimator(window_s=4.0, min_span_s=1.0)
+    t, acked = 0.0, 0
+    while t < 10:
+        est.observe(t, acked, 500)
+        acked += 5  # 20 tok/s
+        t += 0.25
+    assert est.rate == pytest.approx(20, rel=0.05)
+    while t < 20:
+        est.observe(t, acked, 500)
+        acked += 1  # 4 tok/s
+        t += 0.25
+    assert est.rate == pytest.approx(4, rel=0.1)
+
+
+def test_stall_detected_within_bound():
+    est = RateEstimator()
+    t, acked = 0.0, 0
+    while t < 5:
+        est.observe(t, acked, 200)
+        acked += 2  # 8 tok/s, steps every sample
+        t += 0.25
+    stop = t
+    while not est.stalled(t, 3.0, 3.0):
+        est.observe(t, acked, 200)  # backlog waits, nothing acknowledged
+        t += 0.25
+        assert t - stop < 10
+    assert 3.0 <= t - stop <= 3.0 + 0.5  # stall_after_s plus a sample or two
+    est.observe(t, acked + 2, 200)
+    assert not est.stalled(t, 3.0, 3.0)
+
+
+def test_slow_steps_are_not_a_stall():
+    """A slow reader whose window opens every 2 s is not stalled between steps (adaptive threshold)."""
+    est = RateEstimator()
+    t = 0.0
+    stalled = False
+    while t < 30:
+        acked = int(t / 2.0) * 6  # 3 tok/s in steps of 6
+        est.observe(t, acked, 500)
+        if t > 4.5:  # once its steps were seen (before that, 2 s of silence is longer than stall_after_s)
+            stalled |= est.stalled(t, 1.0, 3.0)
+        t += 0.25
+    assert not stalled
+    assert est.rate == pytest.approx(3.0, rel=0.1)
+
+
+def rule(**kw):
+    base = dict(current=20.0, declared=20.0, default=8.0, measured=None, limited=False, stalled=False,
+                smooth=True, keeping_up_s=0.0, s=S)
+    base.update(kw)
+    return effective_rate(**base)
+
+
+def test_effective_rate_rule():
+    assert rule() == 20.0  # no evidence: declared
+    assert rule(measured=5.0, limited=True) == 5.0  # slower than declared: follow the client
+    assert rule(measured=30.0, limited=True) == 20.0  # smooth pacing never exceeds the declared rate
+    assert rule(measured=30.0, limited=True, smooth=False) == 30.0  # unpaced: the policy sees the real speed
+    assert rule(stalled=True, measured=5.0, limited=True) == S.min_rate  # stalled: a buffer that lasts for ages
+    # keeping up again after being measured slow: probe back up, never past the declared rate
+    assert rule(current=5.0, measured=5.0, keeping_up_s=2.5) == pytest.approx(5.0 * S.probe_factor)
+    assert rule(current=19.0, keeping_up_s=2.5) == 20.0
+    assert rule(current=5.0, measured=5.0, keeping_up_s=0.5) == 5.0
+    # undeclared: the default class to start with, learned from the drain, probing up to learn_max_rate
+    assert rule(current=8.0, declared=None, measured=3.0, limited=True) == 3.0
+    assert rule(current=19.0, declared=None, keeping_up_s=3) == S.learn_max_rate
+
+
+class FakeStream:
+    def __init__(self, rate: float, pacing: str = "smooth") -> None:
+        self.id = "s1"
+        self.engine = "e"
+        self.rate = rate
+        self.pacing = pacing
+        self.changes: list[tuple[float, float]] = []
+
+    def set_rate(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.changes.append((now, rate))
+
+
+class FakeConn:
+    """Bytes written by the gateway, and how many the client's stack has acknowledged."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.acked = 0
+
+    def unacked(self) -> int:
+        return self.written - self.acked
+
+
+def make_tracker(stream: FakeStream, conn: FakeConn, declared: float | None = 20.0) -> DrainTracker:
+    return DrainTracker(stream, S, declared=declared, default_rate=stream.rate, unacked=conn.unacked,
+                        written_bytes=lambda: conn.written, now=0.0)
+
+
+def test_tracker_maps_acknowledged_bytes_to_tokens_and_follows_the_client():
+    st, conn = FakeStream(20.0), FakeConn()
+    tr = make_tracker(st, conn)
+    event = 200
+    t, sent, read = 0.0, 0, 0.0
+    while t < 12:
+        # the gateway sends at the stream's current rate; the client reads 5 tok/s, acks in steps of 5 events
+        while sent < int(st.rate * t + 1e-9) + 1:
+            sent += 1
+            conn.written += event
+            tr.on_write(sent)
+        read = 5.0 * t
+        conn.acked = min(conn.written, int(read // 5) * 5 * event)
+        tr.sample(t)
+        t += 0.1
+    assert tr.acked_tokens == int(read // 5) * 5
+    assert tr.measured_rate == pytest.approx(5.0, rel=0.1)
+    assert st.rate == pytest.approx(5.0, rel=0.1)
+    assert tr.source == "measured" and not tr.stalled
+    assert tr.consumed(t, model_consumed=sent) == tr.acked_tokens  # the evidence, not the send schedule
+    assert tr.consumed(t, model_consumed=3) == 3  # never more than the reader model allows
+
+
+def test_tracker_stall_floor_and_recovery():
+    st, conn = FakeStream(10.0), FakeConn()
+    tr = make_tracker(st, conn, declared=10.0)
+    t, sent = 0.0, 0
+
+    def step(reading: bool) -> None:
+        nonlocal t, sent
+        sent += 1
+        conn.written += 100
+        tr.on_write(sent)
+        if reading:
+            conn.acked = max(conn.acked, conn.written - 300)  # reads, three events behind
+        tr.sample(t)
+        t += 0.1
+
+    while t < 3:
+        step(True)
+    assert not tr.stalled
+    stop = t
+    while not tr.stalled:
+        step(False)
+        assert t - stop < 8
+    assert t - stop <= S.stall_after_s + 0.5
+    assert st.rate == S.min_rate and tr.source == "stalled" and tr.stalls == 1
+    conn.acked = conn.written  # reads everything again
+    tr.sample(t)
+    assert not tr.stalled
+    assert st.rate >= 5.0  # back at its previous pace, not at the floor
+
+
+def test_tracker_progress_reports_are_exact():
+    st, conn = FakeStream(3.0, pacing="none"), FakeConn()
+    tr = make_tracker(st, conn, declared=3.0)
+    for k in range(1, 101):
+        conn.written += 150
+        tr.on_write(k)
+    conn.acked = conn.written  # a TTS pipeline reads its socket eagerly: the socket says nothing useful
+    tr.sample(0.5)
+    for i, n in enumerate((3, 6, 9, 12, 15, 18)):
+        now = 1.0 + i
+        tr.report(n, now)
+        assert tr.consumed(now, model_consumed=100) == n  # exact at the report
+    assert tr.measured_rate == pytest.approx(3.0)
+    assert tr.source == "reported"
+    # between reports it goes on at the measured rate, never past what was written
+    assert tr.consumed(6.0 + 1.0, model_consumed=100) == 21
+    assert tr.consumed(1000.0, model_consumed=100) == 100
+    assert math.isfinite(st.rate)
