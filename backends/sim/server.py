@@ -267,6 +267,20 @@ class GenRequest:
     include_usage: bool
     chat: bool
     model: str
+    offset: int = 0  # index of the first output token (a continuation of this simulator's own output)
+
+
+_LAST_TOKEN = re.compile(r" tok(\d+)$")
+
+
+def continued_offset(text: str) -> int:
+    """Where a continuation of this simulator's output resumes numbering: after the last `` tok<i>`` it ends with.
+
+    A gateway resubmits a stream as prompt + output so far (completions) or with the output as a final
+    assistant message to continue (chat); the synthetic sequence then goes on where it stopped.
+    """
+    m = _LAST_TOKEN.search(text)
+    return int(m.group(1)) + 1 if m else 0
 
 
 def text_tokens(text: str) -> int:
@@ -355,7 +369,15 @@ def parse_request(body: Any, chat: bool, default_model: str) -> GenRequest:
                            "vllm_xargs")
     if rid is None:
         rid = "sim-" + uuid.uuid4().hex
-    return GenRequest(rid, prompt_tokens, max_tokens, priority, stream, include_usage, chat, model)
+    offset = 0
+    if chat:
+        last = body["messages"][-1]
+        continuing = body.get("continue_final_message") is True or body.get("add_generation_prompt") is False
+        if continuing and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+            offset = continued_offset(last["content"])
+    elif isinstance(body.get("prompt"), str):
+        offset = continued_offset(body["prompt"])
+    return GenRequest(rid, prompt_tokens, max_tokens, priority, stream, include_usage, chat, model, offset)
 
 
 # ---------------------------------------------------------------------------- responses
@@ -367,11 +389,14 @@ def token_text(index: int) -> str:
 
 
 def _chunk(g: GenRequest, created: int, index: int | None, finish: str | None) -> bytes:
+    first = index == 0
+    if index is not None:
+        index += g.offset
     text = token_text(index) if index is not None else ""
     ids = [index] if index is not None else []
     if g.chat:
         delta: dict[str, Any] = {"content": text}
-        if index == 0:
+        if first:
             delta = {"role": "assistant", "content": text}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "token_ids": ids}
         obj = {"id": f"chatcmpl-{g.rid}", "object": "chat.completion.chunk", "created": created, "model": g.model,
@@ -514,7 +539,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         while True:
             index, finish = await q.get()
             if index >= 0:
-                ids.append(index)
+                ids.append(index + g.offset)
             if finish is not None:
                 break
         text = "".join(token_text(i) for i in ids)
