@@ -96,7 +96,7 @@ class _Req:
     ) -> None:
         self.id = rid
         self.prompt = prompt
-        self.max_tokens = max_tokens  # as the client set it (None: not set)
+        self.max_tokens = max_tokens  # the limit reported in state() (None: only max_model_len)
         self.limit = limit  # output tokens after which the request finishes
         self.priority = priority
         self.arrival = now
@@ -251,7 +251,10 @@ class EngineCore:
         if cap is not None and cap < limit:
             limit = cap
         self._seq += 1
-        req = _Req(req_id, prompt_tokens, max_tokens, limit, priority, now, self._seq)
+        # state() reports the limit applied (the request's, else the default, capped by max_model_len);
+        # null only when max_model_len is the sole limit
+        shown = limit if cap is not None else None
+        req = _Req(req_id, prompt_tokens, shown, limit, priority, now, self._seq)
         self.reqs[req_id] = req
         self._push_waiting(req)
 

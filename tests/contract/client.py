@@ -145,10 +145,13 @@ class EngineAPI:
         return b
 
     async def start(self, rid: str, max_tokens: int, *, priority: int = 0, chat: bool = False) -> Stream:
-        st = Stream(rid, max_tokens)
+        body = await self.body(rid, max_tokens, priority=priority, chat=chat)
+        return await self.start_body(rid, body, chat=chat)
+
+    async def start_body(self, rid: str, body: dict[str, Any], *, chat: bool = False) -> Stream:
+        st = Stream(rid, body.get("max_tokens") or 0)
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        st.resp = await self.s.post(self.url + path, json=await self.body(rid, max_tokens, priority=priority,
-                                                                          chat=chat))
+        st.resp = await self.s.post(self.url + path, json=body)
         if st.resp.status != 200:
             text = await st.resp.text()
             st.resp.release()
