@@ -258,6 +258,47 @@ async def test_abort_ends_the_stream_and_frees_the_request(api: EngineAPI) -> No
     assert after["aborts"] >= before["aborts"] + 2
 
 
+async def test_waiting_queue_follows_priority_changes(api: EngineAPI) -> None:
+    """With every batch slot taken, freed slots go to waiting requests by (changed) priority."""
+    e = (await api.state())["engine"]
+    n = e["max_num_seqs"]
+    if n > 64:
+        pytest.skip(f"max_num_seqs {n} is too many streams to saturate in a test")
+    hold_tokens = 300
+    blockers = [new_id("blk") for _ in range(n)]
+    for rid in blockers:
+        await api.start(rid, hold_tokens)
+    for st in api.streams:
+        await st.wait_tokens(1)
+    w1, w2, w3 = new_id("w1"), new_id("w2"), new_id("w3")
+    for rid, prio in ((w1, 5), (w2, 5), (w3, 1)):
+        await api.start(rid, hold_tokens, priority=prio)
+    for rid in (w1, w2, w3):
+        await api.wait_status(rid, "waiting")
+    assert (await api.command("priority", w2, priority=-1))["status"] == "waiting"
+
+    async def first_admitted(candidates: list[str]) -> str:
+        async def check() -> str | None:
+            reqs = (await api.state())["requests"]
+            by_id = {r["id"]: r for r in reqs}
+            # running (or already gone); "loading" is not admission: an engine may start fetching the KV
+            # of several waiting requests (a prefix hit in a KV cache tier) before any slot is free
+            moved = [c for c in candidates if c not in by_id or by_id[c]["status"] == "running"]
+            if len(moved) > 1:  # say what the engine did, to debug it
+                seen = [(r["id"][:6], r["status"], r["priority"], r["output_tokens"]) for r in reqs]
+                return f"several admitted at once: {seen}"
+            return moved[0] if moved else None
+        return await poll(check, what="a waiting request to be admitted")
+
+    await api.command("abort", blockers[0])
+    assert await first_admitted([w1, w2, w3]) == w2  # raised to -1: first, though it came after w1
+    await api.command("abort", blockers[1])
+    assert await first_admitted([w1, w3]) == w3  # priority 1 before 5
+    res = await api.commands([{"op": "abort", "id": rid} for rid in blockers[2:] + [w1, w2, w3]])
+    assert all(r["ok"] for r in res)
+    await api.wait_drained()
+
+
 # ------------------------------------------------------------------ batches and errors
 
 
