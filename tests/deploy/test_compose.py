@@ -46,6 +46,8 @@ def test_each_profile_provides_both_engines_under_the_names_the_gateways_use(pro
         engines = json.loads(env["TOKENFLOW_ENGINES"])
         assert [e["url"] for e in engines] == [f"http://{n}:8000" for n in ENGINES]
         assert env["TOKENFLOW_AUTH__CONTROL_TOKEN"] == ENV["TOKENFLOW_CONTROL_TOKEN"]
+        assert env["TOKENFLOW_SESSION__STORE"] == "redis" and env["TOKENFLOW_SESSION__REDIS_URL"].startswith("redis://redis:")
+        assert env["TOKENFLOW_SESSION__REPLICA_ID"] == gw
     for svc in model["services"].values():
         if set(aliases(svc)) & set(ENGINES):
             assert svc["environment"]["TOKENFLOW_CONTROL_TOKEN"] == ENV["TOKENFLOW_CONTROL_TOKEN"]

@@ -98,6 +98,23 @@ async def test_engine_control_apis_require_the_shared_token(topology):
                 assert r.status == 200 and (await r.json())["engines"] == {"engine-1": "up", "engine-2": "up"}
 
 
+async def test_the_replicas_share_redis_and_one_drives_each_engine(topology):
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 20
+        while True:
+            sessions = {}
+            for gw in ("gateway-1", "gateway-2"):
+                async with http.get(topology.procs[gw].url + "/readyz") as r:
+                    sessions[gw] = (await r.json())["session"]
+            drivers = {e: [gw for gw, s in sessions.items() if s["drivers"].get(e)] for e in ("engine-1", "engine-2")}
+            if all(len(d) == 1 for d in drivers.values()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    for gw, s in sessions.items():
+        assert (s["store"], s["status"], s["replica"]) == ("redis", "ok", gw), s
+    assert all(len(d) == 1 for d in drivers.values()), drivers
+
+
 async def test_gateway_processes_log_json_lines_with_stream_and_engine(topology):
     async with aiohttp.ClientSession() as http:
         _, _, headers = await stream_arrivals(http, topology.lb_url, model_of(topology))
