@@ -706,32 +706,53 @@ def fit_split(points: list[Point], key: str) -> dict[str, Any]:
             "per_kv_token_s": float(coef[3])} | _errors(X @ coef, y)
 
 
-def fit_max(points: list[Point], key: str) -> dict[str, Any]:
-    """Fit t = max(base, per_token * tokens) + per_kv * kv_tokens (a roofline-shaped candidate) by grid search."""
+def fit_two_regime(points: list[Point], key: str, minimax: bool = True) -> dict[str, Any]:
+    """Fit the cost-model form this calibration proposes (docs/calibration.md):
+
+        t = max(base_s + per_token_s * tokens, compute_per_token_s * tokens) + per_kv_token_s * kv_tokens
+
+    the larger of a memory-bound line (weights read once per step, plus a small per-token cost) and a
+    compute-bound line (FLOPs per token at the achieved rate), plus the KV reads. Regimes are assigned
+    alternately with a linear fit; with `minimax`, relative errors are reweighted (Lawson) to shrink the worst.
+    """
     import numpy as np
 
     tok = np.array([float(p["scheduled_tokens"]) for p in points])
     kv = np.array([float(p["attended_kv_tokens"]) for p in points])
     y = np.array([p[key] for p in points])
-    small = y[tok <= 8]
-    base_grid = np.linspace(0.5, 1.5, 201) * (small.min() if len(small) else y.min())
-    pt_grid = np.geomspace(1e-6, 1e-4, 401)
-    best: tuple[float, float, float, float] | None = None
-    for b0 in base_grid:
-        lin = np.maximum(b0, np.outer(pt_grid, tok))  # [grid, points]
-        r = (y - lin) / y  # relative residual before the KV term
-        a = kv / y
-        denom = float(a @ a)
-        per_kv = np.clip((r @ a) / denom, 0, None) if denom > 0 else np.zeros(len(pt_grid))
-        err = ((lin + np.outer(per_kv, kv)) - y) / y
-        sse = (err**2).sum(axis=1)
-        i = int(sse.argmin())
-        if best is None or sse[i] < best[0]:
-            best = (float(sse[i]), float(b0), float(pt_grid[i]), float(per_kv[i]))
-    assert best is not None
-    _, b0, pt, pkv = best
-    pred = np.maximum(b0, pt * tok) + pkv * kv
-    return {"base_s": b0, "per_token_s": pt, "per_kv_token_s": pkv} | _errors(pred, y)
+
+    def design(compute: Any) -> Any:
+        X = np.zeros((len(y), 4))
+        X[~compute, 0], X[~compute, 1], X[compute, 2], X[:, 3] = 1.0, tok[~compute], tok[compute], kv
+        return X
+
+    def predict(c: Any) -> Any:
+        return np.maximum(c[0] + c[1] * tok, c[2] * tok) + c[3] * kv
+
+    compute = tok > np.median(tok)
+    w = np.ones(len(y))
+    coef = np.zeros(4)
+    for _ in range(200 if minimax else 30):
+        X = design(compute)
+        scale = np.abs(X).max(axis=0)
+        scale[scale == 0] = 1.0
+        sw = np.sqrt(w)
+        coef = _lstsq_nonneg((X / scale) / y[:, None] * sw[:, None], sw) / scale
+        new = coef[2] * tok > coef[0] + coef[1] * tok
+        rel = predict(coef) / y - 1
+        if minimax:
+            w = w * np.abs(rel) + 1e-12
+            w /= w.sum()
+        elif (new == compute).all():
+            break
+        compute = new
+    return {"base_s": float(coef[0]), "per_token_s": float(coef[1]), "compute_per_token_s": float(coef[2]),
+            "per_kv_token_s": float(coef[3])} | _errors(predict(coef), y)
+
+
+def two_regime_predict(step: dict[str, float], tokens: int, kv: int) -> float:
+    return max(step["base_s"] + step["per_token_s"] * tokens, step["compute_per_token_s"] * tokens) + \
+        step["per_kv_token_s"] * kv
 
 
 def _errors(pred: Any, y: Any) -> dict[str, Any]:
@@ -746,9 +767,11 @@ def linear_predict(step: dict[str, float], tokens: int, kv: int) -> float:
     return step["base_s"] + step["per_token_s"] * tokens + step["per_kv_token_s"] * kv
 
 
-# The benchmark's operating range (docs/calibration.md): decode batches up to max_num_seqs with contexts up to
-# 4096, and prefill chunks of 1024..8192 tokens (the chunked-prefill budget).
-OPERATING_RANGE = {"decode_max_context": 4096, "prefill_min_tokens": 1024, "prefill_max_tokens": 8192}
+# The benchmark's operating range (docs/calibration.md): decode batches of 1..256 at any context up to
+# max_model_len, chunked-prefill steps (a decode batch plus a prompt chunk) within the 8192-token budget, and
+# prefill-only steps of 1024..8192 tokens. Prefill-only steps of fewer tokens (a lone short prompt on an idle
+# engine) are left out: under the benchmark's load a prompt always shares its step with running decodes.
+OPERATING_RANGE = {"decode_max_context": 8192, "prefill_min_tokens": 1024, "prefill_max_tokens": 8192}
 
 
 def in_range(p: Point, rng: dict[str, int]) -> bool:
@@ -772,7 +795,7 @@ def fit_all(doc: dict[str, Any]) -> dict[str, Any]:
             pts = select_points(doc, key, rng)
             if len(pts) < 4:
                 continue
-            for form, fn in (("linear", fit_linear), ("split", fit_split), ("max", fit_max)):
+            for form, fn in (("linear", fit_linear), ("split", fit_split), ("two-regime", fit_two_regime)):
                 r = fn(pts, key)
                 r.pop("predicted_s")
                 out[f"{key}/{rname}/{form}"] = r
@@ -782,39 +805,70 @@ def fit_all(doc: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- profile writing
 
 
-def write_profile(doc: dict[str, Any], raw_path: str, profile_path: str, key: str, rng: dict[str, int],
-                  host_tokens: int, util: float, fit_command: str) -> dict[str, Any]:
-    shape = doc["model"]
-    pts = select_points(doc, key, rng)
-    fit = fit_linear(pts, key)
-    step = {k: fit[k] for k in ("base_s", "per_token_s", "per_kv_token_s")}
+def _card(doc: dict[str, Any]) -> tuple[str, str]:
     env = doc["env"]
     smi = [x.strip() for x in env.get("nvidia_smi", "").split(",")]
     card = smi[0] if smi and smi[0] else env.get("device", "?")
-    driver = smi[1] if len(smi) > 1 else "?"
+    return card, smi[1] if len(smi) > 1 else "?"
+
+
+def point_row(p: Point) -> dict[str, Any]:
+    """A measured step in the sim's terms: its decode batch and context, its prefill tokens, the two counts."""
+    dec = [seg for seg in p["segments"] if seg[0] == "decode"]
+    return {"kind": p["kind"], "decode_batch": dec[0][1] if dec else 0, "decode_context": dec[0][2] if dec else 0,
+            "prefill_tokens": p["prefill_tokens"], "scheduled_tokens": p["scheduled_tokens"],
+            "attended_kv_tokens": p["attended_kv_tokens"]}
+
+
+def write_profile(doc: dict[str, Any], raw_path: str, profile_path: str, key: str, rng: dict[str, int],
+                  host_tokens: int, util: float, fit_command: str, offload_path: str | None) -> dict[str, Any]:
+    shape = doc["model"]
+    pts = select_points(doc, key, rng)
+    every = select_points(doc, key, None)
+    fit = fit_linear(pts, key)
+    step = {k: fit[k] for k in ("base_s", "per_token_s", "per_kv_token_s")}
+    whole = fit_two_regime(every, key)
+    proposed = {k: whole[k] for k in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s")}
+    env = doc["env"]
+    card, driver = _card(doc)
     cap = doc.get("kv_capacity", {})
     device_tokens = cap.get(f"kv_tokens_at_{util}", 0)
     copy = doc.get("copy", {}).get("with_decode", {})
     d2h = copy.get("d2h", {}).get("copy_gb_per_s_with_compute", {}).get("d2h", 0.0) * 1e9
     h2d = copy.get("h2d", {}).get("copy_gb_per_s_with_compute", {}).get("h2d", 0.0) * 1e9
-    worst = max(pts, key=lambda p: abs(linear_predict(step, p["scheduled_tokens"], p["attended_kv_tokens"])
-                                       / p[key] - 1))
-    data = {"t_graph_s": "CUDA-graph replay of the forward (cuBLAS GEMMs, fastest SDPA attention kernel)",
-            "t_eager_s": "eager forward", "t_roofline_s": "roofline (measured HBM bandwidth and matmul rate)"}[key]
-    rows = [[p["kind"], p["n"], p["length"], p["scheduled_tokens"], p["attended_kv_tokens"], round(p[key], 6),
-             round(linear_predict(step, p["scheduled_tokens"], p["attended_kv_tokens"]), 6)] for p in pts]
+
+    def lin(p: Point) -> float:
+        return linear_predict(step, p["scheduled_tokens"], p["attended_kv_tokens"])
+
+    worst = max(pts, key=lambda p: abs(lin(p) / p[key] - 1))
+    all_lin = max(abs(lin(p) / p[key] - 1) for p in every)
     gib = 1 << 30
+    ceil = doc["ceilings"]
+    rows = []
+    for p in every:
+        r = point_row(p)
+        rows.append([r["kind"], r["decode_batch"], r["decode_context"], r["prefill_tokens"], r["scheduled_tokens"],
+                     r["attended_kv_tokens"], round(p[key], 6), round(lin(p), 6),
+                     round(two_regime_predict(proposed, p["scheduled_tokens"], p["attended_kv_tokens"]), 6),
+                     in_range(p, rng)])
+    cw = {k: doc.get("copy", {}).get("with_decode", {}).get(k, {}) for k in ("d2h", "h2d", "bidir")}
     text = f"""# Hardware profile for the simulated engine: Llama3-8B (bf16) on one {card}.
-# MEASURED (docs/calibration.md): {card}, driver {driver}, torch {env.get('torch')} (CUDA {env.get('cuda')}),
-# {doc.get('started_utc')}. Measured with
+# MEASURED (docs/calibration.md) on {card}, driver {driver}, torch {env.get('torch')} (CUDA {env.get('cuda')}),
+# {doc.get('started_utc')}, by `bash backends/gpu_checks/run_calibration.sh`, which runs
 #   {doc['command']}
-# and fitted with
+# and fitted here with
 #   {fit_command}
-# Step time model: t_step = base_s + per_token_s * scheduled_tokens + per_kv_token_s * attended_kv_tokens,
-# least squares on relative error over {fit['n_points']} measured steps ({data});
-# max error {100 * fit['max_rel_err']:.1f}% (worst: {worst['kind']} n={worst['n']} len={worst['length']}),
-# rms {100 * fit['rms_rel_err']:.1f}%. Range fitted and checked: decode contexts <= {rng['decode_max_context']}, batch 1..256;
-# prefill steps of {rng['prefill_min_tokens']}..{rng['prefill_max_tokens']} tokens.
+# Data: CUDA-graph replays of a Llama3-8B-shaped forward (random weights) with cuBLAS GEMMs, vLLM-style fused
+# pointwise kernels and the fastest SDPA attention kernel per shape: what a tuned engine runs. Not the eager
+# forward (launch-bound: decode steps 1.1-5x slower) and not the roofline (a floor no engine reaches).
+# Step time model (backends/sim/profile.py):
+#   t_step = base_s + per_token_s * scheduled_tokens + per_kv_token_s * attended_kv_tokens
+# least squares on relative error over the {fit['n_points']} measured steps of the benchmark's operating range
+# (decode batches 1-256 at contexts up to {rng['decode_max_context']}; decode + prompt-chunk steps up to {rng['prefill_max_tokens']} tokens;
+# prefill-only steps of {rng['prefill_min_tokens']}-{rng['prefill_max_tokens']} tokens): max error {100 * fit['max_rel_err']:.1f}% (worst: {worst['kind']} {worst['segments']}),
+# rms {100 * fit['rms_rel_err']:.1f}%. No linear form does better: a decode token costs ~{1e6 * proposed['per_token_s']:.0f} us on top of the
+# weight read, a prefill token ~{1e6 * proposed['compute_per_token_s']:.0f} us. measurements.proposed_step holds the two-regime form that fits
+# all {whole['n_points']} measured steps within {100 * whole['max_rel_err']:.1f}%.
 name: h100-llama3-8b
 description: Llama3-8B bf16 on one H100 80GB HBM3; cost model fitted to measured CUDA-graph forwards
 source: measured
@@ -823,33 +877,54 @@ model:
   kv_bytes_per_token: {shape['kv_bytes_per_token']}      # 32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes
   max_model_len: {shape['max_model_len']}
 step:
-  base_s: {step['base_s']:.4e}
-  per_token_s: {step['per_token_s']:.4e}
-  per_kv_token_s: {step['per_kv_token_s']:.4e}
+  base_s: {step['base_s']:.5e}
+  per_token_s: {step['per_token_s']:.5e}
+  per_kv_token_s: {step['per_kv_token_s']:.5e}
 batch:
   max_num_seqs: 256
   max_num_batched_tokens: 8192     # chunked-prefill token budget per step
   block_size: 16
 kv:
-  # vLLM's sizing at gpu-memory-utilization {util}: {util} x {cap.get('total_bytes', 0) / gib:.2f} GiB
-  # - weights {cap.get('weights_bytes', 0) / gib:.2f} GiB - activation peak {cap.get('activation_peak_bytes', 0) / gib:.2f} GiB
-  # - other {cap.get('non_torch_bytes', 0) / gib:.2f} GiB, over 128 KiB a token (rounded to 16-token blocks).
+  # vLLM's own sizing at its default gpu-memory-utilization {util}: {util} x {cap.get('total_bytes', 0) / gib:.2f} GiB - weights
+  # {cap.get('weights_bytes', 0) / gib:.2f} GiB - activation peak of an 8192-token step {cap.get('activation_peak_bytes', 0) / gib:.2f} GiB
+  # - CUDA context and libraries {cap.get('non_torch_bytes', 0) / gib:.2f} GiB, over 128 KiB a token, in 16-token blocks.
+  # (The paper's mem-frac 0.3 would leave {cap.get('kv_tokens_at_0.3', 0)} tokens on this 80 GB card.)
   device_tokens: {device_tokens}
-  host_tokens: {host_tokens}            # {host_tokens * shape['kv_bytes_per_token'] / gib:.0f} GiB of pinned host memory for KV
+  host_tokens: {host_tokens}           # {host_tokens * shape['kv_bytes_per_token'] / gib:.0f} GiB of pinned host memory for KV
 transfer:
-  # 2 MiB KV blocks between device and pinned host on a side stream while a decode step runs (measured).
+  # 2 MiB KV blocks between device and pinned host on a side stream, measured while decode steps run
+  # (PCIe Gen5 x16; one direction at a time; both at once each get ~0.9x of this).
   h2d_bytes_per_s: {h2d:.3e}
   d2h_bytes_per_s: {d2h:.3e}
 measurements:
   raw: {raw_path}
+  offload_check: {offload_path}
   card: "{card}"
   driver: "{driver}"
   torch: "{env.get('torch')}"
+  cuda: "{env.get('cuda')}"
+  measured_utc: "{doc.get('started_utc')}"
   data: {key}
+  hbm_copy_bytes_per_s: {ceil['hbm_copy_bytes_per_s']:.3e}
+  matmul_flops_per_s: {ceil['matmul_flops_per_s']:.3e}
   fit_range: {json.dumps(rng)}
+  fit_points: {fit['n_points']}
   fit_max_rel_err: {fit['max_rel_err']:.4f}
   fit_rms_rel_err: {fit['rms_rel_err']:.4f}
-  # kind, n (sequences), length (context or prompt), scheduled_tokens, attended_kv_tokens, measured_s, predicted_s
+  all_points_max_rel_err: {all_lin:.4f}
+  proposed_step:
+    form: "max(base_s + per_token_s * scheduled_tokens, compute_per_token_s * scheduled_tokens) + per_kv_token_s * attended_kv_tokens"
+    base_s: {proposed['base_s']:.5e}
+    per_token_s: {proposed['per_token_s']:.5e}
+    compute_per_token_s: {proposed['compute_per_token_s']:.5e}
+    per_kv_token_s: {proposed['per_kv_token_s']:.5e}
+    fitted_on: all {whole['n_points']} measured steps (minimax on relative error)
+    max_rel_err: {whole['max_rel_err']:.4f}
+    rms_rel_err: {whole['rms_rel_err']:.4f}
+  kv_capacity_tokens: {{util_0.9: {cap.get('kv_tokens_at_0.9', 0)}, util_0.3: {cap.get('kv_tokens_at_0.3', 0)}}}
+  copy_gb_per_s_with_decode: {{d2h: {cw['d2h'].get('copy_gb_per_s_with_compute', {}).get('d2h', 0):.1f}, h2d: {cw['h2d'].get('copy_gb_per_s_with_compute', {}).get('h2d', 0):.1f}, bidir_each: {min(cw['bidir'].get('copy_gb_per_s_with_compute', {'x': 0}).values()):.1f}, decode_step_slowdown_pct: {max(v.get('compute_slowdown_pct', 0) for v in cw.values()):.1f}}}
+  # kind, decode batch, decode context, prefill tokens, scheduled_tokens, attended_kv_tokens,
+  # measured_s, linear (step:) prediction, proposed_step prediction, in fit_range
   points:
 """
     text += "".join(f"  - {json.dumps(r)}\n" for r in rows)
@@ -904,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--data", default="t_graph_s", choices=["t_graph_s", "t_eager_s", "t_roofline_s"])
     f.add_argument("--util", type=float, default=0.9, help="gpu-memory-utilization for device_tokens")
     f.add_argument("--host-tokens", type=int, default=2097152)
+    f.add_argument("--offload-check", help="the offload check's JSON, to reference from the profile")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.cmd == "measure":
@@ -915,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(doc)
     if args.profile:
         fit = write_profile(doc, args.raw, args.profile, args.data, OPERATING_RANGE, args.host_tokens, args.util,
-                            "python3 -m backends.sim.calibrate " + " ".join(argv))
+                            "python3 -m backends.sim.calibrate " + " ".join(argv), args.offload_check)
         print(f"wrote {args.profile}: max error {100 * fit['max_rel_err']:.1f}% over {fit['n_points']} points")
     return 0
 
