@@ -72,8 +72,11 @@ def run_virtual(
     max_time_s: float | None = None,
     progress: Callable[[int], None] | None = None,
     policy_knobs: dict[str, Any] | None = None,
+    idle_limit_s: float = 300.0,
 ) -> RunResult:
-    """Run one policy over ``specs`` on a fresh virtual engine until every request finished."""
+    """Run one policy over ``specs`` on a fresh virtual engine until every request finished (or the engine
+    ran no step for ``idle_limit_s`` of virtual time after the last arrival: requests left paused forever
+    then count as unfinished instead of hanging the run)."""
     pol = make_policy(policy, **(policy_knobs or {})) if isinstance(policy, str) else policy
     streams = {s.id: SimStream(s) for s in specs}
     live: dict[str, SimStream] = {}
@@ -107,7 +110,13 @@ def run_virtual(
     ticks = 0
     decisions: dict[str, int] = {}
     now = 0.0
+    last_progress = (0, 0.0)  # (engine steps, when): a run where the engine stops stepping ends early
     while remaining > 0 and now <= max_time_s:
+        produced = eng.steps
+        if produced != last_progress[0]:
+            last_progress = (produced, now)
+        elif now - last_progress[1] > idle_limit_s and arrived == len(order):
+            break
         while arrived < len(order) and order[arrived].arrival_s <= now:
             live[order[arrived].id] = streams[order[arrived].id]
             arrived += 1

@@ -18,7 +18,7 @@ class TokenFlowKnobs:
     conservativeness: float = 2.0
     # Working set (Step 1): admitted requests <= overcommit * device KV / per-request footprint.
     # Above 1 the policy over-commits device memory and parks the excess on the host.
-    overcommit: float = 4.0
+    overcommit: float = 8.0
     # Eq. 5 adjustment rate: when fewer requests run than the static working set, shrink it by this
     # fraction of the gap (0 = never shrink, 1 = admit no more than are running).
     shrink_rate: float = 0.5

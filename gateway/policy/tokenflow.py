@@ -187,6 +187,9 @@ class TokenFlowPolicy:
         w_sched = w_static
         if n_running < w_static:
             w_sched = int(w_static - k.shrink_rate * (w_static - n_running))
+        # Shrinking limits over-commitment only: what fits on the device is always admissible (else a
+        # shrink rate of 1 with nothing running would admit nothing, ever).
+        w_sched = max(w_sched, int(k.memory_target * cap_tokens / max(beta, 1.0)), 1)
         gamma = self._capacity(snapshot, now, beta, prefilling)
         if self._fallback:
             if demand <= k.overload_exit * gamma:
