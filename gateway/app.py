@@ -149,15 +149,22 @@ class Gateway:
 
     def route(self, model: str) -> EngineHandle:
         h = self._model_routes.get(model)
-        candidates = self._model_engines.get(model, ())
-        if len(candidates) > 1:  # several engines serve it: the healthy one with the fewest live streams
+        if h is None:  # parse_request already checked the name; this is a guard
+            raise ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
+        candidates = self._model_engines.get(model) or [h]
+        limited = any(c.config.max_streams is not None for c in candidates)
+        if len(candidates) > 1 or limited:  # the healthy engine with the fewest live streams, below its limit
             load = {c.config.name: 0 for c in candidates}
             for s in self.streams.values():
                 if s.engine in load:
                     load[s.engine] += 1
-            h = min(candidates, key=lambda c: (not c.control.healthy, load[c.config.name]))
-        if h is None:  # parse_request already checked the name; this is a guard
-            raise ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
+            open_ = [c for c in candidates if c.config.max_streams is None or load[c.config.name] < c.config.max_streams]
+            if not open_:
+                raise ApiError(
+                    429, f"every engine serving '{model}' is at its stream limit; retry shortly", type="rate_limit_error",
+                    code="engine_at_capacity", headers={"Retry-After": str(self.cfg.auth.retry_after_s)},
+                )
+            h = min(open_, key=lambda c: (not c.control.healthy, load[c.config.name]))
         return h
 
     # ----- handlers -----

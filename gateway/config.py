@@ -78,6 +78,9 @@ class EngineConfig(_Strict):
     profile: str = Field("sim-small", description="hardware profile of the embedded simulator")
     control_token: str | None = Field(None, description="bearer token for the engine's control API")
     request_timeout_s: float = Field(3600.0, gt=0, description="longest a single engine request may last")
+    max_streams: int | None = Field(
+        None, gt=0, description="streams this replica keeps on the engine at once; all engines of a model full: 429 with Retry-After (none: no limit)"
+    )
 
 
 class ApiKeyConfig(_Strict):

@@ -222,3 +222,25 @@ def test_bad_auth_config_is_refused():
         load_config(None, **{"auth.keys": [{"name": "x", "key": "k"}, {"name": "x", "key": "j"}]})
     with pytest.raises(ValueError, match="keys_file"):
         load_config(None, **{"auth.keys_file": "/nonexistent/keys.yaml"})
+
+
+async def test_an_engine_at_its_stream_limit_gets_429_and_a_second_engine_takes_the_overflow(http):
+    engines = [{"name": "a", "max_streams": 1}, {"name": "b", "max_streams": 1}]  # two embedded sims, same model
+    gw = await start_gateway(load_config(None, **{"server.port": 0, "engines": engines, "auth.retry_after_s": 2}), port=0)
+    try:
+        model = sorted(gw.gateway.models)[0]
+        body = chat(model, stream=True, max_tokens=400, tokenflow={"rate": 2})
+        held = [await http.post(gw.url + "/v1/chat/completions", json=body) for _ in range(2)]
+        try:
+            for r in held:
+                assert r.status == 200
+                await r.content.readline()
+            assert sorted(s.engine for s in gw.gateway.streams.values()) == ["a", "b"]  # one on each
+            async with http.post(gw.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 429 and r.headers["Retry-After"] == "2"
+                assert (await r.json())["error"]["code"] == "engine_at_capacity"
+        finally:
+            for r in held:
+                r.close()
+    finally:
+        await gw.close()
