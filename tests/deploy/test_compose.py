@@ -11,6 +11,20 @@ import yaml
 
 from tests.deploy.compose import ROOT, aliases, load, run_config
 
+
+def _load_launch():
+    """The vLLM plugin's command-line builder; it imports nothing from vLLM."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenflow_vllm_launch", ROOT / "backends/vllm/tokenflow_vllm/launch.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+launch = _load_launch()
+
 ENV = {"TOKENFLOW_CONTROL_TOKEN": "compose-test-token"}
 ENGINES = ("engine-1", "engine-2")
 
@@ -84,12 +98,12 @@ def test_vllm_engines_run_the_plugin_on_the_pinned_image_with_a_gpu_each(gpu):
         assert flags["--scheduler-cls"] == "tokenflow_vllm.scheduler.TokenFlowAsyncScheduler"
         assert flags["--scheduling-policy"] == "priority"
         assert flags["--served-model-name"] == "llama3-8b" and flags["--port"] == "8000"
+        # The same flags the plugin's own launcher builds (backends/vllm/tokenflow_vllm/launch.py).
         kv = json.loads(flags["--kv-transfer-config"])
-        assert kv["kv_connector"] == "OffloadingConnector" and kv["kv_role"] == "kv_both"
-        extra = kv["kv_connector_extra_config"]
-        assert extra["offload_prompt_only"] is False  # else decode KV is never written through
-        assert extra["eviction_policy"] == "PinnedLRU" and extra["cache_policy_module_path"] == "tokenflow_vllm.offload.policy"
-        assert set(svc["environment"]["VLLM_PLUGINS"].split(",")) == {"tokenflow_engine", "tokenflow_control"}
+        assert kv == json.loads(launch.kv_transfer_config(64_000_000_000))
+        assert kv["kv_connector_extra_config"]["offload_prompt_only"] is False  # else decode KV is never written through
+        assert flags["--scheduler-cls"] == launch.SCHEDULER_ASYNC
+        assert svc["environment"]["VLLM_PLUGINS"] == launch.PLUGINS
     assert sorted(gpus) == ["0", "1"]
     # The entry points those names refer to are the plugin's.
     plugin = (ROOT / "backends" / "vllm" / "pyproject.toml").read_text()
