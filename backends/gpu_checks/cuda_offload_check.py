@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -381,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     streams = {"d2h": torch.cuda.Stream(), "h2d": torch.cuda.Stream()}
     res: dict[str, Any] = {"schema": 1, "env": environment(torch), "block_bytes": BLOCK_BYTES,
                            "block_shape": [BLOCK_TOKENS, LAYERS, 2, KV_HEADS, HEAD_DIM], "dtype": "bfloat16",
-                           "command": " ".join(["python3 -m backends.gpu_checks.cuda_offload_check", *(argv or sys.argv[1:])]),
+                           "command": " ".join(["python3 -m backends.gpu_checks.cuda_offload_check",
+                                                *(argv or sys.argv[1:])]),
                            "gate_available": gate.available}
 
     a = torch.randn(args.mm, args.mm, device="cuda", dtype=torch.bfloat16)

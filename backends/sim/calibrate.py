@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import statistics
 import sys
@@ -447,7 +446,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     it = itertools.cycle(src)
     t_copy = clock.time(lambda: dst.copy_(next(it)), 3, 20)["median_s"]
     hbm = 2 * n_copy * 2 / t_copy
-    del src, dst
+    src = dst = None  # free the 3 GiB
     m = 8192 if cuda else 256
     mats = [(torch.randn(m, m, device=args.device, dtype=torch.bfloat16),
              torch.randn(m, m, device=args.device, dtype=torch.bfloat16)) for _ in range(2)]
@@ -460,7 +459,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     t_mm = clock.time(mm, 3, 20)["median_s"]
     rate = 2 * m**3 / t_mm
-    del mats, out
+    mats = out = None
     doc["ceilings"] = {"hbm_copy_bytes_per_s": hbm, "copy_bytes": 2 * n_copy * 2, "matmul_flops_per_s": rate,
                        "matmul_size": m}
     rec.save()
@@ -939,14 +938,16 @@ measurements:
 def print_tables(doc: dict[str, Any]) -> None:
     c = doc.get("ceilings", {})
     if c:
-        print(f"HBM copy {c['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s; matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+        print(f"HBM copy {c['hbm_copy_bytes_per_s'] / 1e12:.2f} TB/s; "
+              f"matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
     if "kv_capacity" in doc:
         k = doc["kv_capacity"]
         print(f"KV tokens at 0.9: {k['kv_tokens_at_0.9']}, at 0.3: {k['kv_tokens_at_0.3']} "
               f"(activation peak {k['activation_peak_bytes'] / 2**30:.2f} GiB)")
     for name, r in sorted(fit_all(doc).items()):
         coefs = " ".join(f"{k}={v:.3e}" for k, v in r.items() if k.endswith("_s"))
-        print(f"fit {name:32s} max {100 * r['max_rel_err']:6.1f}% rms {100 * r['rms_rel_err']:5.1f}% n={r['n_points']:3d} {coefs}")
+        print(f"fit {name:36s} max {100 * r['max_rel_err']:6.1f}% rms {100 * r['rms_rel_err']:5.1f}% "
+              f"n={r['n_points']:3d} {coefs}")
     for where in ("with_decode", "with_prefill"):
         r = doc.get("copy", {}).get(where)
         if not r:
