@@ -147,3 +147,48 @@ class VirtualEngine:
             if nxt <= self.now and ev is None:
                 return  # nothing will ever change without input
             self.now = max(self.now, nxt)
+
+
+def _burst_main(argv: list[str] | None = None) -> int:
+    """``python -m backends.sim.virtual``: time a burst on the virtual clock (no policy: plain fcfs)."""
+    import argparse
+    import time
+
+    from .profile import load_profile
+
+    ap = argparse.ArgumentParser(prog="python -m backends.sim.virtual", description=_burst_main.__doc__)
+    ap.add_argument("--profile", default="h200-llama3-8b")
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--output", type=int, default=2048)
+    ap.add_argument("--engine-preempt", choices=("recompute", "offload"), default="recompute")
+    args = ap.parse_args(argv)
+    first: dict[str, float] = {}
+    tokens = 0
+
+    def cb(now: float, emitted: list[Emitted]) -> None:
+        nonlocal tokens
+        tokens += len(emitted)
+        for e in emitted:
+            if e.index == 0:
+                first[e.id] = now
+
+    eng = VirtualEngine(load_profile(args.profile), on_tokens=cb, engine_preempt=args.engine_preempt)
+    for i in range(args.requests):
+        eng.add(f"r{i}", args.prompt, args.output, at=0.0)
+    t0 = time.process_time()
+    end = eng.run_until_idle()
+    cpu = time.process_time() - t0
+    ttft = sorted(first.values())
+    c = eng.state()["engine"]["counters"]
+    print(f"{args.requests} x ({args.prompt} in, {args.output} out) on {args.profile}: "
+          f"cpu {cpu:.2f} s for {end:.1f} s virtual, {eng.steps} steps, {tokens} tokens")
+    if ttft:
+        print(f"TTFT p50 {ttft[len(ttft) // 2]:.2f} s, p99 {ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]:.2f} s; "
+              f"preemptions {c['preemptions']}, recomputed tokens {c['recomputed_tokens']}, "
+              f"host-restored tokens {c['host_restored_tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_burst_main())
