@@ -113,17 +113,23 @@ def stream_fields(stream: "Stream", now: float) -> dict[str, Any]:
 class RateEstimator:
     """Drain rate from cumulative consumption observations. Pure: the caller passes the time."""
 
-    __slots__ = ("window_s", "min_span_s", "_points", "_last", "rate", "limited", "waiting_since", "last_advance")
+    __slots__ = (
+        "window_s", "min_span_s", "stall_after_s", "gap_factor", "_points", "_last", "rate", "limited", "waiting_since",
+        "last_advance", "_stall_gap",
+    )
 
-    def __init__(self, window_s: float = 6.0, min_span_s: float = 1.0) -> None:
+    def __init__(self, window_s: float = 6.0, min_span_s: float = 1.0, stall_after_s: float = 3.0, gap_factor: float = 3.0) -> None:
         self.window_s = window_s
         self.min_span_s = min_span_s
+        self.stall_after_s = stall_after_s
+        self.gap_factor = gap_factor
         self._points: deque[tuple[float, int]] = deque()  # (time, consumed) where consumption moved, this run
         self._last: tuple[float, int, int] | None = None  # (time, consumed, backlog) of the last observation
         self.rate: float | None = None  # latest estimate (tokens/s); kept when the run ends
         self.limited = False  # the client was the bottleneck over the last interval
         self.waiting_since: float | None = None  # a backlog has been waiting, untouched, since then
         self.last_advance: float | None = None
+        self._stall_gap: float | None = None  # the wait that ended the last run, as a hint of this client's steps
 
     def observe(self, t: float, consumed: int, backlog: int) -> None:
         """At ``t`` the client had taken ``consumed`` tokens in all and ``backlog`` more were available to it."""
@@ -135,6 +141,11 @@ class RateEstimator:
         pt, pc, pb = last
         taken = consumed - pc
         if taken > 0:
+            if self.stalled(t):  # moving again after a stall: the stall is not a rate; start afresh
+                self._points.clear()
+                self.rate = None
+                if self.waiting_since is not None:
+                    self._stall_gap = t - self.waiting_since  # a client with long steps is not stalled twice
             self.last_advance = t
         self.limited = pb > 0 and taken < pb  # the backlog never emptied: the client set the pace
         if not self.limited:
@@ -158,14 +169,16 @@ class RateEstimator:
         """Mean time between consumption steps in the current run (None with fewer than two)."""
         pts = self._points
         if len(pts) < 2:
-            return None
+            return self._stall_gap
         return (pts[-1][0] - pts[0][0]) / (len(pts) - 1)
 
-    def stalled(self, now: float, stall_after_s: float, gap_factor: float) -> bool:
+    def stalled(self, now: float) -> bool:
+        """A backlog has waited, untouched, longer than the stall limit (adapted to the client's usual steps)."""
         if self.waiting_since is None:
             return False
         gap = self.typical_gap()
-        limit = stall_after_s if gap is None else min(max(gap_factor * gap, stall_after_s), 4 * stall_after_s)
+        after = self.stall_after_s
+        limit = after if gap is None else min(max(self.gap_factor * gap, after), 4 * after)
         return now - self.waiting_since > limit
 
     def reset_run(self) -> None:
@@ -232,8 +245,9 @@ class DrainTracker:
         self.written_tokens = 0
         self.acked_bytes = 0
         self.acked_tokens = 0
-        self.socket = RateEstimator(settings.window_s, settings.min_span_s)
-        self.progress = RateEstimator(settings.window_s, settings.min_span_s)
+        est = (settings.window_s, settings.min_span_s, settings.stall_after_s, settings.stall_gap_factor)
+        self.socket = RateEstimator(*est)
+        self.progress = RateEstimator(*est)
         self.reported: int | None = None
         self.reported_at: float | None = None
         self.stalled = False
@@ -298,9 +312,7 @@ class DrainTracker:
     def _update(self, now: float) -> None:
         s = self.s
         est = self.progress if self.reported is not None else self.socket
-        stalled = self.socket.stalled(now, s.stall_after_s, s.stall_gap_factor) or (
-            self.reported is not None and self.progress.stalled(now, s.stall_after_s, s.stall_gap_factor)
-        )
+        stalled = self.socket.stalled(now) or (self.reported is not None and self.progress.stalled(now))
         current = self.stream.rate
         if stalled and not self.stalled:
             self.stalled, self.stalled_since = True, now
@@ -308,7 +320,8 @@ class DrainTracker:
             self.rate_before_stall = current
         elif not stalled and self.stalled:
             self.stalled, self.stalled_since = False, None
-            current = self.rate_before_stall or current  # resume at the pace it had before the stall
+            # Reading again: back to the declared (or default) rate at least; a slow client is measured anew.
+            current = max(self.rate_before_stall or 0.0, self.declared or self.default_rate)
             est.reset_run()
         if est.limited or self.stalled:
             self._keeping_up_since = None

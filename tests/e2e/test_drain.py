@@ -67,3 +67,104 @@ async def test_slow_reader_is_measured_at_its_true_rate(gateway, http, model):
     finally:
         reader.cancel()
         c.close()
+
+
+SLOW_ENGINE = """\
+name: drain-test
+description: two sequences at ~12 tokens/s each, so three 10 tok/s readers overload it
+source: synthetic
+model: {name: sim-small, kv_bytes_per_token: 8192, max_model_len: 4096}
+step: {base_s: 0.08, per_token_s: 2.0e-5, per_kv_token_s: 2.0e-8}
+batch: {max_num_seqs: 2, max_num_batched_tokens: 2048, block_size: 16}
+kv: {device_tokens: 16384, host_tokens: 262144}
+transfer: {h2d_bytes_per_s: 2.0e9, d2h_bytes_per_s: 2.0e9}
+"""
+
+
+@pytest.fixture
+def slow_engine_config(tmp_path):
+    p = tmp_path / "drain-test.yaml"
+    p.write_text(SLOW_ENGINE)
+    return {
+        "server.port": 0, "scheduler.tick_interval_s": 0.1, "scheduler.policy": "tokenflow",
+        "drain.sample_interval_s": 0.1, "engines": [{"name": "sim", "profile": str(p)}],
+    }
+
+
+async def read_all(http, gateway, body) -> tuple[list[int], float]:
+    """Every event id of a streamed answer, and when its first token arrived (monotonic)."""
+    ids: list[int] = []
+    first = 0.0
+    async with http.post(gateway.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            if line.startswith(b"id: "):
+                ids.append(int(line.rsplit(b":", 1)[1]))
+                first = first or time.monotonic()
+    return ids, first
+
+
+async def test_stalled_client_is_paused_and_resumes_without_loss(slow_engine_config, http):
+    """A client stops reading for 10 s: reported stalled, held by the tokenflow policy so a waiting request
+    runs, resumed when it reads again, and every token arrives."""
+    from gateway.app import start_gateway
+    from gateway.config import load_config
+
+    gw = await start_gateway(load_config(None, **slow_engine_config), port=0)
+    try:
+        model = sorted(gw.gateway.models)[0]
+
+        def body(n: int) -> dict:
+            return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                    "max_tokens": n, "tokenflow": {"rate": 10}}
+
+        a = SlowClient(gw.url, body(100), rcvbuf=1024)
+        await a.open()
+        b = asyncio.create_task(read_all(http, gw, body(120)))
+        await a.read_at(10, until=time.monotonic() + 1.0)  # reads normally at first
+        c = asyncio.create_task(read_all(http, gw, body(60)))  # the engine is full: c waits
+        stop = time.monotonic()
+        st: dict = {}
+
+        async def stalled_and_held() -> bool:
+            nonlocal st
+            st = await info(http, gw, a.stream_id)
+            return st["stalled"] and st["engine_status"] == "held"
+
+        await wait_for(stalled_and_held, timeout=9.0, interval=0.1)
+        held_at = time.monotonic()
+        detected = held_at - stop
+        print(f"stalled and held {detected:.1f} s after the client stopped reading; rate {st['rate']}")
+        assert st["rate_source"] == "stalled" and st["rate"] < 1
+        assert st["buffer_tokens"] >= st["generated_tokens"] - a.consumed - 12  # all it has not read, as buffered
+        # The engine serves the others meanwhile: c, which had been waiting, gets all its tokens.
+        await wait_for(lambda: _done(c), timeout=30)
+        print(f"c done {time.monotonic() - stop:.1f} s after a stopped reading")
+        # 10 s of not reading in all, then it reads again, faster than it declared, to the end.
+        await asyncio.sleep(max(0.0, stop + 10.0 - time.monotonic()))
+        t_read = time.monotonic()
+        await wait_for(lambda: _running_again(http, gw, a), timeout=30, interval=0.05)
+        t_resumed = time.monotonic()
+
+        await a.read_at(1000, until=time.monotonic() + 60)
+        print(f"resumed {t_resumed - t_read:.1f} s after reading again; the rest took {time.monotonic() - t_resumed:.1f} s")
+        assert a.done, "the stream finished"
+        ids_c, c_first = c.result()
+        ids_b, _ = await b
+        print(f"c's first token {c_first - held_at:+.1f} s from a being held")
+        assert c_first > stop + 2.0, "c waited for the engine until the stalled client was paused"
+        assert ids_b == list(range(1, 121)) + [120] and ids_c == list(range(1, 61)) + [60]
+        assert a.consumed == 100 and a.events == 100 + 2  # 100 token events, the finish event, [DONE]
+    finally:
+        a.close()
+        await gw.close()
+
+
+async def _done(task: asyncio.Task) -> bool:
+    return task.done()
+
+
+async def _running_again(http, gw, client: SlowClient) -> bool:
+    await client.read_event()  # keeps reading while the gateway notices
+    st = await info(http, gw, client.stream_id)
+    return not st["stalled"] and (st["engine_status"] in ("running", "loading") or st["finished"])
