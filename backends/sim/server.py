@@ -515,26 +515,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     created = int(time.time())
     try:
         if g.stream:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-            await resp.prepare(request)
-            n = 0
-            while True:
-                index, finish = await q.get()
-                if index >= 0:
-                    n += 1
-                    await resp.write(_chunk(g, created, index, finish))
-                else:
-                    await resp.write(_chunk(g, created, None, finish))
-                if finish is not None:
-                    break
-            if g.include_usage:
-                obj = {"id": ("chatcmpl-" if chat else "cmpl-") + g.rid,
-                       "object": "chat.completion.chunk" if chat else "text_completion",
-                       "created": created, "model": g.model, "choices": [], "usage": _usage(g, n)}
-                await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
+            return await _stream(request, g, q, created)
         ids: list[int] = []
         while True:
             index, finish = await q.get()
@@ -556,6 +537,35 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     finally:
         # Runs on normal completion and when the handler is cancelled because the client went away.
         engine.release(g.rid, q)
+
+
+async def _stream(request: web.Request, g: GenRequest, q: asyncio.Queue, created: int) -> web.StreamResponse:
+    """Write the request's tokens as SSE chunks, one token per chunk."""
+    chat = g.chat
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    try:
+        await resp.prepare(request)
+        n = 0
+        while True:
+            index, finish = await q.get()
+            if index >= 0:
+                n += 1
+                await resp.write(_chunk(g, created, index, finish))
+            else:
+                await resp.write(_chunk(g, created, None, finish))
+            if finish is not None:
+                break
+        if g.include_usage:
+            obj = {"id": ("chatcmpl-" if chat else "cmpl-") + g.rid,
+                   "object": "chat.completion.chunk" if chat else "text_completion",
+                   "created": created, "model": g.model, "choices": [], "usage": _usage(g, n)}
+            await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+    except ConnectionResetError:
+        # The client went away mid-write; the caller's finally clause aborts the request.
+        return resp
 
 
 async def _models(request: web.Request) -> web.Response:
