@@ -61,12 +61,21 @@ async def test_every_dashboard_metric_is_exported(gateway, http, model):
     with pytest.raises(openai.AuthenticationError):  # an error sample
         await openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
-    def samples(text: str) -> set[str]:
-        return {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+    def exported(text: str) -> set[str]:
+        """Sample names, plus the series every declared family has (labelled families without samples yet
+        are declared only by their # TYPE line: event-driven ones, like stalls, that no test run provokes)."""
+        names = set()
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, family, kind = line.split(" ", 3)
+                names |= {family} | ({f"{family}_bucket", f"{family}_sum", f"{family}_count"} if kind == "histogram" else set())
+            elif line and not line.startswith("#"):
+                names.add(line.split("{", 1)[0].split(" ", 1)[0])
+        return names
 
     async def complete() -> bool:
         async with http.get(gateway.url + "/metrics") as r:
-            have = samples(await r.text())
+            have = exported(await r.text())
         missing = wanted - have
         complete.missing = missing  # type: ignore[attr-defined]
         return not missing
