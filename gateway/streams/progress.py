@@ -89,6 +89,7 @@ async def report_progress(gw: "Gateway", request: web.Request) -> web.Response:
     body = {
         "id": sid,
         "consumed_tokens": n,
+        "generated_tokens": stream.generated,
         "delivered_tokens": base + tr.written_tokens,
         "buffer_tokens": int(stream.buffer_tokens(now)),
         "rate": round(stream.rate, 4),
