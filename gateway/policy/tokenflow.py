@@ -105,14 +105,10 @@ class TokenFlowPolicy:
         # Stress: something is not running (waiting in the engine, or paused by us). Otherwise the
         # engine is left alone: it is already serving everyone.
         n = len(streams)
-        n_running = 0
-        prefilling = False
         for s in streams:
-            if s.status is _RUNNING:
-                n_running += 1
-                if s.first_token_time is None:
-                    prefilling = True
-        if n_running == n:
+            if s.status is not _RUNNING:
+                break
+        else:
             self._fallback = False
             return []
 
@@ -131,7 +127,12 @@ class TokenFlowPolicy:
         # One pass: slack key, footprint, working-set bookkeeping. (Hot loop: no calls, locals only.)
         keys = [0.0] * n
         foot = [0] * n
+        kind = bytearray(n)  # 0 running, 1 paused after starting (held / waiting), 2 other
         new_idx: list[int] = []
+        order: list[int] = []  # candidates for the device: all but new requests not yet admitted
+        n_running = 0
+        prefilling = False
+        backlog = 0.0  # seconds of host-to-device copies in flight (progress is not reported: whole copies)
         admitted = 0
         demand = 0.0
         beta_sum = 0.0
@@ -142,6 +143,10 @@ class TokenFlowPolicy:
         inf = math.inf
         for i, s in enumerate(streams):
             st = s.status
+            if st is _RUNNING:
+                n_running += 1
+            else:
+                kind[i] = 2
             gen = s.generated_tokens
             prompt = s.prompt_tokens
             ctx = prompt + gen
@@ -156,11 +161,14 @@ class TokenFlowPolicy:
             if s.first_token_time is None:
                 if st is _RUNNING:
                     keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
+                    prefilling = True
                     admitted += 1
                     demand += s.rate
+                    order.append(i)
                 else:
                     new_idx.append(i)
                 continue
+            order.append(i)
             admitted += 1
             r = s.rate
             demand += r
@@ -176,7 +184,9 @@ class TokenFlowPolicy:
             elif st is _LOADING:
                 miss = ctx - s.kv_device_tokens
                 keys[i] = tte - mu * (miss * load_s if miss > 0 else 0.0) - mu_tick
+                backlog += s.kv_host_tokens * load_s
             else:  # held, or resumed and waiting for admission: reload what the host has if cheaper
+                kind[i] = 1
                 host = s.kv_host_tokens
                 keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
 
@@ -218,8 +228,7 @@ class TokenFlowPolicy:
 
         # Step 2: greedy fill of batch slots and device memory in slack order.
         admit_set = set(admit_new)
-        new_set = set(new_idx)
-        order = [i for i in range(n) if i not in new_set or i in admit_set]
+        order.extend(admit_new)
         order.sort(key=keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected = bytearray(n)
         slots = eng.max_num_seqs
@@ -230,7 +239,7 @@ class TokenFlowPolicy:
                 selected[i] = 1
                 slots -= 1
                 mem -= f
-            elif keys[i] == _MUST_RUN or (keys[i] < 0 and streams[i].status is _RUNNING):
+            elif keys[i] < 0 and (kind[i] == 0 or keys[i] == _MUST_RUN):
                 # Unsafe to pause: keep it even if the engine must find the room itself.
                 selected[i] = 1
                 slots -= 1
@@ -239,9 +248,8 @@ class TokenFlowPolicy:
         # Local swaps: keep a running request rather than switch to a paused one that is barely more
         # urgent and can still wait. Outgoing = running, not chosen (safe by construction); incoming =
         # paused, chosen, least urgent first.
-        out = [i for i in order if not selected[i] and streams[i].status is _RUNNING]
-        inc = [i for i in reversed(order) if selected[i] and streams[i].first_token_time is not None
-               and (streams[i].status is _HELD or streams[i].status is _WAITING)]
+        out = [i for i in order if kind[i] == 0 and not selected[i]]
+        inc = [i for i in reversed(order) if kind[i] == 1 and selected[i]]
         a = b = 0
         while a < len(out) and b < len(inc):
             o, p = out[a], inc[b]
@@ -258,10 +266,6 @@ class TokenFlowPolicy:
         # is left paused for a later tick instead of being recomputed, one that cannot is resumed anyway.
         prefetch_window = mu * k.prefetch_ticks * tick
         relaxed = k.swap_tolerance_s
-        backlog = 0.0
-        for s in streams:
-            if s.status is _LOADING:  # progress is not reported: assume the whole copy is still queued
-                backlog += s.kv_host_tokens * load_s
         for i in order:
             s = streams[i]
             st = s.status
