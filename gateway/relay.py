@@ -47,6 +47,7 @@ class Relay:
         store.on_claimed = self._on_claimed
         store.on_lost = self._on_lost
         store.local_log = self._local_log  # type: ignore[method-assign]
+        store.on_reset = self._on_reset  # type: ignore[method-assign]
         self.resumes = {"local": 0, "follow": 0, "resubmit": 0, "replay": 0}
         self.takeovers = 0
 
@@ -307,6 +308,16 @@ class Relay:
     def _local_log(self, sid: str) -> list[Delta] | None:
         s = self.gw.streams.get(sid)
         return None if s is None else list(s.deltas)
+
+    def _on_reset(self) -> None:
+        """The store lost its data: write again the ended streams whose clients this replica still serves
+        (running streams are written again by their owners)."""
+        rewrite = getattr(self.store, "rewrite", None)
+        if rewrite is None:
+            return
+        for s in list(self.gw.streams.values()):
+            if s.collected is None and s.upstream_done and s.id not in self.pumps:
+                rewrite(self.record(s, {}), s.deltas, Final(s.finish_reason, s.prompt_tokens, s.error))
 
     def _publish(self) -> dict[str, list[PublishedStream]]:
         now = self.gw.loop_time()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ class _Outbox:
     end_state: str | None = None  # finished | detached
     end_sunk: bool = False
     ended_at: float | None = None
+    rewrite: bool = False  # an ended stream written again after Redis lost it (best effort, no ownership)
 
 
 class RedisStore(SessionStore):
@@ -88,6 +90,9 @@ class RedisStore(SessionStore):
         self._next_scan = 0.0
         self._backlog_tokens = 0
         self.tick_interval_s = cfg.tick_interval_s
+        # Redis' data epoch: a random value set once per deployment; if it changes, Redis lost its data
+        # (a restart without persistence) and what this replica still holds must be written again.
+        self._epoch: bytes | None = None
 
     # ----- keys (ids are validated by the callers' entry points) -----
     def _k(self, kind: str, ident: str) -> str:
@@ -308,7 +313,8 @@ class RedisStore(SessionStore):
             res = int(res)
             if res == -1:
                 self._drop(sid)
-                self.on_lost([sid])
+                if not ob.rewrite:  # someone else wrote a rewritten stream first: fine
+                    self.on_lost([sid])
                 continue
             if res == -3:  # the record is gone (Redis restarted empty): write it again, whole
                 self._recreate(sid, ob)
@@ -362,6 +368,20 @@ class RedisStore(SessionStore):
         ob.deltas = list(full) + unsunk
         ob.sunk = len(full)
         ob.create, ob.stored = True, 0
+        self._dirty.set()
+
+    def on_reset(self) -> None:
+        """Redis lost its data (the gateway sets this: it rewrites the ended streams it still serves)."""
+
+    def rewrite(self, rec: StreamRecord, deltas: list[Delta], final: Final) -> None:
+        """Write an ended stream again, whole (after Redis lost it), so clients can still resume it anywhere."""
+        sid = valid_id(rec.id)
+        if sid in self._out:
+            return
+        ob = _Outbox(rec, deltas=list(deltas), sunk=len(deltas), end=final, end_state="finished", end_sunk=True,
+                     rewrite=True)
+        self._backlog_tokens += len(deltas)
+        self._out[sid] = ob
         self._dirty.set()
 
     def local_log(self, sid: str) -> list[Delta] | None:
@@ -466,8 +486,10 @@ class RedisStore(SessionStore):
                 self._fail(e)
                 return
         pipe = self.redis.pipeline(transaction=False)
-        plan: list[tuple[str, str]] = []
+        plan: list[tuple[str, str]] = [("epoch_set", ""), ("epoch", "")]
         me = self.replica_id
+        pipe.set(f"{self.prefix}:epoch", uuid.uuid4().hex, nx=True)  # fresh each time: a reset always shows
+        pipe.get(f"{self.prefix}:epoch")
         owned = sorted(self._owned)
         if owned:
             self._evalsha(pipe, "RENEW", [self._live], [me, int(self.cfg.lease_ttl_s * 1000), self.prefix, *owned])
@@ -512,9 +534,16 @@ class RedisStore(SessionStore):
             if isinstance(res, Exception):
                 log.warning("session store tick command failed", extra={"op": what, "error": str(res)})
                 continue
-            if what == "renew":
-                lost = [x.decode() for x in res[0]]
-                missing = [x.decode() for x in res[1]]
+            if what == "epoch":
+                if self._epoch is not None and res != self._epoch:
+                    log.warning("Redis lost its data: writing held streams again", extra={"store": "redis"})
+                    self.on_reset()
+                self._epoch = res
+            elif what == "renew":
+                # A stream that ended while the renewal was in flight is not lost: its END ran first.
+                live = {sid for sid, ob in self._out.items() if ob.end_state is None}
+                lost = [x.decode() for x in res[0] if x.decode() in live]
+                missing = [x.decode() for x in res[1] if x.decode() in live]
                 for sid in lost:
                     self._drop(sid)
                 if lost:

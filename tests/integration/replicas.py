@@ -1,0 +1,232 @@
+"""Processes for the replica tests: a simulated engine, gateway replicas and private Redis servers, each a real
+subprocess on a free port, plus an SSE client that resumes with Last-Event-ID like a browser's EventSource."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+_TOK = re.compile(r" tok(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def poll(pred: Any, timeout: float, what: str, interval: float = 0.05) -> float:
+    """Await ``pred()`` until true; the seconds it took. Raises AssertionError after ``timeout``."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            if await pred():
+                return time.monotonic() - t0
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            pass
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None, logdir: Path) -> None:
+        self.name = name
+        self.log = logdir / f"{name}.log"
+        self._fh = open(self.log, "wb")
+        self.p = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._fh,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self._fh.close()
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class RedisServer:
+    """A private redis-server (no persistence: a restart loses every key, the hardest case)."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.port = free_port()
+        self.logdir = logdir
+        self.proc: Proc | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = Proc(f"redis-{self.port}-{time.monotonic_ns()}", [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            None, self.logdir)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill(signal.SIGKILL)
+            self.proc = None
+
+
+@dataclass
+class Cluster:
+    logdir: Path
+    redis_url: str
+    prefix: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:10])
+    engine_url: str = ""
+    procs: dict[str, Proc] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
+
+    async def start_engine(self) -> None:
+        port = free_port()
+        self.procs["engine"] = Proc("engine", [sys.executable, "-m", "backends.sim", "--profile", "sim-small",
+                                               "--port", str(port)], None, self.logdir)
+        self.engine_url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async def up() -> bool:
+                async with http.get(self.engine_url + "/health") as r:
+                    return r.status == 200
+            await poll(up, 30, "engine start")
+
+    async def start_gateway(self, name: str, policy: str = "fcfs", **session: Any) -> str:
+        port = free_port()
+        env = {
+            "TOKENFLOW_ENGINES": orjson.dumps([{"name": "sim", "url": self.engine_url}]).decode(),
+            "TOKENFLOW_SERVER__LOG_LEVEL": "warning",
+            "TOKENFLOW_SCHEDULER__POLICY": policy,
+            "TOKENFLOW_SCHEDULER__TICK_INTERVAL_S": "0.1",
+            "TOKENFLOW_SESSION__STORE": "redis",
+            "TOKENFLOW_SESSION__REDIS_URL": self.redis_url,
+            "TOKENFLOW_SESSION__KEY_PREFIX": self.prefix,
+            "TOKENFLOW_SESSION__REPLICA_ID": name,
+            "TOKENFLOW_SESSION__LEASE_TTL_S": "2.0",
+            "TOKENFLOW_SESSION__SCAN_INTERVAL_S": "0.5",
+            "TOKENFLOW_SESSION__DRIVER_LEASE_TTL_S": "2.0",
+            "TOKENFLOW_SESSION__TICK_INTERVAL_S": "0.25",
+            "TOKENFLOW_SESSION__OP_TIMEOUT_S": "0.5",
+            **{f"TOKENFLOW_SESSION__{k.upper()}": str(v) for k, v in session.items()},
+        }
+        self.procs[name] = Proc(name, [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
+                                       "--port", str(port)], env, self.logdir)
+        url = self.urls[name] = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async def ready() -> bool:
+                async with http.get(url + "/readyz") as r:
+                    return r.status == 200
+            try:
+                await poll(ready, 60, f"gateway {name} start")
+            except AssertionError:
+                raise AssertionError(f"gateway {name} did not start:\n{self.procs[name].tail()}") from None
+        return url
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+
+
+async def readyz(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with http.get(url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
+        return await r.json()
+
+
+@dataclass
+class Client:
+    """One streaming client: reads SSE, remembers the last event id, resumes elsewhere when cut off."""
+
+    body: dict[str, Any]
+    path: str = "/v1/completions"
+    texts: list[str] = field(default_factory=list)
+    last_id: str | None = None
+    sid: str | None = None
+    done: bool = False
+    reconnects: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    async def read(self, resp: aiohttp.ClientResponse, stop_after: int | None = None) -> None:
+        """Consume events until [DONE] (sets done), the connection ends, or ``stop_after`` tokens."""
+        self.sid = self.sid or resp.headers.get("X-TokenFlow-Stream-Id")
+        async for raw in resp.content:
+            line = raw.strip()
+            if line.startswith(b"id:"):
+                self.last_id = line[3:].strip().decode()
+            elif line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.done = True
+                    return
+                obj = orjson.loads(payload)
+                if "error" in obj:
+                    self.errors.append(obj["error"]["message"])
+                    continue
+                for c in obj.get("choices") or ():
+                    t = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
+                    if t:
+                        self.texts.append(t)
+                if stop_after is not None and len(self.tokens()) >= stop_after:
+                    return
+
+    async def start(self, http: aiohttp.ClientSession, url: str, stop_after: int | None = None) -> None:
+        try:
+            async with http.post(url + self.path, json=self.body) as resp:
+                assert resp.status == 200, await resp.text()
+                await self.read(resp, stop_after)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            self.errors.append(f"cut: {type(e).__name__}")
+
+    async def resume(self, http: aiohttp.ClientSession, url: str, via: str) -> None:
+        """Reconnect with Last-Event-ID: re-POST the request (``post``) or GET the events endpoint (``get``)."""
+        assert self.last_id and self.sid
+        self.reconnects += 1
+        headers = {"Last-Event-ID": self.last_id}
+        if via == "post":
+            ctx = http.post(url + self.path, json=self.body, headers=headers)
+        else:
+            ctx = http.get(f"{url}/v1/streams/{self.sid}/events", headers=headers)
+        async with ctx as resp:
+            assert resp.status == 200, await resp.text()
+            await self.read(resp)
+
+    def tokens(self) -> list[int]:
+        return [int(m) for m in _TOK.findall("".join(self.texts))]
+
+
+def lost_and_duplicated(clients: list[Client], expected: int) -> tuple[int, int, int]:
+    """(lost, duplicated, out of order) over every client, against `` tok0 .. tok<expected-1>``."""
+    lost = dup = disorder = 0
+    for c in clients:
+        toks = c.tokens()
+        seen = set(toks)
+        lost += len(set(range(expected)) - seen)
+        dup += len(toks) - len(seen)
+        disorder += sum(1 for a, b in zip(toks, toks[1:]) if b <= a)
+    return lost, dup, disorder
