@@ -15,6 +15,7 @@ serve: $(BIN)/.installed
 	$(BIN)/tokenflow serve
 
 test: $(BIN)/.installed
+	scripts/install-test-deps.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
 unit: $(BIN)/.installed
