@@ -18,6 +18,9 @@ test: $(BIN)/.installed
 	scripts/install-test-deps.sh
 	$(BIN)/pytest -q -p no:cacheprovider
 
+bench: $(BIN)/.installed
+	$(BIN)/tokenflow bench virtual --config configs/bench/h200-burst400.yaml
+
 unit: $(BIN)/.installed
 	$(BIN)/pytest -q tests/unit
 
