@@ -67,7 +67,9 @@ def build_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def build_model(out: Path, hidden: int, layers: int, heads: int, intermediate: int, positions: int) -> None:
+def build_model(
+    out: Path, hidden: int, layers: int, heads: int, intermediate: int, positions: int, weights: bool = True
+) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,6 +88,9 @@ def build_model(out: Path, hidden: int, layers: int, heads: int, intermediate: i
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
+    if not weights:
+        cfg.save_pretrained(out)
+        return
     model = LlamaForCausalLM(cfg).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
 
@@ -98,8 +103,9 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=688)
     ap.add_argument("--positions", type=int, default=2048)
+    ap.add_argument("--no-weights", action="store_true", help="config and tokenizer only (serve with --load-format dummy)")
     args = ap.parse_args()
-    spec = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate", "positions")}
+    spec = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate", "positions", "no_weights")}
     spec["format"] = 1
     marker = args.out / MARKER
     if marker.exists() and json.loads(marker.read_text()) == spec:
@@ -109,7 +115,7 @@ def main() -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     build_tokenizer(tmp)
-    build_model(tmp, args.hidden, args.layers, args.heads, args.intermediate, args.positions)
+    build_model(tmp, args.hidden, args.layers, args.heads, args.intermediate, args.positions, not args.no_weights)
     (tmp / MARKER).write_text(json.dumps(spec))
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)  # appear complete or not at all

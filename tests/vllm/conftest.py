@@ -40,6 +40,10 @@ def _skip_if_asked() -> None:
 
 @pytest.fixture(scope="session")
 def vllm_venv() -> Path:
+    return _venv()
+
+
+def _venv() -> Path:
     _skip_if_asked()
     t0 = time.monotonic()
     p = subprocess.run(
@@ -53,6 +57,10 @@ def vllm_venv() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(vllm_venv: Path) -> Path:
+    return _model(vllm_venv)
+
+
+def _model(vllm_venv: Path) -> Path:
     out = CACHE / "tiny-llama"
     p = subprocess.run(
         [str(vllm_venv / "bin" / "python"), str(ROOT / "scripts" / "make-tiny-model.py"), str(out)],
@@ -81,6 +89,8 @@ class Server:
 
     def pids(self) -> list[int]:
         """The server and all its descendants (API server, EngineCore)."""
+        if self.proc is None:
+            return []
         out = [self.proc.pid]
         i = 0
         while i < len(out):
@@ -130,15 +140,26 @@ def stop_server(srv: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(vllm_venv: Path, tiny_model: Path, tmp_path_factory) -> Iterator[Server]:
+def vllm_server(tmp_path_factory) -> Iterator[Server]:
     """float32 (greedy output is then independent of batch composition); prefix caching off, so that a
-    resume is served from host memory or recomputed, never from freed-but-cached device blocks."""
+    resume is served from host memory or recomputed, never from freed-but-cached device blocks.
+
+    ``TOKENFLOW_VLLM_URL`` points the tests at a server already running with this configuration
+    (development only: the tests then cannot read the server's processes)."""
+    url = os.environ.get("TOKENFLOW_VLLM_URL")
+    if url:
+        _skip_if_asked()
+        yield Server(None, url.rstrip("/"), Path("/dev/null"))
+        return
+    vllm_venv = _venv()
+    tiny_model = _model(vllm_venv)
     log = tmp_path_factory.mktemp("vllm") / "serve.log"
     srv = start_server(vllm_venv, tiny_model, log, extra=["--no-enable-prefix-caching"])
     try:
         yield srv
     finally:
         stop_server(srv)
+        MEASUREMENTS["vllm serve log"] = str(log)
         if srv.proc.returncode not in (0, -signal.SIGTERM):
             print(f"vllm serve exit code {srv.proc.returncode}; log tail:\n{srv.log_tail()}")
 
@@ -155,3 +176,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
         terminalreporter.write_sep("-", "vLLM engine measurements")
         for k, v in {**MEASUREMENTS, **contract}.items():
             terminalreporter.write_line(f"{k}: {v}")
+
+
+@pytest.fixture
+async def client(vllm_server: Server):
+    import aiohttp
+
+    from tests.vllm.client import Client
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as s:
+        yield Client(vllm_server.url, s)

@@ -49,11 +49,13 @@ class Tracked:
     hold_pending: bool = False  # preempt asked while a host->device load was in flight
     parked: bool = False  # prefetched: load, then wait for resume without computing
     parked_out: bool = False  # parked with nothing to load: kept out of the queues like a held one
-    parked_device_tokens: int = 0  # parked_out: its tokens found in the device prefix cache
     kv_at_preempt: int = 0  # tokens with valid device KV when last preempted
     restore_pending: bool = False  # count restored/recomputed tokens at the next admission
     restore_external: int = 0  # tokens the connector loads from host for that admission
     pinned: tuple = ()  # host chunk keys pinned while held
+    resumed_at: float | None = None  # perf_counter() of the last resume, until its next token
+    resumed_output: int = 0  # output tokens at that resume
+    resume_to_token_s: float | None = None  # engine-side time from the last resume to the next token
 
 
 class TokenFlowMixin:
@@ -99,7 +101,8 @@ class TokenFlowMixin:
 
         def update_state_after_alloc(request, blocks, num_external_tokens):
             t = self._tf.get(request.request_id)
-            if t is not None and t.restore_pending:
+            if t is not None and t.restore_pending and num_external_tokens:
+                # (a loaded request is allocated again, with 0 external tokens, when it is admitted to run)
                 t.restore_external = num_external_tokens
             return orig_alloc(request, blocks, num_external_tokens)
 
@@ -226,9 +229,11 @@ class TokenFlowMixin:
         out = super().schedule(*args, **kwargs)
         for rid in out.num_scheduled_tokens:
             t = self._tf.get(rid)
-            if t is not None and t.parked:
-                # Admitted to compute (nothing was left to load): a parked request that runs is running.
+            if t is not None:
+                # Computing again: its host copy no longer needs protection, and a parked request that
+                # was admitted to compute (nothing left to load) is simply running.
                 t.parked = False
+                self._unpin(t)
         self._tf_rates.on_schedule(out)
         return out
 
@@ -249,7 +254,30 @@ class TokenFlowMixin:
     def update_from_output(self, scheduler_output, model_runner_output):
         out = super().update_from_output(scheduler_output, model_runner_output)
         self._tf_rates.on_output(scheduler_output)
+        now = time.perf_counter()
+        for rid in scheduler_output.num_scheduled_tokens:
+            t = self._tf.get(rid)
+            if t is not None and t.resumed_at is not None and t.req.num_output_tokens > t.resumed_output:
+                t.resume_to_token_s = now - t.resumed_at
+                t.resumed_at = None
         return out
+
+    def _preempt_request(self, request: Request, timestamp: float, drop_stale_output: bool = False) -> None:
+        # Every preemption, the engine's own (KV exhausted) included: count it and remember how much KV
+        # the request had, to tell restored from recomputed tokens when it is re-admitted.
+        t = self._tf.get(request.request_id)
+        if t is not None:
+            t.kv_at_preempt = request.num_computed_tokens
+            t.restore_pending = True
+            t.restore_external = 0
+        self._tf_counters["preemptions"] += 1
+        super()._preempt_request(request, timestamp, drop_stale_output)
+
+    def finish_requests(self, request_ids, finished_status):
+        done = super().finish_requests(request_ids, finished_status)
+        if finished_status == RequestStatus.FINISHED_ABORTED:
+            self._tf_counters["aborts"] += len(done)  # abort commands and client disconnects
+        return done
 
     def _apply_pending_holds(self) -> None:
         for t in list(self._tf.values()):
@@ -295,10 +323,9 @@ class TokenFlowMixin:
         status = self._status(t)
         if status == "held":
             return
-        self._tf_counters["preemptions"] += 1
         t.parked = False
-        t.restore_pending = False
         if t.parked_out:
+            self._tf_counters["preemptions"] += 1
             t.parked_out = False
             t.held = True
             self._pin(t)
@@ -314,8 +341,10 @@ class TokenFlowMixin:
             self.prev_step_scheduled_req_ids.discard(req.request_id)
             self._pin(t)
         elif req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            self._tf_counters["preemptions"] += 1
             t.hold_pending = True  # applied by _apply_pending_holds once the copy lands
         elif req.num_computed_tokens > 0:
+            self._tf_counters["preemptions"] += 1
             # Queued with device KV (loaded, parked or awaiting admission).
             t.kv_at_preempt = max(t.kv_at_preempt, req.num_computed_tokens)
             self._release_waiting_kv(req)
@@ -323,13 +352,14 @@ class TokenFlowMixin:
                 req.status = RequestStatus.PREEMPTED
             self._pin(t)
         else:
+            self._tf_counters["preemptions"] += 1
             self.waiting.remove_requests([req])
             self.kv_holding_waiting.remove_requests([req])
             self.deferred_waiting.discard(req)
             self._pin(t)
 
     def _readmit(self, t: Tracked) -> None:
-        self._unpin(t)
+        # Pins stay until it computes again (see schedule): loading and parked requests keep their copy.
         t.held = False
         t.parked_out = False
         t.restore_pending = True
@@ -338,6 +368,9 @@ class TokenFlowMixin:
         self.waiting.prepend_request(t.req)
 
     def _resume(self, t: Tracked) -> None:
+        if t.held or t.parked or t.parked_out:
+            t.resumed_at = time.perf_counter()
+            t.resumed_output = t.req.num_output_tokens
         if t.hold_pending:
             # The load it was waiting for lands as a normal admission: cancel the hold.
             t.hold_pending = False
@@ -355,15 +388,26 @@ class TokenFlowMixin:
         if not t.held or t.hold_pending:
             return
         self._tf_counters["prefetches"] += 1
-        if self._needs_load(t.req):
+        req = t.req
+        if self._needs_load(req):
             self._readmit(t)
             t.parked = True
+            return
+        # Nothing to copy from host. Claim what the device prefix cache still holds of it, so the parked
+        # request really owns that KV (nothing can evict it) and resume computes only the rest.
+        t.held = False
+        blocks, n_local, _, _ = self._get_local_prefix_cache_hit(req)
+        if n_local > 0 and (
+            self.kv_cache_manager.allocate_slots(req, 0, num_new_computed_tokens=n_local, new_computed_blocks=blocks)
+            is not None
+        ):
+            req.num_computed_tokens = n_local
+            t.parked = True
+            t.restore_pending = True
+            t.restore_external = 0
+            self.kv_holding_waiting.add_request(req)
         else:
-            # Nothing to copy: its KV is on device already (prefix cache) or there is none.
-            self._unpin(t)
-            t.held = False
-            t.parked_out = True
-            _, t.parked_device_tokens, _, _ = self._get_local_prefix_cache_hit(t.req)
+            t.parked_out = True  # no device KV at all; resume recomputes (or reloads, if it can by then)
 
     def _needs_load(self, req: Request) -> bool:
         """Whether admission would load KV from host beyond the device prefix-cache hit."""
@@ -386,7 +430,6 @@ class TokenFlowMixin:
         req.priority = priority
 
     def _abort(self, t: Tracked) -> None:
-        self._tf_counters["aborts"] += 1
         self.finish_requests(t.req.request_id, RequestStatus.FINISHED_ABORTED)
 
     def tokenflow_apply(self, commands: list[dict[str, Any]]) -> dict[str, Any]:
@@ -427,11 +470,10 @@ class TokenFlowMixin:
     def _request_state(self, t: Tracked) -> dict[str, Any]:
         req = t.req
         status = self._status(t)
-        if t.parked_out:
-            device = computed = t.parked_device_tokens
-        else:
-            device = req.num_computed_tokens if status in ("running", "parked", "loading") else 0
-            computed = req.num_computed_tokens if status in ("running", "parked") else 0
+        device = computed = 0
+        if status in ("running", "parked", "loading") and not t.parked_out:
+            device = self._device_blocks(req) * self.block_size  # allocated: what a preempt would free
+            computed = req.num_computed_tokens if status != "loading" else 0
         return {
             "id": t.tf_id,
             "status": status,
@@ -444,8 +486,15 @@ class TokenFlowMixin:
             "kv_device_tokens": device,
             "kv_host_tokens": self._host_tokens(req),
             "preemptions": req.num_preemptions,
+            "resume_to_token_s": t.resume_to_token_s,  # beyond the contract: last resume -> next token
             "request_id": req.request_id,
         }
+
+    def _device_blocks(self, req: Request) -> int:
+        try:
+            return len(self.kv_cache_manager.get_blocks(req.request_id).blocks[0])
+        except (KeyError, IndexError):
+            return 0
 
     def _tf_name(self) -> str:
         name = self.vllm_config.model_config.served_model_name
