@@ -11,6 +11,7 @@ in order, when Redis answers again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -75,7 +76,8 @@ class RedisStore(SessionStore):
         if cfg.redis_tls_ca_file:
             kwargs["ssl_ca_certs"] = cfg.redis_tls_ca_file
         self.redis: Redis = Redis.from_url(cfg.redis_url, **kwargs)
-        self._sha: dict[str, str] = {}
+        # EVALSHA by the scripts' SHA-1 (known without Redis); NOSCRIPT -> SCRIPT LOAD and retry.
+        self._sha: dict[str, str] = {n: hashlib.sha1(src.encode()).hexdigest() for n, src in scripts.ALL.items()}
         self.roundtrips = 0  # pipelines and single commands sent (benchmarks read it)
         self.errors = 0
         self._out: dict[str, _Outbox] = {}
@@ -140,7 +142,16 @@ class RedisStore(SessionStore):
         for n in names:
             pipe.script_load(scripts.ALL[n])
         shas = await self._execute(pipe)
-        self._sha = {n: (s.decode() if isinstance(s, bytes) else s) for n, s in zip(names, shas)}
+        self._check(shas)
+
+    async def _reload(self) -> bool:
+        """Load the scripts again (Redis restarted); False if Redis is unreachable."""
+        try:
+            await self._load_scripts()
+            return True
+        except (*_ERRORS, rexc.RedisError) as e:
+            self._fail(e)
+            return False
 
     def _evalsha(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         pipe.evalsha(self._sha[name], len(keys), *keys, *args)
@@ -292,7 +303,7 @@ class RedisStore(SessionStore):
             results = await self._execute(pipe)
             self._check(results)
         except rexc.NoScriptError:  # Redis restarted and lost its script cache
-            await self._load_scripts()
+            await self._reload()
             self._dirty.set()
             return
         except (*_ERRORS, rexc.RedisError) as e:
@@ -457,7 +468,8 @@ class RedisStore(SessionStore):
             (res,) = await self._execute(pipe)
             self._check([res])
         except rexc.NoScriptError:
-            await self._load_scripts()
+            if not await self._reload():
+                raise StoreUnavailable("Redis is unreachable") from None
             return await self.claim(sid)
         except (*_ERRORS, rexc.RedisError) as e:
             self._fail(e)
@@ -479,12 +491,6 @@ class RedisStore(SessionStore):
             await asyncio.sleep(max(0.0, self.tick_interval_s - (time.monotonic() - t0)))
 
     async def _tick(self) -> None:
-        if not self._sha:
-            try:
-                await self._load_scripts()
-            except (*_ERRORS, rexc.RedisError) as e:
-                self._fail(e)
-                return
         pipe = self.redis.pipeline(transaction=False)
         plan: list[tuple[str, str]] = [("epoch_set", ""), ("epoch", "")]
         me = self.replica_id
@@ -524,7 +530,7 @@ class RedisStore(SessionStore):
             results = await self._execute(pipe)
             self._check(results)
         except rexc.NoScriptError:
-            await self._load_scripts()
+            await self._reload()
             return
         except (*_ERRORS, rexc.RedisError) as e:
             self._fail(e)

@@ -1,0 +1,266 @@
+"""Session store: ids, resubmission bodies, the memory store, and the Redis store against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+
+import pytest
+import redis
+
+from gateway.config import SessionConfig
+from gateway.resume import NotResumable, continuation_body, parse_event_id
+from gateway.state import Final, StoreUnavailable, StreamRecord, valid_id
+from gateway.state.memory import MemoryStore
+from gateway.state.redis_store import RedisStore
+
+REDIS_URL = os.environ.get("TOKENFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def rec(sid: str, kind: str = "completion", body: dict | None = None) -> StreamRecord:
+    return StreamRecord(sid, "sim", "m", kind, 10.0, "smooth", True, False, 50, 1700000000, time.time(),
+                        body or {"model": "m", "prompt": "hello", "max_tokens": 50})
+
+
+async def until(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    t0 = time.monotonic()
+    while not await pred():
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"{what} not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+# ----- ids and resubmission -----
+
+def test_event_ids_parse_and_reject() -> None:
+    assert parse_event_id("abc123:17") == ("abc123", 17)
+    assert parse_event_id(" a.b-c_d:0 ") == ("a.b-c_d", 0)
+    for bad in ("abc", ":5", "abc:", "abc:-1", "abc:1e3", "abc:" + "9" * 20):
+        with pytest.raises(ValueError):
+            parse_event_id(bad)
+
+
+def test_key_ids_are_validated() -> None:
+    assert valid_id("Ab-1._x") == "Ab-1._x"
+    for bad in ("", "a:b", "a*", "a b", "x" * 129, "a\nb", "{a}"):
+        with pytest.raises(ValueError):
+            valid_id(bad)
+
+
+def test_continuation_of_a_completion_appends_the_output_and_shrinks_the_limit() -> None:
+    body = {"model": "m", "prompt": "Once", "max_tokens": 10, "temperature": 0}
+    out = continuation_body("completion", body, [(2, " upon a", None), (3, " time", None)])
+    assert out == {"model": "m", "prompt": "Once upon a time", "max_tokens": 7, "temperature": 0}
+    assert body["prompt"] == "Once"  # the record is not modified
+    assert continuation_body("completion", {"prompt": ["Once"]}, [(1, " more", None)])["prompt"] == ["Once more"]
+    assert continuation_body("completion", body, []) == body
+    assert continuation_body("completion", body, [(10, "x" * 10, None)]) is None  # nothing left to generate
+    ids = continuation_body("completion", {"prompt": [1, 2], "max_tokens": 5}, [(2, "ab", [7, 8])])
+    assert ids == {"prompt": [1, 2, 7, 8], "max_tokens": 3}
+    with pytest.raises(NotResumable):
+        continuation_body("completion", {"prompt": [1, 2]}, [(1, "a", None)])
+
+
+def test_continuation_of_a_chat_continues_an_assistant_message() -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    out = continuation_body("chat", {"messages": msgs, "max_completion_tokens": 9}, [(4, " tok0 tok1 tok2 tok3", None)])
+    assert out["messages"] == [*msgs, {"role": "assistant", "content": " tok0 tok1 tok2 tok3"}]
+    assert out["continue_final_message"] is True and out["add_generation_prompt"] is False
+    assert out["max_completion_tokens"] == 5
+    again = continuation_body("chat", out, [(1, " tok4", None)])  # a second resubmission extends the same message
+    assert again["messages"][-1]["content"] == " tok0 tok1 tok2 tok3 tok4" and len(again["messages"]) == 2
+
+
+# ----- memory store -----
+
+async def test_memory_store_keeps_tokens_and_releases_for_resumption() -> None:
+    store = MemoryStore(SessionConfig(ttl_s=0.2), ["sim"])
+    got: list = []
+    store.sink = lambda sid, deltas, final: got.append((sid, deltas, final))
+    store.create(rec("s1"))
+    store.append("s1", (1, " a", None))
+    store.append("s1", (3, " bc", None))
+    assert got == [("s1", [(1, " a", None)], None), ("s1", [(3, " bc", None)], None)]  # delivered at once
+    loaded = await store.load("s1")
+    assert loaded is not None and loaded.tokens == 3 and loaded.state == "running" and loaded.owner == store.replica_id
+    assert not await store.claim("s1"), "a running stream has an owner"
+    store.release("s1")
+    assert (await store.load("s1")).state == "detached"
+    assert await store.claim("s1") and not await store.claim("s1")
+    store.finish("s1", Final("stop", 4))
+    loaded = await store.load("s1")
+    assert loaded.state == "finished" and loaded.final == Final("stop", 4)
+
+    async def expired() -> bool:
+        return await store.load("s1") is None
+
+    await until(expired, what="record expiry after ttl")
+    assert await store.load("nope") is None
+
+
+# ----- Redis store -----
+
+def _cfg(prefix: str, **kw) -> SessionConfig:
+    base = dict(store="redis", redis_url=REDIS_URL, key_prefix=prefix, lease_ttl_s=0.6, scan_interval_s=0.2,
+                driver_lease_ttl_s=0.6, tick_interval_s=0.1, flush_interval_s=0.005, op_timeout_s=0.5)
+    return SessionConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def prefix():
+    try:
+        r = redis.Redis.from_url(REDIS_URL, socket_timeout=1)
+        r.ping()
+    except redis.RedisError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    p = "test" + uuid.uuid4().hex[:10]
+    yield p
+    keys = list(r.scan_iter(match=f"{p}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+
+
+@pytest.mark.redis
+async def test_redis_tokens_reach_the_client_once_durable_and_any_replica_loads_them(prefix: str) -> None:
+    a = RedisStore(_cfg(prefix, replica_id="A"), ["sim"])
+    b = RedisStore(_cfg(prefix, replica_id="B"), ["sim"])
+    got: list = []
+    a.sink = lambda sid, deltas, final: got.append((deltas, final))
+    await a.start()
+    await b.start()
+    try:
+        a.create(rec("s1"))
+        for i in range(1, 11):
+            a.append("s1", (i, f" tok{i - 1}", None))
+        a.finish("s1", Final("length", 3))
+
+        async def delivered() -> bool:
+            return any(f is not None for _, f in got)
+
+        await until(delivered, what="durable delivery")
+        assert [d for ds, _ in got for d in ds] == [(i, f" tok{i - 1}", None) for i in range(1, 11)]
+        loaded = await b.load("s1")
+        assert loaded.state == "finished" and loaded.final == Final("length", 3) and loaded.owner is None
+        assert [d[0] for d in loaded.deltas] == list(range(1, 11))
+        assert a.roundtrips < 10, "writes are batched"
+        r = redis.Redis.from_url(REDIS_URL)
+        assert 0 < r.pttl(f"{prefix}:s:s1") <= 600_000 and 0 < r.pttl(f"{prefix}:t:s1") <= 600_000  # expire after the end
+        assert all(k.decode().startswith(prefix + ":") for k in r.scan_iter(match=f"{prefix}*"))
+        assert await b.load("unknown") is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.redis
+async def test_redis_expired_owner_is_fenced_off_after_a_takeover(prefix: str) -> None:
+    a = RedisStore(_cfg(prefix, replica_id="A"), ["sim"])
+    b = RedisStore(_cfg(prefix, replica_id="B"), ["sim"])
+    lost: list[str] = []
+    claimed: list[str] = []
+    a.on_lost = lost.extend
+    b.on_claimed = claimed.extend
+    await a._load_scripts()  # A writes but never renews: as if it hung
+    a._ok()
+    await b.start()
+    try:
+        a.create(rec("s2"))
+        a.append("s2", (2, " x y", None))
+        await a._flush()
+        assert (await b.load("s2")).owner == "A"
+
+        async def taken() -> bool:
+            return "s2" in claimed
+
+        await until(taken, what="B takes over the expired stream")
+        assert (await b.load("s2")).owner == "B"
+        a.append("s2", (3, " z", None))  # A wakes up and writes: refused
+        await a._flush()
+        assert lost == ["s2"]
+        assert [d[0] for d in (await b.load("s2")).deltas] == [2]
+        b.create(rec("s2"), [(2, " x y", None)])
+        b.append("s2", (3, " w", None))
+        b.finish("s2", Final("stop", 1))
+
+        async def finished() -> bool:
+            return (await b.load("s2")).state == "finished"
+
+        await until(finished, what="B finishes the stream")
+        assert [d[1] for d in (await b.load("s2")).deltas] == [" x y", " w"]
+    finally:
+        await a.redis.aclose()
+        await b.close()
+
+
+@pytest.mark.redis
+async def test_redis_one_driver_per_engine_and_a_quick_handover(prefix: str) -> None:
+    a = RedisStore(_cfg(prefix, replica_id="A"), ["e1", "e2"])
+    b = RedisStore(_cfg(prefix, replica_id="B"), ["e1", "e2"])
+    await a.start()
+
+    async def a_drives() -> bool:
+        return a.is_driver("e1") and a.is_driver("e2")
+
+    await until(a_drives, what="A drives")
+    await b.start()
+    await asyncio.sleep(0.3)  # several ticks of both: B must never drive while A holds the lease
+    assert not b.is_driver("e1") and not b.is_driver("e2")
+    await a.close()  # a clean shutdown hands the leases over at once
+    t0 = time.monotonic()
+
+    async def b_drives() -> bool:
+        return b.is_driver("e1") and b.is_driver("e2")
+
+    await until(b_drives, what="B drives")
+    assert time.monotonic() - t0 < 2.0
+    await b.close()
+
+
+@pytest.mark.redis
+async def test_redis_published_streams_reach_the_driver(prefix: str) -> None:
+    from gateway.state import PublishedStream
+
+    a = RedisStore(_cfg(prefix, replica_id="A"), ["sim"])
+    b = RedisStore(_cfg(prefix, replica_id="B"), ["sim"])
+    now_wall = time.time()
+    b.publisher = lambda: {"sim": [PublishedStream("r1", now_wall - 2, 100, 10.0, 40, now_wall - 1, 25.0, True)]}
+    await a.start()
+    await b.start()
+    try:
+        async def seen() -> bool:
+            return bool(list(a.remote_streams("sim", 100.0)))
+
+        await until(seen, what="A sees B's stream")
+        (r,) = a.remote_streams("sim", 100.0)
+        assert (r.id, r.generated_tokens, r.rate, r.attached) == ("r1", 40, 10.0, True)
+        assert 97.0 < r.arrival_time < 99.0  # wall time mapped onto the local clock
+        assert 0.0 <= r.buffer_tokens(100.0) <= 25.0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_redis_unreachable_degrades_without_hanging() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    store = RedisStore(_cfg("down", redis_url=f"redis://127.0.0.1:{port}/0", replica_id="A"), ["sim"])
+    got: list = []
+    store.sink = lambda sid, deltas, final: got.append((deltas, final))
+    t0 = time.monotonic()
+    await store.start()
+    try:
+        assert store.degraded and store.status()["status"] == "degraded"
+        store.create(rec("s3"))
+        store.append("s3", (1, " a", None))
+        store.finish("s3", Final("stop", 1))
+        assert got == [([(1, " a", None)], None), ([], Final("stop", 1))], "served from memory at once"
+        with pytest.raises(StoreUnavailable):
+            await store.load("s3")
+        assert not store.is_driver("sim")
+    finally:
+        await store.close()
+    assert time.monotonic() - t0 < 5
