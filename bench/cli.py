@@ -45,7 +45,11 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-std", type=float, default=None, help="default: 25%% of the mean")
     g.add_argument("--rates", default="15:0.4,20:0.6", help="consumption mix rate:weight,... (or reading/listening)")
     g.add_argument("--seed", type=int, default=1)
-    g.add_argument("--policies", default=DEFAULT_POLICIES)
+    g.add_argument("--slow-share", type=float, default=0.0,
+                   help="share of clients that read slower than they declared (reader behaviour)")
+    g.add_argument("--slow-factor", type=float, default=0.5, help="their true rate over their declared rate")
+    g.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help="comma-separated; virtual mode: NAME@measured uses the measured drain instead of declared rates")
     g.add_argument("--tick", type=float, default=0.5, help="policy tick interval (s)")
     g.add_argument("--knob", action="append", default=[], metavar="POLICY.NAME=VALUE", help="override a policy knob")
     g.add_argument("--out", help="output directory (default bench-results/<mode>-<time>)")
@@ -108,7 +112,8 @@ def _knobs(items: list[str]) -> dict[str, dict[str, float]]:
 def _workload(args: argparse.Namespace) -> WorkloadConfig:
     return WorkloadConfig(kind=args.workload, n=args.n, rate_rps=args.rate_rps, burstiness=args.burstiness,
                           input_mean=args.input_mean, input_std=args.input_std, output_mean=args.output_mean,
-                          output_std=args.output_std, rates=parse_rates(args.rates), trace=args.trace, seed=args.seed)
+                          output_std=args.output_std, rates=parse_rates(args.rates), trace=args.trace, seed=args.seed,
+                          slow_share=args.slow_share, slow_factor=args.slow_factor)
 
 
 def _progress(total: int, disable: bool, desc: str) -> Any:
@@ -160,9 +165,10 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
     runs = {}
     total = sum(s.output_tokens for s in specs)
     for pol in policies:
+        name, _, drain = pol.partition("@")  # "tokenflow@measured": the gateway's measured drain, not declared rates
         with _progress(total, args.no_progress, pol) as bar:
-            r = run_virtual(prof, specs, pol, tick_s=args.tick, engine_preempt=args.engine_preempt,
-                            policy_knobs=knobs.get(pol), progress=bar.update)
+            r = run_virtual(prof, specs, name, tick_s=args.tick, engine_preempt=args.engine_preempt,
+                            policy_knobs=knobs.get(name), progress=bar.update, drain=drain or "declared")
         m = summarize(r.records, preemptions=r.preemptions)
         m.update(engine_counters=r.engine_counters, decisions=r.decisions, tick_ms_mean=r.tick_ms_mean,
                  tick_ms_max=r.tick_ms_max)

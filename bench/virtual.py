@@ -19,33 +19,54 @@ from gateway.policy.snapshot import build_snapshot
 from gateway.policy.types import Policy
 from gateway.streams.reader import ReaderModel
 
+from .drain_sim import SimulatedDrain
 from .metrics import RequestRecord
 from .workload import RequestSpec
 
 
 class SimStream:
-    """The gateway's view of one client stream (satisfies ``snapshot.BufferSource``)."""
+    """The gateway's view of one client stream (satisfies ``snapshot.BufferSource``).
 
-    __slots__ = ("id", "arrival_time", "max_tokens", "rate", "reader", "record", "generated_tokens", "first_token_time")
+    ``reader`` is the gateway's model at the declared (or, with measured drain, effective) rate; ``client``
+    is the person really reading, at the spec's true rate (the same object when they agree). With
+    ``drain="measured"`` the gateway's measured-drain tracker (bench.drain_sim) sets the rate and buffer.
+    """
 
-    def __init__(self, spec: RequestSpec) -> None:
+    __slots__ = ("id", "arrival_time", "max_tokens", "rate", "reader", "client", "record", "generated_tokens",
+                 "first_token_time", "pacing", "drain")
+
+    def __init__(self, spec: RequestSpec, drain: str = "declared") -> None:
         self.id = spec.id
         self.arrival_time = spec.arrival_s
         self.max_tokens = spec.output_tokens
         self.rate = spec.rate
         self.reader = ReaderModel(spec.rate)
-        self.record = RequestRecord(spec.id, spec.arrival_s, spec.rate, spec.prompt_tokens, spec.output_tokens)
+        true = spec.true_rate or spec.rate
+        # measured drain changes the gateway model's rate: the real reader must then be a separate model
+        self.client = self.reader if true == spec.rate and drain != "measured" else ReaderModel(true)
+        self.record = RequestRecord(spec.id, spec.arrival_s, true, spec.prompt_tokens, spec.output_tokens)
         self.generated_tokens = 0
         self.first_token_time: float | None = None
+        self.pacing = "none"  # tokens reach the client when produced
+        self.drain = SimulatedDrain(self, self.client, spec.rate, spec.arrival_s) if drain == "measured" else None
 
     def buffer_tokens(self, now: float) -> float:
+        if self.drain is not None:
+            self.reader.advance(now)
+            return float(self.reader.produced - self.drain.consumed(now, self.reader.consumed))
         return float(self.reader.buffer(now))
+
+    def set_rate(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.reader.set_rate(rate, now)
 
     def on_token(self, now: float) -> None:
         if self.first_token_time is None:
             self.first_token_time = now
         self.generated_tokens += 1
         self.reader.on_tokens(1, now)
+        if self.client is not self.reader:
+            self.client.on_tokens(1, now)
         self.record.token_times.append(now)
 
 
@@ -73,12 +94,13 @@ def run_virtual(
     progress: Callable[[int], None] | None = None,
     policy_knobs: dict[str, Any] | None = None,
     idle_limit_s: float = 300.0,
+    drain: str = "declared",
 ) -> RunResult:
     """Run one policy over ``specs`` on a fresh virtual engine until every request finished (or the engine
     ran no step for ``idle_limit_s`` of virtual time after the last arrival: requests left paused forever
     then count as unfinished instead of hanging the run)."""
     pol = make_policy(policy, **(policy_knobs or {})) if isinstance(policy, str) else policy
-    streams = {s.id: SimStream(s) for s in specs}
+    streams = {s.id: SimStream(s, drain) for s in specs}  # drain: "declared" rates only, or "measured"
     live: dict[str, SimStream] = {}
     order = sorted(specs, key=lambda s: s.arrival_s)
     remaining = len(specs)
@@ -126,6 +148,9 @@ def run_virtual(
             remaining -= 1
         done_ids.clear()
         if live:
+            for st in live.values():
+                if st.drain is not None:  # measured drain: one sample per tick, as the gateway's sampler
+                    st.drain.sample(now)
             snap = build_snapshot(eng.state(), live.values(), now, tick_s)
             t0 = time.perf_counter()
             ds = pol.decide(snap, now)

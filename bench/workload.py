@@ -27,7 +27,8 @@ class RequestSpec:
     arrival_s: float  # offset from the start of the run
     prompt_tokens: int
     output_tokens: int  # max_tokens: the engine generates exactly this many
-    rate: float  # tokens/s the client reads
+    rate: float  # tokens/s the client declares
+    true_rate: float | None = None  # tokens/s it really reads (None: as declared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,9 @@ class WorkloadConfig:
     rates: tuple[tuple[float, float], ...] = ((15.0, 0.4), (20.0, 0.6))  # (tokens/s, weight)
     trace: str | None = None
     seed: int = 0
+    # Reader behaviour: this share of the clients reads at slow_factor times its declared rate.
+    slow_share: float = 0.0
+    slow_factor: float = 0.5
 
     def with_(self, **changes: object) -> "WorkloadConfig":
         return replace(self, **changes)
@@ -129,6 +133,17 @@ def load_trace(path: str | Path) -> list[tuple[float, int, int, float]]:
 
 def generate(cfg: WorkloadConfig) -> list[RequestSpec]:
     """The requests of a workload, sorted by arrival; identical for identical (config, seed)."""
+    specs = _generate(cfg)
+    if cfg.slow_share <= 0:
+        return specs
+    if not (0 < cfg.slow_share <= 1 and cfg.slow_factor > 0):
+        raise ValueError("slow_share must be in (0, 1] and slow_factor > 0")
+    # Its own generator, so the requests themselves are the same with or without slow readers.
+    rng = random.Random(f"{cfg.seed}-readers")
+    return [replace(s, true_rate=s.rate * cfg.slow_factor) if rng.random() < cfg.slow_share else s for s in specs]
+
+
+def _generate(cfg: WorkloadConfig) -> list[RequestSpec]:
     rng = random.Random(cfg.seed)
     if cfg.kind == "trace":
         if not cfg.trace:

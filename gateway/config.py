@@ -69,6 +69,7 @@ class DrainConfig(_Strict):
     probe_after_s: float = Field(2.0, gt=0, description="a client keeping up for this long gets its effective rate raised (probing)")
     probe_factor: float = Field(1.25, gt=1, description="factor of each upward probe, up to the declared rate")
     learn_max_rate: float = Field(20.0, gt=0, description="highest rate probing reaches for clients that declared none (tokens/s)")
+    deadband: float = Field(0.15, ge=0, lt=1, description="a measured rate within this fraction of the declared one counts as the declared rate (noise)")
 
 
 class EngineConfig(_Strict):

@@ -73,6 +73,7 @@ class DrainSettings:
     probe_after_s: float = 2.0
     probe_factor: float = 1.25
     learn_max_rate: float = 20.0
+    deadband: float = 0.15
     min_rate: float = 0.1  # floor: a stalled client is paced and scheduled at this rate
     max_rate: float = 1000.0
 
@@ -200,7 +201,8 @@ def effective_rate(
     """The rate pacing and the policy use, from the declared rate and the evidence.
 
     * Stalled: the floor ``min_rate`` (its buffer then reads as lasting for ages, so the policy can pause it).
-    * The client is the bottleneck and a measurement exists: the measured rate. Smooth pacing never goes
+    * The client is the bottleneck and a measurement exists: the measured rate, unless it is within
+      ``deadband`` of the declared rate (noise: the declared rate stands). Smooth pacing never goes
       above the declared rate (or, undeclared, ``learn_max_rate``); unpaced streams may read faster.
     * The client keeps up with everything sent: probe upward by ``probe_factor`` every ``probe_after_s``,
       up to the declared rate (undeclared: ``learn_max_rate``), so a client measured slow once is not
@@ -211,6 +213,8 @@ def effective_rate(
     if stalled:
         return s.min_rate
     if limited and measured is not None:
+        if declared is not None and abs(measured - declared) <= s.deadband * declared:
+            return declared  # within measurement noise of its promise: keep the promise
         top = cap if smooth else s.max_rate
         return min(max(measured, s.min_rate), top)
     if not limited and keeping_up_s >= s.probe_after_s and current < cap:
@@ -260,9 +264,10 @@ class DrainTracker:
         self.measurable = True  # the kernel's send queue could be read
 
     # --- writer side ---
-    def on_write(self, tokens_end: int) -> None:
-        """The writer handed the transport everything up to reader-relative token ``tokens_end``."""
-        b = self._written_bytes()
+    def on_write(self, tokens_end: int, bytes_end: int | None = None) -> None:
+        """The writer handed the transport everything up to reader-relative token ``tokens_end`` (and
+        ``bytes_end`` bytes in all; default: the writer's own count)."""
+        b = self._written_bytes() if bytes_end is None else bytes_end
         if self._ledger_bytes and self._ledger_tokens[-1] == tokens_end:
             self._ledger_bytes[-1] = b  # no new token (e.g. the closing event): extend the last entry
         else:
