@@ -264,3 +264,48 @@ async def test_redis_unreachable_degrades_without_hanging() -> None:
     finally:
         await store.close()
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.redis
+async def test_redis_password_from_config(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--requirepass", "s3cret"], stdout=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+
+        async def up() -> bool:
+            try:
+                return bool(redis.Redis.from_url(url, password="s3cret", socket_timeout=0.2).ping())
+            except redis.RedisError:
+                return False
+
+        await until(up, what="redis-server start")
+        good = RedisStore(_cfg("pw", redis_url=url, redis_password="s3cret", replica_id="A"), ["sim"])
+        bad = RedisStore(_cfg("pw", redis_url=url, redis_password="wrong", replica_id="B"), ["sim"])
+        await good.start()
+        await bad.start()
+        try:
+            good.create(rec("s4"))
+            good.append("s4", (1, " a", None))
+            good.finish("s4", Final("stop", 1))
+
+            async def stored() -> bool:
+                ld = await good.load("s4")
+                return ld is not None and ld.state == "finished"
+
+            await until(stored, what="write with the password")
+            assert not good.degraded and bad.degraded
+        finally:
+            await good.close()
+            await bad.close()
+    finally:
+        proc.kill()
+        proc.wait(5)
