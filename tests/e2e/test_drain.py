@@ -68,6 +68,16 @@ async def test_slow_reader_is_measured_at_its_true_rate(gateway, http, model):
         reader.cancel()
         c.close()
 
+    async def recorded() -> bool:  # at its end the stream's declared and measured rates are in the metrics
+        async with http.get(f"{gateway.url}/metrics") as r:
+            text = await r.text()
+        return 'tokenflow_client_rate_tokens_per_second_count{engine="sim",kind="measured"} 1.0' in text
+    await wait_for(recorded, timeout=10)
+    async with http.get(f"{gateway.url}/metrics") as r:
+        text = await r.text()
+    assert 'tokenflow_client_rate_tokens_per_second_count{engine="sim",kind="declared"} 1.0' in text
+    assert 'tokenflow_client_rate_measured_ratio_bucket{engine="sim",le="0.5"} 1.0' in text  # 5 of 20 declared
+
 
 SLOW_ENGINE = """\
 name: drain-test
@@ -136,6 +146,10 @@ async def test_stalled_client_is_paused_and_resumes_without_loss(slow_engine_con
         detected = held_at - stop
         print(f"stalled and held {detected:.1f} s after the client stopped reading; rate {st['rate']}")
         assert st["rate_source"] == "stalled" and st["rate"] < 1
+        async with http.get(f"{gw.url}/metrics") as r:
+            text = await r.text()
+        assert 'tokenflow_clients_stalled{engine="sim"} 1.0' in text
+        assert 'tokenflow_client_stalls_total{engine="sim"} 1.0' in text
         assert st["buffer_tokens"] >= st["generated_tokens"] - a.consumed - 12  # all it has not read, as buffered
         # The engine serves the others meanwhile: c, which had been waiting, gets all its tokens.
         await wait_for(lambda: _done(c), timeout=30)
@@ -168,3 +182,25 @@ async def _running_again(http, gw, client: SlowClient) -> bool:
     await client.read_event()  # keeps reading while the gateway notices
     st = await info(http, gw, client.stream_id)
     return not st["stalled"] and (st["engine_status"] in ("running", "loading") or st["finished"])
+
+
+async def test_undeclared_rate_is_learned_from_the_drain(gateway, http, model):
+    """No declared rate: the default class to start with, then what the client really reads (4 tok/s)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 300}
+    c = SlowClient(gateway.url, body, rcvbuf=1024)
+    await c.open()
+    reader = asyncio.create_task(c.read_at(4.0, until=time.monotonic() + 60))
+    try:
+        first = await info(http, gateway, c.stream_id)
+        assert first["rate_declared"] is False and first["rate_declared_value"] is None
+        assert first["rate"] == 8.0  # streams.default_rate
+
+        async def learned() -> bool:
+            st = await info(http, gateway, c.stream_id)
+            return st["rate_source"] == "measured" and st["rate"] == pytest.approx(4.0, rel=0.2)
+
+        took = await wait_for(learned, timeout=20, interval=0.1)
+        print(f"undeclared client learned at 4 tok/s within 20% after {took:.1f} s")
+    finally:
+        reader.cancel()
+        c.close()
