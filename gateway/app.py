@@ -28,7 +28,7 @@ from .state import Final, SessionStore, make_store
 from .state.metrics import SessionCollector
 from .streams import progress
 from .streams.drain import DrainSampler, settings_from, stream_fields
-from .streams.pacer import PacingClock
+from .streams.pacer import LatenessCollector, PacingClock
 from .streams.stream import Stream, Superseded
 
 log = logging.getLogger("tokenflow.gateway")
@@ -108,6 +108,7 @@ class Gateway:
                 self._model_engines.setdefault(m, []).append(handle)
             control.start()
         self.metrics.registry.register(SessionCollector(self.relay))
+        self.metrics.registry.register(LatenessCollector(self._clock.lateness))  # pacing lateness histogram
         await self.store.start()
         log.info("gateway ready", extra={"engines": {n: h.client.base_url for n, h in self.engines.items()}})
 
