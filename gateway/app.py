@@ -303,8 +303,8 @@ class Gateway:
         resp = web.StreamResponse(headers={**_SSE_HEADERS, "X-TokenFlow-Stream-Id": stream.id})
         writer = await resp.prepare(request)
         drain = self.drain.attach(  # measured drain: what this connection really takes (docs/drain-rate.md)
-            stream, request.transport, writer, declared=stream.rate if stream.rate_declared else None,
-            default_rate=stream.rate, owner=progress.owner_of(request),
+            stream, request.transport, writer, declared=stream.declared_rate if stream.rate_declared else None,
+            default_rate=stream.declared_rate, owner=progress.owner_of(request),
         ) if self.drain is not None else None
         name = engine.config.name
         first = True

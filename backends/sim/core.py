@@ -402,8 +402,7 @@ class EngineCore:
         if not reqs:
             return None
         stall = self.stall_until - now if self.stall_until > now else 0.0
-        p = self.profile
-        duration = p.base_s + p.per_token_s * sched + p.per_kv_token_s * attended + stall
+        duration = self.profile.step_time(sched, attended) + stall
         step = Step(now, duration, reqs, ns, sched, prefill, decode, attended, stall)
         self._inflight = step
         return step

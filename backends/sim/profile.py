@@ -1,12 +1,18 @@
 """Hardware profiles of the simulated engine: load, validate, and predict step times.
 
 A profile is a small YAML file (``configs/profiles/<name>.yaml``) describing one model on one accelerator
-with a linear cost model (docs/sim-cost-model.md)::
+with a two-regime cost model (docs/sim-cost-model.md)::
 
-    t_step = base_s + per_token_s * scheduled_tokens + per_kv_token_s * attended_kv_tokens
+    t_step = max(base_s + per_token_s * scheduled_tokens, compute_per_token_s * scheduled_tokens)
+             + per_kv_token_s * attended_kv_tokens
 
 ``scheduled_tokens`` counts every token computed in the step (one per decoding request plus every token of
 each prefill chunk); ``attended_kv_tokens`` is the sum of the context lengths of the decoding requests.
+``compute_per_token_s`` is optional and defaults to 0, which leaves the linear form
+``base_s + per_token_s * scheduled_tokens + per_kv_token_s * attended_kv_tokens`` exactly.
+
+:func:`step_seconds` is the one implementation of the formula: the engine core, the profile's helpers and the
+GPU calibration (``calibrate.py``) all price steps through it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,19 @@ PROFILES_ENV = "TOKENFLOW_PROFILES_DIR"
 
 class ProfileError(ValueError):
     """A profile file is missing, unreadable or invalid."""
+
+
+def step_seconds(base_s: float, per_token_s: float, compute_per_token_s: float, per_kv_token_s: float,
+                 scheduled_tokens: float, attended_kv_tokens: float) -> float:
+    """Duration of one engine step (keep in sync with docs/sim-cost-model.md and the GPU calibration).
+
+    The larger of a memory-bound line (the weights read once per step, plus a small per-token cost) and a
+    compute-bound line (every token's matmul FLOPs at the achieved rate), plus the decode attention's KV reads.
+    With ``compute_per_token_s == 0`` the result is exactly the linear form.
+    """
+    memory = base_s + per_token_s * scheduled_tokens
+    compute = compute_per_token_s * scheduled_tokens
+    return (memory if memory >= compute else compute) + per_kv_token_s * attended_kv_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +63,14 @@ class Profile:
     host_tokens: int
     h2d_bytes_per_s: float
     d2h_bytes_per_s: float
+    compute_per_token_s: float = 0.0  # optional compute-bound regime; 0 keeps the linear form
 
-    # --- the cost model (keep in sync with docs/sim-cost-model.md and the GPU calibration) ---
+    # --- the cost model: every step price goes through step_seconds ---
 
     def step_time(self, scheduled_tokens: int, attended_kv_tokens: int) -> float:
-        """Duration of one engine step."""
-        return self.base_s + self.per_token_s * scheduled_tokens + self.per_kv_token_s * attended_kv_tokens
+        """Duration of one engine step (without any preemption flush stall, which the core adds)."""
+        return step_seconds(self.base_s, self.per_token_s, self.compute_per_token_s, self.per_kv_token_s,
+                            scheduled_tokens, attended_kv_tokens)
 
     def decode_step_time(self, batch: int, total_context: int) -> float:
         """A pure decode step: ``batch`` requests, each computing one token, with ``total_context`` tokens
@@ -69,8 +90,9 @@ class Profile:
         """Total time to prefill ``tokens`` tokens alone, in chunks of ``max_num_batched_tokens``."""
         if tokens <= 0:
             return 0.0
-        steps = math.ceil(tokens / self.max_num_batched_tokens)
-        return steps * self.base_s + self.per_token_s * tokens
+        full, rest = divmod(tokens, self.max_num_batched_tokens)
+        total = full * self.prefill_time(self.max_num_batched_tokens) if full else 0.0
+        return total + self.prefill_time(rest) if rest else total
 
     def load_time(self, tokens: int) -> float:
         """Seconds to copy ``tokens`` tokens of KV host -> device."""
@@ -85,13 +107,14 @@ class Profile:
         return self.device_tokens // self.block_size
 
 
-# (yaml section, key, field, type, must be > 0)
+# (yaml section, key, field, type, must be > 0); fields with a default in Profile are optional
 _FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
     ("model", "kv_bytes_per_token", "kv_bytes_per_token", int, True),
     ("model", "max_model_len", "max_model_len", int, True),
     ("step", "base_s", "base_s", float, False),
     ("step", "per_token_s", "per_token_s", float, False),
     ("step", "per_kv_token_s", "per_kv_token_s", float, False),
+    ("step", "compute_per_token_s", "compute_per_token_s", float, False),
     ("batch", "max_num_seqs", "max_num_seqs", int, True),
     ("batch", "max_num_batched_tokens", "max_num_batched_tokens", int, True),
     ("batch", "block_size", "block_size", int, True),
@@ -100,6 +123,8 @@ _FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
     ("transfer", "h2d_bytes_per_s", "h2d_bytes_per_s", float, True),
     ("transfer", "d2h_bytes_per_s", "d2h_bytes_per_s", float, True),
 )
+
+_OPTIONAL = frozenset({"compute_per_token_s"})
 
 
 def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
@@ -112,6 +137,8 @@ def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
         if not isinstance(sec, dict):
             raise ProfileError(f"{origin}: missing section '{section}'")
         if key not in sec:
+            if fieldname in _OPTIONAL:
+                continue
             raise ProfileError(f"{origin}: missing field '{section}.{key}'")
         raw = sec[key]
         if isinstance(raw, str):
@@ -133,8 +160,9 @@ def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
         values[fieldname] = val
     if values["device_tokens"] < values["block_size"]:
         raise ProfileError(f"{origin}: 'kv.device_tokens' must hold at least one block")
-    if values["base_s"] + values["per_token_s"] <= 0:
-        raise ProfileError(f"{origin}: a step must take some time (base_s + per_token_s > 0)")
+    if values["base_s"] + values["per_token_s"] <= 0 and values.get("compute_per_token_s", 0.0) <= 0:
+        raise ProfileError(f"{origin}: a step must take some time (base_s + per_token_s > 0 or "
+                           "compute_per_token_s > 0)")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ProfileError(f"{origin}: missing 'name'")

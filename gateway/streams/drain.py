@@ -261,7 +261,6 @@ class DrainTracker:
         self.rate_before_stall: float | None = None
         self._keeping_up_since: float | None = now
         self._last_probe: float = now
-        self.measurable = True  # the kernel's send queue could be read
 
     # --- writer side ---
     def on_write(self, tokens_end: int, bytes_end: int | None = None) -> None:
@@ -279,9 +278,8 @@ class DrainTracker:
     def sample(self, now: float) -> None:
         written = self._written_bytes()
         unacked = self._unacked()
-        if unacked is None:
-            self.measurable = False
-            unacked = 0
+        if unacked is None:  # the connection is closing: no new evidence
+            return
         acked = max(self.acked_bytes, written - unacked)
         self.acked_bytes = acked
         i = bisect.bisect_right(self._ledger_bytes, acked) - 1
@@ -398,8 +396,8 @@ class DrainSampler:
         def unacked() -> int | None:
             if transport.is_closing():
                 return None
-            q = socket_unacked(fd)
-            return None if q is None else q + transport.get_write_buffer_size()
+            # Without SIOCOUTQ (not Linux) only the transport's buffer counts: a stall shows much later.
+            return (socket_unacked(fd) or 0) + transport.get_write_buffer_size()
 
         tr = DrainTracker(
             stream, self.s, declared=declared, default_rate=default_rate, unacked=unacked,

@@ -68,6 +68,7 @@ class Stream:
         "lost",
         "created",
         "drain",
+        "declared_rate",
         "released_tokens",
         "_clock_seq",
     )
@@ -132,6 +133,7 @@ class Stream:
         self.created = encoder.created
         # Measured drain (gateway.streams.drain): the connection's evidence, when a writer tracks it.
         self.drain: DrainTracker | None = None
+        self.declared_rate = rate  # as requested (or the default class); the effective rate may move off it
         self.released_tokens = 0  # reader-relative token index through which events were released
         self._clock_seq = -1  # the pacing clock's live entry for this stream (older entries are stale)
 

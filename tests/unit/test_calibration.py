@@ -2,11 +2,13 @@
 
 The measured steps come from the raw calibration record (configs/profiles/measurements/h100-llama3-8b.json),
 not from the profile, so editing the profile's coefficients without re-measuring makes these tests fail.
-Predictions go through the simulated engine's own loader and cost model (backends/sim/profile.py).
+Predictions go through the simulated engine's own loader and cost model (backends/sim/profile.py) and through
+its engine core, which schedules each measured step's batch and prices it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import yaml
 
 from backends.sim import calibrate
+from backends.sim.core import EngineCore, Step
 from backends.sim.profile import Profile, load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,13 +27,13 @@ RAW = ROOT / "configs" / "profiles" / "measurements" / "h100-llama3-8b.json"
 OFFLOAD = ROOT / "configs" / "profiles" / "measurements" / "h100-cuda-offload-check.json"
 DATA = "t_graph_s"  # CUDA-graph forward with fused pointwise kernels: what the profile models
 
-# The linear model of backends/sim/profile.py cannot price decode tokens (~11 us each on top of the weight read)
-# and prefill tokens (~29 us each) within 10% with one coefficient; over the benchmark's operating range its
-# least-squares fit is off by at most 19.1% (rms 8.2%). These bounds guard that fit; the 10% check applies to
-# the two-regime form the calibration proposes (measurements.proposed_step).
+# The issue's requirement: predicted prefill and decode step times within 10% of the measured points. The
+# two-regime cost model (step:) meets it on all 74 measured steps (max 8.0%, rms 4.2%).
+MAX_ERR = 0.10
+RMS_ERR = 0.05
+# The linear form kept for reference (measurements.linear_step) cannot: decode tokens cost ~11 us each on top of
+# the weight read, prefill tokens ~29 us, and one coefficient sits between them (19.1% over the operating range).
 LINEAR_MAX_ERR = 0.20
-LINEAR_RMS_ERR = 0.10
-PROPOSED_MAX_ERR = 0.10
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +51,13 @@ def profile() -> Profile:
     return load_profile(PROFILE)
 
 
-def points(raw: dict[str, Any], operating_range_only: bool) -> list[dict[str, Any]]:
+def points(raw: dict[str, Any], operating_range_only: bool = False) -> list[dict[str, Any]]:
     rng = calibrate.OPERATING_RANGE if operating_range_only else None
     return calibrate.select_points(raw, DATA, rng)
 
 
-def linear_prediction(profile: Profile, p: dict[str, Any]) -> float:
-    """The simulated engine's price for a measured step, through the entry point that matches its kind."""
+def prediction(profile: Profile, p: dict[str, Any]) -> float:
+    """The loader's price for a measured step, through the entry point that matches its kind."""
     if p["kind"] == "decode":
         return profile.decode_step_time(p["scheduled_tokens"], p["attended_kv_tokens"])
     if p["kind"] == "prefill" and len(p["segments"]) == 1 and p["segments"][0][1] == 1:
@@ -66,12 +69,46 @@ def rel_errors(predict: Callable[[dict[str, Any]], float], pts: list[dict[str, A
     return [predict(p) / p[DATA] - 1.0 for p in pts]
 
 
-def proposed_predictor(profile: Profile, doc: dict[str, Any]) -> Callable[[dict[str, Any]], float]:
-    """The two-regime cost model: the loader's own once it prices it, else the formula on proposed_step."""
-    if hasattr(profile, "compute_per_token_s"):
-        return lambda p: profile.step_time(p["scheduled_tokens"], p["attended_kv_tokens"])
-    step = doc["measurements"]["proposed_step"]
-    return lambda p: calibrate.two_regime_predict(step, p["scheduled_tokens"], p["attended_kv_tokens"])
+def assert_within(errs: list[float], pts: list[dict[str, Any]], bound: float) -> None:
+    worst = max(range(len(pts)), key=lambda i: abs(errs[i]))
+    assert abs(errs[worst]) <= bound, (pts[worst]["segments"], errs[worst])
+
+
+def engine_step(profile: Profile, p: dict[str, Any]) -> Step:
+    """Have the engine core schedule the measured step's batch and return the step it prices.
+
+    Decoders (prompt = the measured context) are prefilled first, all in one step; the step after their first
+    token is a pure decode step attending to context + 1 tokens each, as measured. Prompts of a prefill or mixed
+    step are added then, so they are admitted into that same step. Three limits are raised for this, none of
+    which enters the cost: the token budget, so that the decoders' prompts (up to 266k tokens) prefill together
+    and reach the measured step in step with each other (the measured step itself is checked against the real
+    budget); max_num_seqs, as two measured mixed steps add a prompt to 256 decodes; and max_model_len, so that
+    8192-token contexts can decode.
+    """
+    setup = dataclasses.replace(profile, max_model_len=4 * profile.max_model_len,
+                                max_num_batched_tokens=profile.device_tokens, max_num_seqs=2 * profile.max_num_seqs)
+    core = EngineCore(setup)
+    decoders = [(n, length) for kind, n, length in p["segments"] if kind == "decode"]
+    prompts = [(n, length) for kind, n, length in p["segments"] if kind == "prefill"]
+    now = 0.0
+    for n, length in decoders:
+        for i in range(n):
+            core.add(f"d{i}", prompt_tokens=length, max_tokens=16, now=now)
+    first = 0
+    while first < sum(n for n, _ in decoders):
+        step = core.next_step(now)
+        assert step is not None and step.stall_s == 0
+        now += step.duration
+        first += sum(1 for e in core.complete_step(step, now) if e.index == 0)
+    for n, length in prompts:
+        for i in range(n):
+            core.add(f"p{i}", prompt_tokens=length, max_tokens=16, now=now)
+    step = core.next_step(now)
+    assert step is not None and step.stall_s == 0
+    assert (step.scheduled_tokens, step.attended_kv_tokens) == (p["scheduled_tokens"], p["attended_kv_tokens"])
+    assert step.prefill_tokens == p["prefill_tokens"] and step.decode_reqs == p["decode_tokens"]
+    assert step.scheduled_tokens <= profile.max_num_batched_tokens
+    return step
 
 
 def test_profile_is_the_measured_h100_one(profile: Profile, doc: dict[str, Any], raw: dict[str, Any]) -> None:
@@ -99,54 +136,81 @@ def test_measurements_cover_the_benchmark_range(raw: dict[str, Any]) -> None:
     assert {p["scheduled_tokens"] for p in raw["prefill"]} >= {128, 1024, 8192}
     assert len(raw["mixed"]) >= 5
     assert raw["decode_logits_finite"] and raw["kv_capacity"]["prefill_logits_finite"]
-    assert all(p[DATA] > 0 and math.isfinite(p[DATA]) for p in points(raw, False))
+    assert all(p[DATA] > 0 and math.isfinite(p[DATA]) for p in points(raw))
 
 
-def test_linear_profile_predicts_the_operating_range(profile: Profile, raw: dict[str, Any]) -> None:
-    pts = points(raw, operating_range_only=True)
-    assert len(pts) >= 60
-    errs = rel_errors(lambda p: linear_prediction(profile, p), pts)
-    worst = max(range(len(pts)), key=lambda i: abs(errs[i]))
-    assert abs(errs[worst]) <= LINEAR_MAX_ERR, (pts[worst]["segments"], errs[worst])
-    assert math.sqrt(sum(e * e for e in errs) / len(errs)) <= LINEAR_RMS_ERR
+def test_profile_prices_steps_in_two_regimes(profile: Profile) -> None:
+    # A decode token is cheap on top of the weight read; a prefill token pays its matmul FLOPs.
+    assert 0 < profile.per_token_s < profile.compute_per_token_s
+    assert profile.prefill_time(8192) == pytest.approx(8192 * profile.compute_per_token_s)
+    assert profile.decode_step_time(1, 1025) == pytest.approx(
+        profile.base_s + profile.per_token_s + 1025 * profile.per_kv_token_s)
 
 
-def test_linear_profile_prices_single_decode_and_full_prefill_chunk(profile: Profile, raw: dict[str, Any]) -> None:
-    """The two steps every benchmark run is made of: one stream decoding, and an 8192-token prefill step."""
-    one = next(p for p in raw["decode"] if p["n"] == 1 and p["length"] == 1024)
-    chunk = next(p for p in raw["prefill"] if p["n"] == 1 and p["length"] == 8192)
-    assert linear_prediction(profile, one) == pytest.approx(one[DATA], rel=0.10)
-    assert linear_prediction(profile, chunk) == pytest.approx(chunk[DATA], rel=LINEAR_MAX_ERR)
+@pytest.mark.parametrize("kind", ["prefill", "decode", "mixed"])
+def test_predicted_step_times_within_10_percent_of_every_measured_point(profile: Profile, raw: dict[str, Any],
+                                                                        kind: str) -> None:
+    pts = [p for p in points(raw) if p["kind"] == kind]
+    assert len(pts) >= {"prefill": 12, "decode": 55, "mixed": 7}[kind]
+    errs = rel_errors(lambda p: prediction(profile, p), pts)
+    assert_within(errs, pts, MAX_ERR)
+    assert math.sqrt(sum(e * e for e in errs) / len(errs)) <= RMS_ERR
 
 
-def test_proposed_cost_model_within_10_percent_everywhere(profile: Profile, doc: dict[str, Any],
-                                                          raw: dict[str, Any]) -> None:
-    pts = points(raw, operating_range_only=False)
-    errs = rel_errors(proposed_predictor(profile, doc), pts)
-    worst = max(range(len(pts)), key=lambda i: abs(errs[i]))
-    assert abs(errs[worst]) <= PROPOSED_MAX_ERR, (pts[worst]["segments"], errs[worst])
+def test_engine_core_prices_every_measured_step_within_10_percent(profile: Profile, raw: dict[str, Any]) -> None:
+    """The same check end to end: the engine core builds each measured batch and its step duration is compared."""
+    pts = points(raw)
+    durations = {}
+    for p in pts:
+        step = engine_step(profile, p)
+        assert step.duration == pytest.approx(prediction(profile, p), rel=1e-12)
+        durations[id(p)] = step.duration
+    assert_within(rel_errors(lambda p: durations[id(p)], pts), pts, MAX_ERR)
 
 
 @pytest.mark.parametrize(("coef", "factor"), [("base_s", 1.15), ("base_s", 0.85), ("compute_per_token_s", 1.15),
                                               ("compute_per_token_s", 0.85), ("per_kv_token_s", 1.3),
-                                              ("per_token_s", 2.0)])
-def test_the_10_percent_check_catches_wrong_coefficients(doc: dict[str, Any], raw: dict[str, Any], coef: str,
+                                              ("per_kv_token_s", 0.7), ("per_token_s", 2.0)])
+def test_the_10_percent_check_catches_wrong_coefficients(profile: Profile, raw: dict[str, Any], coef: str,
                                                          factor: float) -> None:
-    step = dict(doc["measurements"]["proposed_step"])
-    step[coef] *= factor
-    errs = rel_errors(lambda p: calibrate.two_regime_predict(step, p["scheduled_tokens"],
-                                                             p["attended_kv_tokens"]), points(raw, False))
-    assert max(abs(e) for e in errs) > PROPOSED_MAX_ERR
+    wrong = dataclasses.replace(profile, **{coef: getattr(profile, coef) * factor})
+    errs = rel_errors(lambda p: prediction(wrong, p), points(raw))
+    assert max(abs(e) for e in errs) > MAX_ERR
 
 
-def test_profile_coefficients_are_the_fit_of_the_raw_measurements(doc: dict[str, Any], raw: dict[str, Any]) -> None:
-    fit = calibrate.fit_linear(points(raw, operating_range_only=True), DATA)
-    for key in ("base_s", "per_token_s", "per_kv_token_s"):
-        assert doc["step"][key] == pytest.approx(fit[key], rel=1e-4), key
-    assert doc["measurements"]["fit_max_rel_err"] == pytest.approx(fit["max_rel_err"], abs=1e-4)
-    proposed = calibrate.fit_two_regime(points(raw, operating_range_only=False), DATA)
+def test_the_linear_form_cannot_meet_10_percent(profile: Profile, doc: dict[str, Any], raw: dict[str, Any]) -> None:
+    """Why the profile uses two regimes: the best linear fit, kept for reference, misses the bound."""
+    lin = doc["measurements"]["linear_step"]
+    linear = dataclasses.replace(profile, compute_per_token_s=0.0,
+                                 **{k: lin[k] for k in ("base_s", "per_token_s", "per_kv_token_s")})
+    pts = points(raw, operating_range_only=True)
+    errs = rel_errors(lambda p: prediction(linear, p), pts)
+    assert MAX_ERR < max(abs(e) for e in errs) <= LINEAR_MAX_ERR
+    assert max(abs(e) for e in errs) == pytest.approx(lin["max_rel_err"], abs=1e-4)
+
+
+def test_profile_coefficients_are_the_fit_of_the_raw_measurements(profile: Profile, doc: dict[str, Any],
+                                                                  raw: dict[str, Any]) -> None:
+    fit = calibrate.fit_two_regime(points(raw), DATA)
     for key in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s"):
-        assert doc["measurements"]["proposed_step"][key] == pytest.approx(proposed[key], rel=1e-3), key
+        assert getattr(profile, key) == pytest.approx(fit[key], rel=1e-4), key
+    m = doc["measurements"]
+    errs = rel_errors(lambda p: prediction(profile, p), points(raw))
+    assert m["fit_max_rel_err"] == pytest.approx(max(abs(e) for e in errs), abs=1e-4)
+    assert m["fit_points"] == len(errs)
+    lin = calibrate.fit_linear(points(raw, operating_range_only=True), DATA)
+    for key in ("base_s", "per_token_s", "per_kv_token_s"):
+        assert m["linear_step"][key] == pytest.approx(lin[key], rel=1e-4), key
+
+
+def test_fit_command_reproduces_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed profile is exactly what the documented fit command writes from the raw records."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "h100.yaml"
+    calibrate.main(["fit", str(RAW.relative_to(ROOT)), "--profile", str(out), "--offload-check",
+                    str(OFFLOAD.relative_to(ROOT))])
+    written = out.read_text().replace(str(out), str(PROFILE.relative_to(ROOT)))
+    assert written == PROFILE.read_text()
 
 
 def test_offload_copy_path_was_bit_exact_on_cuda() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backends.sim.profile import PROFILES_ENV, ProfileError, load_profile, profiles_dir
+from backends.sim.core import EngineCore
+from backends.sim.profile import PROFILES_ENV, ProfileError, load_profile, profile_from_dict, profiles_dir, step_seconds
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,6 +53,9 @@ def test_exponent_without_sign_is_a_number() -> None:
         (lambda d: d["kv"].__setitem__("device_tokens", "lots"), "must be a number"),
         (lambda d: d["transfer"].__setitem__("h2d_bytes_per_s", 0), "must be > 0"),
         (lambda d: d["step"].__setitem__("per_token_s", -1.0), "must be >= 0"),
+        (lambda d: d["step"].__setitem__("compute_per_token_s", -1e-5), "compute_per_token_s' must be >= 0"),
+        (lambda d: d["step"].__setitem__("compute_per_token_s", "fast"), "must be a number"),
+        (lambda d: d.__setitem__("step", {"base_s": 0, "per_token_s": 0, "per_kv_token_s": 1e-8}), "some time"),
         (lambda d: d["kv"].__setitem__("device_tokens", 8), "at least one block"),
         (lambda d: d.pop("name"), "missing 'name'"),
     ],
@@ -79,6 +83,7 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
 
 def test_step_time_formula() -> None:
     p = load_profile("sim-small")
+    assert p.compute_per_token_s == 0.0  # absent from the file: the linear form
     # t = base + per_token * scheduled + per_kv * attended
     assert p.decode_step_time(4, 1000) == pytest.approx(p.base_s + 4 * p.per_token_s + 1000 * p.per_kv_token_s)
     assert p.prefill_time(512) == pytest.approx(p.base_s + 512 * p.per_token_s)
@@ -86,3 +91,55 @@ def test_step_time_formula() -> None:
     assert p.chunked_prefill_time(n) == pytest.approx(3 * p.base_s + n * p.per_token_s)
     assert p.load_time(1000) == pytest.approx(1000 * p.kv_bytes_per_token / p.h2d_bytes_per_s)
     assert p.store_time(1000) == pytest.approx(1000 * p.kv_bytes_per_token / p.d2h_bytes_per_s)
+
+
+def _two_regime(**step: float):
+    doc = _doc()
+    doc["step"] = {"base_s": 0.006, "per_token_s": 1e-5, "compute_per_token_s": 3e-5, "per_kv_token_s": 5e-8} | step
+    return profile_from_dict(doc)
+
+
+def test_compute_per_token_zero_is_exactly_the_linear_form() -> None:
+    doc = _doc()
+    absent = profile_from_dict(doc)
+    doc["step"]["compute_per_token_s"] = 0
+    zero = profile_from_dict(doc)
+    for tokens, kv in [(0, 0), (1, 129), (256, 262400), (8192, 0), (544, 32800)]:
+        linear = absent.base_s + absent.per_token_s * tokens + absent.per_kv_token_s * kv
+        assert absent.step_time(tokens, kv) == zero.step_time(tokens, kv) == linear  # bit for bit
+
+
+def test_two_regime_step_time() -> None:
+    p = _two_regime()
+    # few tokens: the memory-bound line (weights read once, plus a small per-token cost)
+    assert p.decode_step_time(64, 65600) == pytest.approx(0.006 + 64 * 1e-5 + 65600 * 5e-8)
+    # many tokens: the compute-bound line; the KV term adds in either regime
+    assert p.prefill_time(8192) == pytest.approx(8192 * 3e-5)
+    assert p.step_time(4096, 1000) == pytest.approx(4096 * 3e-5 + 1000 * 5e-8)
+    # the regimes meet at base / (compute - per_token) = 300 tokens, and the price is continuous there
+    assert p.step_time(300, 0) == pytest.approx(0.009) == pytest.approx(300 * 3e-5)
+    assert p.step_time(299, 0) == pytest.approx(0.006 + 299 * 1e-5)
+    assert step_seconds(0.006, 1e-5, 3e-5, 5e-8, 301, 7) == p.step_time(301, 7)
+
+
+def test_chunked_prefill_prices_each_chunk_as_a_step() -> None:
+    p = _two_regime()
+    m = p.max_num_batched_tokens
+    n = 2 * m + 100
+    # two full chunks on the compute line, the 100-token rest on the memory line
+    assert p.chunked_prefill_time(n) == pytest.approx(2 * p.prefill_time(m) + p.prefill_time(100))
+    assert p.chunked_prefill_time(2 * m) == pytest.approx(2 * p.prefill_time(m))
+    assert p.chunked_prefill_time(0) == 0.0
+
+
+def test_engine_core_steps_use_the_profile_cost_model() -> None:
+    p = _two_regime()
+    core = EngineCore(p)
+    core.add("a", prompt_tokens=1000, max_tokens=3, now=0.0)
+    step = core.next_step(0.0)
+    assert step is not None and step.duration == p.prefill_time(1000) == pytest.approx(1000 * 3e-5)
+    core.complete_step(step, step.duration)
+    core.add("b", prompt_tokens=50, max_tokens=3, now=step.duration)
+    nxt = core.next_step(step.duration)
+    assert nxt is not None and (nxt.scheduled_tokens, nxt.attended_kv_tokens) == (51, 1001)
+    assert nxt.duration == p.step_time(51, 1001) == pytest.approx(0.006 + 51 * 1e-5 + 1001 * 5e-8)
