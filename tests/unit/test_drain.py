@@ -210,3 +210,26 @@ def test_tracker_progress_reports_are_exact():
     assert tr.consumed(6.0 + 1.0, model_consumed=100) == 21
     assert tr.consumed(1000.0, model_consumed=100) == 100
     assert math.isfinite(st.rate)
+
+
+async def test_rate_change_reschedules_a_paced_stream_at_once():
+    """A stalled stream paced at the floor (next token in 10 s) is released promptly once its rate is
+    restored: the pacing clock's old entry is dropped, not waited for."""
+    import asyncio
+
+    from gateway.api.sse import ChunkEncoder
+    from gateway.streams.pacer import PacingClock
+    from gateway.streams.stream import Stream
+
+    loop = asyncio.get_running_loop()
+    clock = PacingClock(loop)
+    now = loop.time()
+    s = Stream("s1", "e", "m", "chat", 0.1, "smooth", now, None, ChunkEncoder("chat", "s1", "m", 0), clock)
+    s.on_tokens("a", 1, now)
+    s.on_tokens("b", 1, now)
+    assert (await s.next_output()).count(b"data:") == 1  # the first token at once, the second due in 10 s
+    s.set_rate(20.0, loop.time())
+    out = await asyncio.wait_for(s.next_output(), timeout=2.0)
+    assert b'"b"' in out and s.released_tokens == 2
+    assert len(clock) <= 1  # the stale entry does not linger as live work
+    clock.close()
