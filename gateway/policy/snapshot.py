@@ -90,6 +90,7 @@ def build_snapshot(
                 kv_host_tokens=kv_host,
                 priority=prio,
                 preemptions=preemptions,
+                stalled=bool(getattr(s, "stalled", False)),
             )
         )
     return Snapshot(engine=engine_view(engine_state.get("engine", {})), streams=tuple(views), tick_interval_s=tick_interval_s)

@@ -28,7 +28,7 @@ Pure: no I/O, no clock. State kept between ticks: the overload mode and the last
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .knobs import TokenFlowKnobs
@@ -100,6 +100,22 @@ class TokenFlowPolicy:
 
     # ------------------------------------------------------------------ the tick
     def decide(self, snapshot: Snapshot, now: float) -> list[Decision]:
+        # A client that stopped reading needs no engine until it reads again, stress or not: pause it
+        # (its KV stays on the host) and leave it out of the balancing below, so it is never resumed to
+        # fill free slots. When it drains again it is an ordinary paused request.
+        stalled: list[Decision] = []
+        if any(s.stalled for s in snapshot.streams):
+            keep = []
+            for s in snapshot.streams:
+                if s.stalled and s.first_token_time is not None:
+                    if s.status is not _HELD:
+                        stalled.append(Decision("preempt", s.id, None, "stalled"))
+                else:
+                    keep.append(s)
+            snapshot = replace(snapshot, streams=tuple(keep))
+        return stalled + self._balance(snapshot, now)
+
+    def _balance(self, snapshot: Snapshot, now: float) -> list[Decision]:
         streams = snapshot.streams
         info = self.info = TickInfo()
         # Stress: something is not running (waiting in the engine, or paused by us). Otherwise the

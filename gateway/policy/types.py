@@ -41,6 +41,7 @@ class StreamView:
     kv_host_tokens: int
     priority: int = 0
     preemptions: int = 0
+    stalled: bool = False  # the client stopped draining (measured): it needs no engine until it reads again
 
     @property
     def started(self) -> bool:

@@ -150,6 +150,11 @@ class Stream:
     def first_token_time(self) -> float | None:
         return self.reader.first_token_time
 
+    @property
+    def stalled(self) -> bool:
+        """The client stopped draining its socket (measured; see gateway.streams.drain)."""
+        return self.drain is not None and self.drain.stalled
+
     def buffer_tokens(self, now: float) -> float:
         if self.drain is not None:  # evidence (acknowledged bytes, reported progress) beats the model
             r = self.reader

@@ -137,3 +137,18 @@ def test_deterministic() -> None:
     streams = [sv(f"s{i}", [R, H, W][i % 3], buf=float(i * 7 % 90), started=i % 3 != 2, arrival=float(i)) for i in range(60)]
     s = snap(*streams, eng=engine(capacity=20_000, seqs=16))
     assert TokenFlowPolicy().decide(s, NOW) == TokenFlowPolicy().decide(s, NOW)
+
+
+def test_a_stalled_client_is_paused_without_stress_and_not_resumed() -> None:
+    stalled = StreamView("gone", R, 50.0, 10.0, 1000, 100, 30.0, 60.0, 2000, 1100, 1100, stalled=True)
+    # Everyone runs and memory is plentiful: only the stalled reader is paused.
+    o = ops(TokenFlowPolicy().decide(snap(sv("a", R, buf=5.0), stalled), NOW))
+    assert o == {"preempt": {"gone"}}
+    # Paused and still stalled: never resumed to fill free room, even with an empty buffer.
+    held = StreamView("gone", H, 50.0, 10.0, 1000, 100, 0.0, 60.0, 2000, 0, 1100, stalled=True)
+    o = ops(TokenFlowPolicy().decide(snap(sv("a", R, buf=5.0), held, sv("b", W, started=False)), NOW))
+    assert "gone" not in o.get("resume", set()) and "gone" not in o.get("prefetch", set())
+    # Reading again: an ordinary paused request with an empty buffer, resumed.
+    back = StreamView("gone", H, 50.0, 10.0, 1000, 100, 0.0, 60.0, 2000, 0, 1100)
+    o = ops(TokenFlowPolicy().decide(snap(sv("a", R, buf=5.0), back), NOW))
+    assert "gone" in o.get("resume", set()) | o.get("prefetch", set())
