@@ -129,8 +129,9 @@ async def run(url: str, context: int, trials: int) -> dict:
         await trial(s, url, "host", context, 999, block)
         results: dict[str, list[dict]] = {"host": [], "recompute": [], "prefetch": []}
         for i in range(trials):
-            for mode in results:
-                results[mode].append(await trial(s, url, mode, context, 1000 + 10 * i + len(results[mode]), block))
+            for j, mode in enumerate(results):
+                # a fresh prompt each time: host copies are content-addressed
+                results[mode].append(await trial(s, url, mode, context, 1000 + 10 * i + j, block))
         async with s.get(url + "/control/v1/state") as r:
             engine = (await r.json())["engine"]
     summary = {
