@@ -6,8 +6,9 @@ The simulated engine prices one step as (backends/sim/profile.py, ``step_seconds
              + per_kv_token_s * attended_kv_tokens
 
 (scheduled_tokens: decode plus prefill tokens in the step; attended_kv_tokens: the summed context lengths of the
-decoding requests; compute_per_token_s = 0 is the linear form). ``measure`` times a Llama3-8B-shaped model (random bf16 weights built on the GPU; nothing is
-downloaded) on the card it runs on, and writes the raw numbers as JSON:
+decoding requests; compute_per_token_s = 0 is the linear form). ``measure`` times a Llama3-8B-shaped model
+(random bf16 weights built on the GPU; nothing is downloaded) on the card it runs on, and writes the raw numbers
+as JSON:
 
 - the two ceilings: device copy bandwidth (HBM) and bf16 matrix-product rate;
 - prefill time against prompt length, and decode step time against batch size and context length, each as an
@@ -19,7 +20,8 @@ downloaded) on the card it runs on, and writes the raw numbers as JSON:
   the main stream.
 
 ``fit`` (CPU only; numpy and PyYAML) fits the four coefficients (minimax on relative error over every measured
-step) and writes a profile in the simulated engine's YAML format, with the best linear fit kept for reference. Run from the repository root:
+step) and writes a profile in the simulated engine's YAML format, with the best linear fit kept for reference.
+Run from the repository root:
 
     python3 -m backends.sim.calibrate measure --out h100.json            # on the GPU machine, torch only
     python3 -m backends.sim.calibrate fit h100.json --profile configs/profiles/h100-llama3-8b.yaml
