@@ -213,6 +213,19 @@ def test_fit_command_reproduces_the_profile(tmp_path: Path, monkeypatch: pytest.
     assert written == PROFILE.read_text()
 
 
+def test_scaled_h200_variant_is_the_h100_model_at_h200_bandwidth(profile: Profile) -> None:
+    """h200-llama3-8b-scaled (a sensitivity variant, docs/calibration.md): memory-bound terms x 3.35/4.8 TB/s,
+    compute terms as measured, the rest as the datasheet H200 profile."""
+    scaled, datasheet = load_profile("h200-llama3-8b-scaled"), load_profile("h200-llama3-8b")
+    bw = 3.35 / 4.8
+    assert scaled.base_s == pytest.approx(profile.base_s * bw, rel=1e-5)
+    assert scaled.per_kv_token_s == pytest.approx(profile.per_kv_token_s * bw, rel=1e-5)
+    assert (scaled.per_token_s, scaled.compute_per_token_s) == (profile.per_token_s, profile.compute_per_token_s)
+    for field in ("device_tokens", "host_tokens", "h2d_bytes_per_s", "d2h_bytes_per_s", "max_num_seqs",
+                  "max_num_batched_tokens", "block_size", "kv_bytes_per_token", "max_model_len"):
+        assert getattr(scaled, field) == getattr(datasheet, field), field
+
+
 def test_offload_copy_path_was_bit_exact_on_cuda() -> None:
     res = json.loads(OFFLOAD.read_text())
     assert res["ok"] and res["bit_exact"]
