@@ -3,5 +3,9 @@
 Same test functions, collected here a second time: this directory's conftest provides ``engine_url``
 (the vLLM server) and re-exports the suite's ``api`` fixture, so nothing in tests/contract changes.
 """
+import pytest
+
 from tests.contract.test_control_api import *  # noqa: F401,F403
 from tests.contract.test_openai_api import *  # noqa: F401,F403
+
+pytestmark = pytest.mark.vllm

@@ -9,8 +9,12 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.vllm.client import Client, poll
 from tests.vllm.conftest import MEASUREMENTS, Server
+
+pytestmark = pytest.mark.vllm
 
 NO_HOST_COPY = {"kv_transfer_params": {"max_offload_tokens": 0}}  # vLLM's per-request offload cap
 

@@ -5,6 +5,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.vllm
+
 # One interpreter (importing vLLM takes seconds): pretend each version in turn.
 CHECK = """
 import json, os, vllm

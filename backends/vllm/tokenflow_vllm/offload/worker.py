@@ -25,13 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm.v1.kv_offload.base import (
-    CanonicalKVCaches,
-    GPULoadStoreSpec,
-    LoadStoreSpec,
-    OffloadingWorker,
-    TransferResult,
-)
+try:
+    from vllm.v1.kv_offload.base import OffloadingWorker, TransferResult
+except ImportError:  # standalone use, e.g. check_offload_worker.py on a GPU machine without vLLM
+
+    class OffloadingWorker:  # type: ignore[no-redef]
+        pass
+
+    @dataclass
+    class TransferResult:  # type: ignore[no-redef]
+        job_id: int
+        success: bool
+        transfer_size: int | None = None
+        transfer_time: float | None = None
 
 log = logging.getLogger("tokenflow_vllm.offload")
 
@@ -58,7 +64,9 @@ class _Pending:
 
 
 class PortableOffloadingWorker(OffloadingWorker):
-    def __init__(self, kv_caches: CanonicalKVCaches, blocks_per_chunk: int, num_host_chunks: int):
+    def __init__(self, kv_caches: Any, blocks_per_chunk: int, num_host_chunks: int):
+        """``kv_caches``: vLLM's ``CanonicalKVCaches`` (or anything with ``.tensors``, each having
+        ``.tensor`` and ``.page_size_bytes``)."""
         if blocks_per_chunk != 1:
             raise ValueError("PortableOffloadingWorker needs blocks_per_chunk == 1 (one host chunk per block)")
         self.device_tensors: list[torch.Tensor] = []
@@ -117,10 +125,12 @@ class PortableOffloadingWorker(OffloadingWorker):
 
     # -- OffloadingWorker -------------------------------------------------------------------------
 
-    def submit_store(self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec) -> bool:
+    def submit_store(self, job_id: int, src_spec: Any, dst_spec: Any) -> bool:
+        """Device blocks ``src_spec.block_ids`` -> host chunks ``dst_spec.block_ids``."""
         return self._submit(job_id, True, src_spec.block_ids, dst_spec.block_ids)
 
-    def submit_load(self, job_id: int, src_spec: LoadStoreSpec, dst_spec: GPULoadStoreSpec) -> bool:
+    def submit_load(self, job_id: int, src_spec: Any, dst_spec: Any) -> bool:
+        """Host chunks ``src_spec.block_ids`` -> device blocks ``dst_spec.block_ids``."""
         return self._submit(job_id, False, src_spec.block_ids, dst_spec.block_ids)
 
     def get_finished(self) -> list[TransferResult]:
