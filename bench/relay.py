@@ -460,6 +460,7 @@ class Options:
     loadgens: int = 2
     workers: int = 1
     pin: bool = True
+    profile_dir: str | None = None  # py-spy profiles of the gateway over each window land here
 
 
 def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult:
@@ -505,14 +506,17 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         time.sleep(max(0.0, w0 - time.time()))
         c0 = tree_cpu(proxy.popen.pid) if proxy else (0.0, 0.0)
         r0 = sum(sum(tree_cpu(p)) for p in rig_roots)
-        h0 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if smooth else []
         m0 = time.time()
+        h0 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if smooth else []
+        spy = _profile(proxy, target, streams, o) if proxy is not None and target.startswith("gateway") else None
         time.sleep(max(0.0, w1 - time.time()))
         c1 = tree_cpu(proxy.popen.pid) if proxy else (0.0, 0.0)
         r1 = sum(sum(tree_cpu(p)) for p in rig_roots)
+        window = time.time() - m0  # the span of the CPU readings (the lateness scrapes may lag under overload)
         h1 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if smooth else []
-        window = time.time() - m0
         load = os.getloadavg()
+        if spy is not None:
+            spy.wait(30)
         outs = []
         for g in gens:
             out, err = g.communicate(timeout=60)
@@ -544,6 +548,21 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
     if errs:
         res.notes.append(errs[0][:200])
     return res
+
+
+def _profile(proxy: Proc, target: str, streams: int, o: Options) -> subprocess.Popen[bytes] | None:
+    """py-spy over the measured window (sampling at 100 Hz costs the proxy little), raw collapsed stacks."""
+    if not o.profile_dir:
+        return None
+    spy = shutil.which("py-spy") or str(Path(_PY).parent / "py-spy")
+    if not os.access(spy, os.X_OK):
+        print("  (py-spy not found: pip install py-spy; no profile)", file=sys.stderr)
+        return None
+    Path(o.profile_dir).mkdir(parents=True, exist_ok=True)
+    dest = Path(o.profile_dir) / f"{target}-{streams}-x{o.workers}.txt"
+    cmd = [spy, "record", "-p", str(proxy.popen.pid), "-d", str(max(1, int(o.window_s) - 1)), "-r", "100", "-f", "raw",
+           "-o", str(dest), "--nonblocking", "--subprocesses"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _ms(v: float | None) -> float | None:
@@ -655,6 +674,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pin", action="store_true", help="do not pin the proxy to core 0 and the rig elsewhere")
     p.add_argument("--memory", type=int, default=0, metavar="N",
                    help="instead: the gateway's resident memory per idle paced stream, with N streams open")
+    p.add_argument("--profile", action="store_true", help="py-spy profile of the gateway over each window (in --out)")
     p.add_argument("--out", help="output directory (default bench-results/relay-<time>)")
     return p
 
@@ -668,7 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out or f"bench-results/relay-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     o = Options(tokens=a.tokens, upstream_rate=a.upstream_rate, pace_rate=a.pace_rate, warmup_s=a.warmup,
-                window_s=a.window, ramp_s=a.ramp, loadgens=a.loadgens, pin=not a.no_pin)
+                window_s=a.window, ramp_s=a.ramp, loadgens=a.loadgens, pin=not a.no_pin,
+                profile_dir=str(out / "profiles") if a.profile else None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the proxies on the way out
     cmd = "tokenflow bench relay " + " ".join(argv)
     if a.memory:
         with tempfile.TemporaryDirectory() as tmp:

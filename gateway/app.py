@@ -262,19 +262,22 @@ class Gateway:
         store = self.store if stream.collected is None else None
         produced = start
         try:
-            async for d in EngineClient.deltas(upstream, stream.kind):
-                if d.tokens or d.text:
-                    n = d.tokens or 1
-                    produced += n
-                    if store is not None:
-                        store.append(sid, (produced, d.text, None))
-                    else:
-                        stream.on_tokens(d.text, n, clock())
-                    tokens_in.inc(n)
-                if d.finish_reason:
-                    reason = d.finish_reason
-                if d.usage:
-                    usage = d.usage
+            async for batch in EngineClient.delta_batches(upstream, stream.kind):  # all the events of one read
+                before = produced
+                for d in batch:
+                    if d.tokens or d.text:
+                        n = d.tokens or 1
+                        produced += n
+                        if store is not None:
+                            store.append(sid, (produced, d.text, None))
+                        else:
+                            stream.on_tokens(d.text, n, clock())
+                    if d.finish_reason:
+                        reason = d.finish_reason
+                    if d.usage:
+                        usage = d.usage
+                if produced != before:
+                    tokens_in.inc(produced - before)
             usage = usage or {}
             prompt = max(0, int(usage.get("prompt_tokens", 0)) - start)  # a continuation's prompt holds the output
             completion = usage.get("completion_tokens")

@@ -58,7 +58,19 @@ def _serve(argv: Sequence[str]) -> int:
             flush=True,
         )
 
+    async def _gc(app: web.Application) -> None:  # a process-wide policy: only the serving process sets it
+        from .gctune import GcTuner
+
+        tuner = GcTuner(asyncio.get_running_loop())
+        tuner.start()
+
+        async def _stop(app: web.Application) -> None:
+            tuner.close()
+
+        app.on_cleanup.append(_stop)
+
     app.on_startup.append(_announce)
+    app.on_startup.append(_gc)
     uvloop.install()
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None)
     return 0

@@ -72,35 +72,41 @@ class EngineClient:
         return resp
 
     @staticmethod
+    async def delta_batches(resp: aiohttp.ClientResponse, kind: str) -> AsyncIterator[list[Delta]]:
+        """Parse the engine's SSE stream: per network read, the deltas of every complete event in it.
+
+        Several tokens ready at once cost one read and one iteration, not a readline per line: the bytes are
+        split into lines in C and only ``data:`` lines are decoded.
+        """
+        content = resp.content
+        chat = kind == "chat"
+        rest = b""
+        while True:
+            chunk = await content.readany()
+            if not chunk:  # EOF: an unterminated last line still counts
+                if rest:
+                    batch, done = _parse_lines([rest], chat)
+                    if batch:
+                        yield batch
+                return
+            nl = chunk.rfind(b"\n")
+            if nl < 0:
+                rest += chunk
+                continue
+            lines = (rest + chunk[:nl] if rest else chunk[:nl]).split(b"\n")
+            rest = chunk[nl + 1:]
+            batch, done = _parse_lines(lines, chat)
+            if batch:
+                yield batch
+            if done:
+                return
+
+    @staticmethod
     async def deltas(resp: aiohttp.ClientResponse, kind: str) -> AsyncIterator[Delta]:
         """Parse the engine's SSE stream into deltas (one per chunk)."""
-        async for raw_line in resp.content:
-            line = raw_line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                return
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                raise EngineError("engine sent a malformed stream chunk") from None
-            if "error" in obj:
-                raise EngineError(_error_message(obj) or "engine error", body=obj)
-            usage = obj.get("usage")
-            choices = obj.get("choices") or ()
-            if not choices:
-                if usage:
-                    yield Delta("", 0, None, usage)
-                continue
-            c = choices[0]
-            if kind == "chat":
-                text = (c.get("delta") or {}).get("content") or ""
-            else:
-                text = c.get("text") or ""
-            ids = c.get("token_ids")
-            n = len(ids) if ids is not None else (1 if text else 0)
-            yield Delta(text, n, c.get("finish_reason"), usage)
+        async for batch in EngineClient.delta_batches(resp, kind):
+            for d in batch:
+                yield d
 
     # --- control side ---
     async def state(self) -> dict[str, Any]:
@@ -132,6 +138,39 @@ class EngineClient:
                 raise EngineError(f"engine '{self.name}' models: HTTP {resp.status}", status=502)
             data = orjson.loads(await resp.read())
             return [m["id"] for m in data.get("data", ())]
+
+
+def _parse_lines(lines: list[bytes], chat: bool) -> tuple[list[Delta], bool]:
+    """The deltas of the ``data:`` lines among ``lines``, and whether ``[DONE]`` was among them."""
+    out: list[Delta] = []
+    for line in lines:
+        if not line.startswith(b"data:"):
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return out, True
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise EngineError("engine sent a malformed stream chunk") from None
+        if "error" in obj:
+            raise EngineError(_error_message(obj) or "engine error", body=obj)
+        usage = obj.get("usage")
+        choices = obj.get("choices")
+        if not choices:
+            if usage:
+                out.append(Delta("", 0, None, usage))
+            continue
+        c = choices[0]
+        if chat:
+            text = (c.get("delta") or {}).get("content") or ""
+        else:
+            text = c.get("text") or ""
+        ids = c.get("token_ids")
+        out.append(Delta(text, len(ids) if ids is not None else (1 if text else 0), c.get("finish_reason"), usage))
+    return out, False
 
 
 def _error_message(obj: Any) -> str | None:
