@@ -69,6 +69,9 @@ else
 fi
 
 # The plugin: always this checkout's code. No deps (vLLM is already there), no build isolation (offline, fast).
+# setuptools builds in the source tree; clear its leftovers so no stale module is ever packaged.
+rm -rf "$ROOT/backends/vllm/build" "$ROOT/backends/vllm/tokenflow_vllm.egg-info"
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation --force-reinstall \
   "$ROOT/backends/vllm" >&2
+rm -rf "$ROOT/backends/vllm/build" "$ROOT/backends/vllm/tokenflow_vllm.egg-info"
 echo "$VENV"
