@@ -27,6 +27,7 @@ from .relay import Relay
 from .state import Final, SessionStore, make_store
 from .state.metrics import SessionCollector
 from .streams import progress
+from .streams.direct import direct_sender
 from .streams.drain import DrainSampler, settings_from, stream_fields
 from .streams.pacer import LatenessCollector, PacingClock
 from .streams.stream import Stream, Superseded
@@ -312,6 +313,7 @@ class Gateway:
         name = engine.config.name
         first = True
         outcome = "disconnected"
+        direct = None
         try:
             while True:
                 data = await stream.next_output(seq)
@@ -326,6 +328,8 @@ class Gateway:
                     first = False
                     stream.first_sent_time = self.loop_time()
                     self.metrics.ttft.labels(name).observe(stream.first_sent_time - stream.arrival_time)
+                    if seq is None or seq == stream.attach_seq:  # from now on releases may go straight out
+                        stream.direct = direct = direct_sender(stream, writer, request.transport, drain, seq)
                 if stream.client_done:
                     break
             await resp.write(DONE)
@@ -336,6 +340,8 @@ class Gateway:
         except Superseded:  # the client reconnected: the newer connection carries on
             outcome = "superseded"
         finally:
+            if direct is not None and stream.direct is direct:
+                stream.direct = None
             self.metrics.requests.labels(stream.kind, outcome).inc()
             delivered = stream.generated - stream.base if stream.pacing == "none" else stream.reader.consumed
             self.metrics.tokens_out.labels(name).inc(delivered)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from ..api.sse import ChunkEncoder
@@ -71,6 +72,7 @@ class Stream:
         "declared_rate",
         "released_tokens",
         "_clock_seq",
+        "direct",
     )
 
     def __init__(
@@ -136,6 +138,10 @@ class Stream:
         self.declared_rate = rate  # as requested (or the default class); the effective rate may move off it
         self.released_tokens = 0  # reader-relative token index through which events were released
         self._clock_seq = -1  # the pacing clock's live entry for this stream (older entries are stale)
+        # The attached writer's synchronous send (see gateway/streams/direct.py): released events go straight to
+        # the client's socket from the pacing clock or the engine reader, with no writer task wake-up, while the
+        # socket takes them; it returns False (and the writer task sends) otherwise.
+        self.direct: Callable[[bytes, int], bool] | None = None
 
     # --- BufferSource (gateway.policy.snapshot) ---
     @property
@@ -204,6 +210,7 @@ class Stream:
         Returns the new attachment's sequence number for :meth:`next_output`.
         """
         self.base = after
+        self.direct = None  # the older writer's; the new one installs its own
         self.reader = ReaderModel(self.reader.rate)
         self._pending.clear()
         self._out.clear()
@@ -286,8 +293,14 @@ class Stream:
         self.reader.advance(now)
         consumed = self.reader.consumed
         pending = self._pending
-        while pending and pending[0][0] <= consumed:
+        if pending and pending[0][0] <= consumed:
             end, ev = pending.popleft()
+            if pending and pending[0][0] <= consumed:  # several due: one write for all of them
+                parts = [ev]
+                while pending and pending[0][0] <= consumed:
+                    end, ev = pending.popleft()
+                    parts.append(ev)
+                ev = b"".join(parts)
             self._release(ev, end, last=not pending and self.upstream_done)
         if not pending:
             self._scheduled = False
@@ -295,6 +308,10 @@ class Stream:
         return self.reader.due_time()
 
     def _release(self, event: bytes, tokens: int, last: bool = False) -> None:
+        direct = self.direct
+        if direct is not None and not last and not self._out and direct(event, tokens):
+            self.released_tokens = tokens
+            return
         self._out.append(event)
         self.released_tokens = tokens
         if last:
