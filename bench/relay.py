@@ -447,6 +447,7 @@ class CaseResult:
     added_ttft_p50_ms: float | None = None
     added_ttft_p99_ms: float | None = None
     notes: list[str] = field(default_factory=list)
+    store: str = "-"
 
 
 @dataclass
@@ -461,6 +462,8 @@ class Options:
     workers: int = 1
     pin: bool = True
     profile_dir: str | None = None  # py-spy profiles of the gateway over each window land here
+    store: str = "memory"  # the gateway's session store (redis whenever workers > 1)
+    redis_url: str = "redis://127.0.0.1:6379/0"
 
 
 def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult:
@@ -480,7 +483,11 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
             proxy = start_nginx(int(up.url.rsplit(":", 1)[1]), proxy_cpus, workdir / "nginx", o.workers)
             url = proxy.url
         else:
-            proxy = start_gateway(up.url, proxy_cpus, workdir / "gateway", o.workers)
+            extra = None
+            if o.store == "redis" or o.workers > 1:  # workers share state through Redis (docs/replicas.md)
+                extra = {"session": {"store": "redis", "redis_url": o.redis_url,
+                                     "key_prefix": f"bench-relay-{os.getpid()}-{streams}-{int(time.time())}"}}
+            proxy = start_gateway(up.url, proxy_cpus, workdir / "gateway", o.workers, extra)
             url = proxy.url
         if proxy is not None:
             procs.append(proxy)
@@ -507,13 +514,15 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         c0 = tree_cpu(proxy.popen.pid) if proxy else (0.0, 0.0)
         r0 = sum(sum(tree_cpu(p)) for p in rig_roots)
         m0 = time.time()
-        h0 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if smooth else []
+        # Lateness from /metrics: one process answers a scrape, so only with one worker.
+        late = smooth and o.workers == 1
+        h0 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if late else []
         spy = _profile(proxy, target, streams, o) if proxy is not None and target.startswith("gateway") else None
         time.sleep(max(0.0, w1 - time.time()))
         c1 = tree_cpu(proxy.popen.pid) if proxy else (0.0, 0.0)
         r1 = sum(sum(tree_cpu(p)) for p in rig_roots)
         window = time.time() - m0  # the span of the CPU readings (the lateness scrapes may lag under overload)
-        h1 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if smooth else []
+        h1 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if late else []
         load = os.getloadavg()
         if spy is not None:
             spy.wait(30)
@@ -540,7 +549,9 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         errors=sum(x["errors"] for x in outs), completed_streams=sum(x["finished"] for x in outs),
         loadavg=load,  # type: ignore[arg-type]
     )
-    if smooth:
+    if target.startswith("gateway"):
+        res.store = "redis" if (o.store == "redis" or o.workers > 1) else "memory"
+    if late:
         d = hist_delta(h0, h1)
         res.lateness_p50_ms = _ms(hist_quantile(d, 0.50))
         res.lateness_p99_ms = _ms(hist_quantile(d, 0.99))
@@ -630,7 +641,7 @@ def table(results: list[CaseResult]) -> str:
         ref = nginx.get(r.streams)
         ratio = f"{r.cpu_us_per_token / ref:.2f}" if r.cpu_us_per_token and ref else "-"
         lines.append(
-            f"| {r.target}{'' if r.workers == 1 else f' x{r.workers}'} | {r.streams} | {cpu} | {ratio} | "
+            f"| {r.target}{'' if r.workers == 1 else f' x{r.workers}'}{' (redis)' if r.store == 'redis' else ''} | {r.streams} | {cpu} | {ratio} | "
             f"{r.proxy_cpu_share:.2f} | {r.delivered_tps:,.0f} / {r.offered_tps:,.0f} | "
             f"{_f(r.ttft_p50_ms)} / {_f(r.ttft_p99_ms)} | {_f(r.added_ttft_p50_ms, True)} / {_f(r.added_ttft_p99_ms, True)} | "
             f"{_f(r.lateness_p50_ms)} / {_f(r.lateness_p99_ms)} | {r.rig_cpu_share:.2f} | {r.errors} |")
@@ -670,6 +681,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams open")
     p.add_argument("--loadgens", type=int, default=2, help="load generator processes")
     p.add_argument("--workers", default="1", help="gateway/nginx worker processes, comma-separated (e.g. 1,2)")
+    p.add_argument("--store", choices=("memory", "redis"), default="memory",
+                   help="the gateway's session store (several workers always use redis)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--repeat", type=int, default=1, help="runs per case (medians reported)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the proxy to core 0 and the rig elsewhere")
     p.add_argument("--memory", type=int, default=0, metavar="N",
@@ -689,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     o = Options(tokens=a.tokens, upstream_rate=a.upstream_rate, pace_rate=a.pace_rate, warmup_s=a.warmup,
                 window_s=a.window, ramp_s=a.ramp, loadgens=a.loadgens, pin=not a.no_pin,
-                profile_dir=str(out / "profiles") if a.profile else None)
+                profile_dir=str(out / "profiles") if a.profile else None, store=a.store, redis_url=a.redis_url)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the proxies on the way out
     cmd = "tokenflow bench relay " + " ".join(argv)
     if a.memory:

@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def _serve(argv: Sequence[str]) -> int:
@@ -16,13 +20,14 @@ def _serve(argv: Sequence[str]) -> int:
     p.add_argument("--host", help="listen address (server.host)")
     p.add_argument("--port", type=int, help="listen port (server.port)")
     p.add_argument("--policy", help="scheduling policy (scheduler.policy): fcfs, tokenflow, andes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port (SO_REUSEPORT); more than 1 needs session.store=redis "
+                        "and engines with a url (docs/replicas.md)")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
 
-    import uvloop
-
-    from .app import create_app
     from .config import load_config
-    from .logs import setup_logging
 
     overrides = {}
     if args.host:
@@ -36,6 +41,45 @@ def _serve(argv: Sequence[str]) -> int:
     except Exception as e:  # a bad config file is the operator's error: say what is wrong, no traceback
         print(f"tokenflow: invalid configuration: {e}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        problem = workers_problem(cfg)
+        if problem:
+            print(f"tokenflow: --workers {args.workers}: {problem}", file=sys.stderr)
+            return 2
+        from .workers import run_workers
+
+        return run_workers(args.workers, lambda i: _run(cfg, worker=i, workers=args.workers))
+    return _run(cfg)
+
+
+def workers_problem(cfg: "Config") -> str | None:
+    """Why this configuration cannot run as several worker processes (None: it can).
+
+    Each worker is a replica of its own: streams, pacing and client writers are per process, and what must be
+    shared (stream records for resumption, one scheduler per engine, the streams every replica holds on an
+    engine) goes through the Redis session store, exactly as between replicas on several hosts.
+    """
+    if cfg.session.store != "redis":
+        return ("several workers share stream state and one scheduler per engine through Redis: set "
+                "session.store: redis (the memory store is per process)")
+    if cfg.server.port == 0:
+        return "server.port 0 would give each worker a port of its own: name a port"
+    embedded = [e.name for e in cfg.engines if e.url is None]
+    if embedded:
+        return f"engines without a url ({', '.join(embedded)}) would be simulated once per worker: give each a url"
+    return None
+
+
+def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
+    """Serve ``cfg`` in this process until SIGINT/SIGTERM (one worker of ``workers`` when ``worker`` is set)."""
+    import uvloop
+
+    from .app import create_app
+    from .logs import setup_logging
+
+    if worker is not None and cfg.session.replica_id:  # each worker leases streams and engines as itself
+        cfg = cfg.model_copy(update={"session": cfg.session.model_copy(
+            update={"replica_id": f"{cfg.session.replica_id}-w{worker}"})})
     setup_logging(cfg.server.log_level)
     app = create_app(cfg)
     url = f"http://{cfg.server.host}:{cfg.server.port}"
@@ -44,9 +88,13 @@ def _serve(argv: Sequence[str]) -> int:
     async def _announce(app: web.Application) -> None:
         from .app import GATEWAY_KEY
 
+        if worker:  # worker 0 speaks for all
+            return
+
         models = sorted(app[GATEWAY_KEY].models)
         model = models[0] if models else "MODEL"
-        print(f"TokenFlow gateway listening on {url}", flush=True)
+        print(f"TokenFlow gateway listening on {url}" + (f" ({workers} worker processes)" if workers > 1 else ""),
+              flush=True)
         if embedded:
             print(f"  engines: embedded simulated engine ({', '.join(embedded)}) - a simulator, not a real model", flush=True)
         print(f"  policy: {cfg.scheduler.policy}; models: {', '.join(models)}", flush=True)
@@ -72,7 +120,8 @@ def _serve(argv: Sequence[str]) -> int:
     app.on_startup.append(_announce)
     app.on_startup.append(_gc)
     uvloop.install()
-    web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None)
+    web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None,
+                reuse_port=workers > 1)
     return 0
 
 
