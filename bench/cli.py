@@ -4,6 +4,7 @@
     tokenflow bench http     [workload options] [--gateway-url URL | --profile sim-small] [--policies ...]
     tokenflow bench sweep    [workload options] --grid tokenflow.conservativeness=1,2,4 [--grid ...]
     tokenflow bench tick-cost [--streams 100,1000,10000] [--policies tokenflow,andes,fcfs]
+    tokenflow bench relay    [--streams 100,500,1000,2000] [--targets direct,nginx,...] (bench/relay.py)
 
 ``--config configs/bench/<name>.yaml`` sets any option (its keys are the option names with ``_``);
 options on the command line win. Results go to ``--out`` (default ``bench-results/<mode>-<time>``):
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--policies", default="tokenflow,andes,fcfs")
     t.add_argument("--repeats", type=int, default=20)
     t.add_argument("--out", help="write the results as JSON here")
+    sub.add_parser("relay", help="CPU per relayed token vs nginx, TTFT, pacing lateness (tokenflow bench relay -h)",
+                   add_help=False)
     return p
 
 
@@ -260,6 +263,10 @@ def _tick_cost(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "relay":  # its own options (bench/relay.py)
+        from .relay import main as relay_main
+
+        return relay_main(argv[1:])
     args = _parse(argv)
     if args.mode == "tick-cost":
         return _tick_cost(args)
