@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -56,6 +57,7 @@ class Tracked:
     resumed_at: float | None = None  # perf_counter() of the last resume, until its next token
     resumed_output: int = 0  # output tokens at that resume
     resume_to_token_s: float | None = None  # engine-side time from the last resume to the next token
+    host_keys: list = field(default_factory=list)  # leading chunks verified present on host
 
 
 class TokenFlowMixin:
@@ -76,6 +78,9 @@ class TokenFlowMixin:
             for g in self.kv_cache_config.kv_cache_groups
         )
         self._tf_offload = self._find_offload_scheduler()
+        # Host-copy accounting, kept incremental: chunks referenced by live requests' verified prefixes.
+        self._host_refs: Counter = Counter()
+        self._host_epoch: int | None = None  # pins.removals() the verified prefixes are valid for
         if self.connector is not None:
             self._wrap_connector(self.connector)
         log.info(
@@ -119,32 +124,55 @@ class TokenFlowMixin:
         conn.update_state_after_alloc = update_state_after_alloc
         conn.update_connector_output = update_connector_output
 
-    def _host_chunk_keys(self, req: Request) -> list:
-        """Offload keys of the request's full chunks, head to tail (first KV group)."""
+    def _host_chunk_keys(self, req: Request, start: int = 0) -> list:
+        """Offload keys of the request's full chunks from chunk ``start`` on (first KV group)."""
         from vllm.v1.kv_offload.base import make_offload_key
 
         g = self._tf_offload.config.kv_group_configs[0]
         hpc = g.hashes_per_chunk
-        return [make_offload_key(h, g.group_idx) for h in req.block_hashes[hpc - 1 :: hpc]]
+        return [make_offload_key(h, g.group_idx) for h in req.block_hashes[hpc - 1 + start * hpc :: hpc]]
 
-    def _host_prefix_keys(self, req: Request) -> list:
-        """Keys of the request's leading chunks present (stored and readable) in the host tier."""
-        if self._tf_offload is None:
-            return []
-        policy = getattr(self._tf_offload.manager, "_policy", None)
+    def _host_policy(self) -> Any:
+        return getattr(self._tf_offload.manager, "_policy", None) if self._tf_offload else None
+
+    def _sync_host(self) -> None:
+        """Forget every verified host prefix if chunks may have left the host tier since the last look.
+
+        Chunks only leave through the eviction policy; PinnedLRU counts them. With another policy nothing
+        is kept between state reports.
+        """
+        policy = self._host_policy()
+        epoch = pins.removals() if type(policy).__name__ == "PinnedLRU" else None
+        if epoch is None or epoch != self._host_epoch:
+            self._host_refs.clear()
+            for t in self._tf.values():
+                t.host_keys = []
+            self._host_epoch = epoch
+
+    def _refresh_host(self, t: Tracked) -> None:
+        """Extend the request's verified host prefix with chunks stored since the last look."""
+        policy = self._host_policy()
         if policy is None:
-            return []
-        keys = []
-        for key in self._host_chunk_keys(req):
+            return
+        for key in self._host_chunk_keys(t.req, len(t.host_keys)):
             chunk = policy.get(key)
             if chunk is None or not chunk.is_ready:
                 break
-            keys.append(key)
-        return keys
+            t.host_keys.append(key)
+            self._host_refs[key] += 1
 
-    def _host_tokens(self, req: Request) -> int:
+    def _drop_host(self, t: Tracked) -> None:
+        for key in t.host_keys:
+            n = self._host_refs[key] - 1
+            if n > 0:
+                self._host_refs[key] = n
+            else:
+                del self._host_refs[key]
+        t.host_keys = []
+
+    def _host_tokens(self, t: Tracked) -> int:
         per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk if self._tf_offload else 0
-        return min(len(self._host_prefix_keys(req)) * per_chunk, req.num_tokens)
+        return min(len(t.host_keys) * per_chunk, t.req.num_tokens)
 
     def _pin(self, t: Tracked) -> None:
         if self._tf_offload is not None and not t.pinned:
@@ -174,6 +202,7 @@ class TokenFlowMixin:
         t = self._tf.pop(request.request_id, None)
         if t is not None:
             self._unpin(t)
+            self._drop_host(t)
             if self._tf_ids.get(t.tf_id) == request.request_id:
                 del self._tf_ids[t.tf_id]
         return super()._free_request(request, delay_free_blocks)
@@ -453,11 +482,14 @@ class TokenFlowMixin:
                     aborted.append(rid)
                     results.append({"id": tf_id, "op": op, "ok": True, "status": "aborted"})
                     continue
-                {
-                    "preempt": self._preempt,
-                    "resume": self._resume,
-                    "prefetch": self._prefetch,
-                }.get(op, lambda t: self._set_priority(t, cmd["priority"]))(t)
+                if op == "preempt":
+                    self._preempt(t)
+                elif op == "resume":
+                    self._resume(t)
+                elif op == "prefetch":
+                    self._prefetch(t)
+                else:
+                    self._set_priority(t, cmd["priority"])
             except Exception as e:  # never take the engine down for one command
                 log.exception("tokenflow %s %s failed", op, tf_id)
                 results.append(cmds.error_result(tf_id, op, "internal_error", f"{type(e).__name__}: {e}"))
@@ -484,7 +516,7 @@ class TokenFlowMixin:
             "computed_tokens": computed,
             "max_tokens": req.sampling_params.max_tokens if req.sampling_params else None,
             "kv_device_tokens": device,
-            "kv_host_tokens": self._host_tokens(req),
+            "kv_host_tokens": self._host_tokens(t),
             "preemptions": req.num_preemptions,
             "resume_to_token_s": t.resume_to_token_s,  # beyond the contract: last resume -> next token
             "request_id": req.request_id,
@@ -501,11 +533,18 @@ class TokenFlowMixin:
         return name[0] if isinstance(name, (list, tuple)) else str(name)
 
     def tokenflow_state(self, request_id: str | None = None) -> dict[str, Any]:
+        self._sync_host()
         if request_id is not None:
             rid = self._tf_ids.get(request_id)
             t = self._tf.get(rid) if rid is not None else None
-            return {"request": self._request_state(t) if t is not None and not t.req.is_finished() else None}
-        reqs = [self._request_state(t) for t in self._tf.values() if not t.req.is_finished()]
+            if t is None or t.req.is_finished():
+                return {"request": None}
+            self._refresh_host(t)
+            return {"request": self._request_state(t)}
+        live = [t for t in self._tf.values() if not t.req.is_finished()]
+        for t in live:
+            self._refresh_host(t)
+        reqs = [self._request_state(t) for t in live]
         counts = dict.fromkeys(("running", "waiting", "held", "loading", "parked"), 0)
         for r in reqs:
             counts[r["status"]] += 1
@@ -518,11 +557,7 @@ class TokenFlowMixin:
         if self._tf_offload is not None:
             m = self._tf_offload.manager
             per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk
-            live_keys = set()
-            for t in self._tf.values():
-                if not t.req.is_finished():
-                    live_keys.update(self._host_prefix_keys(t.req))
-            host_used = len(live_keys) * per_chunk
+            host_used = len(self._host_refs) * per_chunk  # distinct chunks: shared prefixes count once
             if hasattr(m, "_num_chunks"):
                 host_cap = m._num_chunks * per_chunk
                 host_cached = (m._num_allocated_chunks - len(m._free_list)) * per_chunk

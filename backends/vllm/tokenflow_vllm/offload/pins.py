@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Hashable
 
 _pins: Counter = Counter()
+_removals = 0  # chunks that left the host tier through PinnedLRU (evicted or dropped), ever
 
 
 def pin(keys: Iterable[Hashable]) -> None:
@@ -35,3 +36,13 @@ def pinned_keys() -> set:
 
 def count() -> int:
     return len(_pins)
+
+
+def note_removed(n: int) -> None:
+    """Called by PinnedLRU when chunks leave the host tier: cached presence checks are then stale."""
+    global _removals
+    _removals += n
+
+
+def removals() -> int:
+    return _removals

@@ -3,6 +3,9 @@
 Load with ``"eviction_policy": "PinnedLRU", "cache_policy_module_path": "tokenflow_vllm.offload.policy"``
 in ``kv_connector_extra_config``. When every evictable chunk is pinned, a store simply is not made
 (the manager treats a failed eviction as "no room"), exactly as when the host tier is full.
+
+It also counts chunks leaving the tier, so the scheduler can keep its per-request host-copy accounting
+incremental (it re-checks everything only after a removal).
 """
 from __future__ import annotations
 
@@ -25,4 +28,15 @@ class _Protected:
 
 class PinnedLRU(LRUCachePolicy):
     def evict(self, n, protected):
-        return super().evict(n, _Protected(protected) if pins.count() else protected)
+        out = super().evict(n, _Protected(protected) if pins.count() else protected)
+        if out:
+            pins.note_removed(len(out))
+        return out
+
+    def remove(self, key) -> None:
+        super().remove(key)
+        pins.note_removed(1)
+
+    def clear(self) -> None:
+        super().clear()
+        pins.note_removed(1)
