@@ -15,6 +15,12 @@ from tokenflow_vllm.offload.worker import PortableOffloadingWorker
 class TokenFlowOffloadingSpec(CPUOffloadingSpec):
     def __init__(self, config):
         super().__init__(config)
+        if len(config.groups) != 1:
+            # One block id list is copied in every KV tensor: right only when all layers form one group.
+            raise ValueError(
+                "TokenFlowOffloadingSpec supports models with one KV cache group (no hybrid sliding-window "
+                "or Mamba layers); use vLLM's CPUOffloadingSpec for those"
+            )
         if self.blocks_per_chunk != 1:
             raise ValueError(
                 "TokenFlowOffloadingSpec needs one device block per host chunk; do not set block_size "
