@@ -20,7 +20,7 @@ from .api.requests import ClientRequest, parse_json, parse_request
 from .api.sse import DONE, ChunkEncoder, usage_dict
 from .config import Config, EngineConfig
 from .control import ControlLoop
-from .engines.client import EngineClient, EngineError
+from .engines.client import Delta, EngineClient, EngineError, EngineStream
 from .metrics import Metrics
 from .policy import make_policy
 from .relay import Relay
@@ -250,7 +250,7 @@ class Gateway:
         except (EngineError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             log.warning("abort failed", extra={"stream_id": sid, "engine": engine.config.name, "error": str(e)})
 
-    async def _pump(self, engine: EngineHandle, upstream: aiohttp.ClientResponse, stream: Stream, start: int = 0) -> None:
+    async def _pump(self, engine: EngineHandle, upstream: EngineStream, stream: Stream, start: int = 0) -> None:
         """Read the engine's stream until it ends: into the session store (streaming requests, which the store
         hands to ``stream`` once durable) or straight into ``stream`` (non-streaming). ``start``: tokens the
         stream had before this engine request (a resubmitted continuation)."""
@@ -262,23 +262,27 @@ class Gateway:
         sid = stream.id
         store = self.store if stream.collected is None else None
         produced = start
+
+        def on_batch(batch: list[Delta]) -> None:  # all the events of one network read, in the read's callback
+            nonlocal produced, reason, usage
+            before = produced
+            for d in batch:
+                if d.tokens or d.text:
+                    n = d.tokens or 1
+                    produced += n
+                    if store is not None:
+                        store.append(sid, (produced, d.text, None))
+                    else:
+                        stream.on_tokens(d.text, n, clock())
+                if d.finish_reason:
+                    reason = d.finish_reason
+                if d.usage:
+                    usage = d.usage
+            if produced != before:
+                tokens_in.inc(produced - before)
+
         try:
-            async for batch in EngineClient.delta_batches(upstream, stream.kind):  # all the events of one read
-                before = produced
-                for d in batch:
-                    if d.tokens or d.text:
-                        n = d.tokens or 1
-                        produced += n
-                        if store is not None:
-                            store.append(sid, (produced, d.text, None))
-                        else:
-                            stream.on_tokens(d.text, n, clock())
-                    if d.finish_reason:
-                        reason = d.finish_reason
-                    if d.usage:
-                        usage = d.usage
-                if produced != before:
-                    tokens_in.inc(produced - before)
+            await upstream.consume(on_batch)
             usage = usage or {}
             prompt = max(0, int(usage.get("prompt_tokens", 0)) - start)  # a continuation's prompt holds the output
             completion = usage.get("completion_tokens")
