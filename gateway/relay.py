@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from . import auth
 from .api.errors import ApiError, not_found
 from .api.sse import ChunkEncoder
 from .engines.client import EngineClient, EngineError
@@ -48,6 +49,7 @@ class Relay:
         store.on_lost = self._on_lost
         store.local_log = self._local_log  # type: ignore[method-assign]
         store.on_reset = self._on_reset  # type: ignore[method-assign]
+        self.keys: dict[str, str | None] = {}  # stream -> API key name that may resume it
         self.resumes = {"local": 0, "follow": 0, "resubmit": 0, "replay": 0}
         self.takeovers = 0
 
@@ -55,11 +57,18 @@ class Relay:
     def record(self, stream: Stream, body: dict[str, Any]) -> StreamRecord:
         wall = time.time() - (self.gw.loop_time() - stream.arrival_time)
         return StreamRecord(stream.id, stream.engine, stream.model, stream.kind, stream.rate, stream.pacing,
-                            stream.rate_declared, stream.include_usage, stream.max_tokens, stream.created, wall, body)
+                            stream.rate_declared, stream.include_usage, stream.max_tokens, stream.created,
+                            arrival_wall=wall, key=self.keys.get(stream.id), body=body)
+
+    @staticmethod
+    def _key_of(request: web.Request) -> str | None:
+        key = request.get(auth.KEY_ATTR)
+        return None if key is None else key.name
 
     async def serve_new(self, request: web.Request, stream: Stream, engine: "EngineHandle", body: dict[str, Any]
                         ) -> web.StreamResponse:
         """A new streaming request: record it, submit it to the engine, deliver it to this client."""
+        self.keys[stream.id] = self._key_of(request)
         self.store.create(self.record(stream, body))
         self._register(stream)
         try:
@@ -176,13 +185,17 @@ class Relay:
                                code="session_store_unavailable", headers={"Retry-After": "1"}) from None
             s = self.gw.streams.get(sid)  # another connection may have rebuilt it meanwhile
             if s is None:
-                if loaded is None:
+                if loaded is None or (loaded.record.key is not None and loaded.record.key != self._key_of(request)):
                     raise not_found(f"no stream with id '{sid}' (unknown, or expired after it ended)")
                 s = await self._rebuild(loaded)
             else:
                 self.resumes["local"] += 1
         else:
             self.resumes["local"] += 1
+        owner_key = self.keys.get(sid)
+        if owner_key is not None and owner_key != self._key_of(request):
+            # Only the API key that started a stream may read it; do not reveal that it exists.
+            raise not_found(f"no stream with id '{sid}' (unknown, or expired after it ended)")
         if s.collected is not None:
             raise ApiError(409, "a non-streaming request cannot be resumed", code="not_resumable")
         engine = self.gw.engines.get(s.engine)
@@ -203,6 +216,7 @@ class Relay:
         f = loaded.final
         s.restore(loaded.deltas, None if f is None else (f.reason, f.prompt_tokens, f.error))
         s.owned = False
+        self.keys[rec.id] = rec.key
         return s
 
     async def _rebuild(self, loaded: Loaded) -> Stream:
@@ -355,6 +369,7 @@ class Relay:
         if gw.streams.get(s.id) is not s:
             return
         del gw.streams[s.id]
+        self.keys.pop(s.id, None)
         self.store.forget(s.id)
         engine = gw.engines.get(s.engine)
         if engine is not None:

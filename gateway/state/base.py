@@ -42,6 +42,7 @@ class StreamRecord:
     max_tokens: int | None
     created: int  # unix seconds, part of every chunk
     arrival_wall: float = 0.0  # unix time the client's request arrived (scheduling order across replicas)
+    key: str | None = None  # the API key (name) that created it: only that key may resume it
     body: dict[str, Any] = field(default_factory=dict)  # the engine request as first sent (for resubmission)
 
     def to_json(self) -> bytes:

@@ -269,6 +269,9 @@ class RedisStore(SessionStore):
                 await asyncio.sleep(self.cfg.retry_interval_s)
 
     async def _flush(self) -> None:
+        if self.degraded and not await self._reconnect():
+            self._sink_unsunk()
+            return
         plan: list[tuple[str, str, Any]] = []  # (sid, what, extra) per command
         pipe = self.redis.pipeline(transaction=False)
         ttl_ms = int(self.cfg.ttl_s * 1000)
@@ -381,6 +384,27 @@ class RedisStore(SessionStore):
         ob.create, ob.stored = True, 0
         self._dirty.set()
 
+    def _apply_epoch(self, value: bytes | None) -> None:
+        if self._epoch is not None and value != self._epoch:
+            log.warning("Redis lost its data: writing held streams again", extra={"store": "redis"})
+            self.on_reset()
+        self._epoch = value
+
+    async def _reconnect(self) -> bool:
+        """After an outage, before anything else: did Redis keep its data? True once it answers."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"{self.prefix}:epoch", uuid.uuid4().hex, nx=True)
+        pipe.get(f"{self.prefix}:epoch")
+        try:
+            res = await self._execute(pipe)
+            self._check(res)
+        except (*_ERRORS, rexc.RedisError) as e:
+            self._fail(e)
+            return False
+        self._apply_epoch(res[1])
+        self._ok()
+        return True
+
     def on_reset(self) -> None:
         """Redis lost its data (the gateway sets this: it rewrites the ended streams it still serves)."""
 
@@ -491,6 +515,8 @@ class RedisStore(SessionStore):
             await asyncio.sleep(max(0.0, self.tick_interval_s - (time.monotonic() - t0)))
 
     async def _tick(self) -> None:
+        if self.degraded and not await self._reconnect():
+            return
         pipe = self.redis.pipeline(transaction=False)
         plan: list[tuple[str, str]] = [("epoch_set", ""), ("epoch", "")]
         me = self.replica_id
@@ -541,10 +567,7 @@ class RedisStore(SessionStore):
                 log.warning("session store tick command failed", extra={"op": what, "error": str(res)})
                 continue
             if what == "epoch":
-                if self._epoch is not None and res != self._epoch:
-                    log.warning("Redis lost its data: writing held streams again", extra={"store": "redis"})
-                    self.on_reset()
-                self._epoch = res
+                self._apply_epoch(res)
             elif what == "renew":
                 # A stream that ended while the renewal was in flight is not lost: its END ran first.
                 live = {sid for sid, ob in self._out.items() if ob.end_state is None}

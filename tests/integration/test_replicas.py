@@ -189,7 +189,12 @@ async def test_streams_survive_a_redis_outage_and_resume_works_after(tmp_path: P
                 r = redis.Redis.from_url(srv.url)
                 return all(r.exists(f"{cluster.prefix}:s:{c.sid}") for c in cut)
 
-            await poll(written_again, 10, "records written again after the restart")
+            try:
+                await poll(written_again, 10, "records written again after the restart")
+            except AssertionError:
+                r = redis.Redis.from_url(srv.url)
+                raise AssertionError(f"missing: {[c.sid for c in cut if not r.exists(f'{cluster.prefix}:s:{c.sid}')]}; "
+                                     f"keys: {sorted(k.decode() for k in r.keys('*'))[:20]}") from None
             await asyncio.gather(*(c.resume(http, b, "get") for c in cut))
         lost, dup, disorder = lost_and_duplicated(clients, max_tokens)
         print(f"\nRedis down 10 s during {STREAMS} streams: failed = {sum(1 for c in clients if not c.done)}, "

@@ -21,8 +21,8 @@ REDIS_URL = os.environ.get("TOKENFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0
 
 
 def rec(sid: str, kind: str = "completion", body: dict | None = None) -> StreamRecord:
-    return StreamRecord(sid, "sim", "m", kind, 10.0, "smooth", True, False, 50, 1700000000, time.time(),
-                        body or {"model": "m", "prompt": "hello", "max_tokens": 50})
+    return StreamRecord(sid, "sim", "m", kind, 10.0, "smooth", True, False, 50, 1700000000, arrival_wall=time.time(),
+                        body=body or {"model": "m", "prompt": "hello", "max_tokens": 50})
 
 
 async def until(pred, timeout: float = 10.0, what: str = "condition") -> None:
