@@ -216,6 +216,8 @@ class Stream:
         self._out.clear()
         self.client_done = False
         self.first_sent_time = None
+        self.released_tokens = 0
+        self._scheduled = False  # schedule afresh on the new reader's clock (an older clock entry goes stale)
         self.encoder.resumed(after > 0)
         prev = 0
         for end, text, _ in self.deltas:
