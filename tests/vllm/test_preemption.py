@@ -47,7 +47,7 @@ async def test_greedy_output_identical_across_preemptions(client: Client) -> Non
     """One request preempted 6 times (two holds with a prefetch) next to an uninterrupted one, and a
     third without any host copy (every resume recomputes): all three match uninterrupted runs."""
     p_host, p_none, p_other = prompt(300, 1), prompt(200, 2), prompt(150, 3)
-    n = 160
+    n = 240  # well past the last preemption point, so a slow state poll cannot miss it
     # References without write-through: the host tier is content-addressed, so a reference run that stored
     # its KV would hand the preempted runs a host copy they did not write themselves.
     refs = await asyncio.gather(*(client.run(p, n, **NO_HOST_COPY) for p in (p_host, p_none, p_other)))
@@ -78,7 +78,7 @@ async def test_greedy_output_identical_across_preemptions(client: Client) -> Non
 async def _resume_latency(client: Client, rid: str, p: list[int], n_before: int, **extra) -> tuple[float, dict, dict]:
     """Hold a long-context request, wait until its write-through copy is complete, resume it; return the
     seconds from resume to its next token, its held state, and the counter deltas."""
-    g = await client.gen(rid, p, n_before + 8, **extra)
+    g = await client.gen(rid, p, n_before + 400, **extra)  # ample room: aborted once measured
     await wait_output(client, rid, n_before)
     await hold(client, rid)
     block = (await client.state())["engine"]["block_size"]
@@ -96,8 +96,9 @@ async def _resume_latency(client: Client, rid: str, p: list[int], n_before: int,
     await client.cmd("resume", rid)
     await g.wait_tokens(n + 1)
     ttnt = g.arrivals[n] - t0
-    await g.done()
     c1 = await client.counters()
+    await client.cmd("abort", rid)
+    await g.done()
     return ttnt, held, {k: c1[k] - c0[k] for k in c1}
 
 
