@@ -52,6 +52,7 @@ class Relay:
         self.keys: dict[str, str | None] = {}  # stream -> API key name that may resume it
         self.resumes = {"local": 0, "follow": 0, "resubmit": 0, "replay": 0}
         self.takeovers = 0
+        self._remote_seen: dict[str, set[str]] = {}  # engine -> remote stream ids in the last snapshot
 
     # ----- new streams -----
     def record(self, stream: Stream, body: dict[str, Any]) -> StreamRecord:
@@ -353,10 +354,18 @@ class Relay:
     def streams_for(self, engine: str, local: list[Stream], now: float) -> list[BufferSource]:
         """This replica's streams plus those other replicas published; per id the one with a client wins."""
         merged: dict[str, Any] = {s.id: s for s in local}
+        remote: set[str] = set()
         for r in self.store.remote_streams(engine, now):
+            remote.add(r.id)
             mine = merged.get(r.id)
             if mine is None or (r.attached and not getattr(mine, "attached", True)):
                 merged[r.id] = r
+        # Remote streams that ended: let the policy drop what it kept for them (local ones do on removal).
+        handle = self.gw.engines.get(engine)
+        for sid in self._remote_seen.get(engine, set()) - remote:
+            if sid not in merged and handle is not None:
+                handle.control.policy.forget(sid)
+        self._remote_seen[engine] = remote
         return list(merged.values())
 
     # ----- bookkeeping -----
