@@ -136,6 +136,8 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
         for h in self.engines.values():
+            h.client.close()
+        for h in self.engines.values():
             if h.embedded is not None:
                 await h.embedded.close()
 

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 
 from .sse_parse import Delta, EngineError, _error_message, parse_lines
-from .stream import EngineStream
+from .stream import ConnectionPool, EngineStream
 
 __all__ = ["CONTROL_VERSION", "Delta", "EngineClient", "EngineError", "EngineStream"]
 
@@ -35,13 +35,14 @@ class EngineClient:
         self.session = session
         self._headers = {"Authorization": f"Bearer {control_token}"} if control_token else {}
         self._request_timeout_s = request_timeout_s
+        self.pool = ConnectionPool(self.base_url)  # keep-alive connections for engine streams
         self._control_timeout = aiohttp.ClientTimeout(total=10)
 
     # --- OpenAI side ---
     async def open_stream(self, kind: str, body: dict[str, Any]) -> EngineStream:
         """Start a streaming request; its deltas are read by an :class:`EngineStream` (one callback per read)."""
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        upstream = await EngineStream.open(self.name, self.base_url, path, kind, orjson.dumps(body),
+        upstream = await EngineStream.open(self.name, self.pool, path, kind, orjson.dumps(body),
                                            {"Content-Type": "application/json"}, self._request_timeout_s)
         if upstream.status != 200:
             raw = upstream.error_body
@@ -96,6 +97,10 @@ class EngineClient:
         async for batch in EngineClient.delta_batches(resp, kind):
             for d in batch:
                 yield d
+
+    def close(self) -> None:
+        """Close the idle stream connections (streams in flight close their own)."""
+        self.pool.close()
 
     # --- control side ---
     async def state(self) -> dict[str, Any]:

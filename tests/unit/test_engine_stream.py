@@ -117,3 +117,47 @@ async def test_batches_iterator_and_close_mid_stream(serve) -> None:  # type: ig
     await asyncio.sleep(0.05)
     up.close()  # the consumer stops reading: consume returns
     await asyncio.wait_for(task, 5)
+
+
+async def test_connections_are_reused_after_a_clean_end_and_stale_ones_replaced() -> None:
+    from gateway.engines.stream import ConnectionPool
+
+    conns: list[asyncio.StreamWriter] = []
+    close_after_first = asyncio.Event()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)
+        while True:
+            try:
+                head = await r.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            n = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await r.readexactly(n)
+            w.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(SSE))
+            await w.drain()
+            if close_after_first.is_set():  # the engine drops the idle connection after answering
+                w.close()
+                return
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pool = ConnectionPool(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+    try:
+        for _ in range(3):
+            up = await EngineStream.open("e", pool, "/v1/completions", "completion", b"{}", {}, 10)
+            got: list[tuple[str, int, str | None]] = []
+            await up.consume(lambda b: got.extend((d.text, d.tokens, d.finish_reason) for d in b))
+            up.close()
+            assert got == EXPECTED
+            await asyncio.sleep(0.02)  # the chunked terminator arrives: the connection is pooled
+        assert len(conns) == 1 and pool.reuses == 2
+        close_after_first.set()
+        up = await EngineStream.open("e", pool, "/v1/completions", "completion", b"{}", {}, 10)
+        await up.consume(lambda b: None)
+        await asyncio.sleep(0.05)  # the engine closed it after answering: it leaves the pool
+        up = await EngineStream.open("e", pool, "/v1/completions", "completion", b"{}", {}, 10)
+        await up.consume(lambda b: None)
+        assert len(conns) == 2
+    finally:
+        pool.close()
+        srv.close()
