@@ -88,6 +88,7 @@ class RedisStore(SessionStore):
         self._stale_pubs: dict[str, list[str]] = {}
         self._connected_since: float | None = None
         self._dirty = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._next_scan = 0.0
         self._backlog_tokens = 0
@@ -204,6 +205,8 @@ class RedisStore(SessionStore):
         if ob is None:
             self.sink(sid, [delta], None)
             return
+        if ob.stored == 0 and not ob.deltas:
+            self._urgent.set()  # the first token: write it now rather than after a batching interval
         ob.deltas.append(delta)
         self._backlog_tokens += 1
         if self.degraded:  # serve from memory now; the write waits for Redis
@@ -260,7 +263,14 @@ class RedisStore(SessionStore):
                 if not self._out and not self._follow:
                     self._dirty.clear()
                     await self._dirty.wait()
-                await asyncio.sleep(self.cfg.retry_interval_s if self.degraded else self.cfg.flush_interval_s)
+                if self.degraded:
+                    await asyncio.sleep(self.cfg.retry_interval_s)
+                else:  # batch for flush_interval_s, unless a stream's first token is waiting (time to first token)
+                    try:
+                        await asyncio.wait_for(self._urgent.wait(), self.cfg.flush_interval_s)
+                    except asyncio.TimeoutError:
+                        pass
+                self._urgent.clear()
                 await self._flush()
             except asyncio.CancelledError:
                 raise

@@ -49,6 +49,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             r.delete(*keys)
 
 
+async def _has(c: Client, n: int) -> bool:
+    return len(c.tokens()) >= n
+
+
 def _bodies(n: int, max_tokens: int, rate: float) -> list[Client]:
     out = []
     for i in range(n):
@@ -118,6 +122,19 @@ async def test_engine_driver_moves_to_surviving_replica(cluster: Cluster) -> Non
             return all(c.tokens() for c in clients)
 
         await poll(a_sees_b_streams, 30, "streams on B")
+
+        # While A lives and streams, a second connection on B follows A's token log (no second generation).
+        on_a = Client({"model": "sim-small", "prompt": "follow me", "stream": True, "max_tokens": 60,
+                       "tokenflow": {"rate": 30}})
+        first = asyncio.create_task(on_a.start(http, a))
+        await poll(lambda: _has(on_a, 3), 20, "stream on A")
+        follower = Client(on_a.body, sid=on_a.sid, last_id=f"{on_a.sid}:0")
+        await follower.resume(http, b, "get")
+        await first
+        assert follower.done and on_a.done
+        assert lost_and_duplicated([follower, on_a], 60) == (0, 0, 0)
+        assert (await readyz(http, b))["session"]["resumes"]["follow"] == 1
+
         killed_at = time.monotonic()
         cluster.procs["A"].kill(signal.SIGKILL)
 
