@@ -50,10 +50,20 @@ class MemoryStore(SessionStore):
         for k in dead:
             del self._entries[k]
 
+    def _bound(self) -> None:
+        """At most ``max_records``: the oldest ended records go first (running ones are bounded by max_streams)."""
+        excess = len(self._entries) + 1 - self.max_streams
+        if excess <= 0:
+            return
+        ended = sorted((e.expires_at, k) for k, e in self._entries.items() if e.expires_at is not None)
+        for _, k in ended[:excess]:
+            del self._entries[k]
+
     def create(self, rec: StreamRecord, deltas: list[Delta] | None = None) -> None:
         self._sweep()
         e = self._entries.get(rec.id)
         if e is None:
+            self._bound()
             self._entries[rec.id] = _Entry(rec, deltas=list(deltas or ()))
         else:  # resubmission of a known stream: keep its tokens
             e.state, e.expires_at = "running", None

@@ -309,3 +309,12 @@ async def test_redis_password_from_config(tmp_path) -> None:
     finally:
         proc.kill()
         proc.wait(5)
+
+
+async def test_memory_store_is_bounded() -> None:
+    store = MemoryStore(SessionConfig(max_records=3), ["sim"])
+    for i in range(3):
+        store.create(rec(f"s{i}"))
+    store.finish("s1", Final("stop", 1))
+    store.create(rec("s3"))  # over the bound: the ended record goes, running ones stay
+    assert [await store.load(f"s{i}") is not None for i in range(4)] == [True, False, True, True]
