@@ -318,3 +318,58 @@ async def test_memory_store_is_bounded() -> None:
     store.finish("s1", Final("stop", 1))
     store.create(rec("s3"))  # over the bound: the ended record goes, running ones stay
     assert [await store.load(f"s{i}") is not None for i in range(4)] == [True, False, True, True]
+
+
+@pytest.mark.redis
+async def test_redis_tls_with_a_private_ca(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
+        pytest.skip("redis-server or openssl is not installed")
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+       "-subj", "/CN=tokenflow-test-ca")
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    sh("openssl", "x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+       "-out", "srv.crt", "-days", "1", "-extfile", "san.ext")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", "srv.crt", "--tls-key-file", "srv.key", "--tls-ca-cert-file", "ca.crt",
+                             "--tls-auth-clients", "no", "--save", ""], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    try:
+        cfg = _cfg("tls", redis_url=f"rediss://127.0.0.1:{port}/0", redis_tls_ca_file=str(tmp_path / "ca.crt"),
+                   replica_id="A")
+
+        async def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        await until(up, what="redis-server (TLS) start")
+        store = RedisStore(cfg, ["sim"])
+        untrusted = RedisStore(_cfg("tls", redis_url=f"rediss://127.0.0.1:{port}/0", replica_id="B"), ["sim"])
+        await store.start()
+        await untrusted.start()
+        try:
+            store.create(rec("s5"))
+            store.finish("s5", Final("stop", 1))
+
+            async def stored() -> bool:
+                ld = await store.load("s5")
+                return ld is not None and ld.state == "finished"
+
+            await until(stored, what="write over TLS")
+            assert not store.degraded
+            assert untrusted.degraded, "a server certificate from an unknown CA is refused"
+        finally:
+            await store.close()
+            await untrusted.close()
+    finally:
+        proc.kill()
+        proc.wait(5)
