@@ -312,7 +312,12 @@ def cores() -> tuple[list[int], list[int]]:
     return avail[:1], avail[1:]
 
 
+_NICE = 0  # --nice: priority of every process of the run (on a shared machine, ahead of other work)
+
+
 def _pinned(cmd: list[str], cpus: list[int]) -> list[str]:
+    if _NICE and shutil.which("nice"):
+        cmd = ["nice", "-n", str(_NICE), *cmd]
     if cpus and shutil.which("taskset"):
         return ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
     return cmd
@@ -685,6 +690,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the gateway's session store (several workers always use redis)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--repeat", type=int, default=1, help="runs per case (medians reported)")
+    p.add_argument("--nice", type=int, default=0,
+                   help="run the proxies, engine and load generators at this niceness (negative: ahead of other "
+                        "work on a shared machine; needs root)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the proxy to core 0 and the rig elsewhere")
     p.add_argument("--memory", type=int, default=0, metavar="N",
                    help="instead: the gateway's resident memory per idle paced stream, with N streams open")
@@ -698,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "_loadgen":
         return _loadgen_main(argv[1])
     a = _parser().parse_args(argv)
+    global _NICE
+    _NICE = a.nice
     _raise_nofile()
     out = Path(a.out or f"bench-results/relay-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
