@@ -49,6 +49,7 @@ class Relay:
         store.on_lost = self._on_lost
         store.local_log = self._local_log  # type: ignore[method-assign]
         store.on_reset = self._on_reset  # type: ignore[method-assign]
+        store.on_detached = self._on_detached  # type: ignore[attr-defined]
         self.keys: dict[str, str | None] = {}  # stream -> API key name that may resume it
         self.resumes = {"local": 0, "follow": 0, "resubmit": 0, "replay": 0}
         self.takeovers = 0
@@ -285,6 +286,18 @@ class Relay:
             return
         log.info("stream taken over", extra={"stream_id": sid, "engine": loaded.record.engine, "tokens": loaded.tokens})
         await self._continue(s, loaded.record, engine)
+
+    def _on_detached(self, sids: list[str]) -> None:
+        for sid in sids:
+            self.gw._spawn(self._claim_and_adopt(sid))
+
+    async def _claim_and_adopt(self, sid: str) -> None:
+        """A stream we follow for a client here was let go by its owner: continue it here."""
+        try:
+            if await self.store.claim(sid):
+                await self._adopt(sid)
+        except StoreUnavailable:
+            pass  # the store comes back; the client can reconnect meanwhile
 
     def _on_lost(self, sids: list[str]) -> None:
         for sid in sids:

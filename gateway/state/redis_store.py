@@ -415,6 +415,9 @@ class RedisStore(SessionStore):
         self._ok()
         return True
 
+    def on_detached(self, sids: list[str]) -> None:
+        """Followed streams whose owner let them go (its client left): the gateway claims and continues them."""
+
     def on_reset(self) -> None:
         """Redis lost its data (the gateway sets this: it rewrites the ended streams it still serves)."""
 
@@ -437,6 +440,7 @@ class RedisStore(SessionStore):
         if not res:
             return
         plen = len(self.prefix) + 3
+        detached: list[str] = []
         for name, entries in (res.items() if isinstance(res, dict) else res):
             key = name.decode() if isinstance(name, bytes) else name
             sid = key[plen:]
@@ -452,15 +456,19 @@ class RedisStore(SessionStore):
                 f = fields.get(b"f")
                 if f is not None:
                     final = Final.from_json(f)
+                if b"x" in fields and final is None:
+                    detached.append(sid)
             if final is not None:
                 self._follow.pop(sid, None)
             if deltas or final is not None:
                 self.sink(sid, deltas, final)
+        if detached:
+            self.on_detached(detached)
 
     # ----- any replica -----
     async def load(self, sid: str) -> Loaded | None:
         sid = valid_id(sid)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=True)  # one consistent view of record and log
         pipe.hgetall(self._k("s", sid))
         pipe.xrange(self._k("t", sid))
         pipe.zscore(self._live, sid)

@@ -58,6 +58,8 @@ redis.call('HDEL', KEYS[1], 'owner')
 if ARGV[5] == 'finished' then
   redis.call('HSET', KEYS[1], 'final', ARGV[2])
   redis.call('XADD', KEYS[2], '*', 'f', ARGV[2])
+else
+  redis.call('XADD', KEYS[2], '*', 'x', '1')  -- followers learn that nobody generates it any more
 end
 redis.call('ZREM', KEYS[3], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))

@@ -123,17 +123,23 @@ async def test_engine_driver_moves_to_surviving_replica(cluster: Cluster) -> Non
 
         await poll(a_sees_b_streams, 30, "streams on B")
 
-        # While A lives and streams, a second connection on B follows A's token log (no second generation).
-        on_a = Client({"model": "sim-small", "prompt": "follow me", "stream": True, "max_tokens": 60,
-                       "tokenflow": {"rate": 30}})
+        # While A lives and streams, a second connection on B follows A's token log (no second generation);
+        # when A's own client leaves (A frees the engine), B continues the generation for its client.
+        n = 400
+        on_a = Client({"model": "sim-small", "prompt": "follow me", "stream": True, "max_tokens": n,
+                       "tokenflow": {"rate": 100}})
         first = asyncio.create_task(on_a.start(http, a))
         await poll(lambda: _has(on_a, 3), 20, "stream on A")
         follower = Client(on_a.body, sid=on_a.sid, last_id=f"{on_a.sid}:0")
-        await follower.resume(http, b, "get")
-        await first
-        assert follower.done and on_a.done
-        assert lost_and_duplicated([follower, on_a], 60) == (0, 0, 0)
-        assert (await readyz(http, b))["session"]["resumes"]["follow"] == 1
+        second = asyncio.create_task(follower.resume(http, b, "get"))
+        await poll(lambda: _has(follower, 20), 20, "follower on B")
+        first.cancel()  # A's client goes away mid-stream
+        await asyncio.gather(first, return_exceptions=True)
+        await second
+        assert follower.done and not on_a.done
+        assert lost_and_duplicated([follower], n) == (0, 0, 0)
+        session = (await readyz(http, b))["session"]
+        assert session["resumes"]["follow"] == 1 and session["takeovers"] == 1
 
         killed_at = time.monotonic()
         cluster.procs["A"].kill(signal.SIGKILL)
