@@ -16,13 +16,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from . import auth
 from .api.errors import ApiError, not_found
 from .api.sse import ChunkEncoder
-from .engines.client import EngineClient, EngineError
+from .engines.client import EngineError
 from .policy.snapshot import BufferSource
 from .resume import NotResumable, continuation_body, parse_event_id
 from .state import Final, PublishedStream, SessionStore, StoreUnavailable, StreamRecord, valid_id
