@@ -111,10 +111,11 @@ class ControlLoop:
                 return []  # another replica schedules this engine (it sees our streams' published state)
             sources = self.coordinator.streams_for(name, streams, now)
         snap = build_snapshot(state, sources, now, self.tick_interval_s)
+        buffer_hist, tte_hist = m.buffer.labels(name), m.time_to_empty.labels(name)  # one label lookup per tick
         for v in snap.streams:
-            m.buffer.labels(name).observe(v.buffer_tokens)
+            buffer_hist.observe(v.buffer_tokens)
             if v.started:
-                m.time_to_empty.labels(name).observe(v.time_to_empty)
+                tte_hist.observe(v.time_to_empty)
         t0 = time.perf_counter()
         decisions = self.policy.decide(snap, now)
         m.tick_seconds.labels(name).observe(time.perf_counter() - t0)
