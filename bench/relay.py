@@ -609,7 +609,8 @@ async def _hold_streams(url: str, n: int, body: bytes, settle_s: float, measure:
 
 
 def memory_case(n: int, o: Options, workdir: Path) -> dict[str, Any]:
-    """RSS of the gateway before and with ``n`` open paced streams that trickle (1 token/s, paced at 1/s)."""
+    """RSS of the gateway before and with ``n`` open paced streams that trickle (1 token/s, paced at 1/s),
+    and the CPU the gateway spends per second holding them (the load generator sleeps meanwhile)."""
     _raise_nofile()
     proxy_cpus, rig_cpus = cores() if o.pin else ([], [])
     up = start_upstream(1.0, rig_cpus, workdir / "upstream.log")
@@ -621,14 +622,22 @@ def memory_case(n: int, o: Options, workdir: Path) -> dict[str, Any]:
         asyncio.run(_hold_streams(gw.url, min(50, n), body, 1.0, lambda: None))
         time.sleep(1.0)
         before = tree_rss(gw.popen.pid)
-        seen: dict[str, int] = {}
-        ok = asyncio.run(_hold_streams(gw.url, n, body, 3.0, lambda: seen.__setitem__("rss", tree_rss(gw.popen.pid))))
+        seen: dict[str, Any] = {}
+
+        def measure() -> None:  # resident memory, then CPU over a few seconds of holding the streams open
+            seen["rss"] = tree_rss(gw.popen.pid)
+            c0, t0 = sum(tree_cpu(gw.popen.pid)), time.time()
+            time.sleep(5.0)
+            seen["cpu_per_s"] = (sum(tree_cpu(gw.popen.pid)) - c0) / (time.time() - t0)
+
+        ok = asyncio.run(_hold_streams(gw.url, n, body, 3.0, measure))
     finally:
         gw.stop()
         up.stop()
     delta = seen["rss"] - before
     return {"streams": n, "opened": ok, "rss_before_bytes": before, "rss_with_streams_bytes": seen["rss"],
-            "bytes_per_stream": round(delta / max(1, n))}
+            "bytes_per_stream": round(delta / max(1, n)), "cpu_cores_while_held": round(seen["cpu_per_s"], 4),
+            "cpu_us_per_stream_second": round(seen["cpu_per_s"] / max(1, n) * 1e6, 2)}
 
 
 # ---------------------------------------------------------------- report
