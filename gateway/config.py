@@ -52,7 +52,7 @@ class StreamsConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    policy: str = Field("fcfs", description="scheduling policy: fcfs, tokenflow or andes (docs/policies.md)")
+    policy: str = Field("tokenflow", description="scheduling policy: tokenflow, fcfs (a plain engine) or andes (docs/policies.md)")
     tick_interval_s: float = Field(0.25, gt=0, le=10, description="control loop period per engine (seconds)")
     knobs: dict[str, Any] = Field(default_factory=dict, description="policy-specific knobs (docs/policies.md)")
 
