@@ -241,11 +241,22 @@ def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[lis
         yield None, None
 
 
+@contextmanager
+def _sampler(url: str | None) -> Iterator[Any]:
+    if url is None:
+        yield None
+        return
+    from .vllm_e2e import EngineSampler
+
+    with EngineSampler(url) as s:
+        yield s
+
+
 def _engine_counters(url: str | None) -> dict[str, Any] | None:
     from .vllm_e2e import engine_state
 
     st = engine_state(url) if url else None
-    return st.get("counters") if st else None
+    return (st.get("counters") or st.get("engine", {}).get("counters")) if st else None
 
 
 def _dump_engine_state(url: str, path: Path) -> None:
@@ -270,8 +281,9 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     results: dict[str, dict[str, Any]] = {}
     runs = {}
     total = sum(s.output_tokens for s in specs)
+    runs_engine: dict[str, list[dict[str, Any]]] = {}
     for pol in policies:
-        engine_before = engine_after = None
+        engine_before = engine_after = sampler = None
         load = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
             if args.gateway_url:
@@ -287,8 +299,9 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         before = 0
                         load["loadavg_before"] = os.getloadavg()
                         t0 = time.monotonic()
-                        recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body,
-                                                            timeout_s=args.request_timeout))
+                        with _sampler(engine_url) as sampler:
+                            recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update,
+                                                                extra_body=extra_body, timeout_s=args.request_timeout))
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
                         after = asyncio.run(fetch_preemptions(url))
                         if engine_url and any(not r.finished for r in recs):  # evidence for what stopped it
@@ -299,11 +312,16 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         m = summarize(recs, preemptions=pre)
         m["errors"] = [r.error for r in recs if r.error][:5]
         m["machine"] = load
+        if sampler is not None:
+            m["engine_samples"] = sampler.summary()
+            runs_engine[pol] = sampler.samples
         if engine_before is not None and engine_after is not None:  # the engine's own view, this run only
             m["engine_counters"] = {k: v - engine_before.get(k, 0) for k, v in engine_after.items()
                                     if isinstance(v, (int, float))}
         results[pol] = m
         runs[pol] = recs
+    if runs_engine:  # the per-second engine samples, beside the report
+        write_json(Path(args.out) / "engine-samples.json", runs_engine)
     return _finish(args, argv, wl, results, runs)
 
 

@@ -139,6 +139,45 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
         _stop(proc)
 
 
+class EngineSampler:
+    """Samples the engine's state once a second during a run (a thread: the clients own the event loop):
+    how many requests it runs, and its step time, to tell an idle engine from a slow one."""
+
+    FIELDS = ("num_running", "num_waiting", "num_loading", "num_parked", "num_held", "kv_device_used_tokens",
+              "step_time_s", "decode_tokens_per_s")
+
+    def __init__(self, url: str, interval_s: float = 1.0) -> None:
+        import threading
+
+        self.url, self.interval_s = url, interval_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            st = engine_state(self.url)
+            if st is not None:
+                e = st.get("engine", {})
+                self.samples.append({"t": round(time.monotonic() - t0, 2), **{k: e.get(k) for k in self.FIELDS}})
+
+    def __enter__(self) -> "EngineSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def summary(self) -> dict[str, Any]:
+        def mean(k: str) -> float | None:
+            v = [x[k] for x in self.samples if isinstance(x.get(k), (int, float))]
+            return round(sum(v) / len(v), 4) if v else None
+
+        return {"samples": len(self.samples), **{f"{k}_mean": mean(k) for k in self.FIELDS}}
+
+
 def engine_state(url: str) -> dict[str, Any] | None:
     """The engine's ``/control/v1/state`` (counters are monotonic since start), or None."""
     try:
