@@ -736,6 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         print(f"unknown target(s): {', '.join(bad)}", file=sys.stderr)
         return 2
+    if "nginx" in targets and find_nginx() is None:
+        print("nginx is not installed (scripts/install-test-deps.sh installs nginx-light): skipping it", file=sys.stderr)
+        targets.remove("nginx")
     levels = [int(x) for x in a.streams.split(",") if x.strip()]
     workers = [int(x) for x in str(a.workers).split(",") if x.strip()]
     results: list[CaseResult] = []
