@@ -400,6 +400,9 @@ def gateway_config(upstream_url: str, port: int, extra: dict[str, Any] | None = 
     cfg: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "max_streams": 100000, "log_level": "warning"},
         "engines": [{"name": "fast", "url": upstream_url, "models": ["fast"]}],
+        # The fake engine acts on no command: fcfs keeps the control loop (state, snapshot, buffer metrics each
+        # tick) without decisions, so the run measures the relay and pacing, not a policy.
+        "scheduler": {"policy": "fcfs"},
     }
     for k, v in (extra or {}).items():
         cfg.setdefault(k, {}).update(v)
