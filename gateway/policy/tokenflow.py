@@ -329,9 +329,15 @@ class TokenFlowPolicy:
                     mem -= foot[i]
                     backlog = io
                     decisions.append(Decision("prefetch", s.id, None, "prefetch"))
-            elif st is _PARKED and mem < 0 and keys[i] > prefetch_window:
-                mem += foot[i]
-                decisions.append(Decision("preempt", s.id, None, "unpark"))
+            elif st is _PARKED or st is _LOADING:
+                # Not chosen to run, yet holding (or about to hold) device blocks: it keeps them only
+                # while they fit beside the chosen requests, most urgent first. Otherwise urgent requests
+                # that are all paused could park the whole device and leave nothing to run (a deadlock
+                # seen on vLLM with a small KV cache); the host copy makes the unpark cheap.
+                if foot[i] <= mem:
+                    mem -= foot[i]
+                else:
+                    decisions.append(Decision("preempt", s.id, None, "unpark"))
         self._gate(streams, new_idx, admit_set, decisions)
         return decisions
 

@@ -152,3 +152,20 @@ def test_a_stalled_client_is_paused_without_stress_and_not_resumed() -> None:
     back = StreamView("gone", H, 50.0, 10.0, 1000, 100, 0.0, 60.0, 2000, 0, 1100)
     o = ops(TokenFlowPolicy().decide(snap(sv("a", R, buf=5.0), back), NOW))
     assert "gone" in o.get("resume", set()) | o.get("prefetch", set())
+
+
+def test_parked_requests_never_starve_the_chosen_ones_of_device_memory() -> None:
+    # The state a small vLLM KV cache reached: every buffer empty, 13 parked requests holding almost all
+    # device blocks, 8 resumed requests waiting for blocks, 11 loading with none, 8 batch slots. The
+    # chosen requests must get the memory: enough parked ones are unparked (preempted back to the host).
+    eng = engine(capacity=4064, seqs=8)
+    parked = [sv(f"p{i}", P, prompt=200, gen=100, max_tokens=400) for i in range(13)]
+    waiting = [sv(f"w{i}", W, prompt=200, gen=100, max_tokens=400) for i in range(8)]
+    loading = [sv(f"l{i}", L, prompt=200, gen=100, max_tokens=400) for i in range(11)]
+    streams = (*parked, *waiting, *loading)
+    o = ops(TokenFlowPolicy().decide(snap(*streams, eng=eng), NOW))
+    unparked = {d for d in o.get("preempt", set()) if d.startswith("p")}
+    kept = 13 - len(unparked)
+    # What stays parked plus the 8 that will run fits the device.
+    assert (kept + 8) * 300 <= 4064
+    assert unparked
