@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import socket
 import subprocess
@@ -36,8 +37,8 @@ from .workload import RequestSpec
 def prompt_ids(spec: RequestSpec) -> list[int]:
     """``spec.prompt_tokens`` token ids, different for each request from the first block on: an engine with
     prefix caching must not serve one request's prompt from another's KV."""
-    salt = zlib.crc32(spec.id.encode())
-    return [1 + (k * 37 + salt + k * k * (salt % 7 + 1)) % 1000 for k in range(spec.prompt_tokens)]
+    rng = random.Random(zlib.crc32(spec.id.encode()))
+    return [rng.randint(1, 1000) for _ in range(spec.prompt_tokens)]
 
 
 async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, t0: float,
