@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--vllm-served-name", default="tiny")
     e.add_argument("--vllm-dtype", default="float32")
     e.add_argument("--vllm-max-num-seqs", type=int, default=8)
-    e.add_argument("--vllm-kv-cache-mib", type=int, default=32, help="device KV cache (--kv-cache-memory-bytes)")
+    e.add_argument("--vllm-kv-cache-mib", type=int, default=96, help="device KV cache (--kv-cache-memory-bytes)")
     e.add_argument("--vllm-host-offload-mib", type=int, default=512, help="host tier (cpu_bytes_to_use)")
     e.add_argument("--vllm-block-size", type=int, default=32)
     e.add_argument("--vllm-max-model-len", type=int, default=2048)

