@@ -6,6 +6,7 @@ core. Workers share state as replicas do, through the Redis session store (``gat
 says what is required): one scheduler per engine by the driver lease, every worker's streams published to it,
 and any worker can resume any stream. The parent only forwards SIGINT/SIGTERM and, when one worker exits, stops
 the others and exits with its status, so the supervisor (systemd, Kubernetes) restarts the whole gateway.
+Workers die with the parent (``PR_SET_PDEATHSIG``), so killing the parent never leaves one holding the port.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def run_workers(n: int, run_one: Callable[[int], int]) -> int:
         if pid == 0:  # the worker: never returns into the parent's code
             code = 1
             try:
+                _die_with_parent()
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 code = run_one(i)
@@ -62,3 +64,19 @@ def run_workers(n: int, run_one: Callable[[int], int]) -> int:
     for c in alive:
         os.waitpid(c, 0)
     return code if code >= 0 else 128 - code
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker is killed when the parent dies (a supervisor's SIGKILL after its grace period reaches
+    the workers too, rather than leaving them bound to the port)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass

@@ -80,3 +80,34 @@ async def test_two_workers_share_the_port_and_one_drives_the_engine(tmp_path: Pa
 
 def _listening(port: int) -> bool:
     return subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True).returncode == 0
+
+
+async def test_workers_die_with_a_killed_parent(tmp_path: Path, redis: RedisServer) -> None:
+    up_port, port = free_port(), free_port()
+    upstream = Proc("upstream", [sys.executable, "-m", "bench.fast_upstream", "--port", str(up_port)], None, tmp_path)
+    conf = tmp_path / "gateway.yaml"
+    conf.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "engines": [{"name": "fast", "url": f"http://127.0.0.1:{up_port}", "models": ["fast"]}],
+        "session": {"store": "redis", "redis_url": redis.url, "key_prefix": f"k{port}"},
+    }))
+    gw = Proc("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config", str(conf), "--workers", "2"],
+              None, tmp_path)
+    try:
+        async def up() -> bool:
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                return r.status == 200
+
+        await poll(up, 60, "workers ready", 0.2)
+        gw.p.kill()  # SIGKILL: no forwarding possible
+        gw.p.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _listening(port):
+            time.sleep(0.1)
+        assert not _listening(port)  # the workers went with it
+    finally:
+        try:
+            os.killpg(gw.p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        upstream.kill()
