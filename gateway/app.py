@@ -498,7 +498,7 @@ class RunningGateway:
 async def start_gateway(cfg: Config, host: str | None = None, port: int | None = None) -> RunningGateway:
     """Start the gateway inside the running event loop (tests, benchmarks, embedding)."""
     app = create_app(cfg)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host or cfg.server.host, cfg.server.port if port is None else port)
     await site.start()

@@ -120,8 +120,10 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
     app.on_startup.append(_announce)
     app.on_startup.append(_gc)
     uvloop.install()
+    # A streamed answer can last minutes: waiting for all of them would stall a deploy, so open streams get
+    # server.shutdown_timeout_s, then are cut (with Redis, their clients resume on another replica).
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None,
-                reuse_port=workers > 1)
+                reuse_port=workers > 1, shutdown_timeout=cfg.server.shutdown_timeout_s)
     return 0
 
 

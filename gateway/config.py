@@ -28,6 +28,11 @@ class ServerConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="listen port (0: any free port)")
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_streams: int = Field(10000, gt=0, description="concurrent streams before answering 429 with Retry-After")
+    shutdown_timeout_s: float = Field(
+        5.0, ge=0, le=600,
+        description="on SIGTERM, how long open streams may go on before they are cut (clients resume elsewhere); "
+        "handlers then get as long again to finish",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="JSON log lines at this level and above")
 
 
