@@ -9,18 +9,14 @@ from typing import Any
 
 import aiohttp
 
+from tests.contract.client import poll as _poll
+
 TIMEOUT = 60.0  # generous: a shared, loaded 2-core machine
 
 
 async def poll(pred: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
+    """The contract suite's poll, with this suite's longer default deadline."""
+    return await _poll(pred, timeout, what, interval=0.005)
 
 
 class Gen:
