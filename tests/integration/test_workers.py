@@ -6,6 +6,7 @@ and SIGTERM to the parent stops every worker.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -110,4 +111,77 @@ async def test_workers_die_with_a_killed_parent(tmp_path: Path, redis: RedisServ
             os.killpg(gw.p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        upstream.kill()
+
+
+async def test_sigterm_with_open_streams_stops_every_worker_in_bounded_time(tmp_path: Path, redis: RedisServer) -> None:
+    """Open paced streams do not hold a deploy: SIGTERM ends parent and workers in about 2 x shutdown_timeout_s
+    (open streams get it, then their handlers get it again), not aiohttp's 2 x 60 s or a hang in its shutdown."""
+    up_port, port = free_port(), free_port()
+    grace = 2.0
+    upstream = Proc("sim", [sys.executable, "-m", "backends.sim", "--profile", "sim-small", "--port", str(up_port)],
+                    None, tmp_path)
+    conf = tmp_path / "gateway.yaml"
+    conf.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "shutdown_timeout_s": grace},
+        "engines": [{"name": "sim", "url": f"http://127.0.0.1:{up_port}", "models": ["sim-small"]}],
+        "session": {"store": "redis", "redis_url": redis.url, "key_prefix": f"s{port}"},
+    }))
+    gw = Proc("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config", str(conf), "--workers", "2"],
+              None, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    opened: set[int] = set()
+    started: set[int] = set()
+    ended: set[int] = set()
+
+    async def stream(http: aiohttp.ClientSession, i: int) -> None:
+        body = {"model": "sim-small", "prompt": "hi", "max_tokens": 400, "stream": True, "tokenflow": {"rate": 2}}
+        try:
+            async with http.post(url + "/v1/completions", json=body) as r:
+                if r.status == 200:
+                    opened.add(i)
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        started.add(i)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            pass
+        ended.add(i)
+
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async def up() -> bool:
+            async with http.get(url + "/readyz") as r:
+                return r.status == 200
+
+        await poll(up, 60, "workers ready", 0.2)
+        tasks = [asyncio.create_task(stream(http, i)) for i in range(200)]
+
+        async def all_open() -> bool:  # the engine runs 32 at a time: the policy rotates the rest in
+            return len(opened) == 200 and len(started) >= 32
+
+        await poll(all_open, 60, "200 streams open, tokens flowing", 0.1)
+        assert not ended  # 400 tokens at 2/s: every stream is still open when the signal comes
+
+        t0 = time.monotonic()
+        gw.p.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(gw.p.wait, 2 * grace + 20)  # raises TimeoutExpired if the workers hang
+        assert time.monotonic() - t0 < 2 * grace + 20
+        assert subprocess.run(["pgrep", "-g", str(gw.p.pid)], capture_output=True).returncode == 1  # no worker left
+        assert not _listening(port)
+
+        async def all_cut() -> bool:
+            return len(ended) == 200
+
+        await poll(all_cut, 30, "every client sees its stream end")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await http.close()
+        try:
+            os.killpg(gw.p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        gw.kill()
         upstream.kill()
