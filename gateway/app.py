@@ -268,18 +268,21 @@ class Gateway:
         def on_batch(batch: list[Delta]) -> None:  # all the events of one network read, in the read's callback
             nonlocal produced, reason, usage
             before = produced
+            logged: list[tuple[int, str, None]] = []  # for the store: handed over in one call per read
             for d in batch:
                 if d.tokens or d.text:
                     n = d.tokens or 1
                     produced += n
                     if store is not None:
-                        store.append(sid, (produced, d.text, None))
+                        logged.append((produced, d.text, None))
                     else:
                         stream.on_tokens(d.text, n, clock())
                 if d.finish_reason:
                     reason = d.finish_reason
                 if d.usage:
                     usage = d.usage
+            if logged:
+                store.extend(sid, logged)  # type: ignore[union-attr]
             if produced != before:
                 tokens_in.inc(produced - before)
 

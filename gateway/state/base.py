@@ -117,6 +117,11 @@ class SessionStore(ABC):
     @abstractmethod
     def append(self, sid: str, delta: Delta) -> None: ...
 
+    def extend(self, sid: str, deltas: list[Delta]) -> None:
+        """The deltas of one engine read, in order: one call per read rather than one per token."""
+        for d in deltas:
+            self.append(sid, d)
+
     @abstractmethod
     def finish(self, sid: str, final: Final) -> None: ...
 

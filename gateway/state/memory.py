@@ -74,6 +74,12 @@ class MemoryStore(SessionStore):
             e.deltas.append(delta)
         self.sink(sid, [delta], None)
 
+    def extend(self, sid: str, deltas: list[Delta]) -> None:
+        e = self._entries.get(sid)
+        if e is not None:
+            e.deltas.extend(deltas)
+        self.sink(sid, deltas, None)
+
     def finish(self, sid: str, final: Final) -> None:
         e = self._entries.get(sid)
         if e is not None:

@@ -215,6 +215,21 @@ class RedisStore(SessionStore):
             self._bound_backlog()
         self._dirty.set()
 
+    def extend(self, sid: str, deltas: list[Delta]) -> None:
+        ob = self._out.get(sid)
+        if ob is None:
+            self.sink(sid, deltas, None)
+            return
+        if ob.stored == 0 and not ob.deltas:
+            self._urgent.set()  # the first token: write it now rather than after a batching interval
+        ob.deltas.extend(deltas)
+        self._backlog_tokens += len(deltas)
+        if self.degraded:  # serve from memory now; the write waits for Redis
+            ob.sunk = len(ob.deltas)
+            self.sink(sid, deltas, None)
+            self._bound_backlog()
+        self._dirty.set()
+
     def finish(self, sid: str, final: Final) -> None:
         self._end(sid, final, "finished")
 
