@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -119,12 +123,37 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
 
     app.on_startup.append(_announce)
     app.on_startup.append(_gc)
+
+    async def _bounded_exit(app: web.Application) -> None:
+        # aiohttp's graceful exit, plus a backstop: a process that is still cleaning up long after its streams
+        # were cut is forced out, so a deploy never waits on it (seen with several workers and Redis, rarely).
+        loop = asyncio.get_running_loop()
+        limit = 2 * cfg.server.shutdown_timeout_s + 5.0
+
+        def on_signal() -> None:
+            timer = threading.Timer(limit, _force_exit, args=(limit,))
+            timer.daemon = True
+            timer.start()
+            raise web.GracefulExit()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+
+    app.on_startup.append(_bounded_exit)
     uvloop.install()
     # A streamed answer can last minutes: waiting for all of them would stall a deploy, so open streams get
     # server.shutdown_timeout_s, then are cut (with Redis, their clients resume on another replica).
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None,
                 reuse_port=workers > 1, shutdown_timeout=cfg.server.shutdown_timeout_s)
     return 0
+
+
+def _force_exit(limit: float) -> None:
+    logging.getLogger("tokenflow.gateway").error(
+        "shutdown did not finish in time; forcing exit", extra={"limit_s": limit}
+    )
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
