@@ -27,6 +27,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def token_times(client: openai.AsyncOpenAI, model: str, max_tokens: int, tokenflow: dict) -> list[float]:
+    """Stream one chat answer; return when each content token arrived (monotonic clock)."""
+    arr: list[float] = []
+    s = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=max_tokens,
+        extra_body={"tokenflow": tokenflow},
+    )
+    async for c in s:
+        if c.choices and c.choices[0].delta.content:
+            arr.append(time.monotonic())
+    return arr
+
+
 async def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -53,14 +66,7 @@ async def main() -> int:
             ttfts, gaps = [], []
             for _ in range(5):
                 t0 = time.monotonic()
-                arr = []
-                s = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=60,
-                    extra_body={"tokenflow": {"rate": 20, "pacing": "smooth"}},
-                )
-                async for c in s:
-                    if c.choices and c.choices[0].delta.content:
-                        arr.append(time.monotonic())
+                arr = await token_times(client, model, 60, {"rate": 20, "pacing": "smooth"})
                 ttfts.append(arr[0] - t0)
                 gaps += [b - a for a, b in zip(arr, arr[1:])]
             gaps_ms = sorted(g * 1000 for g in gaps)
@@ -71,15 +77,7 @@ async def main() -> int:
             print(f"TTFT no load (5 requests): median {statistics.median(ttfts) * 1000:.1f} ms, max {max(ttfts) * 1000:.1f} ms")
 
             # 2. Unpaced.
-            t0 = time.monotonic()
-            arr = []
-            s = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=200,
-                extra_body={"tokenflow": {"rate": 5, "pacing": "none"}},
-            )
-            async for c in s:
-                if c.choices and c.choices[0].delta.content:
-                    arr.append(time.monotonic())
+            arr = await token_times(client, model, 200, {"rate": 5, "pacing": "none"})
             rate = (len(arr) - 1) / (arr[-1] - arr[0])
             print(f"pacing none (declared 5 tok/s): {len(arr)} tokens at {rate:.0f} tok/s (engine speed)")
 
