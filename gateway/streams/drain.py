@@ -23,14 +23,14 @@ The rule that turns evidence into the effective rate used by pacing and by the p
 from __future__ import annotations
 
 import bisect
-import fcntl
 import logging
 import math
-import struct
 import sys
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from fcntl import ioctl
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,19 +45,7 @@ try:  # Linux: SIOCOUTQ == TIOCOUTQ, bytes in the send queue not yet acknowledge
     from termios import TIOCOUTQ as SIOCOUTQ
 except ImportError:  # pragma: no cover - non-Unix
     SIOCOUTQ = None
-
-_INT = struct.Struct("i")
-_ZERO = bytes(4)
-
-
-def socket_unacked(fd: int) -> int | None:
-    """Bytes the kernel holds for this socket that the peer has not acknowledged; None if unknown."""
-    if SIOCOUTQ is None or fd < 0 or not sys.platform.startswith("linux"):
-        return None
-    try:
-        return _INT.unpack(fcntl.ioctl(fd, SIOCOUTQ, _ZERO))[0]
-    except OSError:
-        return None
+_HAS_OUTQ = SIOCOUTQ is not None and sys.platform.startswith("linux")
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +174,11 @@ class RateEstimator:
         self._points.clear()
 
 
+def rate_cap(declared: float | None, default: float, s: DrainSettings) -> float:
+    """The highest rate probing reaches: the declared rate, or (undeclared) ``learn_max_rate`` at least."""
+    return declared if declared is not None else max(default, s.learn_max_rate)
+
+
 def effective_rate(
     *,
     current: float,
@@ -209,7 +202,7 @@ def effective_rate(
       starved once it reads faster.
     * No evidence: unchanged (the declared rate, or the default class when none was declared).
     """
-    cap = declared if declared is not None else max(default, s.learn_max_rate)
+    cap = rate_cap(declared, default, s)
     if stalled:
         return s.min_rate
     if limited and measured is not None:
@@ -241,6 +234,7 @@ class DrainTracker:
         self.s = settings
         self.declared = declared
         self.default_rate = default_rate
+        self._cap = rate_cap(declared, default_rate, settings)  # both are fixed for the connection's life
         self.owner = owner  # the API key name that opened the stream (None: no keys configured)
         self._unacked = unacked
         self._written_bytes = written_bytes
@@ -328,8 +322,14 @@ class DrainTracker:
             est.reset_run()
         if est.limited or self.stalled:
             self._keeping_up_since = None
-        elif self._keeping_up_since is None:
-            self._keeping_up_since = now
+        else:
+            if self._keeping_up_since is None:
+                self._keeping_up_since = now
+            if current == self._cap == self.stream.rate:
+                # Keeping up at the cap, the common case: effective_rate() returns the cap here (no probe
+                # above it, the clamp keeps it), so nothing changes. A stall that just ended left the stream
+                # at the floor (stream.rate != current): that one takes the full path.
+                return
         keeping_up = 0.0
         if self._keeping_up_since is not None:
             keeping_up = now - max(self._keeping_up_since, self._last_probe)
@@ -391,13 +391,23 @@ class DrainSampler:
         if not self.s.enabled or transport is None:
             return None
         sock = transport.get_extra_info("socket")
-        fd = sock.fileno() if sock is not None else -1
+        # Without SIOCOUTQ (not Linux) only the transport's buffer counts: a stall shows much later.
+        fd = sock.fileno() if sock is not None and _HAS_OUTQ else -1
+        closing = transport.is_closing
+        buffered = transport.get_write_buffer_size
+        outq = array("i", [0])  # the ioctl fills it in place: no allocation per sample
 
         def unacked() -> int | None:
-            if transport.is_closing():
+            if closing():
                 return None
-            # Without SIOCOUTQ (not Linux) only the transport's buffer counts: a stall shows much later.
-            return (socket_unacked(fd) or 0) + transport.get_write_buffer_size()
+            n = buffered()
+            if fd >= 0:
+                try:
+                    ioctl(fd, SIOCOUTQ, outq)
+                    n += outq[0]
+                except OSError:  # unknown: the transport's buffer alone counts
+                    pass
+            return n
 
         tr = DrainTracker(
             stream, self.s, declared=declared, default_rate=default_rate, unacked=unacked,

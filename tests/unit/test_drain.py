@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import socket
+import sys
+import time
 
 import pytest
 
-from gateway.streams.drain import DrainSettings, DrainTracker, RateEstimator, effective_rate
+from gateway.streams.drain import DrainSampler, DrainSettings, DrainTracker, RateEstimator, effective_rate
 
 S = DrainSettings()
 
@@ -110,6 +113,17 @@ def test_effective_rate_rule():
     assert rule(current=19.0, declared=None, keeping_up_s=3) == S.learn_max_rate
 
 
+@pytest.mark.parametrize("declared,default", [(20.0, 20.0), (None, 8.0), (None, 30.0), (0.05, 0.05)])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_keeping_up_at_the_cap_stays_there(declared, default, smooth):
+    """The tracker skips the rule for a client keeping up at its cap: the rule must return the cap there."""
+    cap = declared if declared is not None else max(default, S.learn_max_rate)
+    for keeping_up_s in (0.0, 1.0, S.probe_after_s, 100.0):
+        for measured in (None, 0.5, cap, 500.0):
+            assert rule(current=cap, declared=declared, default=default, measured=measured, smooth=smooth,
+                        keeping_up_s=keeping_up_s) == cap
+
+
 class FakeStream:
     def __init__(self, rate: float, pacing: str = "smooth") -> None:
         self.id = "s1"
@@ -210,6 +224,95 @@ def test_tracker_progress_reports_are_exact():
     assert tr.consumed(6.0 + 1.0, model_consumed=100) == 21
     assert tr.consumed(1000.0, model_consumed=100) == 100
     assert math.isfinite(st.rate)
+
+
+def test_tracker_probes_a_client_that_keeps_up_to_the_cap_and_holds_it():
+    st, conn = FakeStream(8.0), FakeConn()
+    tr = make_tracker(st, conn, declared=None)
+    t, sent = 0.0, 0
+    while t < 30:
+        sent += 1
+        conn.written += 100
+        tr.on_write(sent)
+        conn.acked = conn.written  # reads everything at once
+        tr.sample(t)
+        t += 0.25
+    rates = [r for _, r in st.changes]
+    assert rates == sorted(rates) and rates[-1] == S.learn_max_rate  # probed up to learn_max_rate, then held
+    assert all(b - a >= S.probe_after_s for (a, _), (b, _) in zip(st.changes, st.changes[1:]))
+    assert st.changes[-1][0] < 15 and tr.source == "learned" and not tr.stalled
+
+
+class FakeLoop:
+    def time(self) -> float:
+        return 0.0
+
+    def call_later(self, delay: float, callback: object) -> None:
+        return None
+
+
+class FakeTransport:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closing = False
+        self.buffered = 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+
+class FakeWriter:
+    output_size = 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIOCOUTQ is Linux only")
+def test_attached_connection_counts_the_kernel_queue_and_the_transport_buffer():
+    """A real socket: bytes the peer has not acknowledged (kernel send queue plus the transport's buffer) are not
+    consumed; once the peer reads them they are; a closing transport yields no evidence."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(ls.getsockname())
+    gw, _ = ls.accept()
+    ls.close()
+    with client, gw:
+        gw.setblocking(False)
+        st, transport, writer = FakeStream(20.0), FakeTransport(gw), FakeWriter()
+        sampler = DrainSampler(FakeLoop(), S)  # type: ignore[arg-type]
+        tr = sampler.attach(st, transport, writer, declared=20.0, default_rate=20.0, owner=None)  # type: ignore[arg-type]
+        assert tr is not None and sampler.trackers == {"s1": tr}
+        try:  # fill the socket: the peer does not read
+            while True:
+                writer.output_size += gw.send(b"x" * 1000)
+        except BlockingIOError:
+            pass
+        tr.on_write(1)
+        transport.buffered = 500  # and more waits in the transport
+        writer.output_size += 500
+        tr.on_write(2)
+        tr.sample(1.0)
+        assert tr.acked_tokens == 0 and 0 < tr.acked_bytes < writer.output_size - 500
+        deadline = time.monotonic() + 5
+        while tr.acked_bytes < writer.output_size and time.monotonic() < deadline:  # the peer reads
+            try:
+                client.recv(1 << 16, socket.MSG_DONTWAIT)
+                if transport.buffered:  # the transport hands its buffer to the kernel as room opens
+                    transport.buffered -= gw.send(b"x" * transport.buffered)
+            except BlockingIOError:
+                time.sleep(0.001)
+            tr.sample(2.0)
+        assert tr.acked_bytes == writer.output_size and tr.acked_tokens == 2
+        transport.closing = True
+        writer.output_size += 100
+        tr.on_write(3)
+        tr.sample(3.0)
+        assert tr.acked_bytes == writer.output_size - 100 and tr.acked_tokens == 2  # no evidence while closing
 
 
 async def test_rate_change_reschedules_a_paced_stream_at_once():
