@@ -20,11 +20,12 @@ from .api.requests import ClientRequest, parse_json, parse_request
 from .api.sse import DONE, ChunkEncoder, usage_dict
 from .config import Config, EngineConfig
 from .control import ControlLoop
-from .engines.client import Delta, EngineClient, EngineError, EngineStream
+from .engines.client import EngineClient, EngineError
 from .metrics import Metrics
 from .policy import make_policy
+from .pump import Pump
 from .relay import Relay
-from .state import Final, SessionStore, make_store
+from .state import SessionStore, make_store
 from .state.metrics import SessionCollector
 from .streams import progress
 from .streams.direct import direct_sender
@@ -208,6 +209,7 @@ class Gateway:
             rate_declared=creq.rate_declared,
             include_usage=creq.include_usage,
             max_pending=self.cfg.streams.max_buffered_chunks,
+            read_ahead_s=self.cfg.streams.engine_read_ahead_s,
             collect=not creq.stream,
         )
         if creq.stream:  # resumable: recorded in the session store, read from the engine by this replica
@@ -230,7 +232,7 @@ class Gateway:
                 if e.status >= 500:
                     raise ApiError(e.status, str(e), type="server_error", code="engine_unavailable") from None
                 raise ApiError(e.status, str(e), code="engine_rejected") from None
-            pump = asyncio.create_task(self._pump(engine, upstream, stream))
+            pump = Pump(self, engine, upstream, stream).start()
             if creq.stream:
                 return await self._stream_to_client(request, stream, engine)
             return await self._collect(stream, pump, creq)
@@ -251,64 +253,6 @@ class Gateway:
             await engine.client.commands([{"op": "abort", "id": sid}])
         except (EngineError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             log.warning("abort failed", extra={"stream_id": sid, "engine": engine.config.name, "error": str(e)})
-
-    async def _pump(self, engine: EngineHandle, upstream: EngineStream, stream: Stream, start: int = 0) -> None:
-        """Read the engine's stream until it ends: into the session store (streaming requests, which the store
-        hands to ``stream`` once durable) or straight into ``stream`` (non-streaming). ``start``: tokens the
-        stream had before this engine request (a resubmitted continuation)."""
-        name = engine.config.name
-        reason: str | None = None
-        usage: dict[str, int] | None = None
-        clock = self.loop_time
-        tokens_in = self.metrics.tokens_in.labels(name)
-        sid = stream.id
-        store = self.store if stream.collected is None else None
-        produced = start
-
-        def on_batch(batch: list[Delta]) -> None:  # all the events of one network read, in the read's callback
-            nonlocal produced, reason, usage
-            before = produced
-            logged: list[tuple[int, str, None]] = []  # for the store: handed over in one call per read
-            for d in batch:
-                if d.tokens or d.text:
-                    n = d.tokens or 1
-                    produced += n
-                    if store is not None:
-                        logged.append((produced, d.text, None))
-                    else:
-                        stream.on_tokens(d.text, n, clock())
-                if d.finish_reason:
-                    reason = d.finish_reason
-                if d.usage:
-                    usage = d.usage
-            if logged:
-                store.extend(sid, logged)  # type: ignore[union-attr]
-            if produced != before:
-                tokens_in.inc(produced - before)
-
-        try:
-            await upstream.consume(on_batch)
-            usage = usage or {}
-            prompt = max(0, int(usage.get("prompt_tokens", 0)) - start)  # a continuation's prompt holds the output
-            completion = usage.get("completion_tokens")
-            if store is None:
-                stream.on_finished(reason or "stop", prompt, completion, clock())
-            else:
-                if completion is not None and start + completion > produced:  # tokens that carried no text
-                    produced = start + completion
-                    store.append(sid, (produced, "", None))
-                store.finish(sid, Final(reason or "stop", prompt))
-        except asyncio.CancelledError:
-            raise
-        except (EngineError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            self.metrics.errors.labels("engine_stream").inc()
-            log.warning("engine stream failed", extra={"stream_id": sid, "engine": name, "error": str(e)})
-            if store is None:
-                stream.on_error(f"the engine stream failed: {e}", "engine_stream_failed", clock())
-            else:
-                store.finish(sid, Final(None, 0, (f"the engine stream failed: {e}", "engine_stream_failed")))
-        finally:
-            upstream.close()
 
     async def _stream_to_client(
         self, request: web.Request, stream: Stream, engine: EngineHandle, seq: int | None = None

@@ -48,6 +48,12 @@ class StreamsConfig(_Strict):
     max_buffered_chunks: int = Field(
         65536, gt=0, description="per-stream bound on chunks held for pacing (the engine is preempted long before)"
     )
+    engine_read_ahead_s: float = Field(
+        1.0, ge=0,
+        description="a paced stream stops reading its engine connection while it holds more than this many seconds of "
+        "its reader's tokens not yet sent, and reads again below half of it: the tokens generated meanwhile then come "
+        "in one read instead of one read each (0: read every token at once)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "StreamsConfig":

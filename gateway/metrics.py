@@ -52,12 +52,46 @@ class EngineCounters(Collector):
             yield fam
 
 
+class Tally:
+    """One labelled count of a :class:`TallyCounter`: a plain attribute, incremented without a lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class TallyCounter(Collector):
+    """A counter for the per-token path, exported as ``<name>_total`` with one label.
+
+    prometheus_client's Counter takes a lock on every ``inc``; this one is a plain integer per label value,
+    which is safe because only the process's event loop thread updates it.
+    """
+
+    def __init__(self, name: str, doc: str, label: str) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self._tallies: dict[str, Tally] = {}
+
+    def labels(self, value: str) -> Tally:
+        t = self._tallies.get(value)
+        if t is None:
+            t = self._tallies[value] = Tally()
+        return t
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, t in sorted(self._tallies.items()):
+            fam.add_metric([value], t.value)
+        yield fam
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.streams_active = Gauge("tokenflow_streams_active", "Streams being served", ["engine"], registry=r)
         self.requests = Counter("tokenflow_requests_total", "Client requests by outcome", ["kind", "outcome"], registry=r)
-        self.tokens_in = Counter("tokenflow_tokens_in_total", "Tokens received from engines", ["engine"], registry=r)
+        self.tokens_in = TallyCounter("tokenflow_tokens_in", "Tokens received from engines", "engine")
+        r.register(self.tokens_in)
         self.tokens_out = Counter("tokenflow_tokens_out_total", "Tokens delivered to clients", ["engine"], registry=r)
         self.ttft = Histogram("tokenflow_ttft_seconds", "Time to first token sent", ["engine"], buckets=_TTFT_BUCKETS, registry=r)
         self.buffer = Histogram(

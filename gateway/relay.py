@@ -1,6 +1,6 @@
 """The stream data path across replicas: who reads the engine, who delivers to the client, and resumption.
 
-Producer side: the replica that owns a stream reads its engine stream (``Gateway._pump``) and appends every
+Producer side: the replica that owns a stream reads its engine stream (``gateway.pump.Pump``) and appends every
 delta to the session store; the store hands deltas back (``_sink``) once durable, and they reach the local
 :class:`~gateway.streams.stream.Stream`. Delivery side: a client writer sends what its Stream releases. A
 client that reconnects (``Last-Event-ID`` or ``?after=N``) to any replica is served from that replica's
@@ -23,6 +23,7 @@ from .api.errors import ApiError, not_found
 from .api.sse import ChunkEncoder
 from .engines.client import EngineError
 from .policy.snapshot import BufferSource
+from .pump import Pump
 from .resume import NotResumable, continuation_body, parse_event_id
 from .state import Final, PublishedStream, SessionStore, StoreUnavailable, StreamRecord, valid_id
 from .state.base import Loaded
@@ -104,7 +105,7 @@ class Relay:
                     raise ApiError(e.status, str(e), type="server_error", code="engine_unavailable") from None
                 raise ApiError(e.status, str(e), code="engine_rejected") from None
         stream.owned = True
-        task = asyncio.ensure_future(self.gw._pump(engine, upstream, stream, start))
+        task = Pump(self.gw, engine, upstream, stream, start).start()
         self.pumps[stream.id] = task
         task.add_done_callback(lambda t, s=stream: self._pump_done(s, t))
 
@@ -213,7 +214,8 @@ class Relay:
         arrival = gw.loop_time() - max(0.0, time.time() - rec.arrival_wall)
         s = Stream(rec.id, rec.engine, rec.model, rec.kind, rec.rate, rec.pacing, arrival, rec.max_tokens,  # type: ignore[arg-type]
                    ChunkEncoder(rec.kind, rec.id, rec.model, rec.created), gw._clock, rate_declared=rec.rate_declared,
-                   include_usage=rec.include_usage, max_pending=gw.cfg.streams.max_buffered_chunks)
+                   include_usage=rec.include_usage, max_pending=gw.cfg.streams.max_buffered_chunks,
+                   read_ahead_s=gw.cfg.streams.engine_read_ahead_s)
         f = loaded.final
         s.restore(loaded.deltas, None if f is None else (f.reason, f.prompt_tokens, f.error))
         s.owned = False

@@ -50,7 +50,7 @@ class ChunkEncoder:
         if self.kind == "chat" and not self._role_sent:
             self._role_sent = True
             return self.event_id(index) + self._json({"delta": {"role": "assistant", "content": text}})
-        return self.event_id(index) + self._prefix + orjson.dumps(text) + self._suffix
+        return b"%b%d\n%b%b%b" % (self._id_prefix, index, self._prefix, orjson.dumps(text), self._suffix)
 
     def finish(self, reason: str, index: int) -> bytes:
         delta: dict[str, Any] = {"delta": {}} if self.kind == "chat" else {"text": ""}

@@ -105,6 +105,7 @@ class ConnectionPool:
     def release(self, c: _Conn) -> None:
         c.req = None
         if c.alive() and len(self._idle) < self.max_idle:
+            c.transport.resume_reading()  # type: ignore[union-attr]  # its last stream may have paused it
             self._idle.append(c)
         else:
             c.abort()
@@ -190,16 +191,27 @@ class EngineStream:
             return proto
         raise EngineError(f"engine '{engine}' closed every connection before answering", status=503)
 
-    async def consume(self, on_batch: Callable[[list[Delta]], None]) -> None:
-        """Hand every batch of deltas (one per network read) to ``on_batch`` as it arrives, until the stream ends.
-
-        Raises EngineError (bad or broken stream, an error event) or asyncio.TimeoutError (the request timeout).
-        ``on_batch`` runs inside the protocol callback: it must not block; what it raises ends the stream.
-        """
+    def attach(self, on_batch: Callable[[list[Delta]], None]) -> None:
+        """Hand every batch of deltas (one per network read) to ``on_batch``: those already read now, the
+        others as they arrive. ``on_batch`` runs inside the protocol callback: it must not block; what it
+        raises ends the stream (:meth:`wait` raises it)."""
         pending, self._pending = self._pending, []
-        for b in pending:
-            on_batch(b)
+        try:
+            for b in pending:
+                on_batch(b)
+        except Exception as e:  # noqa: BLE001 - the consumer's failure ends this stream only
+            self._fail(e)
+            return
         self._on_batch = on_batch
+
+    async def wait(self) -> None:
+        """Until the stream ends. Raises EngineError (bad or broken stream, an error event) or
+        asyncio.TimeoutError (the request timeout), or what the consumer raised."""
+        await self._done
+
+    async def consume(self, on_batch: Callable[[list[Delta]], None]) -> None:
+        """:meth:`attach`, then :meth:`wait`."""
+        self.attach(on_batch)
         await self._done
 
     async def batches(self) -> AsyncIterator[list[Delta]]:
@@ -213,6 +225,16 @@ class EngineStream:
                 return
             self._waiter = self._loop.create_future()
             await self._waiter
+
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (or restart) reading the connection: the engine's next events wait in the socket meanwhile,
+        to come in one read. The consumer's read-ahead bound drives this (``Stream.upstream_pause``)."""
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not self._finished:
+            if paused:
+                conn.transport.pause_reading()
+            else:
+                conn.transport.resume_reading()
 
     def close(self) -> None:
         """The consumer is done. Mid-response this closes the connection (the engine sees its client leave);
@@ -321,6 +343,15 @@ class EngineStream:
             self._end_of_body()
 
     def _dechunk(self, data: bytes) -> bytes:
+        if not self._cbuf and self._cstate == _SIZE:  # the usual read: exactly one whole chunk (one event)
+            nl = data.find(b"\r\n", 0, 10)
+            if nl > 0 and data.endswith(b"\r\n"):
+                try:
+                    size = int(data[:nl], 16)
+                except ValueError:  # chunk extensions and the like: the general parser below
+                    size = 0
+                if size > 0 and len(data) == nl + size + 4:
+                    return data[nl + 2:nl + 2 + size]
         buf = self._cbuf + data if self._cbuf else data
         self._cbuf = b""
         n, pos = len(buf), 0

@@ -5,6 +5,10 @@ a few coroutine frames per event. When the socket takes data at once (its buffer
 limit), the releaser can write the event itself instead: the writer task then only starts the stream, ends
 it and waits out backpressure. Order is kept because a direct send happens only while nothing waits for the
 writer task (``Stream._release``).
+
+The HTTP/1.1 chunk is framed here, in one bytes object and one ``transport.write`` (aiohttp's own chunk
+writer builds three pieces and joins them), and the writer's byte count (``output_size``, which the drain
+ledger reads) is kept in step by hand.
 """
 
 from __future__ import annotations
@@ -25,23 +29,28 @@ def direct_sender(stream: "Stream", writer: Any, transport: Any, drain: "DrainTr
     """A send function for ``stream``'s current client writer, or None when the writer cannot take one.
 
     ``writer`` is aiohttp's payload writer after the response headers went out; only chunked HTTP/1.1
-    responses qualify (the framing is aiohttp's own ``_write_chunked_payload``, which also counts the bytes
-    the drain ledger reads).
+    responses without compression or write callbacks qualify.
     """
-    send = getattr(writer, "_write_chunked_payload", None)
-    if send is None or not getattr(writer, "chunked", False) or transport is None:
+    if (transport is None or not getattr(writer, "chunked", False) or not hasattr(writer, "output_size")
+            or getattr(writer, "_compress", None) is not None or getattr(writer, "_on_chunk_sent", None) is not None
+            or getattr(writer, "on_body_write", None) is not None):
         return None
     if getattr(writer, "_headers_buf", None):
         return None  # headers not sent yet: the writer task must go first
+    write = transport.write
+    buffered = transport.get_write_buffer_size
+    closing = transport.is_closing
     on_write = drain.on_write if drain is not None else None
 
     def direct(data: bytes, tokens: int) -> bool:
-        if (transport.is_closing() or transport.get_write_buffer_size() > LIMIT or stream.lost
-                or (seq is not None and seq != stream.attach_seq)):
+        if stream.lost or (seq is not None and seq != stream.attach_seq) or closing() or buffered() > LIMIT:
             return False
-        send(data)
+        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        total = writer.output_size + len(framed)
+        writer.output_size = total
+        write(framed)
         if on_write is not None:
-            on_write(tokens)
+            on_write(tokens, total)
         return True
 
     return direct

@@ -98,17 +98,29 @@ class PacingClock:
         self.wakeups += 1
         now = self._loop.time()
         horizon = now + self.slack_s
+        release_at = max(now, horizon)
         heap = self._heap
-        observe = self.lateness.observe
+        pop, push, seqs = heapq.heappop, heapq.heappush, self._seq
+        # Lateness counted inline (this loop runs once per released stream): Lateness.observe, unrolled.
+        lat = self.lateness
+        counts, late_sum, late_n = lat.counts, 0.0, 0
         while heap and heap[0][0] <= horizon:
-            due, seq, stream = heapq.heappop(heap)
+            due, seq, stream = pop(heap)
             if seq != stream._clock_seq:
                 continue  # superseded by a reschedule (rate change)
-            observe(now - due)
-            nxt = stream.release_due(max(now, horizon))
+            late = now - due
+            if late > 0.0:
+                counts[bisect.bisect_left(LATENESS_BUCKETS, late)] += 1
+                late_sum += late
+            else:
+                counts[0] += 1  # released within the slack, ahead of time
+            late_n += 1
+            nxt = stream.release_due(release_at)
             if nxt < math.inf:
-                seq = stream._clock_seq = next(self._seq)
-                heapq.heappush(heap, (nxt, seq, stream))
+                seq = stream._clock_seq = next(seqs)
+                push(heap, (nxt, seq, stream))
+        lat.total += late_sum
+        lat.n += late_n
         if heap:
             self._arm(heap[0][0])
 

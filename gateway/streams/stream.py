@@ -73,6 +73,9 @@ class Stream:
         "released_tokens",
         "_clock_seq",
         "direct",
+        "upstream_pause",
+        "_upstream_paused",
+        "_read_ahead_s",
     )
 
     def __init__(
@@ -92,6 +95,7 @@ class Stream:
         include_usage: bool = False,
         max_pending: int = 65536,
         collect: bool = False,
+        read_ahead_s: float = 0.0,
     ) -> None:
         self.id = id
         self.engine = engine
@@ -142,6 +146,12 @@ class Stream:
         # the client's socket from the pacing clock or the engine reader, with no writer task wake-up, while the
         # socket takes them; it returns False (and the writer task sends) otherwise.
         self.direct: Callable[[bytes, int], bool] | None = None
+        # Read-ahead bound (paced streams): while more than ``read_ahead_s`` of the reader's tokens wait here
+        # unsent, the engine connection is not read (``upstream_pause(True)``, set by the engine reader); its
+        # tokens gather in the socket and arrive in one read once fewer than half of that are left.
+        self.upstream_pause: Callable[[bool], None] | None = None
+        self._upstream_paused = False
+        self._read_ahead_s = read_ahead_s if pacing == "smooth" else 0.0
 
     # --- BufferSource (gateway.policy.snapshot) ---
     @property
@@ -200,6 +210,10 @@ class Stream:
                 end, ev = self._pending.pop()
                 event = ev + event
             self._pending.append((index - self.base, event))
+            if (self._read_ahead_s and not self._upstream_paused and self.upstream_pause is not None
+                    and index - self.base - self.released_tokens > self.reader.rate * self._read_ahead_s):
+                self._upstream_paused = True
+                self.upstream_pause(True)
             self._kick(now)
 
     def reattach(self, after: int, now: float) -> int:
@@ -211,13 +225,16 @@ class Stream:
         """
         self.base = after
         self.direct = None  # the older writer's; the new one installs its own
+        self.resume_upstream()  # what was held back is gone from _pending: read on
         self.reader = ReaderModel(self.reader.rate)
         self._pending.clear()
         self._out.clear()
         self.client_done = False
         self.first_sent_time = None
         self.released_tokens = 0
-        self._scheduled = False  # schedule afresh on the new reader's clock (an older clock entry goes stale)
+        # Queue the whole replay before anything leaves (a release must see every event behind it to know
+        # whether it is the last), then schedule afresh on the new reader's clock (older entries go stale).
+        self._scheduled = True
         self.encoder.resumed(after > 0)
         prev = 0
         for end, text, _ in self.deltas:
@@ -227,6 +244,9 @@ class Stream:
         if self.upstream_done:
             self.reader.finished = True
             self._queue_tail(self._tail(), now)
+        self._scheduled = False
+        if self._pending:
+            self._kick(now)
         self.attach_seq += 1
         self.attached = True
         self._wake.set()
@@ -285,15 +305,26 @@ class Stream:
             self._kick(now)
 
     def _kick(self, now: float) -> None:
-        if not self._scheduled and self._clock is not None:
+        clock = self._clock
+        if not self._scheduled and clock is not None:
+            r = self.reader
+            due = r.next_due if r.consumed < r.produced else now  # nothing left to read: a tail leaves at once
+            if due <= now:
+                # The reader is waiting for this token (the first one, or the engine is behind): release it now
+                # rather than on the clock's next tick, which would be one more event-loop turn away.
+                clock.lateness.observe(0.0)
+                due = self.release_due(now)
+                if due == math.inf:
+                    return
             self._scheduled = True
-            self._clock.schedule(self, max(now, self.reader.due_time() if self.reader.consumed < self.reader.produced else now))
+            clock.schedule(self, max(now, due))
 
     # --- pacing clock side ---
     def release_due(self, now: float) -> float:
         """Release every event whose tokens the reader has reached by ``now``; return the next due time."""
-        self.reader.advance(now)
-        consumed = self.reader.consumed
+        r = self.reader
+        r.advance(now)
+        consumed = r.consumed
         pending = self._pending
         if pending and pending[0][0] <= consumed:
             end, ev = pending.popleft()
@@ -303,11 +334,30 @@ class Stream:
                     end, ev = pending.popleft()
                     parts.append(ev)
                 ev = b"".join(parts)
-            self._release(ev, end, last=not pending and self.upstream_done)
+            direct = self.direct
+            if direct is not None and pending and not self._out and direct(ev, end):  # the usual case, inlined
+                self.released_tokens = end
+            else:
+                self._release(ev, end, last=not pending and self.upstream_done)
+            if self._upstream_paused and r.produced - end <= 0.5 * r.rate * self._read_ahead_s:
+                self.resume_upstream()
         if not pending:
             self._scheduled = False
             return math.inf
-        return self.reader.due_time()
+        # Events still pending lie beyond ``consumed``, so the reader has a token to come: due at next_due.
+        return r.next_due
+
+    def set_upstream(self, pause: Callable[[bool], None] | None) -> None:
+        """The engine reader's pause switch (None once the engine stream ended or moved)."""
+        self.upstream_pause = pause
+        self._upstream_paused = False
+
+    def resume_upstream(self) -> None:
+        """Read the engine connection again (the read-ahead bound no longer holds it back)."""
+        if self._upstream_paused:
+            self._upstream_paused = False
+            if self.upstream_pause is not None:
+                self.upstream_pause(False)
 
     def _release(self, event: bytes, tokens: int, last: bool = False) -> None:
         direct = self.direct

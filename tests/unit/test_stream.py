@@ -1,0 +1,100 @@
+"""The per-stream data path: pacing releases, the read-ahead bound on engine reads, and resumption replays.
+
+The pacing clock is driven by hand (``release_due`` at chosen instants), so these tests need no waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+
+from gateway.api.sse import ChunkEncoder
+from gateway.streams.pacer import PacingClock
+from gateway.streams.stream import Stream
+
+
+def make_stream(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 1.0) -> Stream:
+    return Stream("s1", "e", "m", "chat", rate, "smooth", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
+                  read_ahead_s=read_ahead_s)
+
+
+def token_indexes(data: bytes) -> list[int]:
+    """The ``id: <stream>:<index>`` of every event in ``data``."""
+    return [int(m) for m in re.findall(rb"^id: s1:(\d+)$", data, re.M)]
+
+
+def take(stream: Stream) -> bytes:
+    out = b"".join(stream._out)
+    stream._out.clear()
+    return out
+
+
+async def test_first_token_is_released_at_once_and_later_ones_at_the_readers_pace() -> None:
+    clock = PacingClock(asyncio.get_running_loop())
+    s = make_stream(clock, rate=10.0)
+    s.on_tokens(" a", 1, 100.0)
+    assert token_indexes(take(s)) == [1]  # no clock tick in between: the reader was waiting for it
+    s.on_tokens(" b", 1, 100.0)
+    assert take(s) == b""  # due 0.1 s later, at the reader's pace
+    assert math.isclose(s.release_due(100.05), 100.1) and take(s) == b""  # not yet: next due at 100.1
+    s.release_due(100.1)
+    assert token_indexes(take(s)) == [2]
+    clock.close()
+
+
+async def test_read_ahead_pauses_the_engine_reads_and_resumes_them_below_half() -> None:
+    clock = PacingClock(asyncio.get_running_loop())
+    s = make_stream(clock, rate=10.0, read_ahead_s=1.0)  # pause above 10 unsent tokens, read again at <= 5
+    calls: list[bool] = []
+    s.set_upstream(calls.append)
+    t = 0.0
+    for i in range(12):  # an engine far faster than the reader: 12 tokens at once
+        s.on_tokens(f" t{i}", 1, t)
+    assert calls == [True]  # paused once the 11th unsent token came
+    released = token_indexes(take(s))
+    while calls == [True]:
+        t += 0.1
+        s.release_due(t)
+        released += token_indexes(take(s))
+    assert calls == [True, False]
+    assert s.reader.produced - s.released_tokens <= 5  # read again only once at most half is left
+    while s.held_events:
+        t += 0.1
+        s.release_due(t)
+        released += token_indexes(take(s))
+    assert released == list(range(1, 13))  # every token once, in order
+    clock.close()
+
+
+async def test_no_read_ahead_bound_for_unpaced_streams_or_when_disabled() -> None:
+    clock = PacingClock(asyncio.get_running_loop())
+    for s in (make_stream(clock, read_ahead_s=0.0),
+              Stream("s1", "e", "m", "chat", 10.0, "none", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
+                     read_ahead_s=1.0)):
+        calls: list[bool] = []
+        s.set_upstream(calls.append)
+        for i in range(50):
+            s.on_tokens(f" t{i}", 1, 0.0)
+        assert calls == []
+    clock.close()
+
+
+async def test_resuming_a_finished_stream_replays_every_token_before_the_end() -> None:
+    clock = PacingClock(asyncio.get_running_loop())
+    s = make_stream(clock, rate=10.0)
+    for i in range(6):
+        s.on_tokens(f" t{i}", 1, 0.0)
+    s.on_finished("stop", 3, None, 0.0)
+    take(s)
+    s.reattach(2, 10.0)  # the client had two tokens; the engine is done: replay 3..6, then the end
+    assert not s.client_done  # only the first replayed token left at once, not the end
+    out = take(s)
+    t = 10.0
+    while not s.client_done:
+        t += 0.1
+        s.release_due(t)
+        out += take(s)
+    assert token_indexes(out) == [3, 4, 5, 6, 6]  # the finish event carries the last index too
+    assert b'"finish_reason":"stop"' in out.split(b"\n\n")[-2]
+    clock.close()
