@@ -2,8 +2,10 @@
 
 For each concurrency level and each target (``direct`` to the engine, ``nginx`` as a plain SSE reverse proxy
 with ``proxy_buffering off``, the gateway with pacing ``none`` and with ``smooth`` pacing) it starts a fresh
-proxy pinned to core 0, a fast fake engine (bench/fast_upstream.py: pre-encoded chunks on one timer) and
-closed-loop load generators pinned to the other cores, and measures over a steady window:
+proxy pinned to core 0 (to cores 0..N-1 with ``--workers N``), a fast fake engine (bench/fast_upstream.py:
+pre-encoded chunks on one timer; ``--upstreams K`` runs K such processes on one port with SO_REUSEPORT, so the
+engine is not the limit) and closed-loop load generators pinned to the other cores, and measures over a
+steady window:
 
 * the proxy's CPU seconds per delivered token (user + system of all its processes, from /proc/<pid>/stat);
 * delivered versus offered tokens/s (offered: streams x their rate);
@@ -11,7 +13,11 @@ closed-loop load generators pinned to the other cores, and measures over a stead
 * pacing lateness p50 / p99 (smooth pacing only): how late paced tokens leave compared with their due time,
   from the gateway's ``tokenflow_pacing_lateness_seconds`` histogram (window delta of /metrics);
 * the rig's own CPU (engine + load generators) and the machine's load average, to show the rig was not
-  the limit and how busy the machine was.
+  the limit and how busy the machine was; with the Redis store on this machine, Redis' CPU too.
+
+Scaling over workers: ``--workers 1,2,4 --streams-per-worker --streams 2000`` runs 2,000 streams per worker
+(2,000, 4,000, 8,000), and the report's scaling table divides each worker count's delivered tokens/s by one
+worker's at the same load per worker.
 
 Each client stream asks for ``--tokens`` tokens; a finished stream is replaced at once on the same
 keep-alive connection. ``--memory N`` instead measures the gateway's resident memory per idle paced stream.
@@ -308,12 +314,23 @@ def wait_http(url: str, deadline_s: float = 30.0, ok: tuple[int, ...] = (200,)) 
 # ---------------------------------------------------------------- the proxies
 
 
-def cores() -> tuple[list[int], list[int]]:
-    """(proxy cores, rig cores): core 0 for the proxy, the rest for the engine and load generators."""
-    avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+def split_cores(avail: Sequence[int], workers: int = 1) -> tuple[list[int], list[int]]:
+    """(proxy cores, rig cores) out of ``avail``: the first ``workers`` cores for the proxy, the rest for the
+    engine and load generators. With fewer cores than workers + 1 the proxy gets up to ``workers`` cores and
+    the rig shares them all (such a run cannot show scaling); with fewer than 2 cores nothing is pinned."""
+    avail = sorted(avail)
     if len(avail) < 2:
         return [], []
-    return avail[:1], avail[1:]
+    n = max(1, workers)
+    if n < len(avail):
+        return avail[:n], avail[n:]
+    return avail[:n], avail
+
+
+def cores(workers: int = 1) -> tuple[list[int], list[int]]:
+    """:func:`split_cores` of the cores this process may run on."""
+    avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return split_cores(avail, workers)
 
 
 _NICE = 0  # --nice: priority of every process of the run (on a shared machine, ahead of other work)
@@ -375,13 +392,44 @@ class Proc:
                 self.popen.wait(5)
 
 
+def upstream_cmd(port: int, rate: float, shared: bool) -> list[str]:
+    """The fast engine's command line (``shared``: one of several processes on the port)."""
+    cmd = [_PY, "-m", "bench.fast_upstream", "--port", str(port), "--rate", str(rate)]
+    return cmd + ["--reuse-port"] if shared else cmd
+
+
 def start_upstream(rate: float, cpus: list[int], log: Path) -> Proc:
+    return start_upstreams(rate, 1, cpus, log)[0]
+
+
+def start_upstreams(rate: float, k: int, cpus: list[int], log: Path, deadline_s: float = 30.0) -> list[Proc]:
+    """``k`` fast engine processes on one port (SO_REUSEPORT when k > 1), each logging to ``log`` (k = 1) or
+    ``log`` with ``-i`` before its suffix; each is waited for by its own "fast upstream on" line, since a
+    request to the shared port may reach any of them."""
     port = free_port()
-    p = subprocess.Popen(_pinned([_PY, "-m", "bench.fast_upstream", "--port", str(port), "--rate", str(rate)], cpus),
-                         cwd=_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/v1/models")
-    return Proc("upstream", p, url)
+    procs: list[Proc] = []
+    logs: list[Path] = []
+    try:
+        for i in range(max(1, k)):
+            lg = log if k <= 1 else log.with_name(f"{log.stem}-{i}{log.suffix}")
+            lg.unlink(missing_ok=True)
+            logs.append(lg)
+            p = subprocess.Popen(_pinned(upstream_cmd(port, rate, k > 1), cpus), cwd=_ROOT, stdout=lg.open("ab"),
+                                 stderr=subprocess.STDOUT)
+            procs.append(Proc("upstream", p, url))
+        end = time.time() + deadline_s
+        for pr, lg in zip(procs, logs):
+            while b"fast upstream on" not in (lg.read_bytes() if lg.exists() else b""):
+                if pr.popen.poll() is not None or time.time() > end:
+                    raise RuntimeError(f"fast upstream did not come up: {lg.read_text(errors='replace')[-500:]}")
+                time.sleep(0.05)
+        wait_http(url + "/v1/models")
+    except BaseException:
+        for pr in procs:
+            pr.stop()
+        raise
+    return procs
 
 
 def start_nginx(upstream_port: int, cpus: list[int], workdir: Path, workers: int = 1) -> Proc:
@@ -460,6 +508,10 @@ class CaseResult:
     added_ttft_p99_ms: float | None = None
     notes: list[str] = field(default_factory=list)
     store: str = "-"
+    proxy_cores_pinned: int = 0  # cores the proxy was pinned to (0: not pinned)
+    proxy_process_cores: list[float] = field(default_factory=list)  # CPU share of each proxy process, largest first
+    upstreams: int = 1  # fast engine processes
+    redis_cpu_share: float | None = None  # Redis' CPU (cores) when it runs on this machine and the store is redis
 
 
 @dataclass
@@ -476,17 +528,52 @@ class Options:
     profile_dir: str | None = None  # py-spy profiles of the gateway over each window land here
     store: str = "memory"  # the gateway's session store (redis whenever workers > 1)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    upstreams: int = 1  # fast engine processes sharing the engine port
+
+
+_REDIS_PID: dict[str, int | None] = {}
+
+
+def local_redis_pid(url: str) -> int | None:
+    """The pid of the Redis server at ``url`` when it runs on this machine (INFO's process_id, checked against
+    /proc: its command line names redis), else None; asked once per URL."""
+    if url in _REDIS_PID:
+        return _REDIS_PID[url]
+    pid: int | None = None
+    try:
+        import redis
+
+        r = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            pid = int(r.info("server")["process_id"])
+        finally:
+            r.close()
+        if b"redis" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            pid = None
+    except Exception:  # noqa: BLE001 - no Redis, another host or another pid namespace: no Redis CPU reported
+        pid = None
+    _REDIS_PID[url] = pid
+    return pid
+
+
+def tree_cpu_by_pid(root: int) -> dict[int, float]:
+    """user + system CPU seconds of ``root`` and each descendant, by pid."""
+    out: dict[int, float] = {}
+    for p in tree_pids(root):
+        try:
+            out[p] = sum(proc_cpu(p))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult:
-    proxy_cpus, rig_cpus = cores() if o.pin else ([], [])
-    if o.workers > 1 and proxy_cpus:  # N workers: N cores for the proxy, the rest (if any) for the rig
-        avail = sorted(os.sched_getaffinity(0))
-        proxy_cpus = avail[:o.workers]
-        rig_cpus = avail[o.workers:] or avail
+    # N workers: N cores for the proxy, the rest for the rig (all of them shared if there are too few)
+    proxy_cpus, rig_cpus = cores(o.workers) if o.pin else ([], [])
     workdir.mkdir(parents=True, exist_ok=True)
-    up = start_upstream(o.upstream_rate, rig_cpus, workdir / "upstream.log")
-    procs = [up]
+    ups = start_upstreams(o.upstream_rate, o.upstreams, rig_cpus, workdir / "upstream.log")
+    up = ups[0]
+    procs: list[Proc] = list(ups)
     proxy: Proc | None = None
     try:
         if target == "direct":
@@ -521,10 +608,14 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
                                "w0": w0, "w1": w1, "stop": stop})
             gens.append(subprocess.Popen(_pinned([_PY, "-m", "bench.relay", "_loadgen", spec], rig_cpus), cwd=_ROOT,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-        rig_roots = [up.popen.pid] + [g.pid for g in gens]
+        rig_roots = [u.popen.pid for u in ups] + [g.pid for g in gens]
+        redis_pid = local_redis_pid(o.redis_url) if target.startswith("gateway") and (
+            o.store == "redis" or o.workers > 1) else None
         time.sleep(max(0.0, w0 - time.time()))
         c0 = tree_cpu(proxy.popen.pid) if proxy else (0.0, 0.0)
+        p0 = tree_cpu_by_pid(proxy.popen.pid) if proxy else {}
         r0 = sum(sum(tree_cpu(p)) for p in rig_roots)
+        d0 = sum(tree_cpu(redis_pid)) if redis_pid else 0.0
         m0 = time.time()
         # Lateness from /metrics: one process answers a scrape, so only with one worker.
         late = smooth and o.workers == 1
@@ -532,7 +623,9 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         spy = _profile(proxy, target, streams, o) if proxy is not None and target.startswith("gateway") else None
         time.sleep(max(0.0, w1 - time.time()))
         c1 = tree_cpu(proxy.popen.pid) if proxy else (0.0, 0.0)
+        p1 = tree_cpu_by_pid(proxy.popen.pid) if proxy else {}
         r1 = sum(sum(tree_cpu(p)) for p in rig_roots)
+        d1 = sum(tree_cpu(redis_pid)) if redis_pid else 0.0
         window = time.time() - m0  # the span of the CPU readings (the lateness scrapes may lag under overload)
         h1 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if late else []
         load = os.getloadavg()
@@ -560,6 +653,10 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         ttft_p50_ms=_ms(percentile(ttft, 50)), ttft_p99_ms=_ms(percentile(ttft, 99)),
         errors=sum(x["errors"] for x in outs), completed_streams=sum(x["finished"] for x in outs),
         loadavg=load,  # type: ignore[arg-type]
+        proxy_cores_pinned=len(proxy_cpus) if proxy else 0, upstreams=len(ups),
+        proxy_process_cores=sorted((round((p1[k] - p0[k]) / window, 3) for k in p1 if k in p0
+                                    and p1[k] - p0[k] > 0.01 * window), reverse=True),
+        redis_cpu_share=round((d1 - d0) / window, 3) if redis_pid else None,
     )
     if target.startswith("gateway"):
         res.store = "redis" if (o.store == "redis" or o.workers > 1) else "memory"
@@ -655,6 +752,9 @@ def table(results: list[CaseResult]) -> str:
     head = ("| target | streams | CPU µs/token (user+sys) | x nginx | proxy cores | delivered / offered tok/s | "
             "TTFT p50 / p99 ms | added TTFT p50 / p99 ms | lateness p50 / p99 ms | rig cores | errors |")
     lines = [head, "|" + "---|" * 11]
+    wide = any(r.proxy_cores_pinned > 1 or r.upstreams > 1 or r.redis_cpu_share is not None for r in results)
+    if wide:  # scaling runs: the cores the proxy was pinned to, engine processes and Redis' CPU as well
+        lines = [head + " proxy cores pinned | engines | redis cores |", "|" + "---|" * 14]
     for r in results:
         cpu = "-" if r.cpu_us_per_token is None else (
             f"{r.cpu_us_per_token:.1f} ({r.cpu_user_s / max(r.cpu_s, 1e-9) * r.cpu_us_per_token:.1f}+"
@@ -665,8 +765,45 @@ def table(results: list[CaseResult]) -> str:
             f"| {r.target}{'' if r.workers == 1 else f' x{r.workers}'}{' (redis)' if r.store == 'redis' else ''} | {r.streams} | {cpu} | {ratio} | "
             f"{r.proxy_cpu_share:.2f} | {r.delivered_tps:,.0f} / {r.offered_tps:,.0f} | "
             f"{_f(r.ttft_p50_ms)} / {_f(r.ttft_p99_ms)} | {_f(r.added_ttft_p50_ms, True)} / {_f(r.added_ttft_p99_ms, True)} | "
-            f"{_f(r.lateness_p50_ms)} / {_f(r.lateness_p99_ms)} | {r.rig_cpu_share:.2f} | {r.errors} |")
+            f"{_f(r.lateness_p50_ms)} / {_f(r.lateness_p99_ms)} | {r.rig_cpu_share:.2f} | {r.errors} |"
+            + (f" {r.proxy_cores_pinned or '-'} | {r.upstreams} | {_f(r.redis_cpu_share)} |" if wide else ""))
     return "\n".join(lines)
+
+
+def scaling(results: list[CaseResult], per_worker: bool) -> list[dict[str, Any]]:
+    """Delivered tokens/s of each worker count over one worker's, per target and load: the load is the
+    streams per worker with ``per_worker`` (--streams-per-worker), else the total streams. ``efficiency`` is
+    that ratio over the worker count (1.0: linear)."""
+    base: dict[tuple[str, int], CaseResult] = {}
+    key = {id(r): (r.target, r.streams // max(1, r.workers) if per_worker else r.streams) for r in results}
+    for r in results:
+        if r.workers == 1:
+            base[key[id(r)]] = r
+    out = []
+    for r in results:
+        b = base.get(key[id(r)])
+        if b is None or not b.delivered_tps:
+            continue
+        x = r.delivered_tps / b.delivered_tps
+        out.append({"target": r.target, "load": key[id(r)][1], "workers": r.workers, "streams": r.streams,
+                    "delivered_tps": round(r.delivered_tps), "proxy_cores": r.proxy_cpu_share,
+                    "vs_one_worker": round(x, 3), "efficiency": round(x / max(1, r.workers), 3)})
+    return out
+
+
+def scaling_table(rows: list[dict[str, Any]], per_worker: bool) -> str:
+    load = "streams per worker" if per_worker else "streams"
+    lines = [f"| target | {load} | workers | total streams | delivered tok/s | proxy cores | x 1 worker | x / workers |",
+             "|" + "---|" * 8]
+    for x in rows:
+        lines.append(f"| {x['target']} | {x['load']} | {x['workers']} | {x['streams']} | {x['delivered_tps']:,} | "
+                     f"{x['proxy_cores']:.2f} | {x['vs_one_worker']:.2f} | {x['efficiency']:.2f} |")
+    return "\n".join(lines)
+
+
+def case_streams(levels: Sequence[int], workers: int, per_worker: bool) -> list[int]:
+    """The stream counts run with ``workers`` workers: the levels as given, or times the workers."""
+    return [n * workers if per_worker else n for n in levels]
 
 
 def _f(v: float | None, sign: bool = False) -> str:
@@ -681,7 +818,7 @@ def _median_case(runs: list[CaseResult]) -> CaseResult:
         return runs[0]
     out = CaseResult(**asdict(runs[0]))
     for f in ("delivered_tps", "cpu_s", "cpu_user_s", "cpu_sys_s", "cpu_us_per_token", "proxy_cpu_share",
-              "rig_cpu_share", "ttft_p50_ms", "ttft_p99_ms", "lateness_p50_ms", "lateness_p99_ms"):
+              "rig_cpu_share", "ttft_p50_ms", "ttft_p99_ms", "lateness_p50_ms", "lateness_p99_ms", "redis_cpu_share"):
         vals = [getattr(r, f) for r in runs if getattr(r, f) is not None]
         setattr(out, f, statistics.median(vals) if vals else None)
     out.errors = sum(r.errors for r in runs)
@@ -701,7 +838,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=float, default=10.0, help="measured seconds")
     p.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams open")
     p.add_argument("--loadgens", type=int, default=2, help="load generator processes")
-    p.add_argument("--workers", default="1", help="gateway/nginx worker processes, comma-separated (e.g. 1,2)")
+    p.add_argument("--workers", default="1", help="gateway/nginx worker processes, comma-separated (e.g. 1,2); "
+                   "N workers are pinned to N cores, the rig to the rest")
+    p.add_argument("--streams-per-worker", action="store_true",
+                   help="--streams counts streams per worker: N workers run N times each level (scaling runs)")
+    p.add_argument("--upstreams", type=int, default=1,
+                   help="fast engine processes sharing the engine port (SO_REUSEPORT), so the engine is not the limit")
     p.add_argument("--store", choices=("memory", "redis"), default="memory",
                    help="the gateway's session store (several workers always use redis)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -729,7 +871,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     o = Options(tokens=a.tokens, upstream_rate=a.upstream_rate, pace_rate=a.pace_rate, warmup_s=a.warmup,
                 window_s=a.window, ramp_s=a.ramp, loadgens=a.loadgens, pin=not a.no_pin,
-                profile_dir=str(out / "profiles") if a.profile else None, store=a.store, redis_url=a.redis_url)
+                profile_dir=str(out / "profiles") if a.profile else None, store=a.store, redis_url=a.redis_url,
+                upstreams=max(1, a.upstreams))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the proxies on the way out
     cmd = "tokenflow bench relay " + " ".join(argv)
     if a.memory:
@@ -752,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for w in workers:
-            for n in levels:
+            for n in case_streams(levels, w, a.streams_per_worker):
                 for t in targets:
                     if w > 1 and t == "direct":
                         continue
@@ -764,7 +907,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"  {t:15s} x{w} {n:5d} streams: {_f(r.cpu_us_per_token)} µs/token, "
                               f"{r.delivered_tps:,.0f}/{r.offered_tps:,.0f} tok/s, TTFT p50 {_f(r.ttft_p50_ms)} ms, "
                               f"lateness p99 {_f(r.lateness_p99_ms)} ms, proxy {r.proxy_cpu_share:.2f} cores, "
-                              f"rig {r.rig_cpu_share:.2f} cores, load {r.loadavg[0]:.1f}, errors {r.errors}",
+                              f"rig {r.rig_cpu_share:.2f} cores, load {r.loadavg[0]:.1f}, errors {r.errors}"
+                              + ("" if r.redis_cpu_share is None else f", redis {r.redis_cpu_share:.2f} cores"),
                               flush=True)
                     results.append(_median_case(runs))
                     (out / "partial.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
@@ -775,10 +919,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.added_ttft_p50_ms = round(r.ttft_p50_ms - d.ttft_p50_ms, 3)
             r.added_ttft_p99_ms = round((r.ttft_p99_ms or 0) - (d.ttft_p99_ms or 0), 3)
     md = table(results)
+    scale = scaling(results, a.streams_per_worker) if len(workers) > 1 else []
+    if scale:
+        md += "\n\nScaling (delivered tokens/s over one worker's at the same load):\n\n" + scaling_table(
+            scale, a.streams_per_worker)
     print(md)
     print(f"load average at start {start_load[0]:.2f}, at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     (out / "report.json").write_text(json.dumps({"command": cmd, "options": asdict(o), "cpu_count": os.cpu_count(),
-                                                 "loadavg_start": start_load, "results": [asdict(r) for r in results]},
+                                                 "loadavg_start": start_load, "results": [asdict(r) for r in results],
+                                                 "scaling": scale},
                                                 indent=2))
     (out / "table.md").write_text(md + "\n")
     print(f"report: {out / 'report.json'}")

@@ -89,3 +89,77 @@ def test_workers_need_redis_engine_urls_and_a_fixed_port(capsys: pytest.CaptureF
     assert "url" in (workers_problem(cfg) or "")  # the default embedded simulator
     assert cli_main(["serve", "--workers", "2"]) == 2
     assert "session.store: redis" in capsys.readouterr().err
+
+
+def test_proxy_cores_grow_with_workers_and_the_rig_gets_the_rest() -> None:
+    avail = list(range(16))
+    assert relay.split_cores(avail, 1) == ([0], list(range(1, 16)))
+    assert relay.split_cores(avail, 4) == ([0, 1, 2, 3], list(range(4, 16)))
+    assert relay.split_cores([5, 3, 4, 2], 2) == ([2, 3], [4, 5])  # sorted first
+    # too few cores: the proxy gets what there is and the rig shares them all (cannot show scaling)
+    assert relay.split_cores([0, 1], 2) == ([0, 1], [0, 1])
+    assert relay.split_cores([0, 1], 4) == ([0, 1], [0, 1])
+    assert relay.split_cores([0], 1) == ([], [])
+    proxy, rig = relay.cores(1)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert len(proxy) == 1 and proxy[0] not in rig
+
+
+def test_streams_per_worker_scale_the_levels_and_upstreams_share_a_port() -> None:
+    assert relay.case_streams([1000, 2000], 4, per_worker=True) == [4000, 8000]
+    assert relay.case_streams([1000, 2000], 4, per_worker=False) == [1000, 2000]  # the cross product, as before
+    assert relay.upstream_cmd(9100, 50.0, shared=False)[-4:] == ["--port", "9100", "--rate", "50.0"]
+    assert relay.upstream_cmd(9100, 50.0, shared=True)[-1] == "--reuse-port"
+    a = relay._parser().parse_args([])
+    assert a.upstreams == 1 and not a.streams_per_worker  # defaults keep earlier results comparable
+    a = relay._parser().parse_args(["--upstreams", "4", "--streams-per-worker", "--workers", "1,2,4"])
+    assert a.upstreams == 4 and a.streams_per_worker and a.workers == "1,2,4"
+
+
+def _case(target: str, streams: int, workers: int, delivered: float) -> relay.CaseResult:
+    return relay.CaseResult(target=target, streams=streams, workers=workers, window_s=10.0,
+                            offered_tps=streams * 50.0, delivered_tps=delivered, cpu_s=10.0, cpu_user_s=6.0,
+                            cpu_sys_s=4.0, cpu_us_per_token=20.0, proxy_cpu_share=float(workers),
+                            rig_cpu_share=1.0, ttft_p50_ms=1.0, ttft_p99_ms=2.0, proxy_cores_pinned=workers,
+                            upstreams=2, redis_cpu_share=0.5)
+
+
+def test_scaling_compares_each_worker_count_with_one_worker_at_the_same_load() -> None:
+    rs = [_case("gateway-none", 2000, 1, 40_000.0), _case("gateway-none", 4000, 2, 76_000.0),
+          _case("gateway-none", 8000, 4, 120_000.0), _case("gateway-smooth", 8000, 4, 1.0)]
+    rows = relay.scaling(rs, per_worker=True)
+    assert [(x["workers"], x["vs_one_worker"], x["efficiency"]) for x in rows] == [(1, 1.0, 1.0), (2, 1.9, 0.95),
+                                                                                    (4, 3.0, 0.75)]
+    assert relay.scaling(rs, per_worker=False) == [rows[0]]  # by total streams only equal loads compare
+    md = relay.scaling_table(rows, True)
+    assert "streams per worker" in md and "| gateway-none | 2000 | 4 | 8000 | 120,000 | 4.00 | 3.00 | 0.75 |" in md
+    t = relay.table(rs)
+    assert "| errors | proxy cores pinned | engines | redis cores |" in t and "| 4 | 2 | 0.50 |" in t
+    assert len({line.count("|") for line in t.splitlines()}) == 1  # every row has the header's columns
+    assert len({line.count("|") for line in md.splitlines()}) == 1
+
+
+async def test_fast_upstreams_share_one_port() -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[int] = loop.create_future()
+    first = asyncio.ensure_future(fast_upstream.serve("127.0.0.1", 0, 200.0, ready, reuse_port=True))
+    port = await asyncio.wait_for(ready, 10)
+    ready2: asyncio.Future[int] = loop.create_future()
+    second = asyncio.ensure_future(fast_upstream.serve("127.0.0.1", port, 200.0, ready2, reuse_port=True))
+    try:
+        assert await asyncio.wait_for(ready2, 10) == port
+    finally:
+        first.cancel()
+        second.cancel()
+
+
+def test_start_upstreams_runs_k_processes_on_one_port(tmp_path: Path) -> None:
+    ups = relay.start_upstreams(200.0, 2, [], tmp_path / "upstream.log")
+    try:
+        assert len(ups) == 2 and ups[0].url == ups[1].url
+        assert all(u.popen.poll() is None for u in ups)
+        assert all("port shared" in (tmp_path / f"upstream-{i}.log").read_text() for i in range(2))
+        relay.wait_http(ups[0].url + "/v1/models", 5)
+    finally:
+        for u in ups:
+            u.stop()
