@@ -387,6 +387,11 @@ class EngineStream:
                         self._keep_alive = False  # trailers or a partial terminator: do not reuse
                     pos = n
                     break
+                end = pos + size
+                if end + 2 <= n:  # the whole chunk and its CRLF are here (several events per read): one step
+                    out.append(buf[pos:end])
+                    pos = end + 2
+                    continue
                 self._remaining, self._cstate = size, _DATA
         if pos < n:
             self._cbuf = buf[pos:]

@@ -161,3 +161,47 @@ async def test_connections_are_reused_after_a_clean_end_and_stale_ones_replaced(
     finally:
         pool.close()
         srv.close()
+
+
+async def test_paused_reading_leaves_events_in_the_socket_to_come_in_one_read() -> None:
+    """The read-ahead bound: while paused nothing is read; on resume, what the engine sent meanwhile arrives
+    as one batch (one read), not one batch per event."""
+    paused, written, finish = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(_ev(" t0", [0]), 10_000)[:-5])
+        await paused.wait()
+        for i in range(1, 10):  # one write (one TCP segment) per event
+            w.write(chunked(_ev(f" t{i}", [i]), 10_000)[:-5])
+            await w.drain()
+        written.set()
+        await finish.wait()
+        w.write(chunked(b"data: [DONE]\n\n", 10_000))
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    batches: list[list[str]] = []
+    all_in = asyncio.get_running_loop().create_future()
+    up = await EngineStream.open("e", url, "/v1/completions", "completion", b"{}", {}, 10)
+
+    def on_batch(batch: list) -> None:  # type: ignore[type-arg]
+        batches.append([d.text for d in batch])
+        if len(batches) == 1:
+            up.pause_reading(True)
+            paused.set()
+        if sum(map(len, batches)) == 10 and not all_in.done():
+            all_in.set_result(None)
+
+    up.attach(on_batch)
+    await asyncio.wait_for(written.wait(), 5)
+    await asyncio.sleep(0.05)  # a chance for a read that must not happen while paused
+    assert batches == [[" t0"]]
+    up.pause_reading(False)
+    await asyncio.wait_for(all_in, 5)
+    assert batches == [[" t0"], [f" t{i}" for i in range(1, 10)]]  # nine events, one read
+    finish.set()
+    await asyncio.wait_for(up.wait(), 5)
+    srv.close()
