@@ -336,3 +336,43 @@ async def test_rate_change_reschedules_a_paced_stream_at_once():
     assert b'"b"' in out and s.released_tokens == 2
     assert len(clock) <= 1  # the stale entry does not linger as live work
     clock.close()
+
+
+def test_sampler_passes_are_sliced_and_each_connection_is_sampled_once_per_interval():
+    """The sampler walks one slice of the connections per timer call (no callback walks them all), and over one
+    interval every connection is sampled exactly once; a reconnect replaces the older tracker, a detach ends it."""
+    from gateway.streams.drain import SLICES
+
+    delays: list[float] = []
+
+    class Loop(FakeLoop):
+        def call_later(self, delay: float, callback: object) -> object:
+            delays.append(delay)
+            return object()  # a pending timer
+
+    sampler = DrainSampler(Loop(), S)  # type: ignore[arg-type]
+    counts: dict[str, int] = {}
+    streams = []
+    for i in range(23):
+        st = FakeStream(20.0)
+        st.id = f"s{i}"
+        streams.append(st)
+        tr = sampler.attach(st, FakeTransport(None), FakeWriter(), declared=20.0, default_rate=20.0, owner=None)  # type: ignore[arg-type]
+        assert tr is not None
+        tr.sample = lambda now, sid=st.id: counts.__setitem__(sid, counts.get(sid, 0) + 1)  # type: ignore[method-assign]
+    assert delays == [S.sample_interval_s / SLICES]  # one timer, armed once
+    per_call = []
+    for _ in range(SLICES):
+        before = sum(counts.values())
+        sampler._tick()
+        per_call.append(sum(counts.values()) - before)
+    assert counts == {f"s{i}": 1 for i in range(23)} and sampler.samples == 1
+    assert max(per_call) <= -(-23 // SLICES)  # spread evenly: at most ceil(23 / SLICES) per call
+    # A reconnect of s0 replaces its tracker (sampled once per pass, not twice); a detach of s1 ends its sampling.
+    new = sampler.attach(streams[0], FakeTransport(None), FakeWriter(), declared=20.0, default_rate=20.0, owner=None)  # type: ignore[arg-type]
+    assert new is not None
+    new.sample = lambda now: counts.__setitem__("s0", counts["s0"] + 1)  # type: ignore[method-assign]
+    sampler.detach(streams[1], sampler.trackers["s1"])
+    for _ in range(SLICES):
+        sampler._tick()
+    assert counts["s0"] == 2 and counts["s1"] == 1 and all(counts[f"s{i}"] == 2 for i in range(2, 23))
