@@ -126,8 +126,8 @@ class Gateway:
 
     async def cleanup(self, app: web.Application) -> None:
         for h in self.engines.values():
-            await h.control.stop()
-        await self.relay.close()  # flush the store, hand leases over
+            await self._bounded(f"control loop of {h.config.name}", h.control.stop())
+        await self._bounded("session store", self.relay.close())  # flush the store, hand leases over
         for t in list(self._background):
             t.cancel()
         if self._clock is not None:
@@ -135,12 +135,23 @@ class Gateway:
         if self.drain is not None:
             self.drain.close()
         if self._session is not None:
-            await self._session.close()
+            await self._bounded("HTTP client session", self._session.close())
         for h in self.engines.values():
             h.client.close()
         for h in self.engines.values():
             if h.embedded is not None:
-                await h.embedded.close()
+                await self._bounded(f"embedded engine {h.config.name}", h.embedded.close())
+
+    async def _bounded(self, what: str, step: Awaitable[Any]) -> None:
+        """One shutdown step, given at most ``server.shutdown_timeout_s``: a step that hangs (a peer that never
+        answers a close) is abandoned with an error naming it, and the rest of the shutdown goes on."""
+        timeout = self.cfg.server.shutdown_timeout_s
+        try:
+            await asyncio.wait_for(step, timeout)
+        except asyncio.TimeoutError:
+            log.error("shutdown step did not finish in time; abandoned", extra={"step": what, "timeout_s": timeout})
+        except Exception:  # noqa: BLE001 - a failing step must not keep the others from running
+            log.exception("shutdown step failed", extra={"step": what})
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
