@@ -229,6 +229,23 @@ def tree_cpu(root: int) -> tuple[float, float]:
     return u, s
 
 
+def tree_io(root: int) -> tuple[int, int]:
+    """read()-family and write()-family system calls of ``root`` and its descendants (/proc/<pid>/io: syscr,
+    syscw). uvloop reads and writes sockets with read/write(v), so for the gateway these count its socket reads
+    and writes; nginx receives with recv(), which these counters do not see."""
+    r = w = 0
+    for p in tree_pids(root):
+        try:
+            for line in Path(f"/proc/{p}/io").read_text().splitlines():
+                if line.startswith("syscr:"):
+                    r += int(line.split()[1])
+                elif line.startswith("syscw:"):
+                    w += int(line.split()[1])
+        except OSError:
+            continue
+    return r, w
+
+
 def tree_rss(root: int) -> int:
     """Resident bytes of ``root`` and its descendants."""
     total = 0
@@ -512,6 +529,8 @@ class CaseResult:
     proxy_process_cores: list[float] = field(default_factory=list)  # CPU share of each proxy process, largest first
     upstreams: int = 1  # fast engine processes
     redis_cpu_share: float | None = None  # Redis' CPU (cores) when it runs on this machine and the store is redis
+    reads_per_token: float | None = None  # the gateway's read() calls per delivered token (engine and client sockets)
+    writes_per_token: float | None = None  # the gateway's write() calls per delivered token
 
 
 @dataclass
@@ -616,6 +635,7 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         p0 = tree_cpu_by_pid(proxy.popen.pid) if proxy else {}
         r0 = sum(sum(tree_cpu(p)) for p in rig_roots)
         d0 = sum(tree_cpu(redis_pid)) if redis_pid else 0.0
+        io0 = tree_io(proxy.popen.pid) if proxy else (0, 0)
         m0 = time.time()
         # Lateness from /metrics: one process answers a scrape, so only with one worker.
         late = smooth and o.workers == 1
@@ -626,6 +646,7 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         p1 = tree_cpu_by_pid(proxy.popen.pid) if proxy else {}
         r1 = sum(sum(tree_cpu(p)) for p in rig_roots)
         d1 = sum(tree_cpu(redis_pid)) if redis_pid else 0.0
+        io1 = tree_io(proxy.popen.pid) if proxy else (0, 0)
         window = time.time() - m0  # the span of the CPU readings (the lateness scrapes may lag under overload)
         h1 = scrape_hist(url, "tokenflow_pacing_lateness_seconds") if late else []
         load = os.getloadavg()
@@ -660,6 +681,9 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
     )
     if target.startswith("gateway"):
         res.store = "redis" if (o.store == "redis" or o.workers > 1) else "memory"
+        if tokens:
+            res.reads_per_token = round((io1[0] - io0[0]) / tokens, 3)
+            res.writes_per_token = round((io1[1] - io0[1]) / tokens, 3)
     if late and h0 and h1:
         d = hist_delta(h0, h1)
         res.lateness_p50_ms = _ms(hist_quantile(d, 0.50))
@@ -750,11 +774,12 @@ def memory_case(n: int, o: Options, workdir: Path) -> dict[str, Any]:
 def table(results: list[CaseResult]) -> str:
     nginx = {r.streams: r.cpu_us_per_token for r in results if r.target == "nginx"}
     head = ("| target | streams | CPU µs/token (user+sys) | x nginx | proxy cores | delivered / offered tok/s | "
-            "TTFT p50 / p99 ms | added TTFT p50 / p99 ms | lateness p50 / p99 ms | rig cores | errors |")
-    lines = [head, "|" + "---|" * 11]
+            "TTFT p50 / p99 ms | added TTFT p50 / p99 ms | lateness p50 / p99 ms | rig cores | errors | "
+            "reads / writes per token |")
+    lines = [head, "|" + "---|" * 12]
     wide = any(r.proxy_cores_pinned > 1 or r.upstreams > 1 or r.redis_cpu_share is not None for r in results)
     if wide:  # scaling runs: the cores the proxy was pinned to, engine processes and Redis' CPU as well
-        lines = [head + " proxy cores pinned | engines | redis cores |", "|" + "---|" * 14]
+        lines = [head + " proxy cores pinned | engines | redis cores |", "|" + "---|" * 15]
     for r in results:
         cpu = "-" if r.cpu_us_per_token is None else (
             f"{r.cpu_us_per_token:.1f} ({r.cpu_user_s / max(r.cpu_s, 1e-9) * r.cpu_us_per_token:.1f}+"
@@ -765,7 +790,8 @@ def table(results: list[CaseResult]) -> str:
             f"| {r.target}{'' if r.workers == 1 else f' x{r.workers}'}{' (redis)' if r.store == 'redis' else ''} | {r.streams} | {cpu} | {ratio} | "
             f"{r.proxy_cpu_share:.2f} | {r.delivered_tps:,.0f} / {r.offered_tps:,.0f} | "
             f"{_f(r.ttft_p50_ms)} / {_f(r.ttft_p99_ms)} | {_f(r.added_ttft_p50_ms, True)} / {_f(r.added_ttft_p99_ms, True)} | "
-            f"{_f(r.lateness_p50_ms)} / {_f(r.lateness_p99_ms)} | {r.rig_cpu_share:.2f} | {r.errors} |"
+            f"{_f(r.lateness_p50_ms)} / {_f(r.lateness_p99_ms)} | {r.rig_cpu_share:.2f} | {r.errors} | "
+            f"{_f(r.reads_per_token)} / {_f(r.writes_per_token)} |"
             + (f" {r.proxy_cores_pinned or '-'} | {r.upstreams} | {_f(r.redis_cpu_share)} |" if wide else ""))
     return "\n".join(lines)
 
@@ -818,7 +844,8 @@ def _median_case(runs: list[CaseResult]) -> CaseResult:
         return runs[0]
     out = CaseResult(**asdict(runs[0]))
     for f in ("delivered_tps", "cpu_s", "cpu_user_s", "cpu_sys_s", "cpu_us_per_token", "proxy_cpu_share",
-              "rig_cpu_share", "ttft_p50_ms", "ttft_p99_ms", "lateness_p50_ms", "lateness_p99_ms", "redis_cpu_share"):
+              "rig_cpu_share", "ttft_p50_ms", "ttft_p99_ms", "lateness_p50_ms", "lateness_p99_ms", "redis_cpu_share",
+              "reads_per_token", "writes_per_token"):
         vals = [getattr(r, f) for r in runs if getattr(r, f) is not None]
         setattr(out, f, statistics.median(vals) if vals else None)
     out.errors = sum(r.errors for r in runs)

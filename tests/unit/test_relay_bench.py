@@ -121,7 +121,7 @@ def _case(target: str, streams: int, workers: int, delivered: float) -> relay.Ca
                             offered_tps=streams * 50.0, delivered_tps=delivered, cpu_s=10.0, cpu_user_s=6.0,
                             cpu_sys_s=4.0, cpu_us_per_token=20.0, proxy_cpu_share=float(workers),
                             rig_cpu_share=1.0, ttft_p50_ms=1.0, ttft_p99_ms=2.0, proxy_cores_pinned=workers,
-                            upstreams=2, redis_cpu_share=0.5)
+                            upstreams=2, redis_cpu_share=0.5, reads_per_token=0.25, writes_per_token=1.0)
 
 
 def test_scaling_compares_each_worker_count_with_one_worker_at_the_same_load() -> None:
@@ -134,7 +134,9 @@ def test_scaling_compares_each_worker_count_with_one_worker_at_the_same_load() -
     md = relay.scaling_table(rows, True)
     assert "streams per worker" in md and "| gateway-none | 2000 | 4 | 8000 | 120,000 | 4.00 | 3.00 | 0.75 |" in md
     t = relay.table(rs)
-    assert "| errors | proxy cores pinned | engines | redis cores |" in t and "| 4 | 2 | 0.50 |" in t
+    assert "| errors | reads / writes per token | proxy cores pinned | engines | redis cores |" in t
+    assert "| 4 | 2 | 0.50 |" in t
+    assert "| 0.25 / 1.00 |" in t
     assert len({line.count("|") for line in t.splitlines()}) == 1  # every row has the header's columns
     assert len({line.count("|") for line in md.splitlines()}) == 1
 
@@ -163,3 +165,13 @@ def test_start_upstreams_runs_k_processes_on_one_port(tmp_path: Path) -> None:
     finally:
         for u in ups:
             u.stop()
+
+
+def test_tree_io_counts_this_process_reads_and_writes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    r0, w0 = relay.tree_io(os.getpid())
+    f = tmp_path / "x"
+    for _ in range(5):
+        f.write_bytes(b"x")
+        f.read_bytes()
+    r1, w1 = relay.tree_io(os.getpid())
+    assert r1 - r0 >= 5 and w1 - w0 >= 5
