@@ -323,9 +323,8 @@ class Relay:
         if s is None:
             return
         now = self.gw.loop_time()
-        for end, text, ids in deltas:
-            if end > s.generated:
-                s.on_tokens(text, end - s.generated, now, ids)
+        if deltas:
+            s.on_deltas(deltas, now)
         if final is not None and not s.upstream_done:
             if final.error is not None:
                 s.on_error(final.error[0], final.error[1], now)

@@ -198,6 +198,30 @@ class Stream:
             return  # the attached client already has these (it resumed past them)
         self._emit(text, self.generated, self.generated - max(start, self.base), now)
 
+    def on_deltas(self, deltas: list[Delta], now: float) -> None:
+        """Deltas from the session store, ``(tokens after it, text, ids)`` in order; those this stream already
+        has are skipped. Several new ones for a paced stream (one engine read's worth) are taken in one step:
+        the reader model gets them at once (the same as one by one at the same instant) and the events are
+        queued together."""
+        gen = self.generated
+        if (len(deltas) < 2 or self._clock is None or self.collected is not None or deltas[0][0] <= gen
+                or gen < self.base or len(self._pending) + len(deltas) > self._max_pending):
+            for end, text, ids in deltas:
+                if end > self.generated:
+                    self.on_tokens(text, end - self.generated, now, ids)
+            return
+        base, token, queue, log = self.base, self.encoder.token, self._pending.append, self.deltas.append
+        end = gen
+        for d in deltas:
+            end = d[0]
+            log(d)
+            queue((end - base, token(d[1], end)))
+        self.generated = end
+        self.reader.on_tokens(end - gen, now)
+        if self._read_ahead_s and not self._upstream_paused:
+            self._bound_read_ahead(end)
+        self._kick(now)
+
     def _emit(self, text: str, index: int, n: int, now: float) -> None:
         """Queue the event for a delta ending at token ``index``, ``n`` of whose tokens are new to the client."""
         self.reader.on_tokens(n, now)
@@ -210,11 +234,16 @@ class Stream:
                 end, ev = self._pending.pop()
                 event = ev + event
             self._pending.append((index - self.base, event))
-            if (self._read_ahead_s and not self._upstream_paused and self.upstream_pause is not None
-                    and index - self.base - self.released_tokens > self.reader.rate * self._read_ahead_s):
-                self._upstream_paused = True
-                self.upstream_pause(True)
+            if self._read_ahead_s and not self._upstream_paused:
+                self._bound_read_ahead(index)
             self._kick(now)
+
+    def _bound_read_ahead(self, index: int) -> None:
+        """Stop reading the engine while more than ``read_ahead_s`` of tokens up to ``index`` wait unsent."""
+        if (self.upstream_pause is not None
+                and index - self.base - self.released_tokens > self.reader.rate * self._read_ahead_s):
+            self._upstream_paused = True
+            self.upstream_pause(True)
 
     def reattach(self, after: int, now: float) -> int:
         """A client (re)connects having received the tokens up to ``after``: serve it from there.

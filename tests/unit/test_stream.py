@@ -98,3 +98,27 @@ async def test_resuming_a_finished_stream_replays_every_token_before_the_end() -
     assert token_indexes(out) == [3, 4, 5, 6, 6]  # the finish event carries the last index too
     assert b'"finish_reason":"stop"' in out.split(b"\n\n")[-2]
     clock.close()
+
+
+async def test_a_read_of_several_deltas_gives_the_same_events_as_one_at_a_time() -> None:
+    clock = PacingClock(asyncio.get_running_loop())
+    one, batch = make_stream(clock, rate=10.0), make_stream(clock, rate=10.0)
+    deltas = [(i + 1, f" t{i}", None) for i in range(12)]
+    for d in deltas[:3]:  # the first tokens, then two reads of several
+        one.on_tokens(d[1], 1, 5.0)
+    batch.on_deltas(deltas[:3], 5.0)
+    for d in deltas[3:]:
+        one.on_tokens(d[1], 1, 5.2)
+    batch.on_deltas(deltas[3:8], 5.2)
+    batch.on_deltas(deltas[5:], 5.2)  # overlapping the last read (a store replay): the known ones are skipped
+    assert batch.deltas == one.deltas and batch.generated == one.generated == 12
+    out_one, out_batch, t = take(one), take(batch), 5.2
+    while one.held_events or batch.held_events:
+        t += 0.05
+        one.release_due(t)
+        batch.release_due(t)
+        out_one += take(one)
+        out_batch += take(batch)
+    assert out_batch == out_one and token_indexes(out_one) == list(range(1, 13))
+    assert (batch.reader.consumed, batch.reader.stall_time) == (one.reader.consumed, one.reader.stall_time)
+    clock.close()
