@@ -412,6 +412,12 @@ class RedisStore(SessionStore):
     def _apply_epoch(self, value: bytes | None) -> None:
         if self._epoch is not None and value != self._epoch:
             log.warning("Redis lost its data: writing held streams again", extra={"store": "redis"})
+            # Every stream this replica owns is written again now, whole: not on its next write, which may be
+            # far off (a stream reading ahead or held by the policy writes nothing for a while, and one whose
+            # client leaves meanwhile is gone from memory by then).
+            for sid, ob in list(self._out.items()):
+                if not ob.create and not ob.rewrite:
+                    self._recreate(sid, ob)
             self.on_reset()
         self._epoch = value
 

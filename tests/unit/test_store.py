@@ -373,3 +373,52 @@ async def test_redis_tls_with_a_private_ca(tmp_path) -> None:
     finally:
         proc.kill()
         proc.wait(5)
+
+
+@pytest.mark.redis
+async def test_redis_reset_rewrites_a_quiet_running_stream_at_once(tmp_path) -> None:
+    """Redis restarts empty while a stream writes nothing (reading ahead, or held by the policy): the owner writes
+    it again as soon as it reconnects, so a client that leaves right after can still resume it elsewhere."""
+    from tests.integration.replicas import RedisServer
+
+    srv = RedisServer(tmp_path)
+    srv.start()
+    # Lease renewal (which would also find the record gone) every 5 s: out of the way of what is tested here.
+    cfg = _cfg("reset", redis_url=srv.url, replica_id="A", tick_interval_s=5.0, lease_ttl_s=10.0, driver_lease_ttl_s=10.0,
+               retry_interval_s=0.05)
+    store = RedisStore(cfg, ["sim"])
+    log_ = [(i, f" tok{i - 1}", None) for i in range(1, 6)]
+    store.local_log = lambda sid: list(log_) if sid == "s1" else None  # type: ignore[method-assign]
+    got: list = []
+    store.sink = lambda sid, deltas, final: got.append(deltas)
+    resets: list[int] = []
+    store.on_reset = lambda: resets.append(1)  # type: ignore[method-assign]
+    await store.start()
+    try:
+        store.create(rec("s1"))
+        store.extend("s1", log_)
+
+        async def durable() -> bool:
+            return sum(len(d) for d in got) == 5
+
+        await until(durable, what="durable")
+        srv.stop()
+        srv.start()  # empty: every key is gone
+
+        async def reconnected() -> bool:
+            return bool(resets)
+
+        await until(reconnected, what="the reset noticed")
+        store.local_log = lambda sid: None  # type: ignore[method-assign]  # the client left: the stream is gone here
+        store.release("s1")
+        r = redis.Redis.from_url(srv.url)
+
+        async def written() -> bool:
+            return r.hget("reset:s:s1", "state") == b"detached"
+
+        await until(written, what="the record written again, then detached")
+        loaded = await store.load("s1")
+        assert loaded is not None and [d[0] for d in loaded.deltas] == [1, 2, 3, 4, 5]
+    finally:
+        await store.close()
+        srv.stop()
