@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Build the kit that scripts/device/relay_scaling.sh needs on the device machine (x86-64, Python 3.12, no
-# internet), in the folder .devkit of the repository root. .devkit is ignored through .git/info/exclude (not
-# .gitignore) and never committed; the device call names it in `carry` (it must stay under 64 MiB with the tree).
+# Build the kit that scripts/device/relay_scaling.sh needs on a many-core benchmark machine without internet
+# (x86-64, Python 3.12), in the folder .devkit of the repository root. .devkit is ignored through
+# .git/info/exclude (not .gitignore) and never committed; copy it to that machine with the tree (about 35 MB).
 #
 #   .devkit/whl/    cp312 manylinux wheels of the project's pinned dependencies (pyproject.toml) and theirs
 #   .devkit/redis/  Debian 12's redis-server 7.0 unpacked with `dpkg -x` together with every library it loads,
 #                   glibc's loader included: it runs as
 #                   .devkit/redis/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path <its libs> .../redis-server
-#                   so it needs nothing from the device's own libraries (whatever their versions)
+#                   so it needs nothing from that machine's own libraries (whatever their versions)
 #
 # Run here (Debian 12 with apt and pip that reach their registries):  bash scripts/device/build_kit.sh
 set -euo pipefail

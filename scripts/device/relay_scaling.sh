@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Does `tokenflow serve --workers N` scale throughput with cores? Run on the device machine (16 cores, x86-64,
-# Python 3.12 at python3, no internet) through the `run` tool, in the repository root, with the kit of
-# scripts/device/build_kit.sh carried:
+# Does `tokenflow serve --workers N` scale throughput with cores? Run on a machine with 16 cores (x86-64,
+# Python 3.12 at python3, no internet needed), in the repository root, with the kit of
+# scripts/device/build_kit.sh copied along (.devkit/whl, .devkit/redis):
 #
-#   run(command="bash scripts/device/relay_scaling.sh", carry=[".devkit/whl", ".devkit/redis"], timeout_s=540)
+#   OUT=/tmp/relay-scaling bash scripts/device/relay_scaling.sh
 #
 # What it does:
 #   1. installs the carried wheels (the project's pins) into /tmp/site and puts it and the repository first on
