@@ -35,6 +35,24 @@ async def wait_output(client: Client, rid: str, k: int) -> None:
     await poll(ok, what=f"{rid} to reach {k} output tokens")
 
 
+async def hold_each_at(client: Client, rids: tuple[str, ...], k: int) -> None:
+    """Hold each request as soon as the engine has k of its tokens: polled together, so none runs on (and
+    possibly to its end) while the test waits for another."""
+    pending = list(rids)
+
+    async def step() -> bool:
+        for rid in list(pending):
+            r = await client.req(rid)
+            assert r is not None, f"{rid} finished early"
+            if r["output_tokens"] >= k:
+                res = await client.cmd("preempt", rid)
+                assert res["status"] == "held", res
+                pending.remove(rid)
+        return not pending
+
+    await poll(step, what=f"{', '.join(rids)} to reach {k} output tokens")
+
+
 async def hold(client: Client, rid: str) -> dict:
     res = await client.cmd("preempt", rid)
     assert res["status"] == "held"
@@ -56,10 +74,7 @@ async def test_greedy_output_identical_across_preemptions(client: Client) -> Non
     g_none = await client.gen("ident-none", p_none, n, **NO_HOST_COPY)
     g_other = await client.gen("ident-other", p_other, n)
     for i, k in enumerate((5, 25, 50, 75, 100, 130)):
-        await wait_output(client, "ident-host", k)
-        await wait_output(client, "ident-none", k)
-        res = await client.commands({"op": "preempt", "id": "ident-host"}, {"op": "preempt", "id": "ident-none"})
-        assert [r["status"] for r in res] == ["held", "held"], res
+        await hold_each_at(client, ("ident-host", "ident-none"), k)
         assert (await client.req("ident-none"))["kv_host_tokens"] == 0
         if i % 3 == 1:
             await client.cmd("prefetch", "ident-host")
