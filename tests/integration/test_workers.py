@@ -29,18 +29,25 @@ def redis(tmp_path: Path):
     r.stop()
 
 
-async def test_two_workers_share_the_port_and_one_drives_the_engine(tmp_path: Path, redis: RedisServer) -> None:
+def start_workers(tmp_path: Path, redis: RedisServer, engine: list[str], name: str, model: str, prefix: str,
+                  **server: object) -> tuple[Proc, Proc, int]:
+    """An engine (``python -m <engine> --port P``) and ``tokenflow serve --workers 2`` in front of it, sharing
+    state through ``redis``; returns (engine, gateway, gateway port)."""
     up_port, port = free_port(), free_port()
-    upstream = Proc("upstream", [sys.executable, "-m", "bench.fast_upstream", "--port", str(up_port), "--rate", "200"],
-                    None, tmp_path)
+    upstream = Proc(engine[0].rsplit(".", 1)[-1], [sys.executable, "-m", *engine, "--port", str(up_port)], None, tmp_path)
     conf = tmp_path / "gateway.yaml"
     conf.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-        "engines": [{"name": "fast", "url": f"http://127.0.0.1:{up_port}", "models": ["fast"]}],
-        "session": {"store": "redis", "redis_url": redis.url, "key_prefix": f"w{port}"},
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **server},
+        "engines": [{"name": name, "url": f"http://127.0.0.1:{up_port}", "models": [model]}],
+        "session": {"store": "redis", "redis_url": redis.url, "key_prefix": f"{prefix}{port}"},
     }))
     gw = Proc("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config", str(conf), "--workers", "2"],
               None, tmp_path)
+    return upstream, gw, port
+
+
+async def test_two_workers_share_the_port_and_one_drives_the_engine(tmp_path: Path, redis: RedisServer) -> None:
+    upstream, gw, port = start_workers(tmp_path, redis, ["bench.fast_upstream", "--rate", "200"], "fast", "fast", "w")
     url = f"http://127.0.0.1:{port}"
     try:
         seen: dict[str, dict[str, bool]] = {}
@@ -84,16 +91,7 @@ def _listening(port: int) -> bool:
 
 
 async def test_workers_die_with_a_killed_parent(tmp_path: Path, redis: RedisServer) -> None:
-    up_port, port = free_port(), free_port()
-    upstream = Proc("upstream", [sys.executable, "-m", "bench.fast_upstream", "--port", str(up_port)], None, tmp_path)
-    conf = tmp_path / "gateway.yaml"
-    conf.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-        "engines": [{"name": "fast", "url": f"http://127.0.0.1:{up_port}", "models": ["fast"]}],
-        "session": {"store": "redis", "redis_url": redis.url, "key_prefix": f"k{port}"},
-    }))
-    gw = Proc("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config", str(conf), "--workers", "2"],
-              None, tmp_path)
+    upstream, gw, port = start_workers(tmp_path, redis, ["bench.fast_upstream"], "fast", "fast", "k")
     try:
         async def up() -> bool:
             async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as r:
@@ -117,18 +115,9 @@ async def test_workers_die_with_a_killed_parent(tmp_path: Path, redis: RedisServ
 async def test_sigterm_with_open_streams_stops_every_worker_in_bounded_time(tmp_path: Path, redis: RedisServer) -> None:
     """Open paced streams do not hold a deploy: SIGTERM ends parent and workers in about 2 x shutdown_timeout_s
     (open streams get it, then their handlers get it again), not aiohttp's 2 x 60 s or a hang in its shutdown."""
-    up_port, port = free_port(), free_port()
     grace = 2.0
-    upstream = Proc("sim", [sys.executable, "-m", "backends.sim", "--profile", "sim-small", "--port", str(up_port)],
-                    None, tmp_path)
-    conf = tmp_path / "gateway.yaml"
-    conf.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", "shutdown_timeout_s": grace},
-        "engines": [{"name": "sim", "url": f"http://127.0.0.1:{up_port}", "models": ["sim-small"]}],
-        "session": {"store": "redis", "redis_url": redis.url, "key_prefix": f"s{port}"},
-    }))
-    gw = Proc("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config", str(conf), "--workers", "2"],
-              None, tmp_path)
+    upstream, gw, port = start_workers(tmp_path, redis, ["backends.sim", "--profile", "sim-small"], "sim", "sim-small",
+                                       "s", shutdown_timeout_s=grace)
     url = f"http://127.0.0.1:{port}"
     opened: set[int] = set()
     started: set[int] = set()
