@@ -45,8 +45,8 @@ class Pump:
     def start(self) -> "asyncio.Task[None]":
         """Take the engine stream's events from now on (those already read, at once), and read on in a task
         until the stream ends."""
-        if self._store is not None and self.stream.pacing == "smooth":
-            self.stream.set_upstream(self.upstream.pause_reading)  # the read-ahead bound (Stream._emit) may pause reading
+        if self._store is not None:  # the read-ahead bound of a paced stream (Stream._emit) may pause reading
+            self.stream.set_upstream(self.upstream.pause_reading)
         self.upstream.attach(self.on_batch)
         return asyncio.ensure_future(self._run())
 

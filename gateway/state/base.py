@@ -115,12 +115,11 @@ class SessionStore(ABC):
     def create(self, rec: StreamRecord, deltas: list[Delta] | None = None) -> None: ...
 
     @abstractmethod
-    def append(self, sid: str, delta: Delta) -> None: ...
-
     def extend(self, sid: str, deltas: list[Delta]) -> None:
         """The deltas of one engine read, in order: one call per read rather than one per token."""
-        for d in deltas:
-            self.append(sid, d)
+
+    def append(self, sid: str, delta: Delta) -> None:
+        self.extend(sid, [delta])
 
     @abstractmethod
     def finish(self, sid: str, final: Final) -> None: ...

@@ -68,12 +68,6 @@ class MemoryStore(SessionStore):
         else:  # resubmission of a known stream: keep its tokens
             e.state, e.expires_at = "running", None
 
-    def append(self, sid: str, delta: Delta) -> None:
-        e = self._entries.get(sid)
-        if e is not None:
-            e.deltas.append(delta)
-        self.sink(sid, [delta], None)
-
     def extend(self, sid: str, deltas: list[Delta]) -> None:
         e = self._entries.get(sid)
         if e is not None:

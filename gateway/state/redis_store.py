@@ -200,21 +200,6 @@ class RedisStore(SessionStore):
     def adopt(self, sid: str) -> None:
         self._owned.add(sid)
 
-    def append(self, sid: str, delta: Delta) -> None:
-        ob = self._out.get(sid)
-        if ob is None:
-            self.sink(sid, [delta], None)
-            return
-        if ob.stored == 0 and not ob.deltas:
-            self._urgent.set()  # the first token: write it now rather than after a batching interval
-        ob.deltas.append(delta)
-        self._backlog_tokens += 1
-        if self.degraded:  # serve from memory now; the write waits for Redis
-            ob.sunk = len(ob.deltas)
-            self.sink(sid, [delta], None)
-            self._bound_backlog()
-        self._dirty.set()
-
     def extend(self, sid: str, deltas: list[Delta]) -> None:
         ob = self._out.get(sid)
         if ob is None:
