@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from backends.sim.profile import Profile
 from backends.sim.virtual import VirtualEngine
+from gateway.engines.control_api import EngineState
 from gateway.policy import make_policy
 from gateway.policy.snapshot import build_snapshot
 from gateway.policy.types import Policy
@@ -151,7 +152,7 @@ def run_virtual(
             for st in live.values():
                 if st.drain is not None:  # measured drain: one sample per tick, as the gateway's sampler
                     st.drain.sample(now)
-            snap = build_snapshot(eng.state(), live.values(), now, tick_s)
+            snap = build_snapshot(EngineState.from_json(eng.state()), live.values(), now, tick_s)
             t0 = time.perf_counter()
             ds = pol.decide(snap, now)
             dt = time.perf_counter() - t0

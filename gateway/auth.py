@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .api.errors import ApiError
+from .api.errors import ApiError, at_capacity
 from .api.requests import ClientRequest
 from .config import ApiKeyConfig, AuthConfig, StreamsConfig
 from .metrics import Metrics
@@ -83,7 +83,6 @@ def _unauthorized(message: str, code: str) -> ApiError:
 def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """The middleware (register it inside the error middleware, which turns ApiError into the response)."""
     store = KeyStore(cfg.all_keys())
-    retry_after = str(cfg.retry_after_s)
     for k in store.keys():
         metrics.key_streams_active.labels(k.name).set(0)
 
@@ -99,12 +98,9 @@ def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Callable[[web.Request,
                 request[KEY_ATTR] = key
                 if request.method == "POST" and request.path in GENERATE_PATHS:
                     if key.max_streams is not None and key.active >= key.max_streams:
-                        raise ApiError(
-                            429,
+                        raise at_capacity(
                             f"API key '{key.name}' is at its limit of {key.max_streams} concurrent streams; retry shortly",
-                            type="rate_limit_error",
-                            code="key_stream_limit",
-                            headers={"Retry-After": retry_after},
+                            "key_stream_limit", cfg.retry_after_s,
                         )
                     key.active += 1
                     acquired = True
@@ -147,6 +143,12 @@ def _access_log(request: web.Request, key: ApiKey | None, status: int, duration:
         extra["stream_id"] = request.get(STREAM_ATTR)
         extra["engine"] = request.get(ENGINE_ATTR)
     log.log(level, "request", extra=extra)
+
+
+def key_name(request: web.Request) -> str | None:
+    """The name of the API key that authenticated ``request`` (None when the gateway runs without keys)."""
+    key = request.get(KEY_ATTR)
+    return None if key is None else key.name
 
 
 def admit(request: web.Request, creq: ClientRequest, engine: str, stream_id: str, streams: StreamsConfig) -> None:

@@ -85,7 +85,6 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
         cfg = cfg.model_copy(update={"session": cfg.session.model_copy(
             update={"replica_id": f"{cfg.session.replica_id}-w{worker}"})})
     setup_logging(cfg.server.log_level)
-    app = create_app(cfg)
     url = f"http://{cfg.server.host}:{cfg.server.port}"
     embedded = [e.name for e in cfg.engines if e.url is None]
 
@@ -121,9 +120,6 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
 
         app.on_cleanup.append(_stop)
 
-    app.on_startup.append(_announce)
-    app.on_startup.append(_gc)
-
     async def _bounded_exit(app: web.Application) -> None:
         # aiohttp's graceful exit, plus a backstop: a process that is still cleaning up long after its streams
         # were cut is forced out, so a deploy never waits on it (seen with several workers and Redis, rarely).
@@ -139,11 +135,15 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
 
-    app.on_startup.append(_bounded_exit)
+    async def _app() -> web.Application:  # built inside run_app's event loop
+        app = await create_app(cfg)
+        app.on_startup.extend((_announce, _gc, _bounded_exit))
+        return app
+
     uvloop.install()
     # A streamed answer can last minutes: waiting for all of them would stall a deploy, so open streams get
     # server.shutdown_timeout_s, then are cut (with Redis, their clients resume on another replica).
-    web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None,
+    web.run_app(_app(), host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None,
                 reuse_port=workers > 1, shutdown_timeout=cfg.server.shutdown_timeout_s)
     return 0
 

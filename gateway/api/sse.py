@@ -73,6 +73,16 @@ class ChunkEncoder:
     def error(self, message: str, code: str) -> bytes:
         return b"data: " + orjson.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}}) + b"\n\n"
 
+    def answer(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """A non-streamed answer, whole: ``chat.completion`` or ``text_completion``."""
+        choice: dict[str, Any] = (
+            {"index": 0, "message": {"role": "assistant", "content": text}} if self.kind == "chat" else {"index": 0, "text": text}
+        )
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        return {"id": self.object_id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice],
+                "usage": usage_dict(prompt_tokens, completion_tokens)}
+
     def _json(self, choice_body: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, **choice_body, "logprobs": None, "finish_reason": finish_reason}
         obj = {"id": self.object_id, "object": self._object(), "created": self.created, "model": self.model, "choices": [choice]}

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..streams.stream import Delta
+from ..streams.tokens import Delta
 from .base import Final, Loaded, SessionStore, StreamRecord
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..streams.stream import Delta
+from ..streams.tokens import Delta, tokens_in
 from . import scripts
 from .base import Final, Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
 from .memory import default_replica_id
@@ -192,7 +192,7 @@ class RedisStore(SessionStore):
         sid = valid_id(rec.id)
         ob = _Outbox(rec)
         if deltas:  # a takeover: the log already holds these
-            ob.create, ob.stored = False, deltas[-1][0]
+            ob.create, ob.stored = False, tokens_in(deltas)
         self._out[sid] = ob
         self._owned.add(sid)
         self._dirty.set()
@@ -421,12 +421,6 @@ class RedisStore(SessionStore):
         self._ok()
         return True
 
-    def on_detached(self, sids: list[str]) -> None:
-        """Followed streams whose owner let them go (its client left): the gateway claims and continues them."""
-
-    def on_reset(self) -> None:
-        """Redis lost its data (the gateway sets this: it rewrites the ended streams it still serves)."""
-
     def rewrite(self, rec: StreamRecord, deltas: list[Delta], final: Final) -> None:
         """Write an ended stream again, whole (after Redis lost it), so clients can still resume it anywhere."""
         sid = valid_id(rec.id)
@@ -437,10 +431,6 @@ class RedisStore(SessionStore):
         self._backlog_tokens += len(deltas)
         self._out[sid] = ob
         self._dirty.set()
-
-    def local_log(self, sid: str) -> list[Delta] | None:
-        """Every delta of ``sid`` durable or sunk locally (the gateway sets this to read its Stream)."""
-        return None
 
     def _on_follow(self, res: Any) -> None:
         if not res:

@@ -16,9 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .base import Upstream
+
 if TYPE_CHECKING:
     from .drain import DrainTracker
     from .stream import Stream
+
+MOVED = Upstream.MOVED
 
 # Bytes buffered in the transport above which the writer task takes over (aiohttp's StreamWriter drains there).
 LIMIT = 0x10000
@@ -43,7 +47,7 @@ def direct_sender(stream: "Stream", writer: Any, transport: Any, drain: "DrainTr
     on_write = drain.on_write if drain is not None else None
 
     def direct(data: bytes, tokens: int) -> bool:
-        if stream.lost or (seq is not None and seq != stream.attach_seq) or closing() or buffered() > LIMIT:
+        if stream.upstream is MOVED or (seq is not None and seq != stream.attach_seq) or closing() or buffered() > LIMIT:
             return False
         framed = b"%x\r\n%b\r\n" % (len(data), data)
         total = writer.output_size + len(framed)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from ..metrics import Metrics
+    from .base import StreamBase
     from .stream import Stream
 
 log = logging.getLogger("tokenflow.drain")
@@ -71,7 +72,7 @@ def settings_from(cfg: Any) -> DrainSettings:
     return DrainSettings(**cfg.drain.model_dump(), min_rate=cfg.streams.min_rate, max_rate=cfg.streams.max_rate)
 
 
-def stream_fields(stream: "Stream", now: float) -> dict[str, Any]:
+def stream_fields(stream: StreamBase, now: float) -> dict[str, Any]:
     """The drain fields of a stream's listing entry (a stream not tracked yet shows its declared rate).
 
     For a tracked stream, buffer, consumed count and time-to-empty come from the evidence (what the policy
@@ -83,7 +84,7 @@ def stream_fields(stream: "Stream", now: float) -> dict[str, Any]:
         rate = stream.rate
         return {
             "buffer_tokens": buf,
-            "consumed_tokens": stream.base + stream.reader.produced - buf,
+            "consumed_tokens": tr.stream.base + stream.reader.produced - buf,
             "time_to_empty_s": round(buf / rate, 4) if rate > 0 else None,
             **tr.info(),
         }

@@ -176,7 +176,7 @@ async def test_client_disconnect_frees_the_engine(gateway, http, model):
     await resp.content.readline()
 
     async def on_engine() -> bool:
-        return any(r["id"] == sid for r in (await engine.state())["requests"])
+        return sid in (await engine.state()).requests
 
     await wait_for(on_engine)
     resp.close()  # the client goes away mid-stream

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from gateway.engines.control_api import EngineState
 from gateway.policy.snapshot import build_snapshot
 from gateway.relay import Relay
 from gateway.state import PublishedStream, RemoteStream
@@ -27,9 +28,9 @@ def test_published_round_trip_and_clock_mapping() -> None:
 def test_driver_snapshot_merges_local_and_remote_streams() -> None:
     forgotten: list[str] = []
     policy = SimpleNamespace(forget=forgotten.append)
-    gw = SimpleNamespace(engines={"sim": SimpleNamespace(control=SimpleNamespace(policy=policy))}, streams={})
     store = MemoryStore(SessionConfig(), ["sim"])
-    relay = Relay(gw, store)  # type: ignore[arg-type]
+    svc = SimpleNamespace(engines={"sim": SimpleNamespace(control=SimpleNamespace(policy=policy))}, streams={}, store=store)
+    relay = Relay(svc, SimpleNamespace())  # type: ignore[arg-type]
     remote = [RemoteStream("r1", 1.0, 10, 5.0, 3, 1.5, 2.0, 2.0, True),
               RemoteStream("l1", 1.0, 10, 5.0, 4, 1.5, 9.0, 2.0, True),   # a client attached elsewhere: wins
               RemoteStream("l2", 1.0, 10, 5.0, 4, 1.5, 9.0, 2.0, False)]  # the owner's copy: the local one wins
@@ -38,8 +39,8 @@ def test_driver_snapshot_merges_local_and_remote_streams() -> None:
     merged = {s.id: s for s in relay.streams_for("sim", local, 2.0)}  # type: ignore[arg-type]
     assert set(merged) == {"r1", "l1", "l2"}
     assert isinstance(merged["l1"], RemoteStream) and not isinstance(merged["l2"], RemoteStream)
-    snap = build_snapshot({"engine": {}, "requests": [{"id": "r1", "status": "running", "kv_device_tokens": 40}]},
-                          [merged["r1"]], 2.0, 0.25)
+    state = EngineState.from_json({"engine": {}, "requests": [{"id": "r1", "status": "running", "kv_device_tokens": 40}]})
+    snap = build_snapshot(state, [merged["r1"]], 2.0, 0.25)
     assert snap.streams[0].kv_device_tokens == 40 and snap.streams[0].buffer_tokens == 2.0
     remote = [r for r in remote if r.id != "r1"]  # r1 ended on its replica
     relay.streams_for("sim", local, 2.5)  # type: ignore[arg-type]

@@ -11,12 +11,13 @@ import re
 
 from gateway.api.sse import ChunkEncoder
 from gateway.streams.pacer import PacingClock
+from gateway.streams.base import Pacing
 from gateway.streams.stream import Stream
 
 
-def make_stream(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 1.0) -> Stream:
-    return Stream("s1", "e", "m", "chat", rate, "smooth", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
-                  read_ahead_s=read_ahead_s)
+def make_stream(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 1.0, pacing: Pacing = "smooth") -> Stream:
+    return Stream(id="s1", engine="e", model="m", kind="chat", rate=rate, pacing=pacing, arrival_time=0.0,
+                  max_tokens=None, encoder=ChunkEncoder("chat", "s1", "m", 0), clock=clock, read_ahead_s=read_ahead_s)
 
 
 def token_indexes(data: bytes) -> list[int]:
@@ -47,7 +48,8 @@ async def test_read_ahead_pauses_the_engine_reads_and_resumes_them_below_half() 
     clock = PacingClock(asyncio.get_running_loop())
     s = make_stream(clock, rate=10.0, read_ahead_s=1.0)  # pause above 10 unsent tokens, read again at <= 5
     calls: list[bool] = []
-    s.set_upstream(calls.append)
+    assert s.flow is not None
+    s.flow.connect(calls.append)
     t = 0.0
     for i in range(12):  # an engine far faster than the reader: 12 tokens at once
         s.on_tokens(f" t{i}", 1, t)
@@ -69,14 +71,10 @@ async def test_read_ahead_pauses_the_engine_reads_and_resumes_them_below_half() 
 
 async def test_no_read_ahead_bound_for_unpaced_streams_or_when_disabled() -> None:
     clock = PacingClock(asyncio.get_running_loop())
-    for s in (make_stream(clock, read_ahead_s=0.0),
-              Stream("s1", "e", "m", "chat", 10.0, "none", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
-                     read_ahead_s=1.0)):
-        calls: list[bool] = []
-        s.set_upstream(calls.append)
+    for s in (make_stream(clock, read_ahead_s=0.0), make_stream(clock, read_ahead_s=1.0, pacing="none")):
+        assert s.flow is None  # the engine reader gets no pause switch (gateway/pump.py connects only a flow)
         for i in range(50):
             s.on_tokens(f" t{i}", 1, 0.0)
-        assert calls == []
     clock.close()
 
 
@@ -88,10 +86,10 @@ async def test_resuming_a_finished_stream_replays_every_token_before_the_end() -
     s.on_finished("stop", 3, None, 0.0)
     take(s)
     s.reattach(2, 10.0)  # the client had two tokens; the engine is done: replay 3..6, then the end
-    assert not s.client_done  # only the first replayed token left at once, not the end
+    assert not s.complete  # only the first replayed token left at once, not the end
     out = take(s)
     t = 10.0
-    while not s.client_done:
+    while not s.complete:
         t += 0.1
         s.release_due(t)
         out += take(s)

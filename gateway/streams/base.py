@@ -1,0 +1,123 @@
+"""What every request in flight has, streamed or not: identity, reader model, engine view, how it ends.
+
+A :class:`StreamBase` is what the control loop schedules (a ``BufferSource`` of the policy's snapshot), what
+``GET /v1/streams`` lists and what routing counts. Its two kinds: :class:`~gateway.streams.stream.Stream`
+(server-sent events, paced, resumable) and :class:`~gateway.streams.collector.Collector` (a non-streaming
+answer, returned whole).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Literal
+
+from .reader import ReaderModel
+
+if TYPE_CHECKING:
+    from ..api.sse import ChunkEncoder
+    from ..engines.control_api import RequestState
+    from .drain import DrainTracker
+
+Pacing = Literal["smooth", "none"]
+
+
+class Upstream(Enum):
+    """Where a stream's tokens come from, and whether more will come."""
+
+    ENGINE = "engine"  # this replica reads them from the engine
+    REPLICA = "replica"  # another replica reads the engine; this one follows its token log in the session store
+    MOVED = "moved"  # another replica took the stream over while this one read it: clients here are sent there
+    ENDED = "ended"  # the generation ended (finished or failed): no more tokens
+
+
+ENDED = Upstream.ENDED
+
+
+class StreamBase:
+    __slots__ = (
+        "arrival_time",
+        "declared_rate",
+        "drain",
+        "encoder",
+        "engine",
+        "engine_request",
+        "error",
+        "finish_reason",
+        "generated",
+        "id",
+        "kind",
+        "max_tokens",
+        "model",
+        "pacing",
+        "prompt_tokens",
+        "rate_declared",
+        "reader",
+        "released_tokens",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        engine: str,
+        model: str,
+        kind: str,
+        rate: float,
+        pacing: Pacing,
+        arrival_time: float,
+        max_tokens: int | None,
+        encoder: ChunkEncoder,
+        rate_declared: bool = True,
+    ) -> None:
+        self.id = id
+        self.engine = engine
+        self.model = model
+        self.kind = kind
+        self.pacing: Pacing = pacing
+        self.rate_declared = rate_declared
+        self.declared_rate = rate  # as requested (or the default class); the effective rate may move off it
+        self.arrival_time = arrival_time
+        self.max_tokens = max_tokens
+        self.reader = ReaderModel(rate)
+        self.encoder = encoder
+        self.upstream = Upstream.ENGINE
+        self.generated = 0
+        self.prompt_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: tuple[str, str] | None = None  # (message, code)
+        self.released_tokens = 0  # reader-relative token index through which events were released
+        # The engine's last report on this request (from the control loop), for listings and metrics.
+        self.engine_request: RequestState | None = None
+        # Measured drain (gateway.streams.drain): the connection's evidence, when a writer tracks it.
+        self.drain: DrainTracker | None = None
+
+    @property
+    def ended(self) -> bool:
+        """The generation ended: every token this stream will have, it has."""
+        return self.upstream is ENDED
+
+    # --- BufferSource (gateway.policy.snapshot) ---
+    @property
+    def rate(self) -> float:
+        return self.reader.rate
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.generated
+
+    @property
+    def first_token_time(self) -> float | None:
+        return self.reader.first_token_time
+
+    @property
+    def stalled(self) -> bool:
+        """The client stopped draining its socket (measured; see gateway.streams.drain)."""
+        return self.drain is not None and self.drain.stalled
+
+    def buffer_tokens(self, now: float) -> float:
+        if self.drain is not None:  # evidence (acknowledged bytes, reported progress) beats the model
+            r = self.reader
+            r.advance(now)
+            return float(r.produced - self.drain.consumed(now, r.consumed))
+        return float(self.reader.buffer(now))
