@@ -31,6 +31,7 @@ import aiohttp
 import yaml
 
 from .metrics import RequestRecord
+from .net import free_port
 from .workload import RequestSpec
 
 
@@ -112,18 +113,12 @@ async def fetch_preemptions(url: str) -> int | None:
     return int(total) if found else 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, Any] | None = None,
                   start_timeout_s: float = 60.0, engines: list[dict[str, Any]] | None = None) -> Iterator[str]:
     """Start ``tokenflow serve`` with ``policy``; yields its URL. Its engine is the embedded simulator
     (``profile``) unless ``engines`` lists running ones (``engines:`` entries of the gateway config)."""
-    port = _free_port()
+    port = free_port()
     cfg = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
         "scheduler": {"policy": policy, "tick_interval_s": tick_s, "knobs": knobs or {}},

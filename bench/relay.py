@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from bench.net import free_port, wait_http
 
 TARGETS = ("direct", "nginx", "gateway-none", "gateway-smooth")
 _TICK_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -306,26 +307,6 @@ def scrape_hist(url: str, name: str) -> list[tuple[float, float]]:
 def hist_delta(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
     before = dict(a)
     return [(le, c - before.get(le, 0.0)) for le, c in b]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, deadline_s: float = 30.0, ok: tuple[int, ...] = (200,)) -> None:
-    end = time.time() + deadline_s
-    last: Exception | None = None
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status in ok:
-                    return
-        except Exception as e:  # noqa: BLE001 - not up yet
-            last = e
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up: {last}")
 
 
 # ---------------------------------------------------------------- the proxies

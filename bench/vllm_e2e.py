@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from bench.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TOKENFLOW_CACHE", Path.home() / ".cache" / "tokenflow"))
@@ -87,12 +88,6 @@ def wait_for_other_servers(timeout_s: float = 1800.0) -> None:
         time.sleep(2.0)  # polling a condition with a deadline
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
@@ -120,7 +115,7 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
     if not (cfg.model / "config.json").exists():
         raise RuntimeError(f"no model at {cfg.model}: see docs/vllm-backend.md (scripts/make-tiny-model.py)")
     wait_for_other_servers()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as logf:

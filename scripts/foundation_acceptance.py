@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,11 +19,7 @@ import time
 import aiohttp
 import openai
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.net import free_port
 
 
 async def token_times(client: openai.AsyncOpenAI, model: str, max_tokens: int, tokenflow: dict) -> list[float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT / "backends" / "vllm"))
 from tokenflow_vllm import launch  # noqa: E402  (imports nothing from vLLM)
 
 from tests.contract.conftest import api  # noqa: E402,F401  (the contract suite's client fixture)
+from tests.support.procs import free_port  # noqa: E402
 
 CACHE = Path(os.environ.get("TOKENFLOW_CACHE", Path.home() / ".cache" / "tokenflow"))
 STARTUP_DEADLINE_S = 300  # a cold start on a loaded 2-core machine; usually 30 s
@@ -69,12 +69,6 @@ def _model(vllm_venv: Path) -> Path:
     if p.returncode != 0:
         pytest.fail(f"make-tiny-model.py failed:\n{p.stderr[-4000:]}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
