@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import yaml
@@ -76,7 +77,7 @@ async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: Re
                     rec.finished = b'"finish_reason":"length"' in line or b'"finish_reason":"stop"' in line
                 elif line.startswith(b"data: [DONE]"):
                     break
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         rec.error = f"{type(e).__name__}: {e}"
     return rec
 

@@ -9,8 +9,9 @@ Tokens reach the client at the end of the engine step that produced them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from backends.sim.profile import Profile
 from backends.sim.virtual import VirtualEngine
@@ -33,8 +34,19 @@ class SimStream:
     ``drain="measured"`` the gateway's measured-drain tracker (bench.drain_sim) sets the rate and buffer.
     """
 
-    __slots__ = ("id", "arrival_time", "max_tokens", "rate", "reader", "client", "record", "generated_tokens",
-                 "first_token_time", "pacing", "drain")
+    __slots__ = (
+        "arrival_time",
+        "client",
+        "drain",
+        "first_token_time",
+        "generated_tokens",
+        "id",
+        "max_tokens",
+        "pacing",
+        "rate",
+        "reader",
+        "record",
+    )
 
     def __init__(self, spec: RequestSpec, drain: str = "declared") -> None:
         self.id = spec.id
@@ -123,7 +135,8 @@ def run_virtual(
     if max_time_s is None:
         # generous: every request alone, one after another, would finish well inside this
         max_time_s = (order[-1].arrival_s if order else 0.0) + 10.0 * sum(
-            profile.chunked_prefill_time(s.prompt_tokens) + s.output_tokens * profile.decode_step_time(1, s.prompt_tokens)
+            profile.chunked_prefill_time(s.prompt_tokens)
+            + s.output_tokens * profile.decode_step_time(1, s.prompt_tokens)
             for s in specs
         ) + 60.0
 
@@ -191,4 +204,4 @@ def expected_tokens(specs: list[RequestSpec]) -> int:
     return sum(s.output_tokens for s in specs)
 
 
-__all__ = ["RunResult", "SimStream", "run_virtual", "expected_tokens"]
+__all__ = ["RunResult", "SimStream", "expected_tokens", "run_virtual"]

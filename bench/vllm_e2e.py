@@ -19,10 +19,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bench.net import free_port
 
@@ -157,7 +158,7 @@ class EngineSampler:
                 e = st.get("engine", {})
                 self.samples.append({"t": round(time.monotonic() - t0, 2), **{k: e.get(k) for k in self.FIELDS}})
 
-    def __enter__(self) -> "EngineSampler":
+    def __enter__(self) -> EngineSampler:
         self._thread.start()
         return self
 

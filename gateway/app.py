@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import auth
 from .api.errors import ApiError
@@ -104,7 +106,7 @@ class Gateway:
             control = ControlLoop(
                 client,
                 policy,
-                lambda name=ec.name: (s for s in svc.streams.values() if s.engine == name),
+                partial(_streams_on, svc.streams, ec.name),
                 svc.clock,
                 self.cfg.scheduler.tick_interval_s,
                 svc.metrics,
@@ -152,10 +154,14 @@ class Gateway:
         timeout = self.cfg.server.shutdown_timeout_s
         try:
             await asyncio.wait_for(step, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("shutdown step did not finish in time; abandoned", extra={"step": what, "timeout_s": timeout})
-        except Exception:  # noqa: BLE001 - a failing step must not keep the others from running
+        except Exception:
             log.exception("shutdown step failed", extra={"step": what})
+
+
+def _streams_on(streams: Mapping[str, StreamBase], engine: str) -> Iterator[StreamBase]:
+    return (s for s in streams.values() if s.engine == engine)
 
 
 @web.middleware
@@ -184,7 +190,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 async def create_app(cfg: Config) -> web.Application:
     """The application, built inside the running event loop."""
     gw = Gateway(cfg)
-    middlewares = [error_middleware, auth.auth_middleware(cfg.auth, gw.metrics)]  # keys, per-key limits, access log
+    middlewares: list[Middleware] = [error_middleware, auth.auth_middleware(cfg.auth, gw.metrics)]  # keys, limits, log
     app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[GATEWAY_KEY] = gw
     app.on_startup.append(gw.startup)
@@ -220,7 +226,8 @@ class RunningGateway:
 async def start_gateway(cfg: Config, host: str | None = None, port: int | None = None) -> RunningGateway:
     """Start the gateway inside the running event loop (tests, benchmarks, embedding)."""
     app = await create_app(cfg)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout_s)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=cfg.server.shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host or cfg.server.host, cfg.server.port if port is None else port)
     await site.start()

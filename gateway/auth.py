@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .api.errors import ApiError, at_capacity
 from .api.requests import ClientRequest
@@ -28,7 +29,7 @@ from .metrics import Metrics
 log = logging.getLogger("tokenflow.access")
 
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-KEY_ATTR: web.RequestKey["ApiKey"] = web.RequestKey("tokenflow_key", object)  # type: ignore[arg-type]  # absent: no keys
+KEY_ATTR: web.RequestKey[ApiKey] = web.RequestKey("tokenflow_key", object)  # type: ignore[arg-type]  # absent: no keys
 ENGINE_ATTR: web.RequestKey[str] = web.RequestKey("tokenflow_engine", str)  # the engine a generation request went to
 STREAM_ATTR: web.RequestKey[str] = web.RequestKey("tokenflow_stream_id", str)  # its stream id
 
@@ -58,7 +59,7 @@ class KeyStore:
     def required(self) -> bool:
         return bool(self._by_digest)
 
-    def keys(self) -> list[ApiKey]:
+    def entries(self) -> list[ApiKey]:
         return list(self._by_digest.values())
 
     def lookup(self, authorization: str | None) -> ApiKey:
@@ -80,10 +81,10 @@ def _unauthorized(message: str, code: str) -> ApiError:
     return ApiError(401, message, type="invalid_request_error", code=code, headers={"WWW-Authenticate": "Bearer"})
 
 
-def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Middleware:
     """The middleware (register it inside the error middleware, which turns ApiError into the response)."""
     store = KeyStore(cfg.all_keys())
-    for k in store.keys():
+    for k in store.entries():
         metrics.key_streams_active.labels(k.name).set(0)
 
     @web.middleware
@@ -99,7 +100,8 @@ def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Callable[[web.Request,
                 if request.method == "POST" and request.path in GENERATE_PATHS:
                     if key.max_streams is not None and key.active >= key.max_streams:
                         raise at_capacity(
-                            f"API key '{key.name}' is at its limit of {key.max_streams} concurrent streams; retry shortly",
+                            f"API key '{key.name}' is at its limit of {key.max_streams} concurrent streams; "
+                            "retry shortly",
                             "key_stream_limit", cfg.retry_after_s,
                         )
                     key.active += 1

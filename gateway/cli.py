@@ -42,7 +42,7 @@ def _serve(argv: Sequence[str]) -> int:
         overrides["scheduler.policy"] = args.policy
     try:
         cfg = load_config(args.config, **overrides)
-    except Exception as e:  # a bad config file is the operator's error: say what is wrong, no traceback
+    except Exception as e:  # noqa: BLE001 - a bad config file is the operator's error: say what is wrong, no traceback
         print(f"tokenflow: invalid configuration: {e}", file=sys.stderr)
         return 2
     if args.workers > 1:
@@ -56,7 +56,7 @@ def _serve(argv: Sequence[str]) -> int:
     return _run(cfg)
 
 
-def workers_problem(cfg: "Config") -> str | None:
+def workers_problem(cfg: Config) -> str | None:
     """Why this configuration cannot run as several worker processes (None: it can).
 
     Each worker is a replica of its own: streams, pacing and client writers are per process, and what must be
@@ -74,7 +74,7 @@ def workers_problem(cfg: "Config") -> str | None:
     return None
 
 
-def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
+def _run(cfg: Config, worker: int | None = None, workers: int = 1) -> int:
     """Serve ``cfg`` in this process until SIGINT/SIGTERM (one worker of ``workers`` when ``worker`` is set)."""
     import uvloop
 
@@ -99,7 +99,8 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
         print(f"TokenFlow gateway listening on {url}" + (f" ({workers} worker processes)" if workers > 1 else ""),
               flush=True)
         if embedded:
-            print(f"  engines: embedded simulated engine ({', '.join(embedded)}) - a simulator, not a real model", flush=True)
+            print(f"  engines: embedded simulated engine ({', '.join(embedded)}) - a simulator, not a real model",
+                  flush=True)
         print(f"  policy: {cfg.scheduler.policy}; models: {', '.join(models)}", flush=True)
         print("  try:", flush=True)
         print(
@@ -143,7 +144,8 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
     uvloop.install()
     # A streamed answer can last minutes: waiting for all of them would stall a deploy, so open streams get
     # server.shutdown_timeout_s, then are cut (with Redis, their clients resume on another replica).
-    web.run_app(_app(), host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None,
+    web.run_app(_app(), host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None,
+                print=None,
                 reuse_port=workers > 1, shutdown_timeout=cfg.server.shutdown_timeout_s)
     return 0
 

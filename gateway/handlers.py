@@ -43,7 +43,8 @@ class Handlers:
         return await self.requests.serve(request, kind)
 
     async def stream_events(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/streams/{id}/events``: from ``Last-Event-ID`` if sent (EventSource reconnects), else ``?after=``."""
+        """``GET /v1/streams/{id}/events``: from ``Last-Event-ID`` if sent (EventSource reconnects), else
+        ``?after=``."""
         sid = request.match_info["id"]
         header = request.headers.get("Last-Event-ID")
         if header:

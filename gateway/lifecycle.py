@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -118,7 +119,7 @@ class RequestLifecycle:
         stream.upstream = Upstream.ENGINE
         task = self._pump(stream, engine, upstream, self.svc.store, start)
         self.pumps[stream.id] = task
-        task.add_done_callback(lambda t, s=stream: self._pump_done(s, t))
+        task.add_done_callback(partial(self._pump_done, stream))
 
     async def _open(self, s: StreamBase, engine: EngineHandle, body: dict[str, Any], start: int) -> EngineStream:
         """The engine stream, retrying a resubmission while the engine still knows the dead request's id."""

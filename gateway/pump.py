@@ -36,8 +36,19 @@ class TokenSink(Protocol):
 
 
 class Pump:
-    __slots__ = ("engine", "flow", "metrics", "produced", "reason", "sid", "sink", "start_tokens", "upstream",
-                 "usage", "_tokens_in")
+    __slots__ = (
+        "_tokens_in",
+        "engine",
+        "flow",
+        "metrics",
+        "produced",
+        "reason",
+        "sid",
+        "sink",
+        "start_tokens",
+        "upstream",
+        "usage",
+    )
 
     def __init__(self, *, engine: str, upstream: EngineStream, sid: str, sink: TokenSink, metrics: Metrics,
                  flow: ReadAhead | None = None, start: int = 0) -> None:
@@ -83,7 +94,8 @@ class Pump:
         try:
             await self.upstream.wait()
             usage = self.usage or {}
-            prompt = max(0, int(usage.get("prompt_tokens", 0)) - self.start_tokens)  # a continuation's prompt holds the output
+            # A continuation's prompt holds the output so far.
+            prompt = max(0, int(usage.get("prompt_tokens", 0)) - self.start_tokens)
             completion = usage.get("completion_tokens")
             if completion is not None and self.start_tokens + completion > self.produced:  # tokens that carried no text
                 self.produced = self.start_tokens + completion

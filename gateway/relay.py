@@ -89,7 +89,8 @@ class Relay:
         s = self.requests.new_stream(
             id=rec.id, engine=rec.engine, model=rec.model, kind=rec.kind, rate=rec.rate,
             pacing=rec.pacing,  # type: ignore[arg-type]
-            arrival_time=arrival, max_tokens=rec.max_tokens, encoder=ChunkEncoder(rec.kind, rec.id, rec.model, rec.created),
+            arrival_time=arrival, max_tokens=rec.max_tokens,
+            encoder=ChunkEncoder(rec.kind, rec.id, rec.model, rec.created),
             rate_declared=rec.rate_declared, include_usage=rec.include_usage)
         s.restore(loaded.deltas, loaded.final)
         self.requests.keys[rec.id] = rec.key

@@ -53,7 +53,7 @@ def continuation_body(kind: str, body: dict[str, Any], deltas: list[Delta]) -> d
         out["continue_final_message"] = True
         out["add_generation_prompt"] = False
         return out
-    prompt = out.get("prompt")
+    prompt: Any = out.get("prompt")
     batch = isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list))
     inner = prompt[0] if batch else prompt
     if isinstance(inner, str):

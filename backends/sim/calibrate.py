@@ -36,8 +36,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .profile import step_seconds
 
@@ -177,7 +178,7 @@ class RandomLlama:
             g, u = gu.chunk(2, dim=-1)
             return F.silu(g) * u
 
-        self.plain = {"add_rms": add_rms, "rope_qk": rope_qk, "silu_mul": silu_mul}
+        self.plain: dict[str, Callable[..., Any]] = {"add_rms": add_rms, "rope_qk": rope_qk, "silu_mul": silu_mul}
         self.ops = dict(self.plain)
         self.fused = False
         self.fuse_error: str | None = None
@@ -350,7 +351,7 @@ def pick_attention(torch: Any, clock: Clock, model: RandomLlama, seg: Segment,
         if backend is None:
             continue
 
-        def all_layers() -> None:
+        def all_layers(backend: Any = backend) -> None:
             with sdpa_kernel([backend]):
                 for k, v in kv:
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -372,7 +373,7 @@ def pick_attention(torch: Any, clock: Clock, model: RandomLlama, seg: Segment,
 # ------------------------------------------------------------------------------------------------- measuring
 
 
-def default_grids(tiny: bool) -> dict[str, list[tuple[int, ...]]]:
+def default_grids(tiny: bool) -> dict[str, Sequence[tuple[int, ...]]]:
     """prefill: (n prompts, length); decode: (batch, context); mixed: (batch, context, prefill tokens)."""
     if tiny:
         return {"prefill": [(1, 32), (1, 128), (4, 64)], "decode": [(1, 32), (4, 128), (8, 256)],
@@ -451,7 +452,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     it = itertools.cycle(src)
     t_copy = clock.time(lambda: dst.copy_(next(it)), 3, 20)["median_s"]
     hbm = 2 * n_copy * 2 / t_copy
-    src = dst = None  # free the 3 GiB
+    src = dst = None  # type: ignore[assignment]  # free the 3 GiB
     m = 8192 if cuda else 256
     mats = [(torch.randn(m, m, device=args.device, dtype=torch.bfloat16),
              torch.randn(m, m, device=args.device, dtype=torch.bfloat16)) for _ in range(2)]
@@ -464,7 +465,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     t_mm = clock.time(mm, 3, 20)["median_s"]
     rate = 2 * m**3 / t_mm
-    mats = out = None
+    mats = out = None  # type: ignore[assignment]
     doc["ceilings"] = {"hbm_copy_bytes_per_s": hbm, "copy_bytes": 2 * n_copy * 2, "matmul_flops_per_s": rate,
                        "matmul_size": m}
     rec.save()
@@ -586,7 +587,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     # 4. Prefill sweep.
     for n, L in grids["prefill"]:
-        if n * L > pool_tokens or L > s.max_model_len or left() < 90:
+        if n * L > pool_tokens or s.max_model_len < L or left() < 90:
             doc["skipped"].append({"kind": "prefill", "n": n, "length": L})
             continue
         kc, vc = kv_views(pool, s, n, L)
@@ -598,7 +599,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     # 5. Decode sweep.
     for B, C in grids["decode"]:
-        if B * (C + 1) > pool_tokens or C > s.max_model_len or left() < 60:
+        if pool_tokens < B * (C + 1) or s.max_model_len < C or left() < 60:
             doc["skipped"].append({"kind": "decode", "n": B, "length": C})
             continue
         kc, vc = kv_views(pool, s, B, C + 1)
@@ -608,7 +609,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     # 6. Mixed (chunked-prefill) steps: a decode batch and one prompt chunk in one forward.
     for B, C, P in grids["mixed"]:
-        if B * (C + 1) + P > pool_tokens or left() < 45:
+        if pool_tokens < B * (C + 1) + P or left() < 45:
             doc["skipped"].append({"kind": "mixed", "n": B, "length": C, "prefill": P})
             continue
         kc, vc = kv_views(pool, s, B, C + 1)
@@ -765,7 +766,7 @@ def _errors(pred: Any, y: Any) -> dict[str, Any]:
 
     rel = (pred - y) / y
     return {"max_rel_err": float(np.abs(rel).max()), "rms_rel_err": float(np.sqrt((rel**2).mean())),
-            "n_points": int(len(y)), "predicted_s": [float(v) for v in pred]}
+            "n_points": len(y), "predicted_s": [float(v) for v in pred]}
 
 
 

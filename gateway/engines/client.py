@@ -7,7 +7,6 @@ leaves this client as an :class:`EngineError`, so its callers handle one excepti
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +32,7 @@ def transport_errors(what: str) -> Iterator[None]:
         yield
     except EngineError:
         raise
-    except asyncio.TimeoutError as e:  # before OSError: TimeoutError is one
+    except TimeoutError as e:  # before OSError: TimeoutError is one
         raise EngineTimeout(f"{what}: timed out") from e
     except (aiohttp.ClientError, OSError) as e:
         raise EngineUnreachable(f"{what}: {e!r}") from e

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 VERSION = "1"
@@ -26,7 +26,7 @@ ID_RE = re.compile(ID_PATTERN)
 ABORTED = "aborted"  # the status in a successful abort's result (the id is unknown afterwards)
 
 
-class EngineStatus(str, Enum):
+class EngineStatus(StrEnum):
     """A request's status inside the engine."""
 
     WAITING = "waiting"
@@ -109,13 +109,13 @@ class EngineState:
 
     engine: EngineView
     requests: Mapping[str, RequestState] = field(default_factory=dict)  # by request id
-    counters: Mapping[str, int] = field(default_factory=dict)  # monotonic since engine start
+    counters: Mapping[str, float] = field(default_factory=dict)  # monotonic since engine start
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> EngineState:
         eng = obj.get("engine") or {}
         reqs = (RequestState.from_json(r) for r in obj.get("requests", ()))
-        counters = {k: v for k, v in (eng.get("counters") or {}).items() if isinstance(v, (int, float))}
+        counters = {str(k): v for k, v in (eng.get("counters") or {}).items() if isinstance(v, (int, float))}
         return cls(engine=EngineView.from_json(eng), requests={r.id: r for r in reqs}, counters=counters)
 
 

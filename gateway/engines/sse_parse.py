@@ -76,12 +76,10 @@ def parse_lines(lines: list[bytes], chat: bool) -> tuple[list[EngineDelta], bool
                 out.append(EngineDelta("", 0, None, usage))
             continue
         c = choices[0]
-        if chat:
-            text = (c.get("delta") or {}).get("content") or ""
-        else:
-            text = c.get("text") or ""
+        text = ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
         ids = c.get("token_ids")
-        out.append(EngineDelta(text, len(ids) if ids is not None else (1 if text else 0), c.get("finish_reason"), usage))
+        tokens = len(ids) if ids is not None else (1 if text else 0)
+        out.append(EngineDelta(text, tokens, c.get("finish_reason"), usage))
     return out, False
 
 

@@ -33,7 +33,7 @@ class _Stale(Exception):
 class _Conn(asyncio.Protocol):
     """One TCP connection to an engine; feeds the request it currently carries."""
 
-    def __init__(self, pool: "ConnectionPool") -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.req: EngineStream | None = None
@@ -157,8 +157,8 @@ class EngineStream:
 
     # ----- client side -----
     @classmethod
-    async def open(cls, engine: str, pool: "ConnectionPool | str", path: str, kind: str, body: bytes,
-                   headers: dict[str, str], timeout_s: float, connect_timeout_s: float = 10.0) -> "EngineStream":
+    async def open(cls, engine: str, pool: ConnectionPool | str, path: str, kind: str, body: bytes,
+                   headers: dict[str, str], timeout_s: float, connect_timeout_s: float = 10.0) -> EngineStream:
         """Send the request (on a pooled connection when one is idle) and wait for the response head (a
         non-200 answer's whole body). ``pool`` may be a base URL (a one-off pool)."""
         if isinstance(pool, str):
@@ -172,7 +172,7 @@ class EngineStream:
         for _ in range(3):  # a reused connection the engine closed meanwhile: try again on another
             try:
                 conn = await pool.acquire(connect_timeout_s)
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 raise EngineUnreachable(f"engine '{engine}' is unreachable: {e!r}") from e
             proto = cls(engine, kind, loop)
             proto._conn = conn
@@ -470,7 +470,7 @@ class EngineStream:
         self._waiter = None
 
 
-def _retrieve(fut: "asyncio.Future[Any]") -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark an exception as seen: a stream closed by its consumer need not be awaited."""
     if not fut.cancelled():
         fut.exception()

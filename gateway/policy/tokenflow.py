@@ -403,14 +403,16 @@ class TokenFlowPolicy:
         return decisions
 
     @staticmethod
-    def _gate(streams: tuple[StreamView, ...], new_idx: list[int], admitted: set[int], decisions: list[Decision]) -> None:
+    def _gate(streams: tuple[StreamView, ...], new_idx: list[int], admitted: set[int], decisions: list[Decision]
+              ) -> None:
         """Keep new requests outside the working set out of the engine's queue (held, no KV): the engine
         admits whatever waits as soon as blocks free up, which would over-commit device memory."""
         for j in new_idx:
             if j not in admitted and streams[j].status is _WAITING:
                 decisions.append(Decision("preempt", streams[j].id, None, "working_set"))
 
-    def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]) -> list[Decision]:
+    def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]
+                       ) -> list[Decision]:
         """FCFS with memory-aware admission: no preemption of running requests; paused requests resume
         oldest first while they fit in device memory; new requests are not admitted."""
         streams = snap.streams

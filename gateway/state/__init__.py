@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-def make_store(cfg: "SessionConfig", engines: list[str]) -> SessionStore:
+def make_store(cfg: SessionConfig, engines: list[str]) -> SessionStore:
     if cfg.store == "redis":
         from .redis_store import RedisStore
 

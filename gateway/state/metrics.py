@@ -44,7 +44,8 @@ class SessionCollector(Collector):
         yield CounterMetricFamily("tokenflow_session_takeovers",
                                   "Streams this replica took over after their replica's lease expired",
                                   value=stats.takeovers)
-        drv = GaugeMetricFamily("tokenflow_engine_driver", "1 while this replica schedules the engine", labels=["engine"])
+        drv = GaugeMetricFamily("tokenflow_engine_driver", "1 while this replica schedules the engine",
+                                labels=["engine"])
         for name in sorted(self.engines()):
             drv.add_metric([name], 1 if store.is_driver(name) else 0)
         yield drv

@@ -25,12 +25,12 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..streams.tokens import Delta, tokens_in
+from ..streams.tokens import Delta, Final, tokens_in
 from . import scripts
-from .scripts import Refused
-from .base import Final, Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
+from .base import Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
 from .memory import default_replica_id
 from .published import PublishedStream, RemoteStream
+from .scripts import Refused
 
 if TYPE_CHECKING:
     from ..config import SessionConfig
@@ -60,7 +60,7 @@ class _Outbox:
 class RedisStore(SessionStore):
     kind = "redis"
 
-    def __init__(self, cfg: "SessionConfig", engines: list[str]) -> None:
+    def __init__(self, cfg: SessionConfig, engines: list[str]) -> None:
         super().__init__(cfg.replica_id or default_replica_id())
         self.cfg = cfg
         self.prefix = cfg.key_prefix
@@ -123,7 +123,7 @@ class RedisStore(SessionStore):
         for t in self._tasks:
             try:
                 await t
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping: what a task died of was logged
                 pass
         try:
             await asyncio.wait_for(self._flush(), self.cfg.op_timeout_s)
@@ -160,7 +160,8 @@ class RedisStore(SessionStore):
 
     async def _execute(self, pipe: Any) -> list[Any]:
         self.roundtrips += 1
-        return await pipe.execute(raise_on_error=False)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     def _ok(self) -> None:
         if self.degraded or self._connected_since is None:
@@ -269,7 +270,7 @@ class RedisStore(SessionStore):
                 else:  # batch for flush_interval_s, unless a stream's first token is waiting (time to first token)
                     try:
                         await asyncio.wait_for(self._urgent.wait(), self.cfg.flush_interval_s)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                 self._urgent.clear()
                 await self._flush()
@@ -627,7 +628,8 @@ class RedisStore(SessionStore):
         if not (self._settled() and time.monotonic() >= self._next_scan):
             return []
         self._next_scan = time.monotonic() + self.cfg.scan_interval_s
-        self._evalsha(pipe, "CLAIM", [self._live], [self.replica_id, int(self.cfg.lease_ttl_s * 1000), self.prefix, 100, "1"])
+        self._evalsha(pipe, "CLAIM", [self._live],
+                      [self.replica_id, int(self.cfg.lease_ttl_s * 1000), self.prefix, 100, "1"])
         return [("claim", "")]
 
     def _renewed(self, res: Any) -> None:

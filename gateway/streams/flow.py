@@ -18,7 +18,7 @@ PauseSwitch = Callable[[bool], None]  # the engine reader's pause_reading(paused
 class ReadAhead:
     """Watermarks in tokens, from ``window_s`` seconds of the reader's tokens (high) and half of that (low)."""
 
-    __slots__ = ("high", "low", "paused", "pauses", "_switch", "window_s")
+    __slots__ = ("_switch", "high", "low", "paused", "pauses", "window_s")
 
     def __init__(self, window_s: float, rate: float) -> None:
         self.window_s = window_s

@@ -54,8 +54,8 @@ class Stream(StreamBase):
         "_wake",
         "attach_seq",
         "base",
-        "deltas",
         "delivery",
+        "deltas",
         "direct",
         "first_sent_time",
         "flow",
@@ -171,8 +171,7 @@ class Stream(StreamBase):
         else:
             if len(self._pending) >= self._max_pending:
                 # Explicit bound: merging keeps memory flat if a client is paced far behind its engine.
-                end, ev = self._pending.pop()
-                event = ev + event
+                event = self._pending.pop()[1] + event
             self._pending.append((index - self.base, event))
             flow = self.flow
             if flow is not None and not flow.paused:

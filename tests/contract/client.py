@@ -240,5 +240,5 @@ class EngineAPI:
             if st.task is not None:
                 try:
                     await st.task
-                except (asyncio.CancelledError, Exception):
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the test's outcome is already decided
                     pass

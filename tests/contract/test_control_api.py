@@ -342,7 +342,7 @@ async def test_unknown_ids_get_not_found(api: EngineAPI) -> None:
     rid = new_id("nobody")
     assert set(control_api.OPS) == {"preempt", "resume", "prefetch", "priority", "abort"}
     for op in ("preempt", "resume", "prefetch", "abort"):
-        status, body, headers = await api.post_raw(f"/control/v1/requests/{rid}/{op}")
+        status, body, _ = await api.post_raw(f"/control/v1/requests/{rid}/{op}")
         assert status == 404, (op, status)
         assert check_error_shape(body)["code"] == "not_found"
     status, body, _ = await api.post_raw(f"/control/v1/requests/{rid}/priority", json={"priority": 1})

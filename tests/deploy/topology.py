@@ -82,7 +82,8 @@ def base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in keep} | {"PYTHONPATH": str(ROOT)}
 
 
-def nginx_config(shipped: str, upstreams: dict[str, int], listen_port: int, workdir: Path, buffered: bool = False) -> str:
+def nginx_config(shipped: str, upstreams: dict[str, int], listen_port: int, workdir: Path, buffered: bool = False
+                 ) -> str:
     """The shipped nginx.conf with upstream addresses, the listen port and writable temp paths localized.
 
     ``buffered`` makes the proxy buffer: the negative control showing the streaming test detects buffering.

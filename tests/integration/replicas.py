@@ -3,7 +3,6 @@ subprocess on a free port, plus an SSE client that resumes with Last-Event-ID li
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -157,7 +156,7 @@ class Client:
             async with http.post(url + self.path, json=self.body) as resp:
                 assert resp.status == 200, await resp.text()
                 await self.read(resp, stop_after)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             self.errors.append(f"cut: {type(e).__name__}")
 
     async def resume(self, http: aiohttp.ClientSession, url: str, via: str) -> None:

@@ -132,7 +132,7 @@ async def test_sigterm_with_open_streams_stops_every_worker_in_bounded_time(tmp_
                 async for line in r.content:
                     if line.startswith(b"data: {"):
                         started.add(i)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         ended.add(i)
 

@@ -77,7 +77,7 @@ async def poll(pred: Callable[[], Awaitable[Any]], timeout: float, what: str, in
         try:
             if await pred():
                 return time.monotonic() - t0
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"{what}: not within {timeout} s")

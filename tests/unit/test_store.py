@@ -147,7 +147,8 @@ async def test_redis_tokens_reach_the_client_once_durable_and_any_replica_loads_
         assert [d[0] for d in loaded.deltas] == list(range(1, 11))
         assert a.roundtrips < 10, "writes are batched"
         r = redis.Redis.from_url(REDIS_URL)
-        assert 0 < r.pttl(f"{prefix}:s:s1") <= 600_000 and 0 < r.pttl(f"{prefix}:t:s1") <= 600_000  # expire after the end
+        # both expire after the end
+        assert 0 < r.pttl(f"{prefix}:s:s1") <= 600_000 and 0 < r.pttl(f"{prefix}:t:s1") <= 600_000
         assert all(k.decode().startswith(prefix + ":") for k in r.scan_iter(match=f"{prefix}*"))
         assert await b.load("unknown") is None
     finally:
@@ -334,7 +335,8 @@ async def test_redis_tls_with_a_private_ca(tmp_path) -> None:
     (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
        "-subj", "/CN=tokenflow-test-ca")
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr",
+       "-subj", "/CN=127.0.0.1")
     sh("openssl", "x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
        "-out", "srv.crt", "-days", "1", "-extfile", "san.ext")
     with socket.socket() as s:
@@ -384,8 +386,8 @@ async def test_redis_reset_rewrites_a_quiet_running_stream_at_once(tmp_path) -> 
     srv = RedisServer(tmp_path)
     srv.start()
     # Lease renewal (which would also find the record gone) every 5 s: out of the way of what is tested here.
-    cfg = _cfg("reset", redis_url=srv.url, replica_id="A", tick_interval_s=5.0, lease_ttl_s=10.0, driver_lease_ttl_s=10.0,
-               retry_interval_s=0.05)
+    cfg = _cfg("reset", redis_url=srv.url, replica_id="A", tick_interval_s=5.0, lease_ttl_s=10.0,
+               driver_lease_ttl_s=10.0, retry_interval_s=0.05)
     store = RedisStore(cfg, ["sim"])
     log_ = [(i, f" tok{i - 1}", None) for i in range(1, 6)]
     store.local_log = lambda sid: list(log_) if sid == "s1" else None  # type: ignore[method-assign]

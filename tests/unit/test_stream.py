@@ -10,8 +10,8 @@ import math
 import re
 
 from gateway.api.sse import ChunkEncoder
-from gateway.streams.pacer import PacingClock
 from gateway.streams.base import Pacing
+from gateway.streams.pacer import PacingClock
 from gateway.streams.stream import Stream
 
 

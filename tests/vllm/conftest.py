@@ -101,8 +101,8 @@ def start_server(venv: Path, model: Path, log: Path, **kw) -> Server:
     port = free_port()
     args = launch.cpu_serve_args(venv, model, port, **kw)
     env = dict(os.environ, **launch.server_env(cpu=True))
-    logf = open(log, "w")
-    proc = subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "w") as logf:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     srv = Server(proc, f"http://127.0.0.1:{port}", log)
     t0 = time.monotonic()
     while True:
