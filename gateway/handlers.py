@@ -9,7 +9,7 @@ from aiohttp import web
 
 from . import __version__, auth
 from .api.errors import ApiError, invalid, not_found
-from .api.requests import parse_json
+from .api.requests import Kind, parse_json
 from .api.responses import json_response
 from .resume import parse_event_id
 from .streams.drain import stream_fields
@@ -35,7 +35,7 @@ class Handlers:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
 
-    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         last_event = request.headers.get("Last-Event-ID")
         if last_event:  # a reconnecting client: resume its stream rather than start a new generation
             sid, after = _event_id(last_event)

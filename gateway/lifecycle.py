@@ -27,13 +27,13 @@ from aiohttp import web
 
 from . import auth
 from .api.errors import ApiError, at_capacity
-from .api.requests import parse_json, parse_request
+from .api.requests import Kind, parse_json, parse_request
 from .api.responses import SSE_HEADERS, json_response
 from .api.sse import DONE, ChunkEncoder
 from .engines.client import EngineError, EngineStream
 from .pump import Pump, TokenSink
 from .state import StreamRecord
-from .streams.base import Pacing, StreamBase, Upstream
+from .streams.base import StreamBase, StreamSpec, Upstream
 from .streams.collector import Collector
 from .streams.direct import direct_sender
 from .streams.stream import Stream, Superseded
@@ -64,26 +64,24 @@ class RequestLifecycle:
         svc.store.sink = self.on_durable
 
     # ----- open and admit -----
-    async def serve(self, request: web.Request, kind: str) -> web.StreamResponse:
+    async def serve(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         """``POST /v1/chat/completions`` or ``/v1/completions`` (a new generation)."""
         svc = self.svc
         arrival = svc.clock()
         body = parse_json(await request.read())
-        creq = parse_request(body, kind, request.headers, svc.cfg.streams, svc.engines.models)  # type: ignore[arg-type]
+        creq = parse_request(body, kind, request.headers, svc.cfg.streams, svc.engines.models)
         engine = svc.engines.route(creq.model, svc.streams.values(), svc.cfg.auth.retry_after_s)
         self.admit(kind)
         sid = uuid.uuid4().hex[:24]
         auth.admit(request, creq, engine.name, sid, svc.cfg.streams)  # the API key's default rate
         encoder = ChunkEncoder(kind, sid, creq.model, int(time.time()))
+        spec = StreamSpec(id=sid, engine=engine.name, model=creq.model, kind=kind, rate=creq.rate,
+                          pacing=creq.pacing if creq.stream else "none", arrival_time=arrival,
+                          max_tokens=creq.max_tokens, rate_declared=creq.rate_declared,
+                          include_usage=creq.include_usage)
         if not creq.stream:
-            collector = Collector(id=sid, engine=engine.name, model=creq.model, kind=kind, rate=creq.rate,
-                                  arrival_time=arrival, max_tokens=creq.max_tokens, encoder=encoder, clock=svc.clock,
-                                  rate_declared=creq.rate_declared)
-            return await self._collect(collector, engine, creq.engine_body)
-        stream = self.new_stream(id=sid, engine=engine.name, model=creq.model, kind=kind, rate=creq.rate,
-                                 pacing=creq.pacing, arrival_time=arrival, max_tokens=creq.max_tokens, encoder=encoder,
-                                 rate_declared=creq.rate_declared, include_usage=creq.include_usage)
-        return await self._stream(request, stream, engine, creq.engine_body)
+            return await self._collect(Collector(spec, encoder, clock=svc.clock), engine, creq.engine_body)
+        return await self._stream(request, self.new_stream(spec, encoder), engine, creq.engine_body)
 
     def admit(self, kind: str | None = None) -> None:
         """The gateway-wide stream limit (``server.max_streams``); ``kind`` counts a rejected new request."""
@@ -94,14 +92,10 @@ class RequestLifecycle:
             raise at_capacity("the gateway is at its stream limit; retry shortly", "too_many_streams",
                               svc.cfg.auth.retry_after_s)
 
-    def new_stream(self, *, id: str, engine: str, model: str, kind: str, rate: float, pacing: Pacing,
-                   arrival_time: float, max_tokens: int | None, encoder: ChunkEncoder, rate_declared: bool,
-                   include_usage: bool) -> Stream:
+    def new_stream(self, spec: StreamSpec, encoder: ChunkEncoder) -> Stream:
         """A streamed answer with this process's pacing clock and the configured bounds."""
         cfg = self.svc.cfg.streams
-        return Stream(id=id, engine=engine, model=model, kind=kind, rate=rate, pacing=pacing, arrival_time=arrival_time,
-                      max_tokens=max_tokens, encoder=encoder, clock=self.svc.pacer, rate_declared=rate_declared,
-                      include_usage=include_usage, max_pending=cfg.max_buffered_chunks,
+        return Stream(spec, encoder, clock=self.svc.pacer, max_pending=cfg.max_buffered_chunks,
                       read_ahead_s=cfg.engine_read_ahead_s)
 
     def record(self, stream: Stream, body: dict[str, Any]) -> StreamRecord:

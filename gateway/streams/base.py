@@ -8,6 +8,7 @@ answer, returned whole).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Literal
 
@@ -33,6 +34,23 @@ class Upstream(Enum):
 ENDED = Upstream.ENDED
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamSpec:
+    """What a request asked for, fixed for its life (from the client's request, or from the session store's
+    record when another replica's stream is rebuilt here)."""
+
+    id: str
+    engine: str
+    model: str
+    kind: str  # chat | completion
+    rate: float  # tokens/s, as declared (or the default class)
+    pacing: Pacing
+    arrival_time: float  # on this process's monotonic clock
+    max_tokens: int | None
+    rate_declared: bool = True
+    include_usage: bool = False
+
+
 class StreamBase:
     __slots__ = (
         "arrival_time",
@@ -56,30 +74,18 @@ class StreamBase:
         "upstream",
     )
 
-    def __init__(
-        self,
-        *,
-        id: str,
-        engine: str,
-        model: str,
-        kind: str,
-        rate: float,
-        pacing: Pacing,
-        arrival_time: float,
-        max_tokens: int | None,
-        encoder: ChunkEncoder,
-        rate_declared: bool = True,
-    ) -> None:
-        self.id = id
-        self.engine = engine
-        self.model = model
-        self.kind = kind
-        self.pacing: Pacing = pacing
-        self.rate_declared = rate_declared
-        self.declared_rate = rate  # as requested (or the default class); the effective rate may move off it
-        self.arrival_time = arrival_time
-        self.max_tokens = max_tokens
-        self.reader = ReaderModel(rate)
+    def __init__(self, spec: StreamSpec, encoder: ChunkEncoder) -> None:
+        # The spec's fields, copied: the hot path reads them as plain attributes.
+        self.id = spec.id
+        self.engine = spec.engine
+        self.model = spec.model
+        self.kind = spec.kind
+        self.pacing: Pacing = spec.pacing
+        self.rate_declared = spec.rate_declared
+        self.declared_rate = spec.rate  # as requested (or the default class); the effective rate may move off it
+        self.arrival_time = spec.arrival_time
+        self.max_tokens = spec.max_tokens
+        self.reader = ReaderModel(spec.rate)
         self.encoder = encoder
         self.upstream = Upstream.ENGINE
         self.generated = 0

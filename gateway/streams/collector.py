@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .base import ENDED, StreamBase
+from .base import ENDED, StreamBase, StreamSpec
 from .tokens import Delta, Final
 
 if TYPE_CHECKING:
@@ -20,22 +20,9 @@ if TYPE_CHECKING:
 class Collector(StreamBase):
     __slots__ = ("_clock", "parts")
 
-    def __init__(
-        self,
-        *,
-        id: str,
-        engine: str,
-        model: str,
-        kind: str,
-        rate: float,
-        arrival_time: float,
-        max_tokens: int | None,
-        encoder: ChunkEncoder,
-        clock: Callable[[], float],
-        rate_declared: bool = True,
-    ) -> None:
-        super().__init__(id=id, engine=engine, model=model, kind=kind, rate=rate, pacing="none",
-                         arrival_time=arrival_time, max_tokens=max_tokens, encoder=encoder, rate_declared=rate_declared)
+    def __init__(self, spec: StreamSpec, encoder: ChunkEncoder, *, clock: Callable[[], float]) -> None:
+        """``spec.pacing`` is ``none``: nothing is paced."""
+        super().__init__(spec, encoder)
         self._clock = clock
         self.parts: list[str] = []
 

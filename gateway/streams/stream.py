@@ -16,7 +16,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .base import ENDED, Pacing, StreamBase, Upstream
+from .base import ENDED, StreamBase, StreamSpec, Upstream
 from .flow import ReadAhead
 from .reader import ReaderModel
 from .tokens import Delta, Final, tokens_in
@@ -62,27 +62,13 @@ class Stream(StreamBase):
         "include_usage",
     )
 
-    def __init__(
-        self,
-        *,
-        id: str,
-        engine: str,
-        model: str,
-        kind: str,
-        rate: float,
-        pacing: Pacing,
-        arrival_time: float,
-        max_tokens: int | None,
-        encoder: ChunkEncoder,
-        clock: PacingClock | None,
-        rate_declared: bool = True,
-        include_usage: bool = False,
-        max_pending: int = 65536,
-        read_ahead_s: float = 0.0,
-    ) -> None:
-        super().__init__(id=id, engine=engine, model=model, kind=kind, rate=rate, pacing=pacing,
-                         arrival_time=arrival_time, max_tokens=max_tokens, encoder=encoder, rate_declared=rate_declared)
-        self.include_usage = include_usage
+    def __init__(self, spec: StreamSpec, encoder: ChunkEncoder, *, clock: PacingClock | None,
+                 max_pending: int = 65536, read_ahead_s: float = 0.0) -> None:
+        """``clock`` paces a smooth stream; ``max_pending`` bounds the events it holds (merged beyond);
+        ``read_ahead_s`` is its read-ahead window (0: no bound)."""
+        super().__init__(spec, encoder)
+        pacing = spec.pacing
+        self.include_usage = spec.include_usage
         self.first_sent_time: float | None = None
         self._pending: deque[tuple[int, bytes]] = deque()  # (tokens once read, event) held for pacing
         self._out: list[bytes] = []  # released, not yet written
@@ -101,7 +87,7 @@ class Stream(StreamBase):
         # the client's socket from the pacing clock or the engine reader, with no writer task wake-up, while the
         # socket takes them; it returns False (and the writer task sends) otherwise.
         self.direct: DirectSend | None = None
-        self.flow = ReadAhead(read_ahead_s, rate) if pacing == "smooth" and read_ahead_s > 0 else None
+        self.flow = ReadAhead(read_ahead_s, spec.rate) if pacing == "smooth" and read_ahead_s > 0 else None
 
     @property
     def attached(self) -> bool:

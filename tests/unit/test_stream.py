@@ -10,14 +10,15 @@ import math
 import re
 
 from gateway.api.sse import ChunkEncoder
-from gateway.streams.base import Pacing
+from gateway.streams.base import Pacing, StreamSpec
 from gateway.streams.pacer import PacingClock
 from gateway.streams.stream import Stream
 
 
 def make_stream(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 1.0, pacing: Pacing = "smooth") -> Stream:
-    return Stream(id="s1", engine="e", model="m", kind="chat", rate=rate, pacing=pacing, arrival_time=0.0,
-                  max_tokens=None, encoder=ChunkEncoder("chat", "s1", "m", 0), clock=clock, read_ahead_s=read_ahead_s)
+    spec = StreamSpec(id="s1", engine="e", model="m", kind="chat", rate=rate, pacing=pacing, arrival_time=0.0,
+                      max_tokens=None)
+    return Stream(spec, ChunkEncoder("chat", "s1", "m", 0), clock=clock, read_ahead_s=read_ahead_s)
 
 
 def token_indexes(data: bytes) -> list[int]:
