@@ -229,7 +229,7 @@ class EngineStream:
 
     def pause_reading(self, paused: bool) -> None:
         """Stop (or restart) reading the connection: the engine's next events wait in the socket meanwhile,
-        to come in one read. The consumer's read-ahead bound drives this (``Stream.upstream_pause``)."""
+        to come in one read. The consumer's read-ahead bound drives this (``gateway.streams.flow.ReadAhead``)."""
         conn = self._conn
         if conn is not None and conn.transport is not None and not self._finished:
             if paused:
