@@ -113,6 +113,7 @@ class Builder:
         self.cache.mkdir(parents=True, exist_ok=True)
         self._extras: dict[str, set[str]] = {}  # extras already followed, per package
         self.conflicts: dict[str, list[str]] = {}
+        self.forced: set[str] = set()  # versions a conflict forced (the requirement nearest the root won)
 
     def download(self, spec: str) -> Path:
         """The best wheel for the server of ``spec`` (from the cache when there), no dependencies."""
@@ -205,6 +206,7 @@ class Builder:
                 first = specs[name][0]
                 whl = self.download(f"{first.name}{first.specifier}")
                 self.conflicts[name] = [str(r) for r in specs[name]]
+                self.forced.add(name)
             if have not in ("absent", None) and parse_wheel_filename(whl.name)[1] < Version(have):
                 # Never downgrade what the server has (other packages there are built against it): keep
                 # the server's newer copy and say so.
@@ -219,6 +221,7 @@ class Builder:
                 if d.marker is None or any(d.marker.evaluate({**self.env, "extra": e}) for e in ("", *req.extras)):
                     d.marker = None
                     queue.append(d)
+        self._settle(chosen, kept_base)
         # Present in an unknown version: keep small wheels (free if unneeded), leave big ones to the server.
         dropped = {}
         for name, whl in list(chosen.items()):
@@ -243,6 +246,42 @@ class Builder:
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.copy2(__file__, out / "kit.py")
         self.pack(out, manifest)
+
+    def _settle(self, chosen: dict[str, Path], kept_base: dict[str, str]) -> None:
+        """Where a conflict forced a version (the requirement nearest the root won), a package whose newest
+        release wants another version of it is stepped back to a release that accepts the forced one (vLLM
+        0.26 pins apache-tvm-ffi 0.1.10; xgrammar 0.2.8+ wants 0.1.11 and fails to import beside 0.1.10).
+        The requirements themselves are never stepped back."""
+        from packaging.requirements import Requirement
+        from packaging.utils import parse_wheel_filename
+        from packaging.version import Version
+
+        def version_of(name: str) -> Version | None:
+            if name in chosen:
+                return parse_wheel_filename(chosen[name].name)[1]
+            return Version(kept_base[name]) if name in kept_base else None
+
+        roots = {norm(Requirement(r).name) for r in self.args.requirements}
+        for name in [n for n in chosen if n not in roots]:
+            for _ in range(8):
+                bad = []
+                for dep in self._requires(chosen[name]):
+                    d = Requirement(dep)
+                    if d.marker is not None and not d.marker.evaluate({**self.env, "extra": ""}):
+                        continue
+                    v = version_of(norm(d.name))
+                    if norm(d.name) in self.forced and v is not None and v not in d.specifier:
+                        bad.append(d)
+                if not bad:
+                    break
+                current = parse_wheel_filename(chosen[name].name)[1]
+                try:
+                    chosen[name] = self.download(f"{name}<{current}")
+                except DownloadError:
+                    break
+                self.conflicts.setdefault(name, []).append(
+                    f"{name} {current} wants {'; '.join(map(str, bad))}: stepped back to "
+                    f"{parse_wheel_filename(chosen[name].name)[1]}")
 
     def _extras_done(self, name: str) -> set[str]:
         return self._extras.get(name, set())
