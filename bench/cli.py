@@ -78,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     e = h.add_argument_group("engine behind the spawned gateway (default: its embedded simulator)")
     e.add_argument("--engine", choices=("sim", "vllm-cpu"), default="sim",
                    help="vllm-cpu: a fresh `vllm serve` (CPU build, TokenFlow plugin) per policy (bench/vllm_e2e.py)")
-    e.add_argument("--engine-url", help="an engine already running (not restarted between policies)")
+    e.add_argument("--engine-url", help="an engine already running (not restarted between policies: each policy's "
+                   "prompts get other token ids, so none finds another's in the engine's caches)")
+    e.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="with --engine-url: N short requests straight to the engine before the first policy")
     e.add_argument("--engine-model", help="--engine-url's served model name")
     e.add_argument("--request-timeout", type=float, default=3600.0,
                    help="a request unfinished this many seconds after it was sent counts as not completed")
@@ -284,8 +287,13 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     runs = {}
     total = sum(s.output_tokens for s in specs)
     runs_engine: dict[str, list[dict[str, Any]]] = {}
+    if args.engine_url and args.warmup:
+        from .http import warm_up_engine
+
+        asyncio.run(warm_up_engine(args.engine_url.rstrip("/"), args.warmup))
     for pol in policies:
         engine_before = engine_after = sampler = None
+        salt = f"{pol}/" if args.engine_url else ""  # one engine for every policy: keep their prompts apart
         load: dict[str, Any] = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
             if args.gateway_url:
@@ -301,9 +309,12 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         before = 0
                         load["loadavg_before"] = os.getloadavg()
                         t0 = time.monotonic()
+                        # perf_counter is CLOCK_MONOTONIC: the same clock as the engine's step trace
+                        load["window_perf_counter"] = [time.perf_counter(), None]
                         with _sampler(engine_url) as sampler:
-                            recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update,
-                                                                extra_body=extra_body, timeout_s=args.request_timeout))
+                            recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, salt=salt,
+                                                              extra_body=extra_body, timeout_s=args.request_timeout))
+                        load["window_perf_counter"][1] = time.perf_counter()
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
                         after = asyncio.run(fetch_preemptions(url))
                         if engine_url and any(not r.finished for r in recs):  # evidence for what stopped it

@@ -36,15 +36,17 @@ from .net import free_port
 from .workload import RequestSpec
 
 
-def prompt_ids(spec: RequestSpec) -> list[int]:
+def prompt_ids(spec: RequestSpec, salt: str = "") -> list[int]:
     """``spec.prompt_tokens`` token ids, different for each request from the first block on: an engine with
-    prefix caching must not serve one request's prompt from another's KV."""
-    rng = random.Random(zlib.crc32(spec.id.encode()))
+    prefix caching must not serve one request's prompt from another's KV. ``salt`` changes every id (same
+    lengths): runs that share one engine must not find each other's prompts in its caches."""
+    rng = random.Random(zlib.crc32((salt + spec.id).encode()))
     return [rng.randint(1, 1000) for _ in range(spec.prompt_tokens)]
 
 
 async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, t0: float,
-                  on_token: Callable[[int], None] | None, extra_body: dict[str, Any] | None) -> RequestRecord:
+                  on_token: Callable[[int], None] | None, extra_body: dict[str, Any] | None,
+                  salt: str = "") -> RequestRecord:
     loop = asyncio.get_running_loop()
     delay = t0 + spec.arrival_s - loop.time()
     if delay > 0:
@@ -53,7 +55,7 @@ async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: Re
     body = {
         **(extra_body or {}),
         "model": model,
-        "prompt": prompt_ids(spec),
+        "prompt": prompt_ids(spec, salt),
         "max_tokens": spec.output_tokens,
         "stream": True,
         "tokenflow": {"rate": spec.rate, "pacing": "none"},
@@ -83,10 +85,11 @@ async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: Re
 
 
 async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,
-                      timeout_s: float = 3600.0, extra_body: dict[str, Any] | None = None
+                      timeout_s: float = 3600.0, extra_body: dict[str, Any] | None = None, salt: str = ""
                       ) -> tuple[list[RequestRecord], float]:
     """Run every client against ``url``; returns the records and the run's end (seconds after start).
-    ``extra_body`` adds OpenAI fields the gateway passes to the engine (e.g. ``ignore_eos`` for vLLM)."""
+    ``extra_body`` adds OpenAI fields the gateway passes to the engine (e.g. ``ignore_eos`` for vLLM);
+    ``salt`` varies the prompts' token ids (see :func:`prompt_ids`)."""
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         async with session.get(url + "/v1/models") as resp:
@@ -95,8 +98,25 @@ async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[
         model = models[0]["id"] if models else "sim-small"
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
-        recs = await asyncio.gather(*(_client(session, url, model, s, t0, on_token, extra_body) for s in specs))
+        recs = await asyncio.gather(*(_client(session, url, model, s, t0, on_token, extra_body, salt) for s in specs))
         return list(recs), loop.time() - t0
+
+
+async def warm_up_engine(url: str, n: int, prompt_tokens: int = 256, max_tokens: int = 64) -> None:
+    """``n`` concurrent requests straight to an engine (not measured): a shared engine's first run must not
+    pay for its kernels' first use alone."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with session.get(url + "/v1/models") as resp:
+            model = (await resp.json())["data"][0]["id"]
+
+        async def one(i: int) -> None:
+            rng = random.Random(i)
+            body = {"model": model, "prompt": [rng.randint(1, 1000) for _ in range(prompt_tokens)],
+                    "max_tokens": max_tokens, "ignore_eos": True}
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                await resp.read()
+
+        await asyncio.gather(*(one(i) for i in range(n)))
 
 
 async def fetch_preemptions(url: str) -> int | None:

@@ -39,7 +39,7 @@ def corpus() -> list[str]:
     return zen + sentences + numbers
 
 
-def build_tokenizer(out: Path) -> None:
+def build_tokenizer(out: Path, vocab: int = 1024) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,6 +53,10 @@ def build_tokenizer(out: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    if vocab > tok.get_vocab_size():
+        # A large model vocabulary (e.g. Llama 3's 128,256) over the small trained one: every id must decode to
+        # text, or a model with random weights would stream tokens that print nothing.
+        tok.add_tokens([f"<t{i}>" for i in range(tok.get_vocab_size(), vocab)])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
@@ -68,19 +72,20 @@ def build_tokenizer(out: Path) -> None:
 
 
 def build_model(
-    out: Path, hidden: int, layers: int, heads: int, intermediate: int, positions: int, weights: bool = True
+    out: Path, hidden: int, layers: int, heads: int, intermediate: int, positions: int, weights: bool = True,
+    kv_heads: int | None = None, vocab: int = 1024,
 ) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=1024,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=positions,
         bos_token_id=1,
         eos_token_id=2,
@@ -102,12 +107,17 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=688)
+    ap.add_argument("--kv-heads", type=int, help="grouped-query attention: KV heads (default: --heads)")
+    ap.add_argument("--vocab", type=int, default=1024,
+                    help="model vocabulary; ids past the trained 1024 get tokens <tN>")
     ap.add_argument("--positions", type=int, default=2048)
     ap.add_argument("--no-weights", action="store_true",
                     help="config and tokenizer only (serve with --load-format dummy)")
     args = ap.parse_args()
     spec = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate", "positions", "no_weights")}
     spec["format"] = 1
+    if args.kv_heads or args.vocab != 1024:  # (kept out of older markers, so existing models stay valid)
+        spec.update(kv_heads=args.kv_heads, vocab=args.vocab)
     marker = args.out / MARKER
     if marker.exists() and json.loads(marker.read_text()) == spec:
         print(args.out)
@@ -115,8 +125,9 @@ def main() -> int:
     tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    build_tokenizer(tmp)
-    build_model(tmp, args.hidden, args.layers, args.heads, args.intermediate, args.positions, not args.no_weights)
+    build_tokenizer(tmp, args.vocab)
+    build_model(tmp, args.hidden, args.layers, args.heads, args.intermediate, args.positions, not args.no_weights,
+                args.kv_heads, args.vocab)
     (tmp / MARKER).write_text(json.dumps(spec))
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)  # appear complete or not at all

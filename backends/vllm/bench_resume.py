@@ -65,14 +65,18 @@ async def until(pred, timeout: float = 120.0):
 
 async def trial(s: aiohttp.ClientSession, url: str, mode: str, context: int, seed: int, block: int) -> dict:
     rid = f"bench-{mode}-{seed}"
+    async with s.get(url + "/v1/models") as r:
+        model = (await r.json())["data"][0]["id"]
     body = {
-        "model": "bench", "prompt": prompt(context, seed), "max_tokens": 40, "temperature": 0,
+        "model": model, "prompt": prompt(context, seed), "max_tokens": 40, "temperature": 0,
         "ignore_eos": True, "stream": True, "return_token_ids": True, "vllm_xargs": {"tokenflow_id": rid},
     }  # fmt: skip
     if mode == "recompute":
         body["kv_transfer_params"] = {"max_offload_tokens": 0}
     arrivals: list[float] = []
     resp = await s.post(url + "/v1/completions", json=body)
+    if resp.status != 200:
+        raise RuntimeError(f"completion refused: HTTP {resp.status} {await resp.text()}")
 
     async def read() -> None:
         async for raw in resp.content:

