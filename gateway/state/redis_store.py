@@ -212,10 +212,20 @@ class RedisStore(SessionStore):
         ob.deltas.extend(deltas)
         self._backlog_tokens += len(deltas)
         if self.degraded:  # serve from memory now; the write waits for Redis
-            ob.sunk = len(ob.deltas)
-            self.sink(sid, deltas, None)
+            self._sink_queued(sid, ob, None)
             self._bound_backlog()
         self._dirty.set()
+
+    def _sink_queued(self, sid: str, ob: _Outbox, final: Final | None) -> None:
+        """Degraded mode: hand the sink every queued delta it has not had, then ``final`` if given. Not only the
+        newest: deltas queued before the store failed may still be in a write that had not answered yet, and the
+        stream must get them first (skipping them would lose them: they count as sunk from now on)."""
+        new = ob.deltas[ob.sunk:]
+        ob.sunk = len(ob.deltas)
+        if final is not None:
+            ob.end_sunk = True
+        if new or final is not None:
+            self.sink(sid, new, final)
 
     def finish(self, sid: str, final: Final) -> None:
         self._end(sid, final, "finished")
@@ -231,8 +241,7 @@ class RedisStore(SessionStore):
             return
         ob.end, ob.end_state, ob.ended_at = final, state, time.monotonic()
         if self.degraded and final is not None:
-            ob.end_sunk = True
-            self.sink(sid, [], final)
+            self._sink_queued(sid, ob, final)
         self._dirty.set()
 
     def forget(self, sid: str) -> None:
@@ -399,14 +408,8 @@ class RedisStore(SessionStore):
         self._owned.discard(sid)
 
     def _sink_unsunk(self) -> None:
-        for sid, ob in self._out.items():
-            if ob.sunk < len(ob.deltas):
-                new = ob.deltas[ob.sunk:]
-                ob.sunk = len(ob.deltas)
-                self.sink(sid, new, None)
-            if ob.end is not None and not ob.end_sunk:
-                ob.end_sunk = True
-                self.sink(sid, [], ob.end)
+        for sid, ob in list(self._out.items()):
+            self._sink_queued(sid, ob, ob.end if not ob.end_sunk else None)
         self._bound_backlog()
 
     def _recreate(self, sid: str, ob: _Outbox) -> None:

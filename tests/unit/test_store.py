@@ -157,6 +157,38 @@ async def test_redis_tokens_reach_the_client_once_durable_and_any_replica_loads_
 
 
 @pytest.mark.redis
+async def test_redis_failing_while_a_write_is_in_flight_loses_no_token(prefix: str) -> None:
+    """Another pipeline fails (the store turns degraded) while a write of queued tokens has not answered yet:
+    the tokens that come next are served from memory at once, and those in flight must reach the stream
+    before them, not be skipped. (Seen as lost tokens when Redis came back and a stale pooled connection
+    failed one pipeline while the flush's was in flight.)"""
+    a = RedisStore(_cfg(prefix, replica_id="A"), ["sim"])
+    got: list = []
+    a.sink = lambda sid, deltas, final: got.append((list(deltas), final))
+    await a._load_scripts()  # no background loops: this test drives the flushes
+    try:
+        a.create(rec("s1"))
+        await a._flush()  # the record, and a live connection for the next pipeline
+        for i in range(1, 4):
+            a.append("s1", (i, f" tok{i - 1}", None))
+        flush = asyncio.ensure_future(a._flush())
+        await asyncio.sleep(0)  # its pipeline is sent; the answer comes with the next loop turns
+        assert not flush.done() and got == []
+        a._fail(ConnectionError("another pipeline failed"))
+        a.append("s1", (4, " tok3", None))  # degraded: served from memory now
+        a.finish("s1", Final("length", 1))
+        await flush
+        await a._flush()  # Redis answers again: what is left is written
+        deltas = [d for ds, _ in got for d in ds]
+        assert deltas == [(i, f" tok{i - 1}", None) for i in range(1, 5)]  # each once, in order
+        assert [f for _, f in got if f is not None] == [Final("length", 1)] and got[-1][1] is not None
+        loaded = await a.load("s1")
+        assert loaded is not None and [d[0] for d in loaded.deltas] == [1, 2, 3, 4]
+    finally:
+        await a.close()
+
+
+@pytest.mark.redis
 async def test_redis_expired_owner_is_fenced_off_after_a_takeover(prefix: str) -> None:
     a = RedisStore(_cfg(prefix, replica_id="A"), ["sim"])
     b = RedisStore(_cfg(prefix, replica_id="B"), ["sim"])
