@@ -31,6 +31,7 @@ from .streams import progress
 from .streams.direct import direct_sender
 from .streams.drain import DrainSampler, settings_from, stream_fields
 from .streams.pacer import LatenessCollector, PacingClock
+from .streams.phrase_stream import stream_class
 from .streams.stream import Stream, Superseded
 
 log = logging.getLogger("tokenflow.gateway")
@@ -207,7 +208,7 @@ class Gateway:
             )
         sid = uuid.uuid4().hex[:24]
         auth.admit(request, creq, engine.config.name, sid, self.cfg.streams)  # the API key's default rate
-        stream = Stream(
+        stream = stream_class(creq.pacing if creq.stream else "none")(
             sid,
             engine.config.name,
             creq.model,

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-Pacing = Literal["smooth", "none"]
+Pacing = Literal["smooth", "phrase", "none"]
 
 
 class _Strict(BaseModel):
@@ -38,7 +38,7 @@ class ServerConfig(_Strict):
 
 class StreamsConfig(_Strict):
     default_rate: float = Field(8.0, gt=0, description="tokens/s for clients that declare none (reading class)")
-    default_pacing: Pacing = Field("smooth", description="pacing for requests that declare none: smooth or none")
+    default_pacing: Pacing = Field("smooth", description="pacing for requests that declare none: smooth, phrase or none")
     min_rate: float = Field(0.1, gt=0, description="smallest declared rate accepted (tokens/s)")
     max_rate: float = Field(1000.0, gt=0, description="largest declared rate accepted (tokens/s)")
     rate_classes: dict[str, float] = Field(

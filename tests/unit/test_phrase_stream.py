@@ -1,0 +1,135 @@
+"""``pacing: "phrase"``: whole phrases, one event each, released when the listener reaches their first token.
+
+The pacing clock is driven by hand (``release_due`` at chosen instants), as in test_stream.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+
+import pytest
+
+from gateway.api.sse import ChunkEncoder
+from gateway.streams.pacer import PacingClock
+from gateway.streams.phrase_stream import MAX_WORDS, PhraseStream, stream_class
+from gateway.streams.stream import Stream
+
+
+@pytest.fixture
+async def clock():
+    c = PacingClock(asyncio.get_running_loop())
+    yield c
+    c.close()
+
+
+def make(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 0.0) -> PhraseStream:
+    return PhraseStream("s1", "e", "m", "chat", rate, "phrase", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
+                        read_ahead_s=read_ahead_s)
+
+
+def events(stream: Stream) -> list[tuple[int, str | None]]:
+    """(id index, text or None for the finish event) of every released event, taken from the stream."""
+    data = b"".join(stream._out)
+    stream._out.clear()
+    out = []
+    for block in data.split(b"\n\n"):
+        m = re.match(rb"id: s1:(\d+)\ndata: (.*)", block, re.S)
+        if m:
+            choice = json.loads(m.group(2))["choices"][0]
+            out.append((int(m.group(1)), choice["delta"].get("content") if not choice["finish_reason"] else None))
+    return out
+
+
+def words(n: int, start: int = 0) -> str:
+    return "".join(f" tok{i}" for i in range(start, start + n))
+
+
+def test_the_class_follows_the_pacing():
+    assert stream_class("phrase") is PhraseStream
+    assert stream_class("smooth") is Stream and stream_class("none") is Stream
+
+
+async def test_each_phrase_is_one_event_released_when_the_listener_reaches_it(clock):
+    s = make(clock, rate=10.0)
+    for i in range(20):  # an engine far ahead of its listener: the whole answer at t = 0
+        s.on_tokens(f" tok{i}", 1, 0.0)
+    s.on_finished("stop", 3, None, 0.0)
+    # The first word leaves at once (the listener is waiting for it); the next phrase starts at token 2.
+    assert events(s) == [(1, " tok0")]
+    assert math.isclose(s.release_due(0.05), 0.1) and events(s) == []  # token 2 is reached at 0.1
+    s.release_due(0.1)
+    assert events(s) == [(1 + MAX_WORDS, words(MAX_WORDS, 1))]  # the whole phrase, in one event
+    due = s.release_due(0.1)
+    assert math.isclose(due, 0.1 + MAX_WORDS / 10.0)  # the next phrase when its first token is reached
+    s.release_due(due)
+    assert events(s) == [(1 + 2 * MAX_WORDS, words(MAX_WORDS, 1 + MAX_WORDS))]
+    t, out, times = s.release_due(due), [], []
+    while not s.client_done:
+        times.append(t)
+        t = s.release_due(t)
+        out += events(s)
+    assert out == [(20, words(20 - 1 - 2 * MAX_WORDS, 1 + 2 * MAX_WORDS)), (20, None)]
+    assert [round(x, 6) for x in times] == [1.7, 1.9]  # the end: once the listener has heard the last token
+
+
+async def test_a_word_in_several_tokens_is_never_split(clock):
+    s = make(clock, rate=10.0)
+    deltas = [" Hel", "lo", ",", " wor", "ld", " and", " more", "."]
+    for i, d in enumerate(deltas):
+        s.on_tokens(d, 1, 0.0)
+    s.on_finished("stop", 3, None, 0.0)
+    t, out = 0.0, events(s)
+    while not s.client_done:
+        t = s.release_due(t)
+        out += events(s)
+    texts = [text for _, text in out if text is not None]
+    assert texts == [" Hello,", " world and more."]
+    assert [n for n, _ in out] == [3, 8, 8]
+
+
+async def test_an_engine_slower_than_its_listener_gets_whole_words_as_they_complete(clock):
+    s = make(clock, rate=10.0)
+    out = []
+    t = 0.0
+    for d in [" A", " se", "cond", " wo", "rd"]:  # one token every 0.5 s: the listener waits for each
+        s.on_tokens(d, 1, t)
+        s.release_due(t)
+        out += [(round(t, 1), text) for _, text in events(s)]
+        t += 0.5
+    s.on_finished("stop", 3, None, t)
+    out += [(round(t, 1), text) for _, text in events(s)]
+    assert out == [(0.5, " A"), (1.5, " second"), (2.5, " word"), (2.5, None)]
+
+
+async def test_read_ahead_counts_whole_phrases_and_an_open_phrase_never_blocks_reading(clock):
+    s = make(clock, rate=2.0, read_ahead_s=1.0)  # bound: 2 unsent tokens, far less than a phrase
+    calls: list[bool] = []
+    s.set_upstream(calls.append)
+    for i in range(MAX_WORDS + 1):  # tokens 1..9: the first word leaves, a phrase of 8 is open, not queued
+        s.on_tokens(f" tok{i}", 1, 0.0)
+    assert calls == []  # an incomplete phrase does not stop the reading (it needs the next token)
+    s.on_tokens(" tok9", 1, 0.0)  # completes the phrase: queued, more than 2 unsent: stop reading
+    assert calls == [True]
+    t, released = 0.0, [n for n, _ in events(s)]
+    while calls == [True]:
+        t = s.release_due(t)
+        released += [n for n, _ in events(s)]
+    assert calls == [True, False] and released == [1, 1 + MAX_WORDS]  # read again once the phrase left
+
+
+async def test_resuming_replays_from_where_the_client_was_in_phrases(clock):
+    s = make(clock, rate=10.0)
+    for i in range(12):
+        s.on_tokens(f" tok{i}", 1, 0.0)
+    s.on_finished("stop", 3, None, 0.0)
+    events(s)
+    s.reattach(3, 10.0)  # the client had 3 tokens
+    t, out = 10.0, events(s)
+    while not s.client_done:
+        t = s.release_due(t)
+        out += events(s)
+    assert "".join(text for _, text in out if text) == words(9, 3)
+    assert [n for n, _ in out][-1] == 12 and all(text is None or text.startswith(" tok") for _, text in out)
