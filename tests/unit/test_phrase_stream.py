@@ -52,27 +52,25 @@ def test_the_class_follows_the_pacing():
     assert stream_class("smooth") is Stream and stream_class("none") is Stream
 
 
-async def test_each_phrase_is_one_event_released_when_the_listener_reaches_it(clock):
+async def test_each_phrase_is_one_event_released_one_phrase_ahead_of_the_listener(clock):
     s = make(clock, rate=10.0)
     for i in range(20):  # an engine far ahead of its listener: the whole answer at t = 0
         s.on_tokens(f" tok{i}", 1, 0.0)
     s.on_finished("stop", 3, None, 0.0)
-    # The first word leaves at once (the listener is waiting for it); the next phrase starts at token 2.
-    assert events(s) == [(1, " tok0")]
-    assert math.isclose(s.release_due(0.05), 0.1) and events(s) == []  # token 2 is reached at 0.1
-    s.release_due(0.1)
-    assert events(s) == [(1 + MAX_WORDS, words(MAX_WORDS, 1))]  # the whole phrase, in one event
-    due = s.release_due(0.1)
-    assert math.isclose(due, 0.1 + MAX_WORDS / 10.0)  # the next phrase when its first token is reached
-    s.release_due(due)
+    # The first word leaves at once (the listener is waiting for it), and with it the phrase that follows:
+    # the synthesizer holds the next phrase while it speaks one.
+    assert events(s) == [(1, " tok0"), (1 + MAX_WORDS, words(MAX_WORDS, 1))]
+    assert math.isclose(s.release_due(0.05), 0.1) and events(s) == []
+    s.release_due(0.1)  # the listener starts the second phrase (token 2): the third leaves
     assert events(s) == [(1 + 2 * MAX_WORDS, words(MAX_WORDS, 1 + MAX_WORDS))]
-    t, out, times = s.release_due(due), [], []
+    t, out, times = s.release_due(0.1), [], []
     while not s.client_done:
         times.append(t)
         t = s.release_due(t)
         out += events(s)
     assert out == [(20, words(20 - 1 - 2 * MAX_WORDS, 1 + 2 * MAX_WORDS)), (20, None)]
-    assert [round(x, 6) for x in times] == [1.7, 1.9]  # the end: once the listener has heard the last token
+    # The last phrase when the listener starts the one before it (token 10); the end once it has heard it all.
+    assert [round(x, 6) for x in times] == [0.9, 1.9]
 
 
 async def test_a_word_in_several_tokens_is_never_split(clock):
@@ -108,16 +106,18 @@ async def test_read_ahead_counts_whole_phrases_and_an_open_phrase_never_blocks_r
     s = make(clock, rate=2.0, read_ahead_s=1.0)  # bound: 2 unsent tokens, far less than a phrase
     calls: list[bool] = []
     s.set_upstream(calls.append)
-    for i in range(MAX_WORDS + 1):  # tokens 1..9: the first word leaves, a phrase of 8 is open, not queued
+    for i in range(1 + MAX_WORDS + MAX_WORDS):  # the first word and one phrase leave; a second one is open
         s.on_tokens(f" tok{i}", 1, 0.0)
     assert calls == []  # an incomplete phrase does not stop the reading (it needs the next token)
-    s.on_tokens(" tok9", 1, 0.0)  # completes the phrase: queued, more than 2 unsent: stop reading
+    assert [n for n, _ in events(s)] == [1, 1 + MAX_WORDS]
+    s.on_tokens(f" tok{1 + 2 * MAX_WORDS}", 1, 0.0)  # completes it: held for the listener, more than 2 unsent
     assert calls == [True]
-    t, released = 0.0, [n for n, _ in events(s)]
+    t, released = 0.0, []
     while calls == [True]:
         t = s.release_due(t)
         released += [n for n, _ in events(s)]
-    assert calls == [True, False] and released == [1, 1 + MAX_WORDS]  # read again once the phrase left
+    assert calls == [True, False] and released == [1 + 2 * MAX_WORDS]  # read again once it left
+    assert t == math.inf or t > 0  # nothing else is due
 
 
 async def test_resuming_replays_from_where_the_client_was_in_phrases(clock):
@@ -133,3 +133,14 @@ async def test_resuming_replays_from_where_the_client_was_in_phrases(clock):
         out += events(s)
     assert "".join(text for _, text in out if text) == words(9, 3)
     assert [n for n, _ in out][-1] == 12 and all(text is None or text.startswith(" tok") for _, text in out)
+
+
+async def test_the_buffer_counts_whole_phrases_only(clock):
+    """The policy sees what the listener can be given: an open phrase needs the engine to go on first."""
+    s = make(clock, rate=10.0)
+    for i in range(1 + MAX_WORDS + 3):  # the first word, a whole phrase, and three words of an open one
+        s.on_tokens(f" tok{i}", 1, 0.0)
+    assert s.reader.buffer(0.0) == MAX_WORDS + 3  # the reader model counts every token made
+    assert s.buffer_tokens(0.0) == MAX_WORDS  # ... the listener can only be given the whole phrase
+    s.on_finished("stop", 3, None, 0.0)  # the end closes the open phrase: it counts now
+    assert s.buffer_tokens(0.0) == MAX_WORDS + 3

@@ -1,0 +1,39 @@
+"""The voice example's playback clock: when phrases play, what has been heard, where the silences are."""
+
+from __future__ import annotations
+
+import pytest
+
+from examples.voice.playback import PlaybackClock
+from examples.voice.tts import SynthesisError, parse_wav, wav_bytes
+
+
+def test_phrases_play_back_to_back_and_a_late_one_leaves_a_silence():
+    c = PlaybackClock()
+    a = c.add("one two", 0, 2, received=0.0, ready=0.1, duration=1.0)
+    b = c.add(" three", 2, 3, received=0.5, ready=0.6, duration=0.5)  # ready long before a ends: no gap
+    late = c.add(" four", 3, 4, received=1.9, ready=2.0, duration=0.5)  # b ended at 1.6: 0.4 s of silence
+    assert (a.start, b.start, late.start) == (0.1, 1.1, 2.0)
+    assert c.gaps() == [0.0, pytest.approx(0.4)]
+    assert c.end == pytest.approx(2.5) and c.audio_s == pytest.approx(2.0)
+    assert c.speech_rate() == pytest.approx(4 / 2.0)
+
+
+def test_heard_counts_the_share_of_the_phrase_playing():
+    c = PlaybackClock()
+    c.add("a b c d", 0, 4, received=0.0, ready=0.0, duration=2.0)
+    c.add(" e f", 4, 6, received=0.0, ready=0.0, duration=1.0)
+    assert [c.heard(t) for t in (0.0, 0.49, 0.5, 1.99, 2.0, 2.5, 3.0, 9.0)] == [0, 0, 1, 3, 4, 5, 6, 6]
+    assert c.speech_rate_between(0.0, 2.0) == pytest.approx(2.0)
+    assert c.speech_rate_between(2.0, 3.0) == pytest.approx(2.0)
+
+
+def test_wav_round_trip_and_a_streamed_header():
+    pcm = b"\x01\x00\x02\x00" * 100
+    clip = parse_wav(wav_bytes(pcm, 16000))
+    assert clip.pcm == pcm and clip.sample_rate == 16000 and clip.duration == pytest.approx(200 / 16000)
+    streamed = bytearray(wav_bytes(pcm, 16000))
+    streamed[40:44] = b"\xf0\xff\xff\x7f"  # written to a pipe: the data length is unknown, the data runs to the end
+    assert parse_wav(bytes(streamed)).pcm == pcm
+    with pytest.raises(SynthesisError):
+        parse_wav(b"not audio")
