@@ -67,8 +67,10 @@ class PlaybackClock:
         return self.tokens / audio if audio > 0 else math.nan
 
     def speech_rate_between(self, t0: float, t1: float) -> float:
-        """Tokens heard per second between ``t0`` and ``t1`` (the rate a listener-side estimate should find)."""
-        return (self.heard(t1) - self.heard(t0)) / (t1 - t0) if t1 > t0 else math.nan
+        """Tokens heard per second of audio played between ``t0`` and ``t1``: silences (underruns) left out, as
+        a measurement that counts only the time the listener was busy must leave them out."""
+        playing = sum(max(0.0, min(t1, p.end) - max(t0, p.start)) for p in self.phrases)
+        return (self.heard(t1) - self.heard(t0)) / playing if playing > 0 else math.nan
 
     def gaps(self) -> list[float]:
         """The silence before every phrase but the first."""

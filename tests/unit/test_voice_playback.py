@@ -37,3 +37,10 @@ def test_wav_round_trip_and_a_streamed_header():
     assert parse_wav(bytes(streamed)).pcm == pcm
     with pytest.raises(SynthesisError):
         parse_wav(b"not audio")
+
+
+def test_the_speech_rate_leaves_silences_out():
+    c = PlaybackClock()
+    c.add("a b", 0, 2, received=0.0, ready=0.0, duration=1.0)
+    c.add(" c d", 2, 4, received=3.0, ready=3.0, duration=1.0)  # two seconds of silence before it
+    assert c.speech_rate_between(0.0, 4.0) == pytest.approx(2.0)
