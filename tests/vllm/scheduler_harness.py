@@ -1,0 +1,221 @@
+"""Drive the TokenFlow scheduler subclasses directly, with async scheduling's overlapping steps, on any build.
+
+vLLM's CPU build forces synchronous scheduling, so the engine tests never run ``TokenFlowAsyncScheduler``
+the way the CUDA build does (step N+1 scheduled while step N runs; commands applied between them). This
+script builds the real scheduler class from a real ``VllmConfig`` (the tiny local model, no weights loaded)
+and plays the engine core's batch queue with a stand-in model: each sampled token is a fixed function of
+its position, so a request that is preempted, resumed and prefetched at arbitrary step boundaries must
+end with exactly the tokens of an uninterrupted run; any position computed twice or skipped shows.
+
+Run with the vLLM venv's python (tests/vllm/test_scheduler_async.py does):
+
+    python tests/vllm/scheduler_harness.py MODEL_DIR [--seeds 1,2,3]
+
+Runs each seed with async scheduling (a batch queue of two steps) and with synchronous scheduling. Prints
+one JSON line per run (the commands sent, the statuses they produced, the plugin's counters), and exits
+non-zero with a JSON line naming the violation at the first one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "vllm"))
+
+import torch  # noqa: E402
+from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.utils.hashing import sha256  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+from tokenflow_vllm.scheduler import TokenFlowAsyncScheduler, TokenFlowScheduler  # noqa: E402
+
+BLOCK = 16
+VOCAB = 1000
+
+
+def token_at(prompt_seed: int, position: int) -> int:
+    """The stand-in model: the token sampled at absolute position ``position`` of a request."""
+    return 4 + (prompt_seed * 7919 + position * 104729) % VOCAB
+
+
+def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int):
+    vllm_config = VllmConfig(
+        model_config=ModelConfig(model=model, dtype="float32", max_model_len=2048, skip_tokenizer_init=True),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=256,  # prompt chunks: prefills span several steps
+            max_model_len=2048,
+            enable_chunked_prefill=True,
+            is_encoder_decoder=False,
+            policy="priority",
+        ),
+        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
+    )
+    cls = TokenFlowAsyncScheduler if async_ else TokenFlowScheduler
+    kv = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8, dtype=torch.float32))
+        ],
+    )
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    return cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv,
+        log_stats=False,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=BLOCK,
+    )
+
+
+class Engine:
+    """The engine core's loop with a batch queue of ``depth`` steps (2 = async scheduling)."""
+
+    def __init__(self, sched: Any, depth: int) -> None:
+        self.sched, self.depth = sched, depth
+        self.queue: deque = deque()
+        self.outputs: dict[str, list[int]] = {}
+        self.seeds: dict[str, int] = {}
+        self.finished: set[str] = set()
+
+    def add(self, rid: str, prompt_len: int, max_tokens: int, seed: int) -> None:
+        hasher = get_request_block_hasher(BLOCK, sha256)
+        prompt = [token_at(seed, p) for p in range(prompt_len)]
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=prompt,
+            sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args={"tokenflow_id": rid}),
+            pooling_params=None,
+            block_hasher=hasher,
+        )
+        self.seeds[rid] = seed
+        self.outputs[rid] = []
+        self.sched.add_request(req)
+
+    def step(self) -> None:
+        """One iteration of EngineCore.step_with_batch_queue (or step, at depth 1)."""
+        sched = self.sched
+        if sched.has_requests():
+            out = sched.schedule()
+            # What the model computes: each request that is not mid-prompt samples the token at the position
+            # after everything scheduled so far (placeholders included).
+            samples = {}
+            for rid in out.num_scheduled_tokens:
+                req = sched.requests[rid]
+                if not req.is_prefill_chunk:
+                    samples[rid] = token_at(self.seeds[rid], req.num_computed_tokens)
+            self.queue.appendleft((out, samples))
+            if len(self.queue) < self.depth and (out.total_num_scheduled_tokens > 0 or sched.has_requests()):
+                return
+        if not self.queue:
+            return
+        out, samples = self.queue.pop()
+        rids = list(out.num_scheduled_tokens)
+        mro = ModelRunnerOutput(
+            req_ids=rids,
+            req_id_to_index={r: i for i, r in enumerate(rids)},
+            sampled_token_ids=[[samples[r]] if r in samples else [] for r in rids],
+        )
+        for outs in sched.update_from_output(out, mro).values():
+            for o in outs.outputs:
+                self.outputs[o.request_id].extend(o.new_token_ids)
+                if o.finish_reason is not None:
+                    self.finished.add(o.request_id)
+
+    def control(self, *commands: dict) -> list[dict]:
+        return json.loads(self.sched.tokenflow_call(json.dumps({"kind": "commands", "commands": list(commands)})))[
+            "results"
+        ]
+
+    def state(self) -> dict:
+        return json.loads(self.sched.tokenflow_call(json.dumps({"kind": "state"})))
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        print(json.dumps({"ok": False, "failed": what}))
+        sys.exit(1)
+
+
+def run(model: str, async_: bool, seed: int) -> dict[str, Any]:
+    init_none_hash(sha256)
+    rng = random.Random(seed)
+    # Few blocks, so the engine's own preemption (KV exhausted) mixes with the gateway's commands.
+    sched = make_scheduler(model, async_, num_blocks=160, max_num_seqs=6)
+    eng = Engine(sched, depth=2 if async_ else 1)
+    n_req = 12
+    want = {}
+    for i in range(n_req):
+        rid = f"r{i}"
+        plen, mt = rng.randint(20, 300), rng.randint(30, 160)
+        eng.add(rid, plen, mt, seed=i + 1)
+        want[rid] = [token_at(i + 1, plen + k) for k in range(mt)]
+    ops = ("preempt", "resume", "prefetch", "priority")
+    n_cmds = 0
+    statuses: dict[str, int] = {}
+    for step in range(20000):
+        if len(eng.finished) == n_req:
+            break
+        eng.step()
+        if step % 3 == 0:
+            # A batch of random commands between steps, as the gateway's control loop sends them.
+            live = [r for r in want if r not in eng.finished]
+            batch = []
+            for _ in range(rng.randint(0, 4)):
+                op = rng.choice(ops)
+                cmd = {"op": op, "id": rng.choice(live)} if live else None
+                if cmd and op == "priority":
+                    cmd["priority"] = rng.randint(-2, 2)
+                if cmd:
+                    batch.append(cmd)
+            # Resume everything now and then, so no request stays held for good.
+            if step % 60 == 0:
+                batch += [{"op": "resume", "id": r} for r in live]
+            for res in eng.control(*batch):
+                check(res["ok"], f"command failed: {res}")
+                statuses[res["status"]] = statuses.get(res["status"], 0) + 1
+                n_cmds += 1
+            st = eng.state()
+            e = st["engine"]
+            check(e["kv_device_used_tokens"] <= e["kv_device_capacity_tokens"], "device KV over capacity")
+            for r in st["requests"]:
+                if r["status"] == "held":
+                    check(r["kv_device_tokens"] == 0 and r["computed_tokens"] == 0, f"held request with KV: {r}")
+    check(len(eng.finished) == n_req, f"only {len(eng.finished)} of {n_req} finished")
+    for rid, toks in want.items():
+        check(eng.outputs[rid] == toks, f"{rid}: output differs from an uninterrupted run "
+              f"(got {len(eng.outputs[rid])} tokens, want {len(toks)}; first difference at "
+              f"{next((i for i, (a, b) in enumerate(zip(eng.outputs[rid], toks)) if a != b), min(len(toks), len(eng.outputs[rid])))})")
+    # Nothing left behind: every block back in the pool, no tracked request, no queued one.
+    eng.step()
+    pool = sched.kv_cache_manager.block_pool
+    check(pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "device blocks leaked")
+    check(not sched._tf and not sched.requests, "requests left in the scheduler")
+    c = eng.state()["engine"]["counters"]
+    return {"ok": True, "async": async_, "seed": seed, "commands": n_cmds, "statuses": statuses, "counters": c,
+            "steps": step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--seeds", default="1,2,3")
+    a = ap.parse_args()
+    for seed in (int(x) for x in a.seeds.split(",")):
+        for async_ in (True, False):
+            print(json.dumps(run(a.model, async_, seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
