@@ -9,8 +9,9 @@ Four steps run side by side for one answer:
 2. **synthesize**: each phrase, in order, becomes audio (:mod:`.tts`: espeak-ng), usually long before it plays;
 3. **play**: the playback clock (:mod:`.playback`) plays the phrases back to back from their real durations;
    a phrase whose audio is not ready when the one before it ends is an underrun;
-4. **report**: twice a second, ``POST /v1/streams/{id}/progress`` with the tokens heard so far, so the gateway
-   paces and schedules the stream by the speech, not by how fast this client reads its socket.
+4. **report**: twice a second, ``POST /v1/streams/{id}/progress`` with the tokens heard so far, counted a
+   synthesis lead ahead (a word must be synthesized before it plays), so the gateway paces and schedules the
+   stream by the speech, not by how fast this client reads its socket.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from .tts import Clip, Espeak
 
 REPORT_EVERY_S = 0.5
 # The pipeline consumes a word when it must hold it already: its synthesis latency (and a margin) before the word
-# plays. Reporting progress that far ahead keeps the gateway resuming a paused stream in time for synthesis.
+# plays. Reporting progress that far ahead keeps the gateway resuming a paused stream in time for synthesis: at
+# least LEAD_S, and twice the longest of the last few syntheses when the machine is slower than that.
 LEAD_S = 0.5
+LEAD_WINDOW = 5
 
 
 @dataclass(slots=True)
@@ -46,6 +49,11 @@ class VoiceResult:
     rate_measured_at: float = math.nan  # when that report was sent
     finish_reason: str | None = None
     error: str | None = None
+
+    def lead_s(self, floor: float) -> float:
+        """How far ahead of the playback the pipeline needs its words: its recent synthesis latency, doubled."""
+        recent = self.clock.phrases[-LEAD_WINDOW:]
+        return max([floor, *(2 * (p.ready - p.received) for p in recent)])
 
     @property
     def first_audio_s(self) -> float:
@@ -123,7 +131,7 @@ async def speak(session: aiohttp.ClientSession, url: str, prompt: str, *, model:
         while live.is_set():
             await asyncio.sleep(REPORT_EVERY_S)
             now = loop.time()
-            heard = res.clock.heard(now + lead_s)
+            heard = res.clock.heard(now + res.lead_s(lead_s))
             if heard <= sent or not live.is_set():
                 continue
             try:
