@@ -19,6 +19,8 @@ export class ChatStream {
     this.timers = [];
     this.spans = [];        // [{el, n}] one per rendered event
     this.follow = true;     // keep the end of the answer in view, until the reader scrolls up
+    this.polling = false;   // one status poll in flight at a time
+    this.reporting = false; // one progress report in flight at a time (a late one would go backwards)
   }
 
   // The log scrolled (by the reader, or by render() following the answer): follow again only from the bottom.
@@ -97,12 +99,20 @@ export class ChatStream {
 
   async report() {
     this.look();
-    if (!this.live || this.seen <= this.reported) return;
+    if (!this.live || this.reporting || this.seen <= this.reported) return;
     const n = this.seen;
-    const r = await fetch(`/v1/streams/${this.sid}/progress`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ consumed_tokens: n }),
-    }).catch(() => null);
-    if (r && r.ok) this.reported = Math.max(this.reported, n);
+    this.reporting = true;
+    try {
+      const r = await fetch(`/v1/streams/${this.sid}/progress`, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ consumed_tokens: n }),
+      });
+      if (r.ok) this.reported = n;
+      else if (r.status === 404) this.end();  // it ended in the meantime
+    } catch (e) {
+      // a failed report is sent again, with the newer count, on the next tick
+    } finally {
+      this.reporting = false;
+    }
   }
 
   async poll() {
