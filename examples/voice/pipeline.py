@@ -35,13 +35,14 @@ REPORT_EVERY_S = 0.5
 # least LEAD_S, and twice the longest of the last few syntheses when the machine is slower than that.
 LEAD_S = 0.5
 LEAD_WINDOW = 5
+START_BUFFER_S = 1.0  # audio ready before playback starts (the first word alone is a fraction of a second)
 
 
 @dataclass(slots=True)
 class VoiceResult:
     stream_id: str | None = None
     requested: float = math.nan  # loop time of the request
-    clock: PlaybackClock = field(default_factory=PlaybackClock)
+    clock: PlaybackClock = field(default_factory=lambda: PlaybackClock(START_BUFFER_S))
     clips: list[Clip] = field(default_factory=list)
     reports: int = 0  # progress reports the gateway accepted
     rate_measured: float | None = None  # the gateway's measured rate, from its answer to the last report
@@ -121,9 +122,11 @@ async def speak(session: aiohttp.ClientSession, url: str, prompt: str, *, model:
 
     async def synthesize() -> None:
         while (p := await phrases.get()) is not None:
-            clip = await tts.synthesize(p.text)
+            # Due to play when the phrases before it have played (now, for the first).
+            clip = await tts.synthesize(p.text, deadline=max(loop.time(), res.clock.end if res.clock.phrases else 0.0))
             res.clips.append(clip)
             res.clock.add(p.text, p.start, p.end, p.received, loop.time(), clip.duration)
+        res.clock.finish(loop.time())  # a short answer: play what there is
 
     async def report() -> None:
         await live.wait()

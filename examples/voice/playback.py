@@ -1,7 +1,9 @@
 """The playback clock: when each phrase's audio plays, from the audio's real duration, and what has been heard.
 
-Pure: the caller passes the times. A phrase starts when the one before it ends, or when its audio is ready if
-that is later: the difference is an underrun (silence in the middle of the answer).
+Pure: the caller passes the times. Playback starts once ``start_buffer_s`` of audio is ready (or the answer has
+ended), as audio players buffer before they start: a first word alone would leave the next phrase no time. Then a
+phrase starts when the one before it ends, or when its audio is ready if that is later: the difference is an
+underrun (silence in the middle of the answer).
 """
 
 from __future__ import annotations
@@ -28,13 +30,28 @@ class Played:
 
 @dataclass(slots=True)
 class PlaybackClock:
-    phrases: list[Played] = field(default_factory=list)
+    start_buffer_s: float = 0.0
+    phrases: list[Played] = field(default_factory=list)  # scheduled to play
+    _before_start: list[tuple[str, int, int, float, float, float]] = field(default_factory=list)
 
-    def add(self, text: str, start_token: int, end_token: int, received: float, ready: float, duration: float) -> Played:
-        prev = self.phrases[-1].end if self.phrases else ready
-        p = Played(text, start_token, end_token, received, ready, max(ready, prev), duration, max(0.0, ready - prev))
-        self.phrases.append(p)
-        return p
+    def add(self, text: str, start_token: int, end_token: int, received: float, ready: float, duration: float) -> None:
+        """A phrase's audio is ready at ``ready``."""
+        if self.phrases:
+            prev = self.phrases[-1].end
+            self.phrases.append(Played(text, start_token, end_token, received, ready, max(ready, prev), duration,
+                                       max(0.0, ready - prev)))
+            return
+        self._before_start.append((text, start_token, end_token, received, ready, duration))
+        if sum(b[5] for b in self._before_start) >= self.start_buffer_s:
+            self.finish(ready)
+
+    def finish(self, now: float) -> None:
+        """Start playing what is buffered, if playback has not started (the answer ended at ``now``)."""
+        t = now
+        for text, start_token, end_token, received, ready, duration in self._before_start:
+            self.phrases.append(Played(text, start_token, end_token, received, ready, t, duration, 0.0))
+            t += duration
+        self._before_start.clear()
 
     def heard(self, t: float) -> int:
         """Tokens heard by ``t``: every phrase that ended, and the share of the playing one that has played

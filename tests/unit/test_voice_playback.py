@@ -10,13 +10,25 @@ from examples.voice.tts import SynthesisError, parse_wav, wav_bytes
 
 def test_phrases_play_back_to_back_and_a_late_one_leaves_a_silence():
     c = PlaybackClock()
-    a = c.add("one two", 0, 2, received=0.0, ready=0.1, duration=1.0)
-    b = c.add(" three", 2, 3, received=0.5, ready=0.6, duration=0.5)  # ready long before a ends: no gap
-    late = c.add(" four", 3, 4, received=1.9, ready=2.0, duration=0.5)  # b ended at 1.6: 0.4 s of silence
-    assert (a.start, b.start, late.start) == (0.1, 1.1, 2.0)
+    c.add("one two", 0, 2, received=0.0, ready=0.1, duration=1.0)
+    c.add(" three", 2, 3, received=0.5, ready=0.6, duration=0.5)  # ready long before the first ends: no gap
+    c.add(" four", 3, 4, received=1.9, ready=2.0, duration=0.5)  # the second ended at 1.6: 0.4 s of silence
+    assert [p.start for p in c.phrases] == [0.1, 1.1, 2.0]
     assert c.gaps() == [0.0, pytest.approx(0.4)]
     assert c.end == pytest.approx(2.5) and c.audio_s == pytest.approx(2.0)
     assert c.speech_rate() == pytest.approx(4 / 2.0)
+
+
+def test_playback_starts_once_enough_audio_is_ready_or_the_answer_ended():
+    c = PlaybackClock(start_buffer_s=1.0)
+    c.add("hi", 0, 1, received=0.0, ready=0.1, duration=0.4)  # a first word alone: not yet
+    assert c.phrases == [] and c.heard(5.0) == 0
+    c.add(" there you are", 1, 4, received=0.2, ready=0.5, duration=1.2)
+    assert [p.start for p in c.phrases] == [0.5, pytest.approx(0.9)] and c.gaps() == [0.0]
+    short = PlaybackClock(start_buffer_s=1.0)
+    short.add("ok", 0, 1, received=0.0, ready=0.1, duration=0.3)
+    short.finish(0.2)  # the answer ended: play what there is
+    assert [p.start for p in short.phrases] == [0.2]
 
 
 def test_heard_counts_the_share_of_the_phrase_playing():
@@ -55,3 +67,28 @@ def test_the_reporting_lead_follows_a_slow_synthesizer():
     assert res.lead_s(LEAD_S) == LEAD_S
     res.clock.add(" b", 1, 2, received=1.0, ready=1.6, duration=1.0)  # 0.6 s: twice that, ahead of playback
     assert res.lead_s(LEAD_S) == pytest.approx(1.2)
+
+
+async def test_syntheses_wait_their_turn_in_deadline_order():
+    import asyncio
+
+    from examples.voice.tts import DeadlineSlots
+
+    slots = DeadlineSlots(1)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def job(name: str, deadline: float, hold: bool = False) -> None:
+        async with slots.take(deadline):
+            order.append(name)
+            if hold:
+                await gate.wait()
+
+    first = asyncio.ensure_future(job("first", 9.0, hold=True))
+    await asyncio.sleep(0)
+    late, soon, cancelled = (asyncio.ensure_future(job(n, d)) for n, d in (("late", 5.0), ("soon", 1.0), ("gone", 0.5)))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    gate.set()
+    await asyncio.gather(first, late, soon, cancelled, return_exceptions=True)
+    assert order == ["first", "soon", "late"] and slots.free == 1
