@@ -31,10 +31,9 @@ from .tts import Clip, Espeak
 
 REPORT_EVERY_S = 0.5
 # The pipeline consumes a word when it must hold it already: its synthesis latency (and a margin) before the word
-# plays. Reporting progress that far ahead keeps the gateway resuming a paused stream in time for synthesis: at
-# least LEAD_S, and twice the longest of the last few syntheses when the machine is slower than that.
+# plays. Reporting progress that far ahead keeps the gateway resuming a paused stream in time for synthesis. It is
+# a constant: a lead that moved would move the reported progress too, and the gateway would measure a wrong rate.
 LEAD_S = 0.5
-LEAD_WINDOW = 5
 START_BUFFER_S = 1.0  # audio ready before playback starts (the first word alone is a fraction of a second)
 
 
@@ -50,11 +49,6 @@ class VoiceResult:
     rate_measured_at: float = math.nan  # when that report was sent
     finish_reason: str | None = None
     error: str | None = None
-
-    def lead_s(self, floor: float) -> float:
-        """How far ahead of the playback the pipeline needs its words: its recent synthesis latency, doubled."""
-        recent = self.clock.phrases[-LEAD_WINDOW:]
-        return max([floor, *(2 * (p.ready - p.received) for p in recent)])
 
     @property
     def first_audio_s(self) -> float:
@@ -134,7 +128,7 @@ async def speak(session: aiohttp.ClientSession, url: str, prompt: str, *, model:
         while live.is_set():
             await asyncio.sleep(REPORT_EVERY_S)
             now = loop.time()
-            heard = res.clock.heard(now + res.lead_s(lead_s))
+            heard = res.clock.heard(now + lead_s)
             if heard <= sent or not live.is_set():
                 continue
             try:

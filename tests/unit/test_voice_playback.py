@@ -58,17 +58,6 @@ def test_the_speech_rate_leaves_silences_out():
     assert c.speech_rate_between(0.0, 4.0) == pytest.approx(2.0)
 
 
-def test_the_reporting_lead_follows_a_slow_synthesizer():
-    from examples.voice.pipeline import LEAD_S, VoiceResult
-
-    res = VoiceResult()
-    assert res.lead_s(LEAD_S) == LEAD_S
-    res.clock.add("a", 0, 1, received=0.0, ready=0.1, duration=1.0)  # synthesized in 0.1 s: the floor holds
-    assert res.lead_s(LEAD_S) == LEAD_S
-    res.clock.add(" b", 1, 2, received=1.0, ready=1.6, duration=1.0)  # 0.6 s: twice that, ahead of playback
-    assert res.lead_s(LEAD_S) == pytest.approx(1.2)
-
-
 async def test_syntheses_wait_their_turn_in_deadline_order():
     import asyncio
 
