@@ -14,7 +14,7 @@ the same instant and interleaved, ``--voices`` voice pipelines (:func:`.pipeline
   streams within 20 %;
 * the text readers' TTFT, for the other side of the trade.
 
-    python -m examples.voice.burst --voices 50 --readers 150 --policies tokenflow,fcfs
+    python -m examples.voice.burst --voices 50 --readers 100 --policies tokenflow,fcfs
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.http import spawn_gateway, stream_client
+from bench.http import fetch_preemptions, spawn_gateway, stream_client
 from bench.metrics import RequestRecord, percentile
 from bench.workload import WorkloadConfig, generate
 
@@ -114,7 +114,8 @@ def summarize(vres: list[VoiceResult], recs: list[RequestRecord]) -> dict[str, A
 def run_policy(policy: str, voices: int, readers: int, *, tick_s: float = 0.25, **kw: Any) -> dict[str, Any]:
     with spawn_gateway(policy, profile="sim-small", tick_s=tick_s) as url:
         vres, recs = asyncio.run(run_burst(url, voices, readers, **kw))
-    return {"policy": policy, **summarize(vres, recs)}
+        preemptions = asyncio.run(fetch_preemptions(url))
+    return {"policy": policy, **summarize(vres, recs), "preemptions": preemptions}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -122,7 +123,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("share", "underrun_share", "{:.2%}"), ("longest silence s", "longest_silence_s", "{:.2f}"),
             ("first sound p50 s", "first_sound_p50_s", "{:.2f}"), ("first sound p99 s", "first_sound_p99_s", "{:.2f}"),
             ("rate within 20%", "rate_within_20pct", "{}"), ("measured/speech", None, ""),
-            ("reader TTFT p99 s", "reader_ttft_p99_s", "{:.2f}"), ("errors", None, "")]
+            ("reader TTFT p99 s", "reader_ttft_p99_s", "{:.2f}"), ("preemptions", "preemptions", "{}"),
+            ("errors", None, "")]
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m examples.voice.burst", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--voices", type=int, default=50)
-    p.add_argument("--readers", type=int, default=150)
+    p.add_argument("--readers", type=int, default=100)
     p.add_argument("--voice-tokens", type=int, default=40)
     p.add_argument("--reader-tokens", type=int, default=300)
     p.add_argument("--wpm", type=int, default=320, help="espeak-ng speed (the simulator's words, 'tok12', are long)")
