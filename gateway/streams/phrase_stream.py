@@ -18,7 +18,7 @@ import math
 from collections import deque
 
 from .phrasing import Phrase, PhraseBuilder
-from .stream import Stream
+from .stream import Delta, Stream
 
 # Phrase limits (see phrasing.PhraseBuilder): about 2 to 4 s of speech.
 MAX_WORDS = 8
@@ -44,7 +44,7 @@ class PhraseStream(Stream):
         return max(0.0, super().buffer_tokens(now) - self._phrases.held_tokens)
 
     # --- producer side ---
-    def on_deltas(self, deltas, now):  # type: ignore[no-untyped-def]
+    def on_deltas(self, deltas: list[Delta], now: float) -> None:
         for end, text, ids in deltas:  # phrases are built one delta at a time
             if end > self.generated:
                 self.on_tokens(text, end - self.generated, now, ids)
