@@ -33,7 +33,7 @@ REPORT_EVERY_S = 0.5
 # The pipeline consumes a word when it must hold it already: its synthesis latency (and a margin) before the word
 # plays. Reporting progress that far ahead keeps the gateway resuming a paused stream in time for synthesis. It is
 # a constant: a lead that moved would move the reported progress too, and the gateway would measure a wrong rate.
-LEAD_S = 0.5
+LEAD_S = 1.0
 START_BUFFER_S = 1.0  # audio ready before playback starts (the first word alone is a fraction of a second)
 
 
@@ -47,6 +47,7 @@ class VoiceResult:
     rate_measured: float | None = None  # the gateway's measured rate, from its answer to the last report
     rate_effective: float | None = None
     rate_measured_at: float = math.nan  # when that report was sent
+    progress: list[tuple[float, int, float | None]] = field(default_factory=list)  # (sent at, tokens, measured rate)
     finish_reason: str | None = None
     error: str | None = None
 
@@ -145,6 +146,7 @@ async def speak(session: aiohttp.ClientSession, url: str, prompt: str, *, model:
             res.reports += 1
             res.rate_measured, res.rate_effective = state.get("rate_measured"), state.get("rate")
             res.rate_measured_at = now
+            res.progress.append((now, heard, res.rate_measured))
 
     synth = asyncio.ensure_future(synthesize())
     reporter = asyncio.ensure_future(report())

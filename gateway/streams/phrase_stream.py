@@ -43,6 +43,12 @@ class PhraseStream(Stream):
         paused stream in time to finish it. (Counted, it starved listeners by up to a phrase in tests.)"""
         return max(0.0, super().buffer_tokens(now) - self._phrases.held_tokens)
 
+    def set_rate(self, rate: float, now: float) -> None:
+        self.reader.set_rate(rate, now)
+        if self._scheduled:  # due times move with the rate: set the clock afresh
+            self._scheduled = False
+            self._kick(now)
+
     # --- producer side ---
     def on_deltas(self, deltas: list[Delta], now: float) -> None:
         for end, text, ids in deltas:  # phrases are built one delta at a time

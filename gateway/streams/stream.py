@@ -182,7 +182,8 @@ class Stream:
         """Change the effective rate (from drain evidence); a paced stream is rescheduled at once."""
         self.reader.set_rate(rate, now)
         if self._scheduled and self._clock is not None:
-            self._clock.schedule(self, max(now, self.reader.due_time()))
+            due = self.reader.due_time()  # inf once the reader has read every token: what is held is due now
+            self._clock.schedule(self, now if due == math.inf else max(now, due))
 
     # --- producer side (upstream reader) ---
     def on_tokens(self, text: str, n: int, now: float, ids: list[int] | None = None) -> None:

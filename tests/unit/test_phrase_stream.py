@@ -144,3 +144,31 @@ async def test_the_buffer_counts_whole_phrases_only(clock):
     assert s.buffer_tokens(0.0) == MAX_WORDS  # ... the listener can only be given the whole phrase
     s.on_finished("stop", 3, None, 0.0)  # the end closes the open phrase: it counts now
     assert s.buffer_tokens(0.0) == MAX_WORDS + 3
+
+
+async def test_a_rate_change_moves_the_next_release_and_never_loses_the_end(clock):
+    s = make(clock, rate=10.0)
+    for i in range(1 + 2 * MAX_WORDS):
+        s.on_tokens(f" tok{i}", 1, 0.0)
+    s.on_finished("stop", 3, None, 0.0)
+    events(s)  # the first word and the next phrase left at once; the third phrase is due at 0.1
+    s.set_rate(5.0, 0.05)  # the listener is slower than declared: token 2 is reached at 0.2
+    due = [d for d, seq, st in clock._heap if st is s and seq == s._clock_seq]
+    assert due == [pytest.approx(0.2)]
+    s.release_due(0.2)
+    assert events(s) == [(1 + 2 * MAX_WORDS, words(MAX_WORDS, 1 + MAX_WORDS))]
+    s.set_rate(4.0, 0.3)  # the clock is set for the next release (the end, when token 17 is heard), not token 3
+    due = [d for d, seq, st in clock._heap if st is s and seq == s._clock_seq]
+    assert due == [pytest.approx(0.45 + 14 / 4.0)]  # token 3 is heard at 0.2 + 1/4 s, token 17 14 tokens later
+    t, out = due[0], []
+    while not s.client_done:
+        nxt = s.release_due(t)
+        out += events(s)
+        if s.client_done:
+            break
+        s.set_rate(4.0, nxt)  # a rate change right when the next event is due: it goes at once
+        out += events(s)
+        live = [d for d, seq, st in clock._heap if st is s and seq == s._clock_seq]
+        assert s.client_done or (live and live[0] < math.inf), "the stream would never be released again"
+        t = live[0] if live else t
+    assert out == [(1 + 2 * MAX_WORDS, None)]
