@@ -6,7 +6,9 @@ the same instant and interleaved, ``--voices`` voice pipelines (:func:`.pipeline
 (:func:`bench.http.stream_client`, 15-20 tok/s). Printed per policy:
 
 * **underruns**: phrases (each stream's first excepted) whose audio was not ready when the phrase before it
-  ended, by more than 100 ms; and the longest such silence;
+  ended, by more than 100 ms; and the longest such silence. Each is put down to late text (it arrived less than
+  the pipeline's reporting lead before its audio was needed: the gateway or the engine) or to late synthesis (the
+  text was in hand, the machine did not synthesize it in time);
 * **first sound**: from the request to the first audio (the wait for the engine included);
 * **measured rate**: the gateway's measured rate for each voice stream (from its answer to the stream's last
   progress report) against that stream's real speech rate over the same window (tokens heard per second of
@@ -32,7 +34,7 @@ from bench.http import fetch_preemptions, spawn_gateway, stream_client
 from bench.metrics import RequestRecord, percentile
 from bench.workload import WorkloadConfig, generate
 
-from .pipeline import VoiceResult, speak
+from .pipeline import LEAD_S, VoiceResult, speak
 from .tts import Espeak
 
 UNDERRUN_S = 0.1  # a silence between two phrases longer than this is an underrun
@@ -82,9 +84,23 @@ async def run_burst(url: str, voices: int, readers: int, *, voice_tokens: int = 
     return vres, recs
 
 
+def underrun_causes(v: VoiceResult) -> tuple[int, int]:
+    """(text late, synthesis late): an underrun whose text arrived less than the pipeline's lead before its audio
+    was needed is the gateway's (or the engine's); one whose text was in hand that early, the synthesizer's."""
+    text = synth = 0
+    for prev, p in zip(v.clock.phrases, v.clock.phrases[1:]):
+        if p.gap > UNDERRUN_S:
+            if p.received > prev.end - LEAD_S:
+                text += 1
+            else:
+                synth += 1
+    return text, synth
+
+
 def summarize(vres: list[VoiceResult], recs: list[RequestRecord]) -> dict[str, Any]:
     gaps = [g for v in vres for g in v.clock.gaps()]
     under = [g for g in gaps if g > UNDERRUN_S]
+    causes = [underrun_causes(v) for v in vres]
     ratios = [rate_ratio(v) for v in vres]
     first = [v.first_audio_s for v in vres if v.clock.phrases]
     ttft = [r.token_times[0] - r.arrival for r in recs if r.token_times]
@@ -95,6 +111,8 @@ def summarize(vres: list[VoiceResult], recs: list[RequestRecord]) -> dict[str, A
         "phrases": len(gaps),
         "underruns": len(under),
         "underrun_share": len(under) / len(gaps) if gaps else math.nan,
+        "underruns_text_late": sum(c[0] for c in causes),
+        "underruns_synthesis_late": sum(c[1] for c in causes),
         "longest_silence_s": max(gaps, default=0.0),
         "first_sound_p50_s": percentile(first, 50),
         "first_sound_p99_s": percentile(first, 99),
@@ -120,6 +138,7 @@ def run_policy(policy: str, voices: int, readers: int, *, tick_s: float = 0.25, 
 
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [("policy", "policy", "{}"), ("underruns >100ms", "underruns", "{}"), ("of phrases", "phrases", "{}"),
+            ("text late / synthesis late", None, ""),
             ("share", "underrun_share", "{:.2%}"), ("longest silence s", "longest_silence_s", "{:.2f}"),
             ("first sound p50 s", "first_sound_p50_s", "{:.2f}"), ("first sound p99 s", "first_sound_p99_s", "{:.2f}"),
             ("rate within 20%", "rate_within_20pct", "{}"), ("measured/speech", None, ""),
@@ -129,7 +148,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = []
         for name, key, fmt in cols:
-            if name == "measured/speech":
+            if name == "text late / synthesis late":
+                cells.append(f"{r['underruns_text_late']} / {r['underruns_synthesis_late']}")
+            elif name == "measured/speech":
                 cells.append(f"{r['rate_ratio_min']:.2f}-{r['rate_ratio_max']:.2f}")
             elif name == "errors":
                 cells.append(f"{r['voice_errors']} / {r['reader_errors']}")

@@ -81,3 +81,16 @@ async def test_syntheses_wait_their_turn_in_deadline_order():
     gate.set()
     await asyncio.gather(first, late, soon, cancelled, return_exceptions=True)
     assert order == ["first", "soon", "late"] and slots.free == 1
+
+
+def test_an_underrun_is_put_down_to_late_text_or_late_synthesis():
+    from examples.voice.burst import underrun_causes
+    from examples.voice.pipeline import LEAD_S, VoiceResult
+
+    v = VoiceResult()
+    c = v.clock
+    c.add("a", 0, 1, received=0.0, ready=0.0, duration=1.0)  # plays until 1.0
+    c.add(" b", 1, 2, received=0.9, ready=1.3, duration=1.0)  # text came 0.1 s before it was needed: the gateway's
+    c.add(" c", 2, 3, received=2.3 - LEAD_S - 0.5, ready=2.6, duration=1.0)  # text in hand, synthesis late
+    c.add(" d", 3, 4, received=3.0, ready=3.0, duration=1.0)  # on time
+    assert underrun_causes(v) == (1, 1)
