@@ -17,6 +17,8 @@ from gateway.streams.pacer import PacingClock
 from gateway.streams.phrase_stream import MAX_WORDS, PhraseStream, stream_class
 from gateway.streams.stream import Stream
 
+from .test_stream import live_entry
+
 
 @pytest.fixture
 async def clock():
@@ -153,14 +155,13 @@ async def test_a_rate_change_moves_the_next_release_and_never_loses_the_end(cloc
     s.on_finished("stop", 3, None, 0.0)
     events(s)  # the first word and the next phrase left at once; the third phrase is due at 0.1
     s.set_rate(5.0, 0.05)  # the listener is slower than declared: token 2 is reached at 0.2
-    due = [d for d, seq, st in clock._heap if st is s and seq == s._clock_seq]
-    assert due == [pytest.approx(0.2)]
+    assert live_entry(clock, s) == pytest.approx(0.2)
     s.release_due(0.2)
     assert events(s) == [(1 + 2 * MAX_WORDS, words(MAX_WORDS, 1 + MAX_WORDS))]
     s.set_rate(4.0, 0.3)  # the clock is set for the next release (the end, when token 17 is heard), not token 3
-    due = [d for d, seq, st in clock._heap if st is s and seq == s._clock_seq]
-    assert due == [pytest.approx(0.45 + 14 / 4.0)]  # token 3 is heard at 0.2 + 1/4 s, token 17 14 tokens later
-    t, out = due[0], []
+    due = live_entry(clock, s)
+    assert due == pytest.approx(0.45 + 14 / 4.0)  # token 3 is heard at 0.2 + 1/4 s, token 17 14 tokens later
+    t, out = due, []
     while not s.client_done:
         nxt = s.release_due(t)
         out += events(s)
@@ -168,7 +169,7 @@ async def test_a_rate_change_moves_the_next_release_and_never_loses_the_end(cloc
             break
         s.set_rate(4.0, nxt)  # a rate change right when the next event is due: it goes at once
         out += events(s)
-        live = [d for d, seq, st in clock._heap if st is s and seq == s._clock_seq]
-        assert s.client_done or (live and live[0] < math.inf), "the stream would never be released again"
-        t = live[0] if live else t
+        live = live_entry(clock, s)
+        assert s.client_done or (live is not None and live < math.inf), "the stream would never be released again"
+        t = live if live is not None else t
     assert out == [(1 + 2 * MAX_WORDS, None)]
