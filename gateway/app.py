@@ -31,6 +31,7 @@ from .streams import progress
 from .streams.direct import direct_sender
 from .streams.drain import DrainSampler, settings_from, stream_fields
 from .streams.pacer import LatenessCollector, PacingClock
+from .streams.phrase_stream import stream_class
 from .streams.stream import Stream, Superseded
 
 log = logging.getLogger("tokenflow.gateway")
@@ -90,7 +91,8 @@ class Gateway:
             client = EngineClient(
                 ec.name, url, self._session, control_token=ec.control_token, request_timeout_s=ec.request_timeout_s
             )
-            policy = make_policy(self.cfg.scheduler.policy, **self.cfg.scheduler.knobs)
+            policy_name, knobs = self.cfg.policy_for(ec)
+            policy = make_policy(policy_name, **knobs)
             control = ControlLoop(
                 client,
                 policy,
@@ -206,7 +208,7 @@ class Gateway:
             )
         sid = uuid.uuid4().hex[:24]
         auth.admit(request, creq, engine.config.name, sid, self.cfg.streams)  # the API key's default rate
-        stream = Stream(
+        stream = stream_class(creq.pacing if creq.stream else "none")(
             sid,
             engine.config.name,
             creq.model,
@@ -436,6 +438,10 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/healthz", gw.healthz)
     app.router.add_get("/readyz", gw.readyz)
     app.router.add_get("/metrics", gw.metrics_endpoint)
+    if cfg.demo.enabled:  # the demo page and its burst control (gateway/web/), off by default
+        from .web import register
+
+        register(app, gw, cfg.demo)
     return app
 
 

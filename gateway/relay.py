@@ -27,6 +27,7 @@ from .pump import Pump
 from .resume import NotResumable, continuation_body, parse_event_id
 from .state import Final, PublishedStream, SessionStore, StoreUnavailable, StreamRecord, valid_id
 from .state.base import Loaded
+from .streams.phrase_stream import stream_class
 from .streams.stream import Delta, Stream
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ class Relay:
             raise ApiError(429, "the gateway is at its stream limit; retry shortly", type="rate_limit_error",
                            code="too_many_streams", headers={"Retry-After": "1"})
         arrival = gw.loop_time() - max(0.0, time.time() - rec.arrival_wall)
-        s = Stream(rec.id, rec.engine, rec.model, rec.kind, rec.rate, rec.pacing, arrival, rec.max_tokens,  # type: ignore[arg-type]
+        s = stream_class(rec.pacing)(rec.id, rec.engine, rec.model, rec.kind, rec.rate, rec.pacing, arrival, rec.max_tokens,  # type: ignore[arg-type]
                    ChunkEncoder(rec.kind, rec.id, rec.model, rec.created), gw._clock, rate_declared=rec.rate_declared,
                    include_usage=rec.include_usage, max_pending=gw.cfg.streams.max_buffered_chunks,
                    read_ahead_s=gw.cfg.streams.engine_read_ahead_s)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .drain import DrainTracker
     from .pacer import PacingClock
 
-Pacing = Literal["smooth", "none"]
+Pacing = Literal["smooth", "phrase", "none"]  # "phrase": gateway/streams/phrase_stream.py
 # One engine delta: (token index after it, its text, its token ids when the engine gave them).
 Delta = tuple[int, str, "list[int] | None"]
 
@@ -124,7 +124,7 @@ class Stream:
         self._pending: deque[tuple[int, bytes]] = deque()  # (tokens once read, event) held for pacing
         self._out: list[bytes] = []  # released, not yet written
         self._wake = asyncio.Event()
-        self._clock = clock if pacing == "smooth" else None
+        self._clock = clock if pacing != "none" else None
         self._scheduled = False
         self._max_pending = max_pending
         self.collected: list[str] | None = [] if collect else None  # non-streaming: gather text, send nothing
@@ -151,7 +151,7 @@ class Stream:
         # tokens gather in the socket and arrive in one read once fewer than half of that are left.
         self.upstream_pause: Callable[[bool], None] | None = None
         self._upstream_paused = False
-        self._read_ahead_s = read_ahead_s if pacing == "smooth" else 0.0
+        self._read_ahead_s = read_ahead_s if pacing != "none" else 0.0
 
     # --- BufferSource (gateway.policy.snapshot) ---
     @property
@@ -182,7 +182,8 @@ class Stream:
         """Change the effective rate (from drain evidence); a paced stream is rescheduled at once."""
         self.reader.set_rate(rate, now)
         if self._scheduled and self._clock is not None:
-            self._clock.schedule(self, max(now, self.reader.due_time()))
+            due = self.reader.due_time()  # inf once the reader has read every token: what is held is due now
+            self._clock.schedule(self, now if due == math.inf else max(now, due))
 
     # --- producer side (upstream reader) ---
     def on_tokens(self, text: str, n: int, now: float, ids: list[int] | None = None) -> None:
