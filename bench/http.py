@@ -44,14 +44,20 @@ def prompt_ids(spec: RequestSpec, salt: str = "") -> list[int]:
     return [rng.randint(1, 1000) for _ in range(spec.prompt_tokens)]
 
 
-async def _client(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, t0: float,
-                  on_token: Callable[[int], None] | None, extra_body: dict[str, Any] | None,
-                  salt: str = "") -> RequestRecord:
+async def stream_client(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec, t0: float,
+                        on_token: Callable[[int], None] | None = None, extra_body: dict[str, Any] | None = None,
+                        rec: RequestRecord | None = None, salt: str = "") -> RequestRecord:
+    """One simulated client: arrives at ``t0 + spec.arrival_s`` (loop time) and records when each token reached
+    it, in ``rec`` when given (a live view for whoever holds it, e.g. the demo page's burst); ``salt`` varies its
+    prompt's token ids (see :func:`prompt_ids`)."""
     loop = asyncio.get_running_loop()
     delay = t0 + spec.arrival_s - loop.time()
     if delay > 0:
         await asyncio.sleep(delay)  # the workload's arrival time, not a synchronisation
-    rec = RequestRecord(spec.id, loop.time() - t0, spec.rate, spec.prompt_tokens, spec.output_tokens)
+    if rec is None:
+        rec = RequestRecord(spec.id, loop.time() - t0, spec.rate, spec.prompt_tokens, spec.output_tokens)
+    else:
+        rec.arrival = loop.time() - t0
     body = {
         **(extra_body or {}),
         "model": model,
@@ -98,7 +104,8 @@ async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[
         model = models[0]["id"] if models else "sim-small"
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
-        recs = await asyncio.gather(*(_client(session, url, model, s, t0, on_token, extra_body, salt) for s in specs))
+        recs = await asyncio.gather(*(stream_client(session, url, model, s, t0, on_token, extra_body, salt=salt)
+                                      for s in specs))
         return list(recs), loop.time() - t0
 
 
@@ -136,20 +143,23 @@ async def fetch_preemptions(url: str) -> int | None:
 
 @contextmanager
 def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, Any] | None = None,
-                  start_timeout_s: float = 60.0, engines: list[dict[str, Any]] | None = None) -> Iterator[str]:
+                  start_timeout_s: float = 60.0, engines: list[dict[str, Any]] | None = None,
+                  config: dict[str, Any] | None = None, args: tuple[str, ...] = ()) -> Iterator[str]:
     """Start ``tokenflow serve`` with ``policy``; yields its URL. Its engine is the embedded simulator
-    (``profile``) unless ``engines`` lists running ones (``engines:`` entries of the gateway config)."""
+    (``profile``) unless ``engines`` lists others (``engines:`` entries of the gateway config); ``config`` adds
+    sections to the config file, ``args`` options to the command line."""
     port = free_port()
     cfg = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
         "scheduler": {"policy": policy, "tick_interval_s": tick_s, "knobs": knobs or {}},
         "engines": engines or [{"name": "sim", "profile": profile}],
+        **(config or {}),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)
         path = f.name
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFLOW_")}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -88,6 +88,25 @@ def consumption_times(token_times: list[float], rate: float) -> list[float]:
     return out
 
 
+def stall_intervals(token_times: list[float], rate: float, end: float | None = None,
+                    finished: bool = True) -> list[tuple[float, float]]:
+    """When the reader had read everything and waited, after its first token: ``(start, stop)`` of each stall.
+    An unfinished request's stall still open at ``end`` ends there. Their lengths add up to :func:`rebuffer_time`."""
+    out: list[tuple[float, float]] = []
+    if not token_times:
+        return out
+    gap = 1.0 / rate
+    read = token_times[0]
+    for a in token_times[1:]:
+        due = read + gap
+        if a > due + 1e-9:
+            out.append((due, a))
+        read = a if a > due else due
+    if not finished and end is not None and end > read + gap:
+        out.append((read + gap, end))
+    return out
+
+
 def andes_qoe(
     arrival: float, token_times: list[float], rate: float, expected_len: int, ttft_target_s: float, end: float,
     finished: bool = True,

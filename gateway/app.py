@@ -102,7 +102,8 @@ class Gateway:
             client = EngineClient(
                 ec.name, url, self._session, control_token=ec.control_token, request_timeout_s=ec.request_timeout_s
             )
-            policy = make_policy(self.cfg.scheduler.policy, **self.cfg.scheduler.knobs)
+            policy_name, knobs = self.cfg.policy_for(ec)
+            policy = make_policy(policy_name, **knobs)
             control = ControlLoop(
                 client,
                 policy,
@@ -206,6 +207,10 @@ async def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/healthz", h.healthz)
     app.router.add_get("/readyz", h.readyz)
     app.router.add_get("/metrics", h.metrics)
+    if cfg.demo.enabled:  # the demo page and its burst control (gateway/web/), off by default
+        from .web import register
+
+        register(app, gw.services, cfg.demo)
     return app
 
 

@@ -27,6 +27,9 @@ def _serve(argv: Sequence[str]) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes sharing the port (SO_REUSEPORT); more than 1 needs session.store=redis "
                         "and engines with a url (docs/replicas.md)")
+    p.add_argument("--demo", action="store_true",
+                   help="serve the demo chat page at / (demo.enabled); without engines of your own, two embedded "
+                        "simulated engines, one scheduled by tokenflow and one by fcfs")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
@@ -42,6 +45,8 @@ def _serve(argv: Sequence[str]) -> int:
         overrides["scheduler.policy"] = args.policy
     try:
         cfg = load_config(args.config, **overrides)
+        if args.demo:
+            cfg = demo_config(cfg)
     except Exception as e:  # noqa: BLE001 - a bad config file is the operator's error: say what is wrong, no traceback
         print(f"tokenflow: invalid configuration: {e}", file=sys.stderr)
         return 2
@@ -54,6 +59,17 @@ def _serve(argv: Sequence[str]) -> int:
 
         return run_workers(args.workers, lambda i: _run(cfg, worker=i, workers=args.workers))
     return _run(cfg)
+
+
+def demo_config(cfg: Config) -> Config:
+    """``--demo``: the demo page on; the default single embedded engine becomes the demo's two (gateway/web)."""
+    from .config import Config
+    from .web import DEMO_ENGINES
+
+    update: dict[str, object] = {"demo": {**cfg.demo.model_dump(), "enabled": True}}
+    if [e.model_dump() for e in cfg.engines] == [e.model_dump() for e in Config().engines]:
+        update["engines"] = DEMO_ENGINES
+    return Config.model_validate({**cfg.model_dump(), **update})
 
 
 def workers_problem(cfg: Config) -> str | None:
@@ -101,7 +117,14 @@ def _run(cfg: Config, worker: int | None = None, workers: int = 1) -> int:
         if embedded:
             print(f"  engines: embedded simulated engine ({', '.join(embedded)}) - a simulator, not a real model",
                   flush=True)
-        print(f"  policy: {cfg.scheduler.policy}; models: {', '.join(models)}", flush=True)
+        policies = {n: h.control.policy.name for n, h in app[GATEWAY_KEY].engines.items()}
+        if len(set(policies.values())) == 1:
+            print(f"  policy: {next(iter(policies.values()))}; models: {', '.join(models)}", flush=True)
+        else:
+            print(f"  policies: {', '.join(f'{p} ({n})' for n, p in policies.items())}; "
+                  f"models: {', '.join(models)}", flush=True)
+        if cfg.demo.enabled:
+            print(f"  demo page: {url}/", flush=True)
         print("  try:", flush=True)
         print(
             f"    curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "

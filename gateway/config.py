@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-Pacing = Literal["smooth", "none"]
+Pacing = Literal["smooth", "phrase", "none"]
 
 
 class _Strict(BaseModel):
@@ -38,7 +38,7 @@ class ServerConfig(_Strict):
 
 class StreamsConfig(_Strict):
     default_rate: float = Field(8.0, gt=0, description="tokens/s for clients that declare none (reading class)")
-    default_pacing: Pacing = Field("smooth", description="pacing for requests that declare none: smooth or none")
+    default_pacing: Pacing = Field("smooth", description="pacing for requests that declare none: smooth, phrase or none")
     min_rate: float = Field(0.1, gt=0, description="smallest declared rate accepted (tokens/s)")
     max_rate: float = Field(1000.0, gt=0, description="largest declared rate accepted (tokens/s)")
     rate_classes: dict[str, float] = Field(
@@ -93,6 +93,17 @@ class EngineConfig(_Strict):
     max_streams: int | None = Field(
         None, gt=0, description="streams this replica keeps on the engine at once; all engines of a model full: 429 with Retry-After (none: no limit)"
     )
+    policy: str | None = Field(
+        None, description="scheduling policy for this engine alone (none: scheduler.policy; scheduler.knobs apply only "
+        "when it is the same policy)"
+    )
+
+
+class DemoConfig(_Strict):
+    """The demo web page (gateway/web/): off by default; ``tokenflow serve --demo`` turns it on."""
+
+    enabled: bool = Field(False, description="serve the demo chat page at / and its burst control under /demo/")
+    max_users: int = Field(200, gt=0, le=2000, description="largest burst of simulated users the page may start (per policy)")
 
 
 class ApiKeyConfig(_Strict):
@@ -205,6 +216,12 @@ class Config(BaseSettings):
     engines: list[EngineConfig] = Field(default_factory=lambda: [EngineConfig(name="sim")])
     auth: AuthConfig = Field(default_factory=AuthConfig)
     session: SessionConfig = Field(default_factory=SessionConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    def policy_for(self, engine: EngineConfig) -> tuple[str, dict[str, Any]]:
+        """The policy name and knobs that schedule ``engine``."""
+        name = engine.policy or self.scheduler.policy
+        return name, (dict(self.scheduler.knobs) if name == self.scheduler.policy else {})
 
     @field_validator("engines")
     @classmethod
@@ -285,6 +302,7 @@ def reference_markdown() -> str:
         ("auth", AuthConfig, False),
         ("auth.keys", ApiKeyConfig, True),
         ("session", SessionConfig, False),
+        ("demo", DemoConfig, False),
     ]
     list_env = {"engines": "`TOKENFLOW_ENGINES` (JSON list)", "auth.keys": "`TOKENFLOW_AUTH__KEYS` (JSON list)"}
     list_what = {"engines": "one entry per engine", "auth.keys": "one entry per API key"}

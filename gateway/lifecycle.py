@@ -36,6 +36,7 @@ from .state import StreamRecord
 from .streams.base import StreamBase, StreamSpec, Upstream
 from .streams.collector import Collector
 from .streams.direct import direct_sender
+from .streams.phrase_stream import stream_class
 from .streams.stream import Stream, Superseded
 from .streams.tokens import Delta, Final
 
@@ -93,10 +94,11 @@ class RequestLifecycle:
                               svc.cfg.auth.retry_after_s)
 
     def new_stream(self, spec: StreamSpec, encoder: ChunkEncoder) -> Stream:
-        """A streamed answer with this process's pacing clock and the configured bounds."""
+        """A streamed answer (a PhraseStream for ``pacing: phrase``) with this process's pacing clock and the
+        configured bounds."""
         cfg = self.svc.cfg.streams
-        return Stream(spec, encoder, clock=self.svc.pacer, max_pending=cfg.max_buffered_chunks,
-                      read_ahead_s=cfg.engine_read_ahead_s)
+        return stream_class(spec.pacing)(spec, encoder, clock=self.svc.pacer, max_pending=cfg.max_buffered_chunks,
+                                         read_ahead_s=cfg.engine_read_ahead_s)
 
     def record(self, stream: Stream, body: dict[str, Any]) -> StreamRecord:
         """What any replica needs to serve or continue ``stream`` (kept in the session store)."""

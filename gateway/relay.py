@@ -22,7 +22,7 @@ from .api.sse import ChunkEncoder
 from .policy.snapshot import BufferSource
 from .resume import NotResumable, continuation_body
 from .state import Final, Loaded, PublishedStream, SessionStats, StoreUnavailable, StreamRecord, valid_id
-from .streams.base import StreamSpec
+from .streams.base import StreamSpec, pacing_of
 from .streams.stream import Stream
 from .streams.tokens import Delta
 
@@ -88,8 +88,8 @@ class Relay:
         self.requests.admit()
         arrival = self.svc.clock() - max(0.0, time.time() - rec.arrival_wall)
         spec = StreamSpec(id=rec.id, engine=rec.engine, model=rec.model, kind=rec.kind, rate=rec.rate,
-                          pacing="none" if rec.pacing == "none" else "smooth", arrival_time=arrival,
-                          max_tokens=rec.max_tokens, rate_declared=rec.rate_declared, include_usage=rec.include_usage)
+                          pacing=pacing_of(rec.pacing), arrival_time=arrival, max_tokens=rec.max_tokens,
+                          rate_declared=rec.rate_declared, include_usage=rec.include_usage)
         s = self.requests.new_stream(spec, ChunkEncoder(rec.kind, rec.id, rec.model, rec.created))
         s.restore(loaded.deltas, loaded.final)
         self.requests.keys[rec.id] = rec.key

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond the Python venv, installed only when missing (idempotent):
 #   docker-compose (Debian's 1.29: `docker-compose config` validates the compose file without a Docker engine),
-#   nginx (the load balancer of the deployment, run as a local process by tests/deploy), curl, redis-server.
+#   nginx (the load balancer of the deployment, run as a local process by tests/deploy), curl, redis-server,
+#   chromium + chromium-driver (tests/web drive the demo page in a real headless browser, Debian's build with its
+#   matching driver: nothing is downloaded at run time), espeak-ng (speech for examples/voice) and sox (audio
+#   durations measured independently of the example's own code).
 # Debian/Ubuntu with apt; run as root (or with sudo available). Does nothing when everything is present.
 set -euo pipefail
 
-declare -A PKG_OF=([docker-compose]=docker-compose [nginx]=nginx-light [curl]=curl [redis-server]=redis-server)
+declare -A PKG_OF=([docker-compose]=docker-compose [nginx]=nginx-light [curl]=curl [redis-server]=redis-server
+                   [chromium]=chromium [chromedriver]=chromium-driver [espeak-ng]=espeak-ng [sox]=sox)
 missing=()
 for cmd in "${!PKG_OF[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [[ -x "/usr/sbin/$cmd" ]] || missing+=("${PKG_OF[$cmd]}")

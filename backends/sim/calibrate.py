@@ -25,6 +25,11 @@ Run from the repository root:
 
     python3 -m backends.sim.calibrate measure --out h100.json            # on the GPU machine, torch only
     python3 -m backends.sim.calibrate fit h100.json --profile configs/profiles/h100-llama3-8b.yaml
+
+``fit-trace`` fits the same form to a real engine's steps instead: the step trace the vLLM plugin writes with
+``TOKENFLOW_STEP_TRACE`` (one line per engine step: its duration, decoding requests, their summed context,
+prompt tokens), restricted to the time windows of chosen benchmark runs, and takes the device and host KV sizes,
+block size and batch limits from the engine's state report; the copy bandwidths are the plugin's measurements.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -979,6 +985,72 @@ def print_tables(doc: dict[str, Any]) -> None:
                   f" step slowdown {s['compute_slowdown_pct']:.1f}% overlap {s['overlap_fraction']:.2f}")
 
 
+def trace_points(trace: str, windows: list[tuple[float, float]]) -> list[Point]:
+    """Steps of a plugin step trace (gzip or plain JSON lines) inside any of the windows (perf_counter)."""
+    import gzip
+
+    opener = gzip.open if trace.endswith(".gz") else open
+    pts: list[Point] = []
+    with opener(trace, "rt") as fh:
+        for line in fh:
+            st = json.loads(line)
+            if st["dt"] > 0 and any(a <= st["t"] <= b for a, b in windows):
+                pts.append({"scheduled_tokens": st["decode"] + st["prefill"], "attended_kv_tokens": st["decode_kv"],
+                            "decode_tokens": st["decode"], "prefill_tokens": st["prefill"], "t_real_s": st["dt"]})
+    return pts
+
+
+def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
+    """Profile YAML from a real engine's step trace (see the module docstring)."""
+    import numpy as np
+    import yaml
+
+    windows, runs = [], []
+    for rep in args.report:
+        with open(rep) as f:
+            doc = json.load(f)
+        for pol, m in doc["policies"].items():
+            w = m.get("machine", {}).get("window_perf_counter")
+            if w and w[1]:
+                windows.append((float(w[0]), float(w[1])))
+                runs.append(f"{pol} ({rep})")
+    pts = trace_points(args.trace, windows)
+    if len(pts) < 16:
+        raise SystemExit(f"fit-trace: only {len(pts)} steps inside the runs' windows")
+    fit = fit_two_regime(pts, "t_real_s", minimax=False)
+    y = np.array([p["t_real_s"] for p in pts])
+    pred = np.array(fit["predicted_s"])
+    rel = np.abs(pred / y - 1)
+    with open(args.engine) as f:
+        eng = json.load(f)
+    eng = eng.get("engine", eng)
+    c = {k: fit[k] for k in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s")}
+    summary = (f"{len(pts)} steps of {', '.join(runs)}; per-step relative error median {np.median(rel):.1%}, "
+               f"p90 {np.percentile(rel, 90):.1%}; summed, the model gives {pred.sum() / y.sum():.2f}x the real "
+               f"steps' time (the rest: steps stalled by preemption flushes and host copies, priced apart by the "
+               f"simulator)")
+    profile = {
+        "name": args.name,
+        "description": args.description,
+        "source": "measured",
+        "model": {"name": args.model_name, "kv_bytes_per_token": int(eng["kv_bytes_per_token"]),
+                  "max_model_len": args.max_model_len},
+        "step": {k: float(f"{v:.6g}") for k, v in c.items()},
+        "batch": {"max_num_seqs": int(eng["max_num_seqs"]), "max_num_batched_tokens": args.max_num_batched_tokens,
+                  "block_size": int(eng["block_size"])},
+        "kv": {"device_tokens": int(eng["kv_device_capacity_tokens"]),
+               "host_tokens": int(eng["kv_host_capacity_tokens"])},
+        "transfer": {"h2d_bytes_per_s": float(f"{args.h2d:.4g}"), "d2h_bytes_per_s": float(f"{args.d2h:.4g}")},
+        "measurements": {"trace": args.trace, "reports": args.report, "engine": args.engine, "fit": summary},
+    }
+    header = (f"# Hardware profile for the simulated engine, MEASURED: fitted to a real engine's steps by\n"
+              f"#   python3 -m backends.sim.calibrate {shlex.join(args.argv)}\n# {summary}\n")
+    with open(args.profile, "w") as fh:
+        fh.write(header + yaml.safe_dump(profile, sort_keys=False))
+    print(f"wrote {args.profile}: {summary}")
+    return profile
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1002,8 +1074,23 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--util", type=float, default=0.9, help="gpu-memory-utilization for device_tokens")
     f.add_argument("--host-tokens", type=int, default=2097152)
     f.add_argument("--offload-check", help="the offload check's JSON, to reference from the profile")
+    t = sub.add_parser("fit-trace", help="fit the cost model to a real engine's step trace; write a profile")
+    t.add_argument("trace", help="TOKENFLOW_STEP_TRACE output (JSON lines, optionally .gz)")
+    t.add_argument("--report", action="append", required=True, help="bench report.json whose runs' windows to fit")
+    t.add_argument("--engine", required=True, help="the engine's /control/v1/state (JSON) for KV sizes and limits")
+    t.add_argument("--profile", required=True)
+    t.add_argument("--name", required=True)
+    t.add_argument("--description", default="")
+    t.add_argument("--model-name", default="llama3-8b")
+    t.add_argument("--max-model-len", type=int, default=8192)
+    t.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    t.add_argument("--h2d", type=float, required=True, help="host -> device bytes/s (the plugin's measurement)")
+    t.add_argument("--d2h", type=float, required=True, help="device -> host bytes/s")
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.cmd == "fit-trace":
+        fit_trace(args)
+        return 0
     if args.cmd == "measure":
         doc = measure(args)
         print_tables(doc)

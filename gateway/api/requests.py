@@ -29,7 +29,7 @@ class ClientRequest:
     include_usage: bool
     rate: float
     rate_declared: bool
-    pacing: Literal["smooth", "none"]
+    pacing: Literal["smooth", "phrase", "none"]
     max_tokens: int | None
     engine_body: dict[str, Any]  # what is sent upstream (without gateway fields)
 
@@ -174,8 +174,8 @@ def parse_request(
     else:
         rate, rate_declared = cfg.default_rate, False
     pacing = tf.get("pacing", headers.get("X-TokenFlow-Pacing", cfg.default_pacing))
-    if pacing not in ("smooth", "none"):
-        raise invalid("'tokenflow.pacing' must be \"smooth\" or \"none\"", param="tokenflow.pacing")
+    if pacing not in ("smooth", "phrase", "none"):
+        raise invalid("'tokenflow.pacing' must be \"smooth\", \"phrase\" or \"none\"", param="tokenflow.pacing")
 
     engine_body = {k: v for k, v in body.items() if k != "tokenflow" and k not in _RESERVED}
     return ClientRequest(

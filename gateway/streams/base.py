@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ..engines.control_api import RequestState
     from .drain import DrainTracker
 
-Pacing = Literal["smooth", "none"]
+Pacing = Literal["smooth", "phrase", "none"]  # "phrase": gateway/streams/phrase_stream.py
 
 
 class Upstream(Enum):
@@ -32,6 +32,11 @@ class Upstream(Enum):
 
 
 ENDED = Upstream.ENDED
+
+
+def pacing_of(value: str) -> Pacing:
+    """A stored record's pacing mode (the session store keeps it as text); unknown ones pace smoothly."""
+    return "none" if value == "none" else "phrase" if value == "phrase" else "smooth"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

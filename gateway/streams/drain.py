@@ -356,7 +356,7 @@ class DrainTracker:
             measured=est.rate,
             limited=est.limited,
             stalled=self.stalled,
-            smooth=self.stream.pacing == "smooth",
+            smooth=self.stream.pacing != "none",  # paced: smooth or phrase
             keeping_up_s=keeping_up,
             s=s,
         )

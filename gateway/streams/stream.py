@@ -73,7 +73,7 @@ class Stream(StreamBase):
         self._pending: deque[tuple[int, bytes]] = deque()  # (tokens once read, event) held for pacing
         self._out: list[bytes] = []  # released, not yet written
         self._wake = asyncio.Event()
-        self._clock = clock if pacing == "smooth" else None
+        self._clock = clock if pacing != "none" else None  # smooth or phrase: paced
         self._on_clock = False  # the pacing clock will call release_due (or a release is in progress)
         self._clock_seq = -1  # the pacing clock's live entry for this stream (older entries are stale)
         self._max_pending = max_pending
@@ -87,7 +87,7 @@ class Stream(StreamBase):
         # the client's socket from the pacing clock or the engine reader, with no writer task wake-up, while the
         # socket takes them; it returns False (and the writer task sends) otherwise.
         self.direct: DirectSend | None = None
-        self.flow = ReadAhead(read_ahead_s, spec.rate) if pacing == "smooth" and read_ahead_s > 0 else None
+        self.flow = ReadAhead(read_ahead_s, spec.rate) if pacing != "none" and read_ahead_s > 0 else None
 
     @property
     def attached(self) -> bool:
@@ -111,7 +111,8 @@ class Stream(StreamBase):
         if self.flow is not None:
             self.flow.set_rate(rate)
         if self._on_clock and self._clock is not None:
-            self._clock.schedule(self, max(now, self.reader.due_time()))
+            due = self.reader.due_time()  # inf once the reader has read every token: what is held is due now
+            self._clock.schedule(self, now if due == math.inf else max(now, due))
 
     # --- producer side (the session store's deliveries) ---
     def on_tokens(self, text: str, n: int, now: float, ids: list[int] | None = None) -> None:

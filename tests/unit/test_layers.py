@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"gateway.services"},
     {"gateway.lifecycle"},
     {"gateway.relay"},
-    {"gateway.handlers"},
+    {"gateway.handlers", "gateway.web"},
     {"gateway.app"},
     {"gateway.workers"},
     {"gateway.cli"},

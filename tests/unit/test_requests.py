@@ -48,6 +48,7 @@ def test_defaults_and_declared_rate():
         (chat(tokenflow={"rate": "fast"}), "tokenflow.rate"),
         (chat(tokenflow={"rate": float("nan")}), "tokenflow.rate"),
         (chat(tokenflow={"pacing": "bursty"}), "tokenflow.pacing"),
+        (chat(tokenflow={"pacing": "phrases"}), "tokenflow.pacing"),
         (chat(tokenflow={"speed": 3}), "tokenflow"),
         (chat(tokenflow=[1]), "tokenflow"),
         (chat(n=3), "n"),

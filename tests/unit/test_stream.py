@@ -18,7 +18,9 @@ from gateway.streams.stream import Stream
 def make_stream(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 1.0, pacing: Pacing = "smooth") -> Stream:
     spec = StreamSpec(id="s1", engine="e", model="m", kind="chat", rate=rate, pacing=pacing, arrival_time=0.0,
                       max_tokens=None)
-    return Stream(spec, ChunkEncoder("chat", "s1", "m", 0), clock=clock, read_ahead_s=read_ahead_s)
+    s = Stream(spec, ChunkEncoder("chat", "s1", "m", 0), clock=clock, read_ahead_s=read_ahead_s)
+    s.attach()  # a client writer takes what is released (``complete`` once it has been handed the end)
+    return s
 
 
 def token_indexes(data: bytes) -> list[int]:
@@ -79,12 +81,18 @@ async def test_no_read_ahead_bound_for_unpaced_streams_or_when_disabled() -> Non
     clock.close()
 
 
-async def test_resuming_a_finished_stream_replays_every_token_before_the_end() -> None:
-    clock = PacingClock(asyncio.get_running_loop())
+def finished_stream(clock: PacingClock, n: int) -> Stream:
+    """A stream at 10 tok/s whose engine made ``n`` tokens at t = 0 and finished."""
     s = make_stream(clock, rate=10.0)
-    for i in range(6):
+    for i in range(n):
         s.on_tokens(f" t{i}", 1, 0.0)
     s.on_finished("stop", 3, None, 0.0)
+    return s
+
+
+async def test_resuming_a_finished_stream_replays_every_token_before_the_end() -> None:
+    clock = PacingClock(asyncio.get_running_loop())
+    s = finished_stream(clock, 6)
     take(s)
     s.reattach(2, 10.0)  # the client had two tokens; the engine is done: replay 3..6, then the end
     assert not s.complete  # only the first replayed token left at once, not the end
@@ -120,4 +128,23 @@ async def test_a_read_of_several_deltas_gives_the_same_events_as_one_at_a_time()
         out_batch += take(batch)
     assert out_batch == out_one and token_indexes(out_one) == list(range(1, 13))
     assert (batch.reader.consumed, batch.reader.stall_time) == (one.reader.consumed, one.reader.stall_time)
+    clock.close()
+
+
+def live_entry(clock: PacingClock, stream: Stream) -> float | None:
+    """When the clock will next call ``stream`` (None: never)."""
+    due = [d for d, seq, s in clock._heap if s is stream and seq == stream._clock_seq]
+    return due[0] if due else None
+
+
+async def test_a_rate_change_after_the_last_token_was_read_keeps_the_end_due() -> None:
+    clock = PacingClock(asyncio.get_running_loop())
+    s = finished_stream(clock, 3)
+    s.release_due(0.1)
+    take(s)  # tokens 1 and 2 out; token 3 and the end are due at 0.2, the clock set for then
+    # The drain sampler changes the rate just after the reader reached the last token, before the clock fired.
+    s.set_rate(8.0, 0.205)
+    assert live_entry(clock, s) is not None and live_entry(clock, s) <= 0.205
+    s.release_due(0.205)
+    assert token_indexes(take(s)) == [3, 3] and s.complete
     clock.close()
