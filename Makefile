@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test unit bench clean
+.PHONY: serve test lint unit bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,14 @@ $(BIN)/.installed: pyproject.toml
 serve: $(BIN)/.installed
 	$(BIN)/tokenflow serve
 
-test: $(BIN)/.installed
+test: lint
 	scripts/install-test-deps.sh
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# Lint and type-check (configured in pyproject.toml); any finding fails the build.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(BIN)/.installed
 	$(BIN)/tokenflow bench virtual --config configs/bench/h200-burst400.yaml
@@ -25,4 +30,4 @@ unit: $(BIN)/.installed
 	$(BIN)/pytest -q tests/unit
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -22,9 +22,10 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 
@@ -53,7 +54,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
                    help="share of clients that read slower than they declared (reader behaviour)")
     g.add_argument("--slow-factor", type=float, default=0.5, help="their true rate over their declared rate")
     g.add_argument("--policies", default=DEFAULT_POLICIES,
-                   help="comma-separated; virtual mode: NAME@measured uses the measured drain instead of declared rates")
+                   help="comma-separated; virtual mode: NAME@measured uses the measured drain instead of declared "
+                        "rates")
     g.add_argument("--tick", type=float, default=0.5, help="policy tick interval (s)")
     g.add_argument("--knob", action="append", default=[], metavar="POLICY.NAME=VALUE", help="override a policy knob")
     g.add_argument("--out", help="output directory (default bench-results/<mode>-<time>)")
@@ -117,9 +119,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     cfg_path = getattr(args, "config", None)
     if cfg_path:
         data = yaml.safe_load(Path(cfg_path).read_text()) or {}
-        sub = p._subparsers._group_actions[0].choices[args.mode]  # type: ignore[union-attr]
+        sub = p._subparsers._group_actions[0].choices[args.mode]  # type: ignore[union-attr,index]
         known = {a.dest for a in sub._actions}
-        unknown = sorted(set(k.replace("-", "_") for k in data) - known)
+        unknown = sorted({k.replace("-", "_") for k in data} - known)
         if unknown:
             p.error(f"{cfg_path}: unknown option(s) {', '.join(unknown)}")
         sub.set_defaults(**{k.replace("-", "_"): v for k, v in data.items()})
@@ -292,12 +294,12 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for pol in policies:
         engine_before = engine_after = sampler = None
         salt = f"{pol}/" if args.engine_url else ""  # one engine for every policy: keep their prompts apart
-        load = {"loadavg_before": os.getloadavg()}
+        load: dict[str, Any] = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
             if args.gateway_url:
                 url = args.gateway_url.rstrip("/")
                 before = asyncio.run(fetch_preemptions(url))
-                recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body))
+                recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body))
                 after = asyncio.run(fetch_preemptions(url))
             else:
                 with _engine(args, _out_dir(args), pol) as (engines, engine_url):
@@ -310,8 +312,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         # perf_counter is CLOCK_MONOTONIC: the same clock as the engine's step trace
                         load["window_perf_counter"] = [time.perf_counter(), None]
                         with _sampler(engine_url) as sampler:
-                            recs, end = asyncio.run(run_clients(url, specs, on_token=bar.update, salt=salt,
-                                                                extra_body=extra_body, timeout_s=args.request_timeout))
+                            recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, salt=salt,
+                                                              extra_body=extra_body, timeout_s=args.request_timeout))
                         load["window_perf_counter"][1] = time.perf_counter()
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
                         after = asyncio.run(fetch_preemptions(url))
@@ -360,7 +362,8 @@ def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
             knobs.setdefault(pol, {})[knob] = v
             label.append(f"{pol}.{knob}={v:g}")
         pol = axes[0][0]
-        r = run_virtual(prof, specs, pol, tick_s=args.tick, engine_preempt=args.engine_preempt, policy_knobs=knobs.get(pol))
+        r = run_virtual(prof, specs, pol, tick_s=args.tick, engine_preempt=args.engine_preempt,
+                        policy_knobs=knobs.get(pol))
         m = summarize(r.records, preemptions=r.preemptions)
         rows.append({"knobs": ", ".join(label), **{k: m[k] for k in ("ttft_p99_s", "effective_throughput_tps",
                      "throughput_tps", "rebuffer_mean_s", "qoe_mean", "preemptions")}})

@@ -24,7 +24,7 @@ class _Stream(Protocol):
 class SimulatedDrain:
     """Evidence for one simulated client, sampled once per policy tick."""
 
-    __slots__ = ("client", "tracker", "rcvbuf_tokens", "_stream", "_acked", "_logged")
+    __slots__ = ("_acked", "_logged", "_stream", "client", "rcvbuf_tokens", "tracker")
 
     def __init__(self, stream: _Stream, client: ReaderModel, declared: float, now: float, *,
                  rcvbuf_tokens: int = 8, settings: DrainSettings | None = None) -> None:
@@ -35,7 +35,8 @@ class SimulatedDrain:
         self._logged = 0  # tokens entered in the tracker's ledger (one event per token)
         self.tracker = DrainTracker(
             stream, settings or DrainSettings(), declared=declared, default_rate=declared,  # type: ignore[arg-type]
-            unacked=lambda: stream.generated_tokens - self._acked, written_bytes=lambda: stream.generated_tokens, now=now,
+            unacked=lambda: stream.generated_tokens - self._acked, written_bytes=lambda: stream.generated_tokens,
+            now=now,
         )
 
     def sample(self, now: float) -> None:

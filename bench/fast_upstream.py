@@ -80,7 +80,8 @@ _STATE = _response(200, orjson.dumps({
                "kv_host_used_tokens": 0, "counters": {}},
     "requests": [],
 }), b"X-TokenFlow-Control-Version: 1\r\n")
-_MODELS = _response(200, orjson.dumps({"object": "list", "data": [{"id": _MODEL, "object": "model", "owned_by": "bench"}]}))
+_MODELS = _response(200, orjson.dumps({"object": "list",
+                                       "data": [{"id": _MODEL, "object": "model", "owned_by": "bench"}]}))
 _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n")
 
@@ -88,9 +89,9 @@ _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Contr
 class _Gen:
     """One streaming response in progress."""
 
-    __slots__ = ("conn", "left", "token", "tail", "alive")
+    __slots__ = ("alive", "conn", "left", "tail", "token")
 
-    def __init__(self, conn: "_Conn", n: int, token: bytes, tail: bytes) -> None:
+    def __init__(self, conn: _Conn, n: int, token: bytes, tail: bytes) -> None:
         self.conn = conn
         self.left = n
         self.token = token
@@ -155,7 +156,7 @@ class Upstream:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("up", "transport", "buf", "gen")
+    __slots__ = ("buf", "gen", "transport", "up")
 
     def __init__(self, up: Upstream) -> None:
         self.up = up
@@ -223,7 +224,7 @@ class _Conn(asyncio.Protocol):
             tr.write(_response(404, b'{"error":{"message":"not found","type":"invalid_request_error"}}'))
 
 
-async def serve(host: str, port: int, rate: float, ready: "asyncio.Future[int] | None" = None,
+async def serve(host: str, port: int, rate: float, ready: asyncio.Future[int] | None = None,
                 reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     up = Upstream(rate)

@@ -24,13 +24,15 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import yaml
 
 from .metrics import RequestRecord
+from .net import free_port
 from .workload import RequestSpec
 
 
@@ -83,7 +85,7 @@ async def stream_client(session: aiohttp.ClientSession, url: str, model: str, sp
                     rec.finished = b'"finish_reason":"length"' in line or b'"finish_reason":"stop"' in line
                 elif line.startswith(b"data: [DONE]"):
                     break
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         rec.error = f"{type(e).__name__}: {e}"
     return rec
 
@@ -139,12 +141,6 @@ async def fetch_preemptions(url: str) -> int | None:
     return int(total) if found else 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, Any] | None = None,
                   start_timeout_s: float = 60.0, engines: list[dict[str, Any]] | None = None,
@@ -152,7 +148,7 @@ def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, 
     """Start ``tokenflow serve`` with ``policy``; yields its URL. Its engine is the embedded simulator
     (``profile``) unless ``engines`` lists others (``engines:`` entries of the gateway config); ``config`` adds
     sections to the config file, ``args`` options to the command line."""
-    port = _free_port()
+    port = free_port()
     cfg = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
         "scheduler": {"policy": policy, "tick_interval_s": tick_s, "knobs": knobs or {}},

@@ -17,8 +17,9 @@ request's rate), so buffers and stalls are exactly the gateway's model:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from gateway.streams.reader import ReaderModel
 
@@ -136,7 +137,7 @@ def percentile(values: list[float], q: float) -> float:
     if len(v) == 1:
         return v[0]
     pos = (len(v) - 1) * q / 100.0
-    lo = int(math.floor(pos))
+    lo = math.floor(pos)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
@@ -192,7 +193,7 @@ def time_series(records: Iterable[RequestRecord], bin_s: float, start: float = 0
     """Throughput and effective throughput per time bin (tokens/s), for the plots."""
     recs = list(records)
     last = max((r.token_times[-1] for r in recs if r.token_times), default=start)
-    nbins = max(1, int(math.ceil((last - start) / bin_s)) + 1)
+    nbins = max(1, math.ceil((last - start) / bin_s) + 1)
     raw = [0.0] * nbins
     eff = [0.0] * nbins
     for r in recs:

@@ -31,16 +31,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from bench.net import free_port, wait_http
 
 TARGETS = ("direct", "nginx", "gateway-none", "gateway-smooth")
 _TICK_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -55,7 +57,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 class _Client(asyncio.Protocol):
     """One client connection: a streaming request, count its token chunks, then the next request."""
 
-    def __init__(self, lg: "_LoadGen") -> None:
+    def __init__(self, lg: _LoadGen) -> None:
         self.lg = lg
         self.tr: asyncio.Transport | None = None
         self.state = 0  # 0 head, 1 body, 2 after [DONE]
@@ -127,6 +129,7 @@ class _LoadGen:
         self.tokens = self.started = self.finished = self.errors = 0
         self.ttft: list[float] = []
         self.conns: set[_Client] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # the connecting clients (referenced until they finish)
         self.running = True
         self.last_error = ""
         self.marks: dict[str, int] = {}
@@ -135,23 +138,33 @@ class _LoadGen:
         loop = asyncio.get_running_loop()
         try:
             _, proto = await loop.create_connection(lambda: _Client(self), self.host, self.port)
-            self.conns.add(proto)  # type: ignore[arg-type]
+            self.conns.add(proto)
         except OSError as e:
             self.errors += 1
             self.last_error = str(e)
             if self.running:
                 self.connect_later()
 
+    def _mark(self, window_edge: str) -> None:
+        self.marks[window_edge] = self.tokens
+
     def connect_later(self) -> None:
-        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self.connect()))
+        asyncio.get_running_loop().call_later(0.2, self._reconnect)
+
+    def _reconnect(self) -> None:
+        task = asyncio.ensure_future(self.connect())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def run(self, streams: int, start: float, ramp_s: float, stop: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         for k, t in (("w0", self.w0), ("w1", self.w1)):
-            loop.call_later(max(0.0, t - time.time()), lambda k=k: self.marks.__setitem__(k, self.tokens))
+            loop.call_later(max(0.0, t - time.time()), self._mark, k)
         await asyncio.sleep(max(0.0, start - time.time()))
-        for i in range(streams):
-            asyncio.ensure_future(self.connect())
+        for _ in range(streams):
+            task = asyncio.ensure_future(self.connect())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
             await asyncio.sleep(ramp_s / max(1, streams))
         await asyncio.sleep(max(0.0, stop - time.time()))
         self.running = False
@@ -160,7 +173,8 @@ class _LoadGen:
                 c.state = 3
                 c.tr.close()
         return {"tokens": self.marks.get("w1", self.tokens) - self.marks.get("w0", 0), "ttft": self.ttft,
-                "started": self.started, "finished": self.finished, "errors": self.errors, "last_error": self.last_error}
+                "started": self.started, "finished": self.finished, "errors": self.errors,
+                "last_error": self.last_error}
 
 
 def _loadgen_main(spec: str) -> int:
@@ -185,7 +199,7 @@ def _raise_nofile() -> None:
     try:
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):  # pragma: no cover
         pass
@@ -263,7 +277,7 @@ def percentile(xs: Sequence[float], q: float) -> float | None:
     if not xs:
         return None
     s = sorted(xs)
-    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
     return s[k]
 
 
@@ -306,26 +320,6 @@ def scrape_hist(url: str, name: str) -> list[tuple[float, float]]:
 def hist_delta(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
     before = dict(a)
     return [(le, c - before.get(le, 0.0)) for le, c in b]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, deadline_s: float = 30.0, ok: tuple[int, ...] = (200,)) -> None:
-    end = time.time() + deadline_s
-    last: Exception | None = None
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status in ok:
-                    return
-        except Exception as e:  # noqa: BLE001 - not up yet
-            last = e
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up: {last}")
 
 
 # ---------------------------------------------------------------- the proxies
@@ -673,7 +667,7 @@ def run_case(target: str, streams: int, o: Options, workdir: Path) -> CaseResult
         proxy_cpu_share=round(cpu / window, 3), rig_cpu_share=round((r1 - r0) / window, 3),
         ttft_p50_ms=_ms(percentile(ttft, 50)), ttft_p99_ms=_ms(percentile(ttft, 99)),
         errors=sum(x["errors"] for x in outs), completed_streams=sum(x["finished"] for x in outs),
-        loadavg=load,  # type: ignore[arg-type]
+        loadavg=load,
         proxy_cores_pinned=len(proxy_cpus) if proxy else 0, upstreams=len(ups),
         proxy_process_cores=sorted((round((p1[k] - p0[k]) / window, 3) for k in p1 if k in p0
                                     and p1[k] - p0[k] > 0.01 * window), reverse=True),
@@ -786,10 +780,12 @@ def table(results: list[CaseResult]) -> str:
             f"{r.cpu_sys_s / max(r.cpu_s, 1e-9) * r.cpu_us_per_token:.1f})")
         ref = nginx.get(r.streams)
         ratio = f"{r.cpu_us_per_token / ref:.2f}" if r.cpu_us_per_token and ref else "-"
+        target = f"{r.target}{'' if r.workers == 1 else f' x{r.workers}'}{' (redis)' if r.store == 'redis' else ''}"
         lines.append(
-            f"| {r.target}{'' if r.workers == 1 else f' x{r.workers}'}{' (redis)' if r.store == 'redis' else ''} | {r.streams} | {cpu} | {ratio} | "
+            f"| {target} | {r.streams} | {cpu} | {ratio} | "
             f"{r.proxy_cpu_share:.2f} | {r.delivered_tps:,.0f} / {r.offered_tps:,.0f} | "
-            f"{_f(r.ttft_p50_ms)} / {_f(r.ttft_p99_ms)} | {_f(r.added_ttft_p50_ms, True)} / {_f(r.added_ttft_p99_ms, True)} | "
+            f"{_f(r.ttft_p50_ms)} / {_f(r.ttft_p99_ms)} | "
+            f"{_f(r.added_ttft_p50_ms, True)} / {_f(r.added_ttft_p99_ms, True)} | "
             f"{_f(r.lateness_p50_ms)} / {_f(r.lateness_p99_ms)} | {r.rig_cpu_share:.2f} | {r.errors} | "
             f"{_f(r.reads_per_token)} / {_f(r.writes_per_token)} |"
             + (f" {r.proxy_cores_pinned or '-'} | {r.upstreams} | {_f(r.redis_cpu_share)} |" if wide else ""))
@@ -819,7 +815,8 @@ def scaling(results: list[CaseResult], per_worker: bool) -> list[dict[str, Any]]
 
 def scaling_table(rows: list[dict[str, Any]], per_worker: bool) -> str:
     load = "streams per worker" if per_worker else "streams"
-    lines = [f"| target | {load} | workers | total streams | delivered tok/s | proxy cores | x 1 worker | x / workers |",
+    lines = [f"| target | {load} | workers | total streams | delivered tok/s | proxy cores | x 1 worker "
+             "| x / workers |",
              "|" + "---|" * 8]
     for x in rows:
         lines.append(f"| {x['target']} | {x['load']} | {x['workers']} | {x['streams']} | {x['delivered_tps']:,} | "
@@ -914,7 +911,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown target(s): {', '.join(bad)}", file=sys.stderr)
         return 2
     if "nginx" in targets and find_nginx() is None:
-        print("nginx is not installed (scripts/install-test-deps.sh installs nginx-light): skipping it", file=sys.stderr)
+        print("nginx is not installed (scripts/install-test-deps.sh installs nginx-light): skipping it",
+              file=sys.stderr)
         targets.remove("nginx")
     levels = [int(x) for x in a.streams.split(",") if x.strip()]
     workers = [int(x) for x in str(a.workers).split(",") if x.strip()]

@@ -43,7 +43,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def check_targets(policies: dict[str, dict[str, Any]], subject: str = "tokenflow") -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     if subject not in policies:
         return out
     for key, base, op, factor in TARGETS:
@@ -81,7 +81,8 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 def table(report: dict[str, Any]) -> str:
     """A Markdown table of the headline metrics, one row per policy."""
-    cols = [("policy", None), ("TTFT mean s", "ttft_mean_s"), ("TTFT p50 s", "ttft_p50_s"), ("TTFT p99 s", "ttft_p99_s"),
+    cols = [("policy", None), ("TTFT mean s", "ttft_mean_s"), ("TTFT p50 s", "ttft_p50_s"),
+            ("TTFT p99 s", "ttft_p99_s"),
             ("eff. thpt tok/s", "effective_throughput_tps"), ("thpt tok/s", "throughput_tps"),
             ("rebuffer mean s", "rebuffer_mean_s"), ("rebuffer p99 s", "rebuffer_p99_s"), ("QoE", "qoe_mean"),
             ("preemptions", "preemptions"), ("done", "completed")]
@@ -142,9 +143,10 @@ def plot(out_dir: Path, runs: dict[str, list[RequestRecord]], *, bin_s: float = 
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     for name, recs in runs.items():
-        ts = time_series(recs, bin_s)
-        line = ax.plot(ts["t"], ts["throughput_tps"], label=f"{name} raw", lw=1)[0]
-        ax.plot(ts["t"], ts["effective_throughput_tps"], ls="--", color=line.get_color(), label=f"{name} effective", lw=1)
+        series = time_series(recs, bin_s)
+        line = ax.plot(series["t"], series["throughput_tps"], label=f"{name} raw", lw=1)[0]
+        ax.plot(series["t"], series["effective_throughput_tps"], ls="--", color=line.get_color(),
+                label=f"{name} effective", lw=1)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("tokens/s")
     ax.set_title("throughput over time")

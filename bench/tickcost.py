@@ -34,8 +34,9 @@ def stressed_snapshot(n: int, seed: int = 0, now: float = 100.0) -> Snapshot:
         streams.append(StreamView(f"s{i}", status, now - 60 * rng.random(), rng.choice((15.0, 20.0)), prompt, gen,
                                   rng.random() * 300, now - 50 * rng.random(), max_tokens, on_dev, prompt + gen,
                                   0, rng.randint(0, 5)))
-    eng = EngineView("bench", 16, max(8, n // 4), 131072, max(16, n // 4) * 1800, sum(s.kv_device_tokens for s in streams),
-                     n * 4096, sum(s.kv_host_tokens for s in streams), 0.015, 6000.0, 40000.0, 5e10, 5e10)
+    eng = EngineView("bench", 16, max(8, n // 4), 131072, max(16, n // 4) * 1800,
+                     sum(s.kv_device_tokens for s in streams), n * 4096, sum(s.kv_host_tokens for s in streams),
+                     0.015, 6000.0, 40000.0, 5e10, 5e10)
     return Snapshot(eng, tuple(streams), 0.5)
 
 
@@ -62,7 +63,8 @@ def apply(snap: Snapshot, decisions: list[Any], dt: float) -> Snapshot:
     return Snapshot(snap.engine, tuple(out), snap.tick_interval_s)
 
 
-def _time(policy: str, snap: Snapshot, warm: Snapshot | None, repeats: int, knobs: dict[str, Any] | None) -> tuple[list[float], int]:
+def _time(policy: str, snap: Snapshot, warm: Snapshot | None, repeats: int, knobs: dict[str, Any] | None
+          ) -> tuple[list[float], int]:
     times, n_dec = [], 0
     for _ in range(repeats):
         pol = make_policy(policy, **(knobs or {}))
@@ -89,4 +91,5 @@ def tick_cost(policy: str, n: int, repeats: int = 20, knobs: dict[str, Any] | No
 
 
 def run(policies: list[str], sizes: list[int], repeats: int = 20) -> list[dict[str, Any]]:
-    return [{"policy": p, **tick_cost(p, n, repeats if n <= 1000 else max(3, repeats // 4))} for p in policies for n in sizes]
+    return [{"policy": p, **tick_cost(p, n, repeats if n <= 1000 else max(3, repeats // 4))}
+            for p in policies for n in sizes]

@@ -9,11 +9,13 @@ Tokens reach the client at the end of the engine step that produced them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from backends.sim.profile import Profile
 from backends.sim.virtual import VirtualEngine
+from gateway.engines.control_api import EngineState
 from gateway.policy import make_policy
 from gateway.policy.snapshot import build_snapshot
 from gateway.policy.types import Policy
@@ -32,8 +34,19 @@ class SimStream:
     ``drain="measured"`` the gateway's measured-drain tracker (bench.drain_sim) sets the rate and buffer.
     """
 
-    __slots__ = ("id", "arrival_time", "max_tokens", "rate", "reader", "client", "record", "generated_tokens",
-                 "first_token_time", "pacing", "drain")
+    __slots__ = (
+        "arrival_time",
+        "client",
+        "drain",
+        "first_token_time",
+        "generated_tokens",
+        "id",
+        "max_tokens",
+        "pacing",
+        "rate",
+        "reader",
+        "record",
+    )
 
     def __init__(self, spec: RequestSpec, drain: str = "declared") -> None:
         self.id = spec.id
@@ -122,7 +135,8 @@ def run_virtual(
     if max_time_s is None:
         # generous: every request alone, one after another, would finish well inside this
         max_time_s = (order[-1].arrival_s if order else 0.0) + 10.0 * sum(
-            profile.chunked_prefill_time(s.prompt_tokens) + s.output_tokens * profile.decode_step_time(1, s.prompt_tokens)
+            profile.chunked_prefill_time(s.prompt_tokens)
+            + s.output_tokens * profile.decode_step_time(1, s.prompt_tokens)
             for s in specs
         ) + 60.0
 
@@ -151,7 +165,7 @@ def run_virtual(
             for st in live.values():
                 if st.drain is not None:  # measured drain: one sample per tick, as the gateway's sampler
                     st.drain.sample(now)
-            snap = build_snapshot(eng.state(), live.values(), now, tick_s)
+            snap = build_snapshot(EngineState.from_json(eng.state()), live.values(), now, tick_s)
             t0 = time.perf_counter()
             ds = pol.decide(snap, now)
             dt = time.perf_counter() - t0
@@ -190,4 +204,4 @@ def expected_tokens(specs: list[RequestSpec]) -> int:
     return sum(s.output_tokens for s in specs)
 
 
-__all__ = ["RunResult", "SimStream", "run_virtual", "expected_tokens"]
+__all__ = ["RunResult", "SimStream", "expected_tokens", "run_virtual"]

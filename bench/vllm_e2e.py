@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from bench.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TOKENFLOW_CACHE", Path.home() / ".cache" / "tokenflow"))
@@ -87,12 +89,6 @@ def wait_for_other_servers(timeout_s: float = 1800.0) -> None:
         time.sleep(2.0)  # polling a condition with a deadline
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
@@ -120,7 +116,7 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
     if not (cfg.model / "config.json").exists():
         raise RuntimeError(f"no model at {cfg.model}: see docs/vllm-backend.md (scripts/make-tiny-model.py)")
     wait_for_other_servers()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as logf:
@@ -162,7 +158,7 @@ class EngineSampler:
                 e = st.get("engine", {})
                 self.samples.append({"t": round(time.monotonic() - t0, 2), **{k: e.get(k) for k in self.FIELDS}})
 
-    def __enter__(self) -> "EngineSampler":
+    def __enter__(self) -> EngineSampler:
         self._thread.start()
         return self
 

@@ -23,7 +23,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from bench.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backends" / "vllm"))
@@ -47,12 +48,6 @@ KV_BYTES_PER_TOKEN_8B = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head dim x (
 
 def log(msg: str) -> None:
     print(f"[vllm_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def vllm_cmd() -> str:
@@ -209,7 +204,7 @@ async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: i
             n += 1
             try:
                 await asyncio.wait_for(stop.wait(), 0.25)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return n
 
@@ -269,7 +264,8 @@ def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
                 res["engine_state"] = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
     res["cost"] = {}
     for b in batches:
-        med = {n: statistics.median(r["step_ms_median"] for r in res[n] if r["batch"] == b) for n in ("plain", "plugin")}
+        med = {n: statistics.median(r["step_ms_median"] for r in res[n] if r["batch"] == b)
+               for n in ("plain", "plugin")}
         res["cost"][b] = {"plain_ms": med["plain"], "plugin_ms": med["plugin"],
                           "added_pct": round(100 * (med["plugin"] / med["plain"] - 1), 2)}
         log(f"batch {b}: plain {med['plain']:.3f} ms, plugin {med['plugin']:.3f} ms "
@@ -319,7 +315,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         (out / "engine.json").write_text(json.dumps(state, indent=1))
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
     last_s = 0.0
-    for i, pol in enumerate(policies):
+    for pol in policies:
         if pol in done:
             continue
         left = a.deadline_s - (time.monotonic() - t_phase)

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Kind = Literal["burst", "poisson", "gamma", "trace"]
 
@@ -51,7 +51,7 @@ class WorkloadConfig:
     slow_share: float = 0.0
     slow_factor: float = 0.5
 
-    def with_(self, **changes: object) -> "WorkloadConfig":
+    def with_(self, **changes: Any) -> WorkloadConfig:
         return replace(self, **changes)
 
 
@@ -121,7 +121,8 @@ def load_trace(path: str | Path) -> list[tuple[float, int, int, float]]:
             raise ValueError(f"{path}: trace needs columns {', '.join(sorted(need))}")
         for line, row in enumerate(reader, start=2):
             try:
-                a, i, o, r = float(row["arrival_s"]), int(row["input_tokens"]), int(row["output_tokens"]), float(row["rate"])
+                a, i, o = float(row["arrival_s"]), int(row["input_tokens"]), int(row["output_tokens"])
+                r = float(row["rate"])
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{line}: {e}") from None
             if a < 0 or i < 1 or o < 1 or not r > 0 or not math.isfinite(a):

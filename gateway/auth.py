@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from .api.errors import ApiError
+from .api.errors import ApiError, at_capacity
 from .api.requests import ClientRequest
 from .config import ApiKeyConfig, AuthConfig, StreamsConfig
 from .metrics import Metrics
@@ -28,7 +29,7 @@ from .metrics import Metrics
 log = logging.getLogger("tokenflow.access")
 
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-KEY_ATTR: web.RequestKey["ApiKey"] = web.RequestKey("tokenflow_key", object)  # type: ignore[arg-type]  # absent: no keys
+KEY_ATTR: web.RequestKey[ApiKey] = web.RequestKey("tokenflow_key", object)  # type: ignore[arg-type]  # absent: no keys
 ENGINE_ATTR: web.RequestKey[str] = web.RequestKey("tokenflow_engine", str)  # the engine a generation request went to
 STREAM_ATTR: web.RequestKey[str] = web.RequestKey("tokenflow_stream_id", str)  # its stream id
 
@@ -58,7 +59,7 @@ class KeyStore:
     def required(self) -> bool:
         return bool(self._by_digest)
 
-    def keys(self) -> list[ApiKey]:
+    def entries(self) -> list[ApiKey]:
         return list(self._by_digest.values())
 
     def lookup(self, authorization: str | None) -> ApiKey:
@@ -80,11 +81,10 @@ def _unauthorized(message: str, code: str) -> ApiError:
     return ApiError(401, message, type="invalid_request_error", code=code, headers={"WWW-Authenticate": "Bearer"})
 
 
-def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Middleware:
     """The middleware (register it inside the error middleware, which turns ApiError into the response)."""
     store = KeyStore(cfg.all_keys())
-    retry_after = str(cfg.retry_after_s)
-    for k in store.keys():
+    for k in store.entries():
         metrics.key_streams_active.labels(k.name).set(0)
 
     @web.middleware
@@ -99,12 +99,10 @@ def auth_middleware(cfg: AuthConfig, metrics: Metrics) -> Callable[[web.Request,
                 request[KEY_ATTR] = key
                 if request.method == "POST" and request.path in GENERATE_PATHS:
                     if key.max_streams is not None and key.active >= key.max_streams:
-                        raise ApiError(
-                            429,
-                            f"API key '{key.name}' is at its limit of {key.max_streams} concurrent streams; retry shortly",
-                            type="rate_limit_error",
-                            code="key_stream_limit",
-                            headers={"Retry-After": retry_after},
+                        raise at_capacity(
+                            f"API key '{key.name}' is at its limit of {key.max_streams} concurrent streams; "
+                            "retry shortly",
+                            "key_stream_limit", cfg.retry_after_s,
                         )
                     key.active += 1
                     acquired = True
@@ -147,6 +145,12 @@ def _access_log(request: web.Request, key: ApiKey | None, status: int, duration:
         extra["stream_id"] = request.get(STREAM_ATTR)
         extra["engine"] = request.get(ENGINE_ATTR)
     log.log(level, "request", extra=extra)
+
+
+def key_name(request: web.Request) -> str | None:
+    """The name of the API key that authenticated ``request`` (None when the gateway runs without keys)."""
+    key = request.get(KEY_ATTR)
+    return None if key is None else key.name
 
 
 def admit(request: web.Request, creq: ClientRequest, engine: str, stream_id: str, streams: StreamsConfig) -> None:

@@ -47,7 +47,7 @@ def _serve(argv: Sequence[str]) -> int:
         cfg = load_config(args.config, **overrides)
         if args.demo:
             cfg = demo_config(cfg)
-    except Exception as e:  # a bad config file is the operator's error: say what is wrong, no traceback
+    except Exception as e:  # noqa: BLE001 - a bad config file is the operator's error: say what is wrong, no traceback
         print(f"tokenflow: invalid configuration: {e}", file=sys.stderr)
         return 2
     if args.workers > 1:
@@ -61,7 +61,7 @@ def _serve(argv: Sequence[str]) -> int:
     return _run(cfg)
 
 
-def demo_config(cfg: "Config") -> "Config":
+def demo_config(cfg: Config) -> Config:
     """``--demo``: the demo page on; the default single embedded engine becomes the demo's two (gateway/web)."""
     from .config import Config
     from .web import DEMO_ENGINES
@@ -72,7 +72,7 @@ def demo_config(cfg: "Config") -> "Config":
     return Config.model_validate({**cfg.model_dump(), **update})
 
 
-def workers_problem(cfg: "Config") -> str | None:
+def workers_problem(cfg: Config) -> str | None:
     """Why this configuration cannot run as several worker processes (None: it can).
 
     Each worker is a replica of its own: streams, pacing and client writers are per process, and what must be
@@ -90,7 +90,7 @@ def workers_problem(cfg: "Config") -> str | None:
     return None
 
 
-def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
+def _run(cfg: Config, worker: int | None = None, workers: int = 1) -> int:
     """Serve ``cfg`` in this process until SIGINT/SIGTERM (one worker of ``workers`` when ``worker`` is set)."""
     import uvloop
 
@@ -101,7 +101,6 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
         cfg = cfg.model_copy(update={"session": cfg.session.model_copy(
             update={"replica_id": f"{cfg.session.replica_id}-w{worker}"})})
     setup_logging(cfg.server.log_level)
-    app = create_app(cfg)
     url = f"http://{cfg.server.host}:{cfg.server.port}"
     embedded = [e.name for e in cfg.engines if e.url is None]
 
@@ -116,12 +115,14 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
         print(f"TokenFlow gateway listening on {url}" + (f" ({workers} worker processes)" if workers > 1 else ""),
               flush=True)
         if embedded:
-            print(f"  engines: embedded simulated engine ({', '.join(embedded)}) - a simulator, not a real model", flush=True)
+            print(f"  engines: embedded simulated engine ({', '.join(embedded)}) - a simulator, not a real model",
+                  flush=True)
         policies = {n: h.control.policy.name for n, h in app[GATEWAY_KEY].engines.items()}
         if len(set(policies.values())) == 1:
             print(f"  policy: {next(iter(policies.values()))}; models: {', '.join(models)}", flush=True)
         else:
-            print(f"  policies: {', '.join(f'{p} ({n})' for n, p in policies.items())}; models: {', '.join(models)}", flush=True)
+            print(f"  policies: {', '.join(f'{p} ({n})' for n, p in policies.items())}; "
+                  f"models: {', '.join(models)}", flush=True)
         if cfg.demo.enabled:
             print(f"  demo page: {url}/", flush=True)
         print("  try:", flush=True)
@@ -143,9 +144,6 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
 
         app.on_cleanup.append(_stop)
 
-    app.on_startup.append(_announce)
-    app.on_startup.append(_gc)
-
     async def _bounded_exit(app: web.Application) -> None:
         # aiohttp's graceful exit, plus a backstop: a process that is still cleaning up long after its streams
         # were cut is forced out, so a deploy never waits on it (seen with several workers and Redis, rarely).
@@ -161,11 +159,16 @@ def _run(cfg: "Config", worker: int | None = None, workers: int = 1) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
 
-    app.on_startup.append(_bounded_exit)
+    async def _app() -> web.Application:  # built inside run_app's event loop
+        app = await create_app(cfg)
+        app.on_startup.extend((_announce, _gc, _bounded_exit))
+        return app
+
     uvloop.install()
     # A streamed answer can last minutes: waiting for all of them would stall a deploy, so open streams get
     # server.shutdown_timeout_s, then are cut (with Redis, their clients resume on another replica).
-    web.run_app(app, host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None, print=None,
+    web.run_app(_app(), host=cfg.server.host, port=cfg.server.port, handler_cancellation=True, access_log=None,
+                print=None,
                 reuse_port=workers > 1, shutdown_timeout=cfg.server.shutdown_timeout_s)
     return 0
 

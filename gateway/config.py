@@ -56,7 +56,7 @@ class StreamsConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "StreamsConfig":
+    def _check(self) -> StreamsConfig:
         if self.min_rate > self.max_rate:
             raise ValueError("streams.min_rate must be <= streams.max_rate")
         return self
@@ -118,7 +118,7 @@ class ApiKeyConfig(_Strict):
     max_streams: int | None = Field(None, gt=0, description="concurrent streams for this key; above it 429 with Retry-After (none: no limit)")
 
     @model_validator(mode="after")
-    def _one_secret(self) -> "ApiKeyConfig":
+    def _one_secret(self) -> ApiKeyConfig:
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError(f"API key '{self.name}': give exactly one of key or key_sha256")
         return self
@@ -141,7 +141,7 @@ class AuthConfig(_Strict):
         return [*self.keys, *read_keys_file(self.keys_file)] if self.keys_file else list(self.keys)
 
     @model_validator(mode="after")
-    def _check(self) -> "AuthConfig":
+    def _check(self) -> AuthConfig:
         names = [k.name for k in self.all_keys()]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -198,7 +198,7 @@ class SessionConfig(_Strict):
     max_records: int = Field(100_000, gt=0, description="memory store: stream records kept at most")
 
     @model_validator(mode="after")
-    def _check(self) -> "SessionConfig":
+    def _check(self) -> SessionConfig:
         if self.scan_interval_s > self.lease_ttl_s:
             raise ValueError("session.scan_interval_s must be <= session.lease_ttl_s")
         if self.tick_interval_s * 2 > min(self.lease_ttl_s, self.driver_lease_ttl_s):
@@ -234,7 +234,7 @@ class Config(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _auth_refs(self) -> "Config":
+    def _auth_refs(self) -> Config:
         for k in self.auth.all_keys():
             if k.rate_class is not None and k.rate_class not in self.streams.rate_classes:
                 raise ValueError(f"API key '{k.name}': rate_class '{k.rate_class}' is not in streams.rate_classes")

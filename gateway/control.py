@@ -9,13 +9,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from .engines.client import EngineClient, EngineError
+from .engines.control_api import EngineState
 from .metrics import Metrics
 from .policy.snapshot import BufferSource, build_snapshot
 from .policy.types import Decision, Policy
-from .streams.stream import Stream
+from .streams.base import StreamBase
 
 log = logging.getLogger("tokenflow.control")
 
@@ -25,7 +26,7 @@ class Coordinator(Protocol):
 
     def is_driver(self, engine: str) -> bool: ...
 
-    def streams_for(self, engine: str, local: list[Stream], now: float) -> list[BufferSource]: ...
+    def streams_for(self, engine: str, local: list[BufferSource], now: float) -> list[BufferSource]: ...
 
 
 class ControlLoop:
@@ -33,7 +34,7 @@ class ControlLoop:
         self,
         engine: EngineClient,
         policy: Policy,
-        streams: Callable[[], Iterable[Stream]],
+        streams: Callable[[], Iterable[StreamBase]],
         clock: Callable[[], float],
         tick_interval_s: float,
         metrics: Metrics,
@@ -45,7 +46,7 @@ class ControlLoop:
         self._clock = clock
         self.tick_interval_s = tick_interval_s
         self.metrics = metrics
-        self.last_state: dict[str, Any] | None = None
+        self.last_state: EngineState | None = None
         self.healthy = False
         self.ticks = 0
         self.coordinator = coordinator
@@ -83,7 +84,7 @@ class ControlLoop:
         name = self.engine.name
         try:
             state = await self.engine.state()
-        except (EngineError, OSError, asyncio.TimeoutError) as e:
+        except EngineError as e:
             if self.healthy:
                 log.warning("engine control API unavailable", extra={"engine": name, "error": str(e)})
             self.healthy = False
@@ -94,22 +95,22 @@ class ControlLoop:
         self.ticks += 1
         m = self.metrics
         m.engine_up.labels(name).set(1)
-        eng = state.get("engine", {})
-        if eng.get("kv_device_capacity_tokens"):
-            m.engine_kv_device.labels(name).set(eng.get("kv_device_used_tokens", 0) / eng["kv_device_capacity_tokens"])
-        if eng.get("kv_host_capacity_tokens"):
-            m.engine_kv_host.labels(name).set(eng.get("kv_host_used_tokens", 0) / eng["kv_host_capacity_tokens"])
-        m.engine_counters.update(name, eng.get("counters") or {})
+        eng = state.engine
+        if eng.kv_device_capacity_tokens:
+            m.engine_kv_device.labels(name).set(eng.kv_device_used_tokens / eng.kv_device_capacity_tokens)
+        if eng.kv_host_capacity_tokens:
+            m.engine_kv_host.labels(name).set(eng.kv_host_used_tokens / eng.kv_host_capacity_tokens)
+        m.engine_counters.update(name, state.counters)
 
         now = self._clock()
-        streams = [s for s in self._streams() if not s.upstream_done]
+        streams = [s for s in self._streams() if not s.ended]
         self._record_engine_view(state, streams)
         sources: list[BufferSource] = list(streams)
         if self.coordinator is not None:
             self.driving = self.coordinator.is_driver(name)
             if not self.driving:
                 return []  # another replica schedules this engine (it sees our streams' published state)
-            sources = self.coordinator.streams_for(name, streams, now)
+            sources = self.coordinator.streams_for(name, sources, now)
         snap = build_snapshot(state, sources, now, self.tick_interval_s)
         buffer_hist, tte_hist = m.buffer.labels(name), m.time_to_empty.labels(name)  # one label lookup per tick
         for v in snap.streams:
@@ -123,7 +124,7 @@ class ControlLoop:
             return decisions
         try:
             results = await self.engine.commands([d.to_command() for d in decisions])
-        except (EngineError, OSError, asyncio.TimeoutError) as e:
+        except EngineError as e:
             log.warning(
                 "engine refused decisions",
                 extra={"engine": name, "decisions": [f"{d.op}:{d.id}" for d in decisions], "error": str(e)},
@@ -132,24 +133,18 @@ class ControlLoop:
             return decisions
         for d, r in zip(decisions, results):
             m.decisions.labels(name, d.op).inc()
-            if not r.get("ok", False):
-                code = (r.get("error") or {}).get("code", "unknown")
-                m.decision_failures.labels(name, d.op, code).inc()
+            if not r.ok:
+                m.decision_failures.labels(name, d.op, r.error_code or "unknown").inc()
             log.info(
                 "decision",
-                extra={"stream_id": d.id, "engine": name, "decision": d.op, "reason": d.reason, "ok": r.get("ok", False)},
+                extra={"stream_id": d.id, "engine": name, "decision": d.op, "reason": d.reason, "ok": r.ok},
             )
         return decisions
 
     @staticmethod
-    def _record_engine_view(state: dict[str, Any], streams: list[Stream]) -> None:
-        by_id = {r["id"]: r for r in state.get("requests", ())}
+    def _record_engine_view(state: EngineState, streams: list[StreamBase]) -> None:
+        requests = state.requests
         for s in streams:
-            r = by_id.get(s.id)
-            if r is None:
-                continue
-            s.engine_status = r.get("status", s.engine_status)
-            s.kv_device_tokens = int(r.get("kv_device_tokens") or 0)
-            s.kv_host_tokens = int(r.get("kv_host_tokens") or 0)
-            s.priority = int(r.get("priority") or 0)
-            s.preemptions = int(r.get("preemptions") or 0)
+            r = requests.get(s.id)
+            if r is not None:
+                s.engine_request = r

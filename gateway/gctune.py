@@ -17,7 +17,8 @@ import gc
 
 
 class GcTuner:
-    def __init__(self, loop: asyncio.AbstractEventLoop, freeze_every_s: float = 1.0, full_every_s: float = 300.0) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, freeze_every_s: float = 1.0, full_every_s: float = 300.0
+                 ) -> None:
         self._loop = loop
         self.freeze_every_s = freeze_every_s
         self.full_every_s = full_every_s

@@ -1,8 +1,8 @@
 """Reading one engine stream into the gateway: the producer side of every request.
 
-Streaming requests go through the session store (which hands the deltas to the local
-:class:`~gateway.streams.stream.Stream` once they are durable, see gateway/relay.py); non-streaming ones go
-straight into their Stream, which collects the text.
+The deltas of each network read go, in one call, to the request's :class:`TokenSink`: the session store for a
+streamed answer (which hands them to the local :class:`~gateway.streams.stream.Stream` once they are durable,
+see gateway/lifecycle.py), the :class:`~gateway.streams.collector.Collector` of a non-streaming one.
 
 :meth:`Pump.start` attaches the consumer synchronously, so the events that arrived with the engine's response
 head (usually the first token) reach the stream before the request handler goes on to write the response:
@@ -13,91 +13,102 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-import aiohttp
-
-from .engines.client import Delta, EngineError, EngineStream
-from .state import Final
+from .engines.client import EngineDelta, EngineError, EngineStream
+from .streams.tokens import Delta, Final
 
 if TYPE_CHECKING:
-    from .app import EngineHandle, Gateway
-    from .streams.stream import Stream
+    from .metrics import Metrics
+    from .streams.flow import ReadAhead
 
 log = logging.getLogger("tokenflow.gateway")
 
 
-class Pump:
-    __slots__ = ("gw", "engine", "upstream", "stream", "start_tokens", "produced", "reason", "usage", "_store", "_tokens_in")
+class TokenSink(Protocol):
+    """Where a request's token log goes (the session store, or a non-streaming request's collector)."""
 
-    def __init__(self, gw: "Gateway", engine: "EngineHandle", upstream: EngineStream, stream: "Stream", start: int = 0) -> None:
-        self.gw = gw
+    def extend(self, sid: str, deltas: list[Delta]) -> None: ...
+
+    def append(self, sid: str, delta: Delta) -> None: ...
+
+    def finish(self, sid: str, final: Final) -> None: ...
+
+
+class Pump:
+    __slots__ = (
+        "_tokens_in",
+        "engine",
+        "flow",
+        "metrics",
+        "produced",
+        "reason",
+        "sid",
+        "sink",
+        "start_tokens",
+        "upstream",
+        "usage",
+    )
+
+    def __init__(self, *, engine: str, upstream: EngineStream, sid: str, sink: TokenSink, metrics: Metrics,
+                 flow: ReadAhead | None = None, start: int = 0) -> None:
         self.engine = engine
         self.upstream = upstream
-        self.stream = stream
+        self.sid = sid
+        self.sink = sink
+        self.metrics = metrics
+        self.flow = flow  # a paced stream's read-ahead bound, which may pause reading the engine
         self.start_tokens = start  # tokens the stream had before this engine request (a resubmitted continuation)
         self.produced = start
         self.reason: str | None = None
         self.usage: dict[str, int] | None = None
-        self._store = gw.store if stream.collected is None else None
-        self._tokens_in = gw.metrics.tokens_in.labels(engine.config.name)
+        self._tokens_in = metrics.tokens_in.labels(engine)
 
-    def start(self) -> "asyncio.Task[None]":
+    def start(self) -> asyncio.Task[None]:
         """Take the engine stream's events from now on (those already read, at once), and read on in a task
         until the stream ends."""
-        if self._store is not None:  # the read-ahead bound of a paced stream (Stream._emit) may pause reading
-            self.stream.set_upstream(self.upstream.pause_reading)
+        if self.flow is not None:
+            self.flow.connect(self.upstream.pause_reading)
         self.upstream.attach(self.on_batch)
         return asyncio.ensure_future(self._run())
 
-    def on_batch(self, batch: list[Delta]) -> None:
-        """All the events of one network read, in the read's callback."""
+    def on_batch(self, batch: list[EngineDelta]) -> None:
+        """All the events of one network read, in the read's callback: one hand-over to the sink."""
         produced = before = self.produced
-        store = self._store
-        logged: list[tuple[int, str, None]] = []  # for the store: handed over in one call per read
+        logged: list[Delta] = []
         for d in batch:
             if d.tokens or d.text:
-                n = d.tokens or 1
-                produced += n
-                if store is not None:
-                    logged.append((produced, d.text, None))
-                else:
-                    self.stream.on_tokens(d.text, n, self.gw.loop_time())
+                produced += d.tokens or 1
+                logged.append((produced, d.text, None))
             if d.finish_reason:
                 self.reason = d.finish_reason
             if d.usage:
                 self.usage = d.usage
         self.produced = produced
         if logged:
-            store.extend(self.stream.id, logged)  # type: ignore[union-attr]
+            self.sink.extend(self.sid, logged)
         self._tokens_in.value += produced - before
 
     async def _run(self) -> None:
-        stream, store, sid = self.stream, self._store, self.stream.id
-        clock = self.gw.loop_time
+        sink, sid = self.sink, self.sid
         try:
             await self.upstream.wait()
             usage = self.usage or {}
-            prompt = max(0, int(usage.get("prompt_tokens", 0)) - self.start_tokens)  # a continuation's prompt holds the output
+            # A continuation's prompt holds the output so far.
+            prompt = max(0, int(usage.get("prompt_tokens", 0)) - self.start_tokens)
             completion = usage.get("completion_tokens")
-            if store is None:
-                stream.on_finished(self.reason or "stop", prompt, completion, clock())
-            else:
-                if completion is not None and self.start_tokens + completion > self.produced:  # tokens that carried no text
-                    self.produced = self.start_tokens + completion
-                    store.append(sid, (self.produced, "", None))
-                store.finish(sid, Final(self.reason or "stop", prompt))
+            if completion is not None and self.start_tokens + completion > self.produced:  # tokens that carried no text
+                self.produced = self.start_tokens + completion
+                sink.append(sid, (self.produced, "", None))
+            sink.finish(sid, Final(self.reason or "stop", prompt))
         except asyncio.CancelledError:
             raise
-        except (EngineError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-            name = self.engine.config.name
-            self.gw.metrics.errors.labels("engine_stream").inc()
-            log.warning("engine stream failed", extra={"stream_id": sid, "engine": name, "error": str(e)})
-            if store is None:
-                stream.on_error(f"the engine stream failed: {e}", "engine_stream_failed", clock())
-            else:
-                store.finish(sid, Final(None, 0, (f"the engine stream failed: {e}", "engine_stream_failed")))
+        except EngineError as e:
+            self.metrics.errors.labels("engine_stream").inc()
+            log.warning("engine stream failed", extra={"stream_id": sid, "engine": self.engine, "error": str(e)})
+            sink.finish(sid, Final(None, 0, (f"the engine stream failed: {e}", "engine_stream_failed")))
         finally:
-            if stream.upstream_pause is not None:
-                stream.set_upstream(None)
+            if self.flow is not None:
+                self.flow.connect(None)
             self.upstream.close()
+

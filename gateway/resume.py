@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .streams.stream import Delta
+from .streams.tokens import Delta, tokens_in
 
 _LIMITS = ("max_tokens", "max_completion_tokens")
 
@@ -31,7 +31,7 @@ def parse_event_id(value: str) -> tuple[str, int]:
 
 def continuation_body(kind: str, body: dict[str, Any], deltas: list[Delta]) -> dict[str, Any] | None:
     """The engine request that continues ``body`` after ``deltas``; None when nothing is left to generate."""
-    produced = deltas[-1][0] if deltas else 0
+    produced = tokens_in(deltas)
     out = copy.deepcopy(body)
     if produced == 0:
         return out
@@ -53,7 +53,7 @@ def continuation_body(kind: str, body: dict[str, Any], deltas: list[Delta]) -> d
         out["continue_final_message"] = True
         out["add_generation_prompt"] = False
         return out
-    prompt = out.get("prompt")
+    prompt: Any = out.get("prompt")
     batch = isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list))
     inner = prompt[0] if batch else prompt
     if isinstance(inner, str):

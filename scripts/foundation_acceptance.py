@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,11 +19,7 @@ import time
 import aiohttp
 import openai
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.net import free_port
 
 
 async def token_times(client: openai.AsyncOpenAI, model: str, max_tokens: int, tokenflow: dict) -> list[float]:
@@ -74,7 +69,8 @@ async def main() -> int:
             print(f"paced 20 tok/s: {len(gaps_ms)} gaps, median {statistics.median(gaps_ms):.2f} ms, "
                   f"p1 {gaps_ms[len(gaps_ms) // 100]:.2f} ms, p99 {gaps_ms[len(gaps_ms) * 99 // 100]:.2f} ms, "
                   f"within 40-60 ms: {within:.1%}")
-            print(f"TTFT no load (5 requests): median {statistics.median(ttfts) * 1000:.1f} ms, max {max(ttfts) * 1000:.1f} ms")
+            print(f"TTFT no load (5 requests): median {statistics.median(ttfts) * 1000:.1f} ms, "
+                  f"max {max(ttfts) * 1000:.1f} ms")
 
             # 2. Unpaced.
             arr = await token_times(client, model, 200, {"rate": 5, "pacing": "none"})
@@ -84,7 +80,8 @@ async def main() -> int:
             # 3. Ten malformed requests, then a good one.
             bad = [
                 b"{oops", b"[]", b'{"model": "x", "messages": [{"role": "user", "content": "a"}]}',
-                b'{"model": "%s", "messages": "a"}', b'{"model": "%s", "messages": [{"role": "user", "content": "a"}], "tokenflow": {"rate": -1}}',
+                b'{"model": "%s", "messages": "a"}',
+                b'{"model": "%s", "messages": [{"role": "user", "content": "a"}], "tokenflow": {"rate": -1}}',
                 b'{"model": "%s", "messages": [{"role": "user", "content": "a"}], "tokenflow": {"rate": 1e9}}',
                 b'{"model": "%s", "messages": [{"role": "user", "content": "a"}], "max_tokens": 0}',
                 b'{"model": "%s", "messages": [{"role": "user", "content": "a"}], "max_tokens": "ten"}',
@@ -94,17 +91,21 @@ async def main() -> int:
             statuses = []
             for b in bad:
                 b = b.replace(b"%s", model.encode())
-                async with http.post(url + "/v1/chat/completions", data=b, headers={"Content-Type": "application/json"}) as r:
+                async with http.post(url + "/v1/chat/completions", data=b,
+                                     headers={"Content-Type": "application/json"}) as r:
                     j = await r.json()
                     statuses.append((r.status, j["error"]["type"]))
-            ok = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
-            print(f"malformed: statuses {[s for s, _ in statuses]}; next good request -> {ok.usage.completion_tokens} tokens")
+            ok = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=5)
+            print(f"malformed: statuses {[s for s, _ in statuses]}; "
+                  f"next good request -> {ok.usage.completion_tokens} tokens")
 
             # 4. Disconnect frees the engine.
             times = []
             for _ in range(5):
                 resp = await http.post(url + "/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3000})
+                    "model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                    "max_tokens": 3000})
                 sid = resp.headers["X-TokenFlow-Stream-Id"]
                 await resp.content.readline()
                 async with http.get(f"{url}/v1/streams/{sid}") as r:
@@ -119,7 +120,8 @@ async def main() -> int:
                     await asyncio.sleep(0.002)
                 times.append(time.monotonic() - t0)
             print(f"disconnect -> stream gone from the gateway: median {statistics.median(times) * 1000:.1f} ms, "
-                  f"max {max(times) * 1000:.1f} ms (engine-side check: tests/e2e/test_gateway_api.py::test_client_disconnect_frees_the_engine)")
+                  f"max {max(times) * 1000:.1f} ms "
+                  "(engine-side check: tests/e2e/test_gateway_api.py::test_client_disconnect_frees_the_engine)")
     finally:
         proc.terminate()
         proc.wait(10)

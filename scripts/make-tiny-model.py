@@ -26,7 +26,7 @@ def corpus() -> list[str]:
     """A small fixed corpus: the Zen of Python, generated sentences, numbers."""
     import codecs
     with contextlib.redirect_stdout(io.StringIO()):
-        import this  # noqa: F401  (its text is ROT13 in this.s; importing prints it)
+        import this
 
     zen = codecs.decode(this.s, "rot13").splitlines()
     animals = ["fox", "dog", "cat", "owl", "bee", "elk", "yak", "emu"]
@@ -108,9 +108,11 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=688)
     ap.add_argument("--kv-heads", type=int, help="grouped-query attention: KV heads (default: --heads)")
-    ap.add_argument("--vocab", type=int, default=1024, help="model vocabulary; ids past the trained 1024 get tokens <tN>")
+    ap.add_argument("--vocab", type=int, default=1024,
+                    help="model vocabulary; ids past the trained 1024 get tokens <tN>")
     ap.add_argument("--positions", type=int, default=2048)
-    ap.add_argument("--no-weights", action="store_true", help="config and tokenizer only (serve with --load-format dummy)")
+    ap.add_argument("--no-weights", action="store_true",
+                    help="config and tokenizer only (serve with --load-format dummy)")
     args = ap.parse_args()
     spec = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate", "positions", "no_weights")}
     spec["format"] = 1

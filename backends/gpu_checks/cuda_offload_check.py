@@ -23,8 +23,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 BLOCK_TOKENS = 16
 LAYERS = 32

@@ -6,7 +6,7 @@
 - ``virtual``: ``VirtualEngine``, a discrete-event runner for benchmarks.
 """
 
-from .core import EngineCore, Emitted, Step
+from .core import Emitted, EngineCore, Step
 from .profile import Profile, ProfileError, load_profile
 
-__all__ = ["EngineCore", "Emitted", "Profile", "ProfileError", "Step", "load_profile"]
+__all__ = ["Emitted", "EngineCore", "Profile", "ProfileError", "Step", "load_profile"]

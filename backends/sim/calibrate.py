@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shlex
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .profile import step_seconds
 
@@ -183,7 +184,7 @@ class RandomLlama:
             g, u = gu.chunk(2, dim=-1)
             return F.silu(g) * u
 
-        self.plain = {"add_rms": add_rms, "rope_qk": rope_qk, "silu_mul": silu_mul}
+        self.plain: dict[str, Callable[..., Any]] = {"add_rms": add_rms, "rope_qk": rope_qk, "silu_mul": silu_mul}
         self.ops = dict(self.plain)
         self.fused = False
         self.fuse_error: str | None = None
@@ -356,7 +357,7 @@ def pick_attention(torch: Any, clock: Clock, model: RandomLlama, seg: Segment,
         if backend is None:
             continue
 
-        def all_layers() -> None:
+        def all_layers(backend: Any = backend) -> None:
             with sdpa_kernel([backend]):
                 for k, v in kv:
                     F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -378,7 +379,7 @@ def pick_attention(torch: Any, clock: Clock, model: RandomLlama, seg: Segment,
 # ------------------------------------------------------------------------------------------------- measuring
 
 
-def default_grids(tiny: bool) -> dict[str, list[tuple[int, ...]]]:
+def default_grids(tiny: bool) -> dict[str, Sequence[tuple[int, ...]]]:
     """prefill: (n prompts, length); decode: (batch, context); mixed: (batch, context, prefill tokens)."""
     if tiny:
         return {"prefill": [(1, 32), (1, 128), (4, 64)], "decode": [(1, 32), (4, 128), (8, 256)],
@@ -457,7 +458,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     it = itertools.cycle(src)
     t_copy = clock.time(lambda: dst.copy_(next(it)), 3, 20)["median_s"]
     hbm = 2 * n_copy * 2 / t_copy
-    src = dst = None  # free the 3 GiB
+    src = dst = None  # type: ignore[assignment]  # free the 3 GiB
     m = 8192 if cuda else 256
     mats = [(torch.randn(m, m, device=args.device, dtype=torch.bfloat16),
              torch.randn(m, m, device=args.device, dtype=torch.bfloat16)) for _ in range(2)]
@@ -470,7 +471,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     t_mm = clock.time(mm, 3, 20)["median_s"]
     rate = 2 * m**3 / t_mm
-    mats = out = None
+    mats = out = None  # type: ignore[assignment]
     doc["ceilings"] = {"hbm_copy_bytes_per_s": hbm, "copy_bytes": 2 * n_copy * 2, "matmul_flops_per_s": rate,
                        "matmul_size": m}
     rec.save()
@@ -592,7 +593,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     # 4. Prefill sweep.
     for n, L in grids["prefill"]:
-        if n * L > pool_tokens or L > s.max_model_len or left() < 90:
+        if n * L > pool_tokens or s.max_model_len < L or left() < 90:
             doc["skipped"].append({"kind": "prefill", "n": n, "length": L})
             continue
         kc, vc = kv_views(pool, s, n, L)
@@ -604,7 +605,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     # 5. Decode sweep.
     for B, C in grids["decode"]:
-        if B * (C + 1) > pool_tokens or C > s.max_model_len or left() < 60:
+        if pool_tokens < B * (C + 1) or s.max_model_len < C or left() < 60:
             doc["skipped"].append({"kind": "decode", "n": B, "length": C})
             continue
         kc, vc = kv_views(pool, s, B, C + 1)
@@ -614,7 +615,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     # 6. Mixed (chunked-prefill) steps: a decode batch and one prompt chunk in one forward.
     for B, C, P in grids["mixed"]:
-        if B * (C + 1) + P > pool_tokens or left() < 45:
+        if pool_tokens < B * (C + 1) + P or left() < 45:
             doc["skipped"].append({"kind": "mixed", "n": B, "length": C, "prefill": P})
             continue
         kc, vc = kv_views(pool, s, B, C + 1)
@@ -771,7 +772,7 @@ def _errors(pred: Any, y: Any) -> dict[str, Any]:
 
     rel = (pred - y) / y
     return {"max_rel_err": float(np.abs(rel).max()), "rms_rel_err": float(np.sqrt((rel**2).mean())),
-            "n_points": int(len(y)), "predicted_s": [float(v) for v in pred]}
+            "n_points": len(y), "predicted_s": [float(v) for v in pred]}
 
 
 
@@ -1006,7 +1007,8 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
 
     windows, runs = [], []
     for rep in args.report:
-        doc = json.load(open(rep))
+        with open(rep) as f:
+            doc = json.load(f)
         for pol, m in doc["policies"].items():
             w = m.get("machine", {}).get("window_perf_counter")
             if w and w[1]:
@@ -1019,7 +1021,8 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
     y = np.array([p["t_real_s"] for p in pts])
     pred = np.array(fit["predicted_s"])
     rel = np.abs(pred / y - 1)
-    eng = json.load(open(args.engine))
+    with open(args.engine) as f:
+        eng = json.load(f)
     eng = eng.get("engine", eng)
     c = {k: fit[k] for k in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s")}
     summary = (f"{len(pts)} steps of {', '.join(runs)}; per-step relative error median {np.median(rel):.1%}, "

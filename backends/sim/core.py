@@ -62,33 +62,33 @@ class Emitted(NamedTuple):
     """One output token of one request, produced by a step."""
 
     id: str
-    index: int  # 0-based position in the request's output
+    position: int  # 0-based position in the request's output (a NamedTuple field may not be called index)
     finish_reason: str | None  # "length" when this token ends the request, else None
 
 
 class _Req:
     __slots__ = (
-        "id",
-        "prompt",
-        "max_tokens",
-        "limit",
-        "priority",
-        "arrival",
-        "seq",
-        "output",
-        "num_tokens",
-        "computed",
-        "high",
-        "slots",
-        "host",
-        "status",
-        "started",
-        "preemptions",
-        "qver",
         "after_load",
-        "load_tokens",
-        "load_finish",
+        "arrival",
+        "computed",
         "flush_done",
+        "high",
+        "host",
+        "id",
+        "limit",
+        "load_finish",
+        "load_tokens",
+        "max_tokens",
+        "num_tokens",
+        "output",
+        "preemptions",
+        "priority",
+        "prompt",
+        "qver",
+        "seq",
+        "slots",
+        "started",
+        "status",
     )
 
     def __init__(

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .core import OPS, DuplicateId, EngineCore, Emitted, StepInFlight
+from .core import OPS, DuplicateId, Emitted, EngineCore
 from .profile import Profile, ProfileError, load_profile
 
 log = logging.getLogger("tokenflow.sim")
@@ -212,7 +212,7 @@ class WallClockEngine:
                 if timeout is None or timeout > 0:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                 continue
             end = t + step.duration
@@ -230,7 +230,7 @@ class WallClockEngine:
         for e in emitted:
             q = queues.get(e.id)
             if q is not None:
-                q.put_nowait((e.index, e.finish_reason))
+                q.put_nowait((e.position, e.finish_reason))
                 if e.finish_reason is not None:
                     del queues[e.id]
 
@@ -556,7 +556,7 @@ async def _stream(request: web.Request, g: GenRequest, q: asyncio.Queue, created
             if finish is not None:
                 break
         if g.include_usage:
-            obj = {"id": ("chatcmpl-" if chat else "cmpl-") + g.rid,
+            obj: dict[str, Any] = {"id": ("chatcmpl-" if chat else "cmpl-") + g.rid,
                    "object": "chat.completion.chunk" if chat else "text_completion",
                    "created": created, "model": g.model, "choices": [], "usage": _usage(g, n)}
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")

@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .core import OPS, DuplicateId, EngineCore, Emitted
+from .core import OPS, DuplicateId, Emitted, EngineCore
 from .profile import Profile
 
 TokenCallback = Callable[[float, list[Emitted]], None]
@@ -170,7 +170,7 @@ def _burst_main(argv: list[str] | None = None) -> int:
         nonlocal tokens
         tokens += len(emitted)
         for e in emitted:
-            if e.index == 0:
+            if e.position == 0:
                 first[e.id] = now
 
     eng = VirtualEngine(load_profile(args.profile), on_tokens=cb, engine_preempt=args.engine_preempt)

@@ -44,7 +44,8 @@ async def _run(args: argparse.Namespace) -> int:
     clock = res.clock
     for p in clock.phrases:
         gap = f"  (silence {p.gap:.2f} s before it)" if p.gap > 0.1 and p is not clock.phrases[0] else ""
-        print(f"{p.start - res.requested:6.2f} s  tokens {p.start_token:3d}-{p.end_token:3d}  {p.duration:4.2f} s  {p.text.strip()}{gap}")
+        print(f"{p.start - res.requested:6.2f} s  tokens {p.start_token:3d}-{p.end_token:3d}  {p.duration:4.2f} s  "
+              f"{p.text.strip()}{gap}")
     rate = res.rate_measured
     print(f"first sound after {res.first_audio_s:.2f} s; {clock.tokens} tokens in {clock.audio_s:.1f} s of speech "
           f"({clock.speech_rate():.2f} tok/s); the gateway measured "
@@ -54,7 +55,7 @@ async def _run(args: argparse.Namespace) -> int:
         pcm = bytearray()
         for p, clip in zip(clock.phrases, res.clips):  # silence for every gap: what the listener heard
             pcm += b"\0\0" * round(p.gap * sr if p is not clock.phrases[0] else 0) + clip.pcm
-        with open(args.out, "wb") as f:
+        with open(args.out, "wb") as f:  # noqa: ASYNC230 - once, at the end: nothing else runs on the loop then
             f.write(wav_bytes(bytes(pcm), sr))
         print(f"wrote {args.out}")
     return 0

@@ -96,7 +96,8 @@ class DeadlineSlots:
 class Espeak:
     """``espeak-ng`` at ``wpm`` words per minute (its default is 175) with ``voice``."""
 
-    def __init__(self, wpm: int = 175, voice: str = "en", binary: str = "espeak-ng", concurrency: int | None = None) -> None:
+    def __init__(self, wpm: int = 175, voice: str = "en", binary: str = "espeak-ng", concurrency: int | None = None
+                 ) -> None:
         self.args = [binary, "--stdout", "-s", str(wpm), "-v", voice]
         self.slots = DeadlineSlots(concurrency or os.cpu_count() or 1)
 

@@ -42,3 +42,8 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
 
 def not_found(message: str, code: str = "not_found", param: str | None = None) -> ApiError:
     return ApiError(404, message, type="invalid_request_error", code=code, param=param)
+
+
+def at_capacity(message: str, code: str, retry_after_s: int) -> ApiError:
+    """429: a stream limit is reached (the gateway's, an engine's or an API key's); retry after a while."""
+    return ApiError(429, message, type="rate_limit_error", code=code, headers={"Retry-After": str(retry_after_s)})

@@ -68,7 +68,8 @@ def _rate(value: Any, where: str, cfg: StreamsConfig) -> float:
     if not _is_number(value) or not math.isfinite(value):
         raise invalid(f"{where} must be a finite number of tokens/s", param=where)
     if not (cfg.min_rate <= value <= cfg.max_rate):
-        raise invalid(f"{where} must be between {cfg.min_rate:g} and {cfg.max_rate:g} tokens/s, got {value:g}", param=where)
+        raise invalid(f"{where} must be between {cfg.min_rate:g} and {cfg.max_rate:g} tokens/s, got {value:g}",
+                      param=where)
     return float(value)
 
 
@@ -80,10 +81,12 @@ def _check_messages(messages: Any) -> None:
             raise invalid(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool", "developer", "function"):
-            raise invalid(f"'messages[{i}].role' must be one of system, user, assistant, tool, developer", param=f"messages[{i}].role")
+            raise invalid(f"'messages[{i}].role' must be one of system, user, assistant, tool, developer",
+                          param=f"messages[{i}].role")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise invalid(f"'messages[{i}].content' must be a string or an array of content parts", param=f"messages[{i}].content")
+            raise invalid(f"'messages[{i}].content' must be a string or an array of content parts",
+                          param=f"messages[{i}].content")
 
 
 def _check_prompt(prompt: Any) -> None:

@@ -15,7 +15,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 class ChunkEncoder:
-    __slots__ = ("kind", "sid", "object_id", "model", "created", "_prefix", "_suffix", "_id_prefix", "_role_sent")
+    __slots__ = ("_id_prefix", "_prefix", "_role_sent", "_suffix", "created", "kind", "model", "object_id", "sid")
 
     def __init__(self, kind: str, stream_id: str, model: str, created: int) -> None:
         self.kind = kind
@@ -71,11 +71,24 @@ class ChunkEncoder:
         return self.event_id(index) + b"data: " + orjson.dumps(obj) + b"\n\n"
 
     def error(self, message: str, code: str) -> bytes:
-        return b"data: " + orjson.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}}) + b"\n\n"
+        err = {"message": message, "type": "server_error", "param": None, "code": code}
+        return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+    def answer(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+               ) -> dict[str, Any]:
+        """A non-streamed answer, whole: ``chat.completion`` or ``text_completion``."""
+        chat = self.kind == "chat"
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {
+            "index": 0, "text": text}
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        return {"id": self.object_id, "object": "chat.completion" if chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice],
+                "usage": usage_dict(prompt_tokens, completion_tokens)}
 
     def _json(self, choice_body: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, **choice_body, "logprobs": None, "finish_reason": finish_reason}
-        obj = {"id": self.object_id, "object": self._object(), "created": self.created, "model": self.model, "choices": [choice]}
+        obj = {"id": self.object_id, "object": self._object(), "created": self.created, "model": self.model,
+               "choices": [choice]}
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 

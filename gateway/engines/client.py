@@ -1,23 +1,43 @@
 """HTTP client for one engine: its OpenAI streaming endpoint and its control API.
 
 The gateway only speaks docs/engine-control-api.md and the OpenAI API; nothing here knows which engine
-is behind the URL.
+is behind the URL. Whatever goes wrong on the way (a refused or reset connection, a timeout, a bad answer)
+leaves this client as an :class:`EngineError`, so its callers handle one exception type.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
 import orjson
 
-from .sse_parse import Delta, EngineError, _error_message, parse_lines
+from . import control_api as api
+from .control_api import CommandResult, EngineState
+from .sse_parse import EngineDelta, EngineError, EngineTimeout, EngineUnreachable, _error_message, parse_lines
 from .stream import ConnectionPool, EngineStream
 
-__all__ = ["CONTROL_VERSION", "Delta", "EngineClient", "EngineError", "EngineStream"]
+__all__ = ["EngineClient", "EngineDelta", "EngineError", "EngineStream", "EngineTimeout", "EngineUnreachable"]
 
-CONTROL_VERSION = "1"
+Command = dict[str, Any]  # {"op": ..., "id": ..., ["priority": int]}, as Decision.to_command() builds it
+
+
+@contextmanager
+def transport_errors(what: str) -> Iterator[None]:
+    """Map the transport's exceptions to EngineError subclasses (httpcore's ``map_exceptions``); ``what`` names
+    the call in their messages."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except TimeoutError as e:  # before OSError: TimeoutError is one
+        raise EngineTimeout(f"{what}: timed out") from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise EngineUnreachable(f"{what}: {e!r}") from e
+    except (ValueError, KeyError, TypeError) as e:  # an answer that is not what the API promises
+        raise EngineError(f"{what}: malformed answer ({e!r})") from e
 
 
 class EngineClient:
@@ -42,7 +62,7 @@ class EngineClient:
     async def open_stream(self, kind: str, body: dict[str, Any]) -> EngineStream:
         """Start a streaming request; its deltas are read by an :class:`EngineStream` (one callback per read)."""
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        upstream = await EngineStream.open(self.name, self.pool, path, kind, orjson.dumps(body),
+        upstream = await EngineStream.open(self.name, self.pool, path, kind, orjson.dumps(body),  # EngineError only
                                            {"Content-Type": "application/json"}, self._request_timeout_s)
         if upstream.status != 200:
             raw = upstream.error_body
@@ -57,7 +77,7 @@ class EngineClient:
         return upstream
 
     @staticmethod
-    async def delta_batches(resp: "EngineStream | aiohttp.ClientResponse", kind: str) -> AsyncIterator[list[Delta]]:
+    async def delta_batches(resp: EngineStream | aiohttp.ClientResponse, kind: str) -> AsyncIterator[list[EngineDelta]]:
         """Parse the engine's SSE stream: per network read, the deltas of every complete event in it.
 
         Several tokens ready at once cost one read and one iteration, not a readline per line: the bytes are
@@ -68,8 +88,13 @@ class EngineClient:
             async for batch in resp.batches():
                 yield batch
             return
+        with transport_errors("engine stream"):
+            async for batch in EngineClient._client_response_batches(resp, kind == "chat"):
+                yield batch
+
+    @staticmethod
+    async def _client_response_batches(resp: aiohttp.ClientResponse, chat: bool) -> AsyncIterator[list[EngineDelta]]:
         content = resp.content
-        chat = kind == "chat"
         rest = b""
         while True:
             chunk = await content.readany()
@@ -92,7 +117,7 @@ class EngineClient:
                 return
 
     @staticmethod
-    async def deltas(resp: aiohttp.ClientResponse, kind: str) -> AsyncIterator[Delta]:
+    async def deltas(resp: EngineStream | aiohttp.ClientResponse, kind: str) -> AsyncIterator[EngineDelta]:
         """Parse the engine's SSE stream into deltas (one per chunk)."""
         async for batch in EngineClient.delta_batches(resp, kind):
             for d in batch:
@@ -103,32 +128,44 @@ class EngineClient:
         self.pool.close()
 
     # --- control side ---
-    async def state(self) -> dict[str, Any]:
-        async with self.session.get(
-            self.base_url + "/control/v1/state", headers=self._headers, timeout=self._control_timeout
-        ) as resp:
-            if resp.status != 200:
-                raise EngineError(f"engine '{self.name}' state: HTTP {resp.status}", status=502)
-            if resp.headers.get("X-TokenFlow-Control-Version") != CONTROL_VERSION:
-                raise EngineError(f"engine '{self.name}' does not speak control API v{CONTROL_VERSION}", status=502)
-            return orjson.loads(await resp.read())
+    async def state(self) -> EngineState:
+        with transport_errors(f"engine '{self.name}' state"):
+            async with self.session.get(
+                self.base_url + api.STATE_PATH, headers=self._headers, timeout=self._control_timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise EngineError(f"engine '{self.name}' state: HTTP {resp.status}", status=502)
+                if resp.headers.get(api.VERSION_HEADER) != api.VERSION:
+                    raise EngineError(f"engine '{self.name}' does not speak control API v{api.VERSION}", status=502)
+                return EngineState.from_json(orjson.loads(await resp.read()))
 
-    async def commands(self, commands: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not commands:
-            return []
-        async with self.session.post(
-            self.base_url + "/control/v1/commands",
-            data=orjson.dumps({"commands": list(commands)}),
-            headers={**self._headers, "Content-Type": "application/json"},
-            timeout=self._control_timeout,
-        ) as resp:
-            if resp.status != 200:
-                raise EngineError(f"engine '{self.name}' commands: HTTP {resp.status}", status=502)
-            return orjson.loads(await resp.read())["results"]
+    async def commands(self, commands: Sequence[Command]) -> list[CommandResult]:
+        """Send ``commands`` in order, in calls of at most ``MAX_COMMANDS``; one result per command."""
+        results: list[CommandResult] = []
+        for i in range(0, len(commands), api.MAX_COMMANDS):
+            results += await self._commands(commands[i:i + api.MAX_COMMANDS])
+        return results
+
+    async def _commands(self, batch: Sequence[Command]) -> list[CommandResult]:
+        with transport_errors(f"engine '{self.name}' commands"):
+            async with self.session.post(
+                self.base_url + api.COMMANDS_PATH,
+                data=orjson.dumps({"commands": list(batch)}),
+                headers={**self._headers, "Content-Type": "application/json"},
+                timeout=self._control_timeout,
+            ) as resp:
+                if resp.status != 200:
+                    raise EngineError(f"engine '{self.name}' commands: HTTP {resp.status}", status=502)
+                return [CommandResult.from_json(r) for r in orjson.loads(await resp.read())["results"]]
+
+    async def abort(self, request_id: str) -> None:
+        """End a request the gateway no longer needs (its client left before the engine finished)."""
+        await self.commands([{"op": "abort", "id": request_id}])
 
     async def models(self) -> list[str]:
-        async with self.session.get(self.base_url + "/v1/models", timeout=self._control_timeout) as resp:
-            if resp.status != 200:
-                raise EngineError(f"engine '{self.name}' models: HTTP {resp.status}", status=502)
-            data = orjson.loads(await resp.read())
-            return [m["id"] for m in data.get("data", ())]
+        with transport_errors(f"engine '{self.name}' models"):
+            async with self.session.get(self.base_url + "/v1/models", timeout=self._control_timeout) as resp:
+                if resp.status != 200:
+                    raise EngineError(f"engine '{self.name}' models: HTTP {resp.status}", status=502)
+                data = orjson.loads(await resp.read())
+                return [m["id"] for m in data.get("data", ())]

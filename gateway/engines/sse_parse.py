@@ -10,25 +10,51 @@ import orjson
 
 
 class EngineError(Exception):
-    """The engine failed or answered with an error."""
+    """The engine failed or answered with an error: the one exception type the engine client raises.
+
+    ``status`` is what the gateway answers its own client with: the engine's 4xx passed on (the request's
+    fault), 502 for a bad or broken answer, 503 when the engine cannot be reached, 504 on a timeout.
+    """
 
     def __init__(self, message: str, status: int = 502, body: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
 
+    @property
+    def code(self) -> str | None:
+        """The error code in the engine's answer, if it sent one (for example ``duplicate_id``)."""
+        err = self.body.get("error") if isinstance(self.body, dict) else None
+        return err.get("code") if isinstance(err, dict) else None
+
+
+class EngineUnreachable(EngineError):
+    """The engine could not be reached, or the connection failed (a transport error)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503)
+
+
+class EngineTimeout(EngineError, TimeoutError):
+    """The engine did not answer in time (a control call, or a stream past its request timeout)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=504)
+
 
 @dataclass(slots=True)
-class Delta:
+class EngineDelta:
+    """What one event of the engine's stream said (not to be confused with the token log's ``Delta``)."""
+
     text: str
     tokens: int
     finish_reason: str | None
     usage: dict[str, int] | None
 
 
-def parse_lines(lines: list[bytes], chat: bool) -> tuple[list[Delta], bool]:
+def parse_lines(lines: list[bytes], chat: bool) -> tuple[list[EngineDelta], bool]:
     """The deltas of the ``data:`` lines among ``lines``, and whether ``[DONE]`` was among them."""
-    out: list[Delta] = []
+    out: list[EngineDelta] = []
     for line in lines:
         if not line.startswith(b"data:"):
             line = line.strip()
@@ -47,15 +73,13 @@ def parse_lines(lines: list[bytes], chat: bool) -> tuple[list[Delta], bool]:
         choices = obj.get("choices")
         if not choices:
             if usage:
-                out.append(Delta("", 0, None, usage))
+                out.append(EngineDelta("", 0, None, usage))
             continue
         c = choices[0]
-        if chat:
-            text = (c.get("delta") or {}).get("content") or ""
-        else:
-            text = c.get("text") or ""
+        text = ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
         ids = c.get("token_ids")
-        out.append(Delta(text, len(ids) if ids is not None else (1 if text else 0), c.get("finish_reason"), usage))
+        tokens = len(ids) if ids is not None else (1 if text else 0)
+        out.append(EngineDelta(text, tokens, c.get("finish_reason"), usage))
     return out, False
 
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from .sse_parse import Delta, EngineError, parse_lines
+from .sse_parse import EngineDelta, EngineError, EngineTimeout, EngineUnreachable, parse_lines
 
 _SIZE, _DATA, _CRLF = 0, 1, 2
 
@@ -33,7 +33,7 @@ class _Stale(Exception):
 class _Conn(asyncio.Protocol):
     """One TCP connection to an engine; feeds the request it currently carries."""
 
-    def __init__(self, pool: "ConnectionPool") -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.req: EngineStream | None = None
@@ -146,8 +146,8 @@ class EngineStream:
         self._body_done = False
         self._sse_done = False  # [DONE] seen: the consumer is finished, the framing may still be arriving
         self._finished = False
-        self._on_batch: Callable[[list[Delta]], None] | None = None
-        self._pending: list[list[Delta]] = []
+        self._on_batch: Callable[[list[EngineDelta]], None] | None = None
+        self._pending: list[list[EngineDelta]] = []
         self._waiter: asyncio.Future[None] | None = None
         self._head_fut: asyncio.Future[None] = loop.create_future()
         self._done: asyncio.Future[None] = loop.create_future()
@@ -157,8 +157,8 @@ class EngineStream:
 
     # ----- client side -----
     @classmethod
-    async def open(cls, engine: str, pool: "ConnectionPool | str", path: str, kind: str, body: bytes,
-                   headers: dict[str, str], timeout_s: float, connect_timeout_s: float = 10.0) -> "EngineStream":
+    async def open(cls, engine: str, pool: ConnectionPool | str, path: str, kind: str, body: bytes,
+                   headers: dict[str, str], timeout_s: float, connect_timeout_s: float = 10.0) -> EngineStream:
         """Send the request (on a pooled connection when one is idle) and wait for the response head (a
         non-200 answer's whole body). ``pool`` may be a base URL (a one-off pool)."""
         if isinstance(pool, str):
@@ -172,15 +172,16 @@ class EngineStream:
         for _ in range(3):  # a reused connection the engine closed meanwhile: try again on another
             try:
                 conn = await pool.acquire(connect_timeout_s)
-            except (OSError, asyncio.TimeoutError) as e:
-                raise EngineError(f"engine '{engine}' is unreachable: {e!r}", status=503) from e
+            except (TimeoutError, OSError) as e:
+                raise EngineUnreachable(f"engine '{engine}' is unreachable: {e!r}") from e
             proto = cls(engine, kind, loop)
             proto._conn = conn
             proto._was_reused = conn.reused
             conn.req = proto
             assert conn.transport is not None
             conn.transport.write(request)
-            proto._timer = loop.call_later(timeout_s, proto._fail, asyncio.TimeoutError())
+            proto._timer = loop.call_later(
+                timeout_s, proto._fail, EngineTimeout(f"engine '{engine}' did not finish within {timeout_s:g} s"))
             try:
                 await proto._head_fut
             except _Stale:
@@ -189,9 +190,9 @@ class EngineStream:
                 proto.close()
                 raise
             return proto
-        raise EngineError(f"engine '{engine}' closed every connection before answering", status=503)
+        raise EngineUnreachable(f"engine '{engine}' closed every connection before answering")
 
-    def attach(self, on_batch: Callable[[list[Delta]], None]) -> None:
+    def attach(self, on_batch: Callable[[list[EngineDelta]], None]) -> None:
         """Hand every batch of deltas (one per network read) to ``on_batch``: those already read now, the
         others as they arrive. ``on_batch`` runs inside the protocol callback: it must not block; what it
         raises ends the stream (:meth:`wait` raises it)."""
@@ -205,16 +206,16 @@ class EngineStream:
         self._on_batch = on_batch
 
     async def wait(self) -> None:
-        """Until the stream ends. Raises EngineError (bad or broken stream, an error event) or
-        asyncio.TimeoutError (the request timeout), or what the consumer raised."""
+        """Until the stream ends. Raises EngineError (bad or broken stream, an error event; EngineTimeout past
+        the request timeout), or what the consumer raised."""
         await self._done
 
-    async def consume(self, on_batch: Callable[[list[Delta]], None]) -> None:
+    async def consume(self, on_batch: Callable[[list[EngineDelta]], None]) -> None:
         """:meth:`attach`, then :meth:`wait`."""
         self.attach(on_batch)
         await self._done
 
-    async def batches(self) -> AsyncIterator[list[Delta]]:
+    async def batches(self) -> AsyncIterator[list[EngineDelta]]:
         """The batches as an async iterator (simple consumers; the data path uses :meth:`consume`)."""
         while True:
             if self._pending:
@@ -228,7 +229,7 @@ class EngineStream:
 
     def pause_reading(self, paused: bool) -> None:
         """Stop (or restart) reading the connection: the engine's next events wait in the socket meanwhile,
-        to come in one read. The consumer's read-ahead bound drives this (``Stream.upstream_pause``)."""
+        to come in one read. The consumer's read-ahead bound drives this (``gateway.streams.flow.ReadAhead``)."""
         conn = self._conn
         if conn is not None and conn.transport is not None and not self._finished:
             if paused:
@@ -431,7 +432,7 @@ class EngineStream:
                 conn.abort()
         self._resolve()
 
-    def _deliver(self, batch: list[Delta]) -> None:
+    def _deliver(self, batch: list[EngineDelta]) -> None:
         cb = self._on_batch
         if cb is not None:
             cb(batch)
@@ -469,7 +470,7 @@ class EngineStream:
         self._waiter = None
 
 
-def _retrieve(fut: "asyncio.Future[Any]") -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark an exception as seen: a stream closed by its consumer need not be awaited."""
     if not fut.cancelled():
         fut.exception()

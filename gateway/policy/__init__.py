@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .andes import AndesPolicy
 from .fcfs import FcfsPolicy
@@ -38,14 +39,14 @@ register("andes", AndesPolicy)
 __all__ = [
     "AndesKnobs",
     "AndesPolicy",
-    "TokenFlowKnobs",
-    "TokenFlowPolicy",
     "Decision",
     "EngineStatus",
     "EngineView",
     "Policy",
     "Snapshot",
     "StreamView",
+    "TokenFlowKnobs",
+    "TokenFlowPolicy",
     "available",
     "make_policy",
     "register",

@@ -7,9 +7,14 @@ dataclasses so a config file or the bench can override any of them by name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+K = TypeVar("K", bound="DataclassInstance")
 
 @dataclass(frozen=True, slots=True)
 class TokenFlowKnobs:
@@ -42,7 +47,7 @@ class TokenFlowKnobs:
     default_bytes_per_s: float = 1.0e10
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "TokenFlowKnobs":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> TokenFlowKnobs:
         return _from_mapping(cls, values)
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,14 +69,14 @@ class AndesKnobs:
     default_prefill_tokens_per_s: float = 10000.0
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "AndesKnobs":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> AndesKnobs:
         return _from_mapping(cls, values)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _from_mapping(cls: type, values: Mapping[str, Any] | None) -> Any:
+def _from_mapping(cls: type[K], values: Mapping[str, Any] | None) -> K:
     if not values:
         return cls()
     names = {f.name: f for f in fields(cls)}

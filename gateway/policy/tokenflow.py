@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .knobs import TokenFlowKnobs
-from .types import Decision, EngineStatus, Snapshot
+from .types import Decision, EngineStatus, Snapshot, StreamView
 
 _RUNNING = EngineStatus.RUNNING
 _WAITING = EngineStatus.WAITING
@@ -57,6 +57,122 @@ class TickInfo:
     capacity_tps: float = math.inf
     demand_tps: float = 0.0
     selected: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Costs:
+    """What moving a request costs on this engine, per token (measured, or the knobs' defaults until then)."""
+
+    tick: float  # the control loop's interval
+    mu: float  # conservativeness
+    step: float  # seconds per engine step
+    load_s: float  # host -> device copy
+    evict_s: float  # device -> host copy
+    rec_s: float  # recomputation (prefill)
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, k: TokenFlowKnobs) -> _Costs:
+        eng = snapshot.engine
+        bpt = eng.kv_bytes_per_token
+        return cls(
+            tick=snapshot.tick_interval_s,
+            mu=k.conservativeness,
+            step=eng.step_time_s or k.default_step_time_s,
+            load_s=bpt / (eng.h2d_bytes_per_s or k.default_bytes_per_s),
+            evict_s=bpt / (eng.d2h_bytes_per_s or k.default_bytes_per_s),
+            rec_s=1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s),
+        )
+
+
+@dataclass(slots=True)
+class _Tick:
+    """One pass over the streams: per stream (by snapshot index) its slack key, footprint and kind, and the
+    working-set bookkeeping of the whole engine."""
+
+    keys: list[float]  # slack: seconds until it must run (lower = more urgent; _MUST_RUN = cannot pause)
+    foot: list[int]  # device KV tokens it needs for the next tick
+    kind: bytearray  # 0 running, 1 paused after starting (held / waiting), 2 other
+    new_idx: list[int]  # not started, not running: new requests, admitted or not
+    order: list[int]  # candidates for the device: all but new requests not yet admitted
+    n_running: int
+    prefilling: bool  # a request is mid-prefill (its steps are no decode-speed sample)
+    backlog: float  # seconds of host-to-device copies in flight (progress is not reported: whole copies)
+    admitted: int
+    demand: float  # tokens/s the admitted requests' readers want
+    beta_sum: float  # lifetime KV footprints, summed (their mean is the paper's beta)
+
+
+def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
+    """Slack key, footprint and working-set bookkeeping of every stream, in one pass (the hot loop: no calls,
+    locals only)."""
+    n = len(streams)
+    keys = [0.0] * n
+    foot = [0] * n
+    kind = bytearray(n)
+    new_idx: list[int] = []
+    order: list[int] = []
+    n_running = 0
+    prefilling = False
+    backlog = 0.0
+    admitted = 0
+    demand = 0.0
+    beta_sum = 0.0
+    big = 1 << 40
+    tick, mu, step, load_s, evict_s, rec_s = c.tick, c.mu, c.step, c.load_s, c.evict_s, c.rec_s
+    g_int = int(tick / step)  # tokens a running request adds in one tick
+    back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
+    mu_tick = mu * tick
+    host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
+    inf = math.inf
+    for i, s in enumerate(streams):
+        st = s.status
+        if st is _RUNNING:
+            n_running += 1
+        else:
+            kind[i] = 2
+        gen = s.generated_tokens
+        prompt = s.prompt_tokens
+        ctx = prompt + gen
+        mt = s.max_tokens
+        if mt is None:
+            rem = big
+            beta_sum += ctx
+        else:
+            rem = mt - gen
+            beta_sum += prompt + 0.5 * mt
+        foot[i] = ctx + (rem if rem < g_int else g_int)
+        if s.first_token_time is None:
+            if st is _RUNNING:
+                keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
+                prefilling = True
+                admitted += 1
+                demand += s.rate
+                order.append(i)
+            else:
+                new_idx.append(i)
+            continue
+        order.append(i)
+        admitted += 1
+        r = s.rate
+        demand += r
+        tte = s.buffer_tokens / r if r > 0 else inf
+        if st is _RUNNING:
+            if rem * step <= tick:
+                keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
+                continue
+            tail = s.kv_device_tokens - s.kv_host_tokens
+            keys[i] = tte - mu * ((tail * evict_s if tail > 0 else 0.0) + ctx * back_run) - mu_tick
+        elif st is _PARKED:
+            keys[i] = tte - mu_tick
+        elif st is _LOADING:
+            miss = ctx - s.kv_device_tokens
+            keys[i] = tte - mu * (miss * load_s if miss > 0 else 0.0) - mu_tick
+            backlog += s.kv_host_tokens * load_s
+        else:  # held, or resumed and waiting for admission: reload what the host has if cheaper
+            kind[i] = 1
+            host = s.kv_host_tokens
+            keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
+    return _Tick(keys, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum)
 
 
 class TokenFlowPolicy:
@@ -116,140 +232,74 @@ class TokenFlowPolicy:
         return stalled + self._balance(snapshot, now)
 
     def _balance(self, snapshot: Snapshot, now: float) -> list[Decision]:
-        streams = snapshot.streams
-        info = self.info = TickInfo()
-        # Stress: something is not running (waiting in the engine, or paused by us). Otherwise the
-        # engine is left alone: it is already serving everyone.
-        n = len(streams)
-        for s in streams:
-            if s.status is not _RUNNING:
-                break
-        else:
-            self._fallback = False
+        """Steps 1-4 of the module docstring, under stress only."""
+        self.info = TickInfo()
+        if all(s.status is _RUNNING for s in snapshot.streams):
+            self._fallback = False  # no stress: the engine already serves everyone
             return []
+        costs = _Costs.of(snapshot, self.knobs)
+        tick = _slack_pass(snapshot.streams, costs)
+        w_sched, gamma = self._working_set(snapshot, tick, now)
+        if self._fallback:
+            self.info.mode = "fallback"
+            return self._fallback_tick(snapshot, tick.foot, tick.new_idx, [])
+        self.info.mode = "balance"
+        admit_new = self._admit_new(snapshot.streams, tick, w_sched, gamma)
+        tick.order.extend(admit_new)
+        tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
+        selected, mem = self._fill(snapshot, tick)
+        mem = self._swap(tick, selected, mem)
+        decisions = self._decisions(snapshot, tick, costs, selected, mem)
+        self._gate(snapshot.streams, tick.new_idx, set(admit_new), decisions)
+        return decisions
 
+    def _working_set(self, snapshot: Snapshot, tick: _Tick, now: float) -> tuple[int, float]:
+        """Step 1 (Eq. 4-5): how many requests may be admitted; and the capacity check (Eq. 6), which moves
+        the policy in or out of the FCFS fallback. Returns the working set and the decode capacity."""
         k = self.knobs
-        eng = snapshot.engine
-        tick = snapshot.tick_interval_s
-        mu = k.conservativeness
-        step = eng.step_time_s or k.default_step_time_s
-        bpt = eng.kv_bytes_per_token
-        load_s = bpt / (eng.h2d_bytes_per_s or k.default_bytes_per_s)  # per token, host -> device
-        evict_s = bpt / (eng.d2h_bytes_per_s or k.default_bytes_per_s)
-        rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
-        growth = tick / step  # tokens a running request adds in one tick
-        big = 1 << 40
-
-        # One pass: slack key, footprint, working-set bookkeeping. (Hot loop: no calls, locals only.)
-        keys = [0.0] * n
-        foot = [0] * n
-        kind = bytearray(n)  # 0 running, 1 paused after starting (held / waiting), 2 other
-        new_idx: list[int] = []
-        order: list[int] = []  # candidates for the device: all but new requests not yet admitted
-        n_running = 0
-        prefilling = False
-        backlog = 0.0  # seconds of host-to-device copies in flight (progress is not reported: whole copies)
-        admitted = 0
-        demand = 0.0
-        beta_sum = 0.0
-        g_int = int(growth)
-        back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
-        mu_tick = mu * tick
-        host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
-        inf = math.inf
-        for i, s in enumerate(streams):
-            st = s.status
-            if st is _RUNNING:
-                n_running += 1
-            else:
-                kind[i] = 2
-            gen = s.generated_tokens
-            prompt = s.prompt_tokens
-            ctx = prompt + gen
-            mt = s.max_tokens
-            if mt is None:
-                rem = big
-                beta_sum += ctx
-            else:
-                rem = mt - gen
-                beta_sum += prompt + 0.5 * mt
-            foot[i] = ctx + (rem if rem < g_int else g_int)
-            if s.first_token_time is None:
-                if st is _RUNNING:
-                    keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
-                    prefilling = True
-                    admitted += 1
-                    demand += s.rate
-                    order.append(i)
-                else:
-                    new_idx.append(i)
-                continue
-            order.append(i)
-            admitted += 1
-            r = s.rate
-            demand += r
-            tte = s.buffer_tokens / r if r > 0 else inf
-            if st is _RUNNING:
-                if rem * step <= tick:
-                    keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
-                    continue
-                tail = s.kv_device_tokens - s.kv_host_tokens
-                keys[i] = tte - mu * ((tail * evict_s if tail > 0 else 0.0) + ctx * back_run) - mu_tick
-            elif st is _PARKED:
-                keys[i] = tte - mu_tick
-            elif st is _LOADING:
-                miss = ctx - s.kv_device_tokens
-                keys[i] = tte - mu * (miss * load_s if miss > 0 else 0.0) - mu_tick
-                backlog += s.kv_host_tokens * load_s
-            else:  # held, or resumed and waiting for admission: reload what the host has if cheaper
-                kind[i] = 1
-                host = s.kv_host_tokens
-                keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
-
-        # Step 1: working set (Eq. 4-5) and the capacity check (Eq. 6).
-        beta = beta_sum / n
-        cap_tokens = eng.kv_device_capacity_tokens
+        beta = tick.beta_sum / len(snapshot.streams)
+        cap_tokens = snapshot.engine.kv_device_capacity_tokens
         w_static = int(k.overcommit * cap_tokens / max(beta, 1.0))
         w_sched = w_static
-        if n_running < w_static:
-            w_sched = int(w_static - k.shrink_rate * (w_static - n_running))
+        if tick.n_running < w_static:
+            w_sched = int(w_static - k.shrink_rate * (w_static - tick.n_running))
         # Shrinking limits over-commitment only: what fits on the device is always admissible (else a
         # shrink rate of 1 with nothing running would admit nothing, ever).
         w_sched = max(w_sched, int(k.memory_target * cap_tokens / max(beta, 1.0)), 1)
-        gamma = self._capacity(snapshot, now, beta, prefilling)
+        gamma = self._capacity(snapshot, now, beta, tick.prefilling)
         if self._fallback:
-            if demand <= k.overload_exit * gamma:
+            if tick.demand <= k.overload_exit * gamma:
                 self._fallback = False
-        elif demand > k.overload_enter * gamma:
+        elif tick.demand > k.overload_enter * gamma:
             self._fallback = True
-        info.working_set, info.admitted, info.capacity_tps, info.demand_tps = w_sched, admitted, gamma, demand
+        info = self.info
+        info.working_set, info.admitted, info.capacity_tps, info.demand_tps = w_sched, tick.admitted, gamma, tick.demand
+        return w_sched, gamma
 
-        decisions: list[Decision] = []
-        if self._fallback:
-            info.mode = "fallback"
-            return self._fallback_tick(snapshot, foot, new_idx, decisions)
-        info.mode = "balance"
-
-        # Admit new requests, oldest first, while the working set and the decode capacity allow.
-        new_idx.sort(key=lambda j: streams[j].arrival_time)
-        room = w_sched - admitted
+    @staticmethod
+    def _admit_new(streams: tuple[StreamView, ...], tick: _Tick, w_sched: int, gamma: float) -> list[int]:
+        """New requests admitted, oldest first, while the working set and the decode capacity allow. One not
+        admitted stays out of the engine's queue (see `_gate`)."""
+        tick.new_idx.sort(key=lambda j: streams[j].arrival_time)
+        room = w_sched - tick.admitted
+        demand = tick.demand
         admit_new: list[int] = []
-        for j in new_idx:
+        for j in tick.new_idx:
             r = streams[j].rate
             if room > 0 and demand + r <= gamma:
                 admit_new.append(j)
                 room -= 1
                 demand += r
-        # A new request not admitted stays out of the engine's queue (see `_gate`).
+        return admit_new
 
-        # Step 2: greedy fill of batch slots and device memory in slack order.
-        admit_set = set(admit_new)
-        order.extend(admit_new)
-        order.sort(key=keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
-        selected = bytearray(n)
-        slots = eng.max_num_seqs
-        mem = k.memory_target * cap_tokens
-        for i in order:
+    def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
+        """Step 2: batch slots and device memory, greedily in slack order. Returns the chosen requests and the
+        device memory left."""
+        keys, foot, kind = tick.keys, tick.foot, tick.kind
+        selected = bytearray(len(keys))
+        slots = snapshot.engine.max_num_seqs
+        mem = self.knobs.memory_target * snapshot.engine.kv_device_capacity_tokens
+        for i in tick.order:
             f = foot[i]
             if slots > 0 and f <= mem:
                 selected[i] = 1
@@ -260,29 +310,41 @@ class TokenFlowPolicy:
                 selected[i] = 1
                 slots -= 1
                 mem -= f
+        return selected, mem
 
-        # Local swaps: keep a running request rather than switch to a paused one that is barely more
-        # urgent and can still wait. Outgoing = running, not chosen (safe by construction); incoming =
-        # paused, chosen, least urgent first.
+    def _swap(self, tick: _Tick, selected: bytearray, mem: float) -> float:
+        """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent
+        and can still wait. Outgoing = running, not chosen (safe by construction); incoming = paused, chosen,
+        least urgent first. Returns the device memory left."""
+        keys, foot, kind, order = tick.keys, tick.foot, tick.kind, tick.order
         out = [i for i in order if kind[i] == 0 and not selected[i]]
         inc = [i for i in reversed(order) if kind[i] == 1 and selected[i]]
         a = b = 0
         while a < len(out) and b < len(inc):
             o, p = out[a], inc[b]
-            if keys[p] <= 0 or keys[o] - keys[p] >= k.swap_tolerance_s:
+            if keys[p] <= 0 or keys[o] - keys[p] >= self.knobs.swap_tolerance_s:
                 break  # p must run now (safety), or o is clearly less urgent
             if foot[o] - foot[p] <= mem:
                 selected[o], selected[p] = 1, 0
                 mem -= foot[o] - foot[p]
                 b += 1
             a += 1
+        return mem
 
-        # Decisions. Reloads share one host-to-device channel: a reload queued behind others is worth it
-        # only while queueing + copy beats recomputing (Step 3); past that a request that can still wait
-        # is left paused for a later tick instead of being recomputed, one that cannot is resumed anyway.
-        prefetch_window = mu * k.prefetch_ticks * tick
-        relaxed = k.swap_tolerance_s
-        for i in order:
+    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: bytearray, mem: float
+                   ) -> list[Decision]:
+        """The commands that carry out the choice. Reloads share one host-to-device channel: a reload queued
+        behind others is worth it only while queueing + copy beats recomputing (Step 3); past that a request
+        that can still wait is left paused for a later tick instead of being recomputed, one that cannot is
+        resumed anyway. Step 4: prefetch paused requests whose buffers will soon run dry."""
+        streams, keys, foot = snapshot.streams, tick.keys, tick.foot
+        load_s, rec_s, mu = c.load_s, c.rec_s, c.mu
+        backlog = tick.backlog
+        prefetch_window = mu * self.knobs.prefetch_ticks * c.tick
+        relaxed = self.knobs.swap_tolerance_s
+        info = self.info
+        decisions: list[Decision] = []
+        for i in tick.order:
             s = streams[i]
             st = s.status
             if selected[i]:
@@ -338,18 +400,19 @@ class TokenFlowPolicy:
                     mem -= foot[i]
                 else:
                     decisions.append(Decision("preempt", s.id, None, "unpark"))
-        self._gate(streams, new_idx, admit_set, decisions)
         return decisions
 
     @staticmethod
-    def _gate(streams: tuple, new_idx: list[int], admitted: set[int], decisions: list[Decision]) -> None:
+    def _gate(streams: tuple[StreamView, ...], new_idx: list[int], admitted: set[int], decisions: list[Decision]
+              ) -> None:
         """Keep new requests outside the working set out of the engine's queue (held, no KV): the engine
         admits whatever waits as soon as blocks free up, which would over-commit device memory."""
         for j in new_idx:
             if j not in admitted and streams[j].status is _WAITING:
                 decisions.append(Decision("preempt", streams[j].id, None, "working_set"))
 
-    def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]) -> list[Decision]:
+    def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]
+                       ) -> list[Decision]:
         """FCFS with memory-aware admission: no preemption of running requests; paused requests resume
         oldest first while they fit in device memory; new requests are not admitted."""
         streams = snap.streams
@@ -377,5 +440,5 @@ class TokenFlowPolicy:
         return decisions
 
 
-def foot_of(s) -> int:  # type: ignore[no-untyped-def]
+def foot_of(s: StreamView) -> int:
     return s.prompt_tokens + s.generated_tokens

@@ -8,20 +8,12 @@ gateway's wall clock and on the simulator's virtual clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Literal, Protocol
+from typing import Protocol
 
-Op = Literal["preempt", "resume", "prefetch", "priority", "abort"]
+# The engine's side of a snapshot is the control API's state, as parsed by the engine client.
+from ..engines.control_api import EngineStatus, EngineView, Op
 
-
-class EngineStatus(str, Enum):
-    """A request's status inside the engine (see docs/engine-control-api.md)."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    LOADING = "loading"
-    HELD = "held"
-    PARKED = "parked"
+__all__ = ["Decision", "EngineStatus", "EngineView", "Op", "Policy", "PolicyStats", "Snapshot", "StreamView"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,25 +55,6 @@ class StreamView:
         if self.rate <= 0:
             return float("inf")
         return max(0.0, self.buffer_tokens) / self.rate
-
-
-@dataclass(frozen=True, slots=True)
-class EngineView:
-    """What the policy knows of one engine (from its control API state)."""
-
-    name: str
-    block_size: int
-    max_num_seqs: int
-    kv_bytes_per_token: int
-    kv_device_capacity_tokens: int
-    kv_device_used_tokens: int
-    kv_host_capacity_tokens: int
-    kv_host_used_tokens: int
-    step_time_s: float | None
-    decode_tokens_per_s: float | None
-    prefill_tokens_per_s: float | None
-    h2d_bytes_per_s: float | None
-    d2h_bytes_per_s: float | None
 
 
 @dataclass(frozen=True, slots=True)

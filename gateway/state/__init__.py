@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Final, Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
+from ..streams.tokens import Final
+from .base import Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
+from .metrics import SessionStats
 from .published import PublishedStream, RemoteStream
 
 if TYPE_CHECKING:
@@ -19,6 +21,7 @@ __all__ = [
     "Loaded",
     "PublishedStream",
     "RemoteStream",
+    "SessionStats",
     "SessionStore",
     "StoreUnavailable",
     "StreamRecord",
@@ -27,7 +30,7 @@ __all__ = [
 ]
 
 
-def make_store(cfg: "SessionConfig", engines: list[str]) -> SessionStore:
+def make_store(cfg: SessionConfig, engines: list[str]) -> SessionStore:
     if cfg.store == "redis":
         from .redis_store import RedisStore
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from ..streams.stream import Delta
+from ..streams.tokens import Delta, Final, tokens_in
 from .published import PublishedStream, RemoteStream
 
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -49,25 +49,8 @@ class StreamRecord:
         return orjson.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "StreamRecord":
+    def from_json(cls, raw: bytes | str) -> StreamRecord:
         return cls(**orjson.loads(raw))
-
-
-@dataclass(slots=True)
-class Final:
-    """How a stream ended."""
-
-    reason: str | None
-    prompt_tokens: int
-    error: tuple[str, str] | None = None  # (message, code)
-
-    def to_json(self) -> bytes:
-        return orjson.dumps([self.reason, self.prompt_tokens, self.error])
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> "Final":
-        reason, prompt, err = orjson.loads(raw)
-        return cls(reason, int(prompt), tuple(err) if err else None)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -83,16 +66,20 @@ class Loaded:
 
     @property
     def tokens(self) -> int:
-        return self.deltas[-1][0] if self.deltas else 0
+        return tokens_in(self.deltas)
 
 
 # Callbacks the gateway gives the store.
-Sink = Callable[[str, list[Delta], "Final | None"], None]  # tokens (and the end) ready for local delivery
+Sink = Callable[[str, list[Delta], Final | None], None]  # tokens (and the end) ready for local delivery
 Publisher = Callable[[], dict[str, list[PublishedStream]]]  # engine -> this replica's streams, each tick
+Streams = Callable[[list[str]], None]  # stream ids the store reports on
 
 
 class SessionStore(ABC):
-    """Stream records, token logs and leases. Writes are queued and never block the data path."""
+    """Stream records, token logs and leases. Writes are queued and never block the data path.
+
+    The gateway sets the callbacks below (gateway/lifecycle.py, gateway/relay.py); the defaults do nothing.
+    """
 
     kind = "abstract"
 
@@ -101,8 +88,12 @@ class SessionStore(ABC):
         self.degraded = False
         self.sink: Sink = lambda sid, deltas, final: None
         self.publisher: Publisher = dict
-        self.on_claimed: Callable[[list[str]], None] = lambda sids: None  # orphans this replica took over
-        self.on_lost: Callable[[list[str]], None] = lambda sids: None  # streams another replica owns now
+        self.on_claimed: Streams = lambda sids: None  # orphans this replica took over
+        self.on_lost: Streams = lambda sids: None  # streams another replica owns now
+        self.on_detached: Streams = lambda sids: None  # followed streams whose owner let them go (client left)
+        self.on_reset: Callable[[], None] = lambda: None  # the store lost its data (Redis restarted empty)
+        # Every delta of a stream held locally (durable or already sunk), to write it again after a reset.
+        self.local_log: Callable[[str], list[Delta] | None] = lambda sid: None
 
     async def start(self) -> None:
         """Start background work (flushing, leases)."""
@@ -147,6 +138,9 @@ class SessionStore(ABC):
 
     def forget(self, sid: str) -> None:
         """This replica no longer reads or follows ``sid``."""
+
+    def rewrite(self, rec: StreamRecord, deltas: list[Delta], final: Final) -> None:
+        """Write an ended stream again, whole, after the store lost it (a store that cannot lose data need not)."""
 
     # --- scheduling ---
     def is_driver(self, engine: str) -> bool:

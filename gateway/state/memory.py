@@ -9,8 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..streams.stream import Delta
-from .base import Final, Loaded, SessionStore, StreamRecord
+from ..streams.tokens import Delta, Final
+from .base import Loaded, SessionStore, StreamRecord
 
 if TYPE_CHECKING:
     from ..config import SessionConfig
@@ -34,7 +34,7 @@ class _Entry:
 class MemoryStore(SessionStore):
     kind = "memory"
 
-    def __init__(self, cfg: "SessionConfig", engines: list[str]) -> None:
+    def __init__(self, cfg: SessionConfig, engines: list[str]) -> None:
         super().__init__(cfg.replica_id or default_replica_id())
         self.ttl_s = cfg.ttl_s
         self.max_streams = cfg.max_records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -24,9 +25,10 @@ class PublishedStream:
                 1 if self.attached else 0]
 
     @classmethod
-    def from_list(cls, v: list[object]) -> "PublishedStream":
-        return cls(str(v[0]), float(v[1]), None if v[2] is None else int(v[2]), float(v[3]), int(v[4]),  # type: ignore[arg-type]
-                   None if v[5] is None else float(v[5]), float(v[6]), bool(v[7]))  # type: ignore[arg-type]
+    def from_list(cls, v: list[Any]) -> PublishedStream:
+        """From :meth:`to_list`'s JSON array (raises TypeError, ValueError or IndexError when malformed)."""
+        return cls(str(v[0]), float(v[1]), None if v[2] is None else int(v[2]), float(v[3]), int(v[4]),
+                   None if v[5] is None else float(v[5]), float(v[6]), bool(v[7]))
 
 
 @dataclass(slots=True)
@@ -53,7 +55,8 @@ class RemoteStream:
         return max(0.0, self.buffer_at - self.rate * max(0.0, now - self.at))
 
     @classmethod
-    def from_published(cls, p: PublishedStream, at_wall: float, wall_now: float, now: float) -> "RemoteStream":
+    def from_published(cls, p: PublishedStream, at_wall: float, wall_now: float, now: float) -> RemoteStream:
         off = now - wall_now  # local monotonic = wall + off
         return cls(p.id, p.arrival_wall + off, p.max_tokens, p.rate, p.generated,
-                   None if p.first_token_wall is None else p.first_token_wall + off, p.buffer, at_wall + off, p.attached)
+                   None if p.first_token_wall is None else p.first_token_wall + off, p.buffer, at_wall + off,
+                   p.attached)

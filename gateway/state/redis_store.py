@@ -25,11 +25,12 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..streams.stream import Delta
+from ..streams.tokens import Delta, Final, tokens_in
 from . import scripts
-from .base import Final, Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
+from .base import Loaded, SessionStore, StoreUnavailable, StreamRecord, valid_id
 from .memory import default_replica_id
 from .published import PublishedStream, RemoteStream
+from .scripts import Refused
 
 if TYPE_CHECKING:
     from ..config import SessionConfig
@@ -59,7 +60,7 @@ class _Outbox:
 class RedisStore(SessionStore):
     kind = "redis"
 
-    def __init__(self, cfg: "SessionConfig", engines: list[str]) -> None:
+    def __init__(self, cfg: SessionConfig, engines: list[str]) -> None:
         super().__init__(cfg.replica_id or default_replica_id())
         self.cfg = cfg
         self.prefix = cfg.key_prefix
@@ -122,7 +123,7 @@ class RedisStore(SessionStore):
         for t in self._tasks:
             try:
                 await t
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping: what a task died of was logged
                 pass
         try:
             await asyncio.wait_for(self._flush(), self.cfg.op_timeout_s)
@@ -159,7 +160,8 @@ class RedisStore(SessionStore):
 
     async def _execute(self, pipe: Any) -> list[Any]:
         self.roundtrips += 1
-        return await pipe.execute(raise_on_error=False)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     def _ok(self) -> None:
         if self.degraded or self._connected_since is None:
@@ -192,7 +194,7 @@ class RedisStore(SessionStore):
         sid = valid_id(rec.id)
         ob = _Outbox(rec)
         if deltas:  # a takeover: the log already holds these
-            ob.create, ob.stored = False, deltas[-1][0]
+            ob.create, ob.stored = False, tokens_in(deltas)
         self._out[sid] = ob
         self._owned.add(sid)
         self._dirty.set()
@@ -210,10 +212,20 @@ class RedisStore(SessionStore):
         ob.deltas.extend(deltas)
         self._backlog_tokens += len(deltas)
         if self.degraded:  # serve from memory now; the write waits for Redis
-            ob.sunk = len(ob.deltas)
-            self.sink(sid, deltas, None)
+            self._sink_queued(sid, ob, None)
             self._bound_backlog()
         self._dirty.set()
+
+    def _sink_queued(self, sid: str, ob: _Outbox, final: Final | None) -> None:
+        """Degraded mode: hand the sink every queued delta it has not had, then ``final`` if given. Not only the
+        newest: deltas queued before the store failed may still be in a write that had not answered yet, and the
+        stream must get them first (skipping them would lose them: they count as sunk from now on)."""
+        new = ob.deltas[ob.sunk:]
+        ob.sunk = len(ob.deltas)
+        if final is not None:
+            ob.end_sunk = True
+        if new or final is not None:
+            self.sink(sid, new, final)
 
     def finish(self, sid: str, final: Final) -> None:
         self._end(sid, final, "finished")
@@ -229,8 +241,7 @@ class RedisStore(SessionStore):
             return
         ob.end, ob.end_state, ob.ended_at = final, state, time.monotonic()
         if self.degraded and final is not None:
-            ob.end_sunk = True
-            self.sink(sid, [], final)
+            self._sink_queued(sid, ob, final)
         self._dirty.set()
 
     def forget(self, sid: str) -> None:
@@ -268,7 +279,7 @@ class RedisStore(SessionStore):
                 else:  # batch for flush_interval_s, unless a stream's first token is waiting (time to first token)
                     try:
                         await asyncio.wait_for(self._urgent.wait(), self.cfg.flush_interval_s)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                 self._urgent.clear()
                 await self._flush()
@@ -279,11 +290,28 @@ class RedisStore(SessionStore):
                 await asyncio.sleep(self.cfg.retry_interval_s)
 
     async def _flush(self) -> None:
+        """One pipeline: this replica's queued writes (records, tokens, ends) and the tails of the streams it
+        follows; then each command's result applied."""
         if self.degraded and not await self._reconnect():
             self._sink_unsunk()
             return
-        plan: list[tuple[str, str, Any]] = []  # (sid, what, extra) per command
         pipe = self.redis.pipeline(transaction=False)
+        plan = self._queue_writes(pipe) + self._queue_follow(pipe)
+        if not plan:
+            return
+        results = await self._send(pipe)
+        if results is None:
+            if self.degraded:
+                self._sink_unsunk()
+            return
+        for (sid, what, extra), res in zip(plan, results):
+            self._apply_write(sid, what, extra, res)
+        if any(ob.deltas or ob.create or ob.end_state for ob in self._out.values()):
+            self._dirty.set()
+
+    def _queue_writes(self, pipe: Any) -> list[tuple[str, str, int]]:
+        """CREATE, APPEND and END for every stream with queued writes; the plan says what each command was."""
+        plan: list[tuple[str, str, int]] = []  # (sid, what, tokens appended)
         ttl_ms = int(self.cfg.ttl_s * 1000)
         lease_ms = int(self.cfg.lease_ttl_s * 1000)
         now = time.monotonic()
@@ -294,75 +322,84 @@ class RedisStore(SessionStore):
             if ob.create:
                 self._evalsha(pipe, "CREATE", [self._k("s", sid), self._live],
                               [self.replica_id, ob.record.to_json(), lease_ms, sid])
-                plan.append((sid, "create", None))
+                plan.append((sid, "create", 0))
             if ob.deltas:
-                n = len(ob.deltas)
                 payload = orjson.dumps([list(d) for d in ob.deltas])
                 self._evalsha(pipe, "APPEND", [self._k("s", sid), self._k("t", sid)],
                               [self.replica_id, ob.stored, payload, ob.deltas[-1][0] - ob.stored])
-                plan.append((sid, "append", n))
+                plan.append((sid, "append", len(ob.deltas)))
             if ob.end_state is not None:
                 fin = (ob.end or Final(None, 0)).to_json()
                 self._evalsha(pipe, "END", [self._k("s", sid), self._k("t", sid), self._live],
                               [self.replica_id, fin, ttl_ms, sid, ob.end_state])
-                plan.append((sid, "end", None))
-        follow = list(self._follow.items())
-        if follow:
-            pipe.xread({self._k("t", sid): cur for sid, cur in follow}, count=10000)
-            plan.append(("", "follow", None))
-        if not plan:
+                plan.append((sid, "end", 0))
+        return plan
+
+    def _queue_follow(self, pipe: Any) -> list[tuple[str, str, int]]:
+        """One XREAD for the new entries of every stream this replica follows."""
+        if not self._follow:
+            return []
+        pipe.xread({self._k("t", sid): cur for sid, cur in self._follow.items()}, count=10000)
+        return [("", "follow", 0)]
+
+    def _apply_write(self, sid: str, what: str, appended: int, res: Any) -> None:
+        if isinstance(res, Exception):
+            log.warning("session store write failed", extra={"stream_id": sid, "error": str(res)})
             return
+        if what == "follow":
+            self._on_follow(res)
+            return
+        ob = self._out.get(sid)
+        if ob is None:
+            return
+        res = int(res)
+        if res == Refused.NOT_OWNER:
+            self._drop(sid)
+            if not ob.rewrite:  # someone else wrote a rewritten stream first: fine
+                self.on_lost([sid])
+            return
+        if res == Refused.GONE:  # Redis restarted empty: write the record again, whole
+            self._recreate(sid, ob)
+            return
+        if what == "create":
+            ob.create = False
+        elif what == "append":
+            self._appended(sid, ob, appended, res)
+        elif what == "end":
+            if ob.end is not None and not ob.end_sunk:
+                self.sink(sid, [], ob.end)
+            self._drop(sid)
+
+    def _appended(self, sid: str, ob: _Outbox, n: int, res: int) -> None:
+        """The first ``n`` queued deltas are in Redis (or, on a gap, dropped): hand the ones not yet delivered
+        locally to the sink."""
+        done = ob.deltas[:n]
+        del ob.deltas[:n]
+        self._backlog_tokens -= n
+        new = done[ob.sunk:]
+        ob.sunk = max(0, ob.sunk - n)
+        if res == Refused.GAP:
+            log.warning("session store log gap: writes dropped", extra={"stream_id": sid})
+        else:
+            ob.stored = res
+        if new:
+            self.sink(sid, new, None)
+
+    async def _send(self, pipe: Any) -> list[Any] | None:
+        """Execute ``pipe``; None when it could not run: Redis is unreachable (degraded now), or it lost its
+        scripts (loaded again; the next flush retries at once)."""
         try:
             results = await self._execute(pipe)
             self._check(results)
         except rexc.NoScriptError:  # Redis restarted and lost its script cache
             await self._reload()
             self._dirty.set()
-            return
+            return None
         except (*_ERRORS, rexc.RedisError) as e:
             self._fail(e)
-            self._sink_unsunk()
-            return
+            return None
         self._ok()
-        for (sid, what, extra), res in zip(plan, results):
-            if isinstance(res, Exception):
-                log.warning("session store write failed", extra={"stream_id": sid, "error": str(res)})
-                continue
-            if what == "follow":
-                self._on_follow(res)
-                continue
-            ob = self._out.get(sid)
-            if ob is None:
-                continue
-            res = int(res)
-            if res == -1:
-                self._drop(sid)
-                if not ob.rewrite:  # someone else wrote a rewritten stream first: fine
-                    self.on_lost([sid])
-                continue
-            if res == -3:  # the record is gone (Redis restarted empty): write it again, whole
-                self._recreate(sid, ob)
-                continue
-            if what == "create":
-                ob.create = False
-            elif what == "append":
-                done = ob.deltas[:extra]
-                del ob.deltas[:extra]
-                self._backlog_tokens -= extra
-                new = done[ob.sunk:]
-                ob.sunk = max(0, ob.sunk - extra)
-                if res == -2:
-                    log.warning("session store log gap: writes dropped", extra={"stream_id": sid})
-                else:
-                    ob.stored = res
-                if new:
-                    self.sink(sid, new, None)
-            elif what == "end":
-                if ob.end is not None and not ob.end_sunk:
-                    self.sink(sid, [], ob.end)
-                self._drop(sid)
-        if any(ob.deltas or ob.create or ob.end_state for ob in self._out.values()):
-            self._dirty.set()
+        return results
 
     def _drop(self, sid: str) -> None:
         ob = self._out.pop(sid, None)
@@ -371,14 +408,8 @@ class RedisStore(SessionStore):
         self._owned.discard(sid)
 
     def _sink_unsunk(self) -> None:
-        for sid, ob in self._out.items():
-            if ob.sunk < len(ob.deltas):
-                new = ob.deltas[ob.sunk:]
-                ob.sunk = len(ob.deltas)
-                self.sink(sid, new, None)
-            if ob.end is not None and not ob.end_sunk:
-                ob.end_sunk = True
-                self.sink(sid, [], ob.end)
+        for sid, ob in list(self._out.items()):
+            self._sink_queued(sid, ob, ob.end if not ob.end_sunk else None)
         self._bound_backlog()
 
     def _recreate(self, sid: str, ob: _Outbox) -> None:
@@ -421,12 +452,6 @@ class RedisStore(SessionStore):
         self._ok()
         return True
 
-    def on_detached(self, sids: list[str]) -> None:
-        """Followed streams whose owner let them go (its client left): the gateway claims and continues them."""
-
-    def on_reset(self) -> None:
-        """Redis lost its data (the gateway sets this: it rewrites the ended streams it still serves)."""
-
     def rewrite(self, rec: StreamRecord, deltas: list[Delta], final: Final) -> None:
         """Write an ended stream again, whole (after Redis lost it), so clients can still resume it anywhere."""
         sid = valid_id(rec.id)
@@ -437,10 +462,6 @@ class RedisStore(SessionStore):
         self._backlog_tokens += len(deltas)
         self._out[sid] = ob
         self._dirty.set()
-
-    def local_log(self, sid: str) -> list[Delta] | None:
-        """Every delta of ``sid`` durable or sunk locally (the gateway sets this to read its Stream)."""
-        return None
 
     def _on_follow(self, res: Any) -> None:
         if not res:
@@ -539,18 +560,52 @@ class RedisStore(SessionStore):
             await asyncio.sleep(max(0.0, self.tick_interval_s - (time.monotonic() - t0)))
 
     async def _tick(self) -> None:
+        """One pipeline per control tick: the data epoch, this replica's stream leases, per engine the driver
+        lease and the published stream states, and (now and then) a scan for orphans to take over."""
         if self.degraded and not await self._reconnect():
             return
         pipe = self.redis.pipeline(transaction=False)
-        plan: list[tuple[str, str]] = [("epoch_set", ""), ("epoch", "")]
-        me = self.replica_id
+        wall = time.time()
+        plan = (self._queue_epoch(pipe) + self._queue_renew(pipe) + self._queue_engines(pipe, wall)
+                + self._queue_claim_scan(pipe))
+        t_sent = time.monotonic()
+        results = await self._send(pipe)
+        if results is None:
+            return
+        for (what, arg), res in zip(plan, results):
+            if isinstance(res, Exception):
+                log.warning("session store tick command failed", extra={"op": what, "error": str(res)})
+            elif what == "epoch":
+                self._apply_epoch(res)
+            elif what == "renew":
+                self._renewed(res)
+            elif what == "driver":
+                self._driver_until[arg] = t_sent + self.cfg.driver_lease_ttl_s * 0.8 if int(res) == 1 else 0.0
+            elif what == "pubs":
+                self._read_pubs(arg, res, wall)
+            elif what == "claim":
+                claimed = [x.decode() for x in res]
+                if claimed:
+                    self._owned.update(claimed)
+                    self.on_claimed(claimed)
+
+    def _queue_epoch(self, pipe: Any) -> list[tuple[str, str]]:
         pipe.set(f"{self.prefix}:epoch", uuid.uuid4().hex, nx=True)  # fresh each time: a reset always shows
         pipe.get(f"{self.prefix}:epoch")
+        return [("epoch_set", ""), ("epoch", "")]
+
+    def _queue_renew(self, pipe: Any) -> list[tuple[str, str]]:
         owned = sorted(self._owned)
-        if owned:
-            self._evalsha(pipe, "RENEW", [self._live], [me, int(self.cfg.lease_ttl_s * 1000), self.prefix, *owned])
-            plan.append(("renew", ""))
-        wall = time.time()
+        if not owned:
+            return []
+        self._evalsha(pipe, "RENEW", [self._live],
+                      [self.replica_id, int(self.cfg.lease_ttl_s * 1000), self.prefix, *owned])
+        return [("renew", "")]
+
+    def _queue_engines(self, pipe: Any, wall: float) -> list[tuple[str, str]]:
+        """Per engine: take or keep its driver lease, publish this replica's streams on it, read everyone's."""
+        plan: list[tuple[str, str]] = []
+        me = self.replica_id
         try:
             published = self.publisher()
         except Exception:
@@ -569,51 +624,31 @@ class RedisStore(SessionStore):
                 plan.append(("hdel", e))
             pipe.hgetall(self._k("pub", e))
             plan.append(("pubs", e))
-        scan = self._settled() and time.monotonic() >= self._next_scan
-        if scan:
-            self._next_scan = time.monotonic() + self.cfg.scan_interval_s
-            self._evalsha(pipe, "CLAIM", [self._live],
-                          [me, int(self.cfg.lease_ttl_s * 1000), self.prefix, 100, "1"])
-            plan.append(("claim", ""))
-        t_sent = time.monotonic()
-        try:
-            results = await self._execute(pipe)
-            self._check(results)
-        except rexc.NoScriptError:
-            await self._reload()
-            return
-        except (*_ERRORS, rexc.RedisError) as e:
-            self._fail(e)
-            return
-        self._ok()
-        for (what, arg), res in zip(plan, results):
-            if isinstance(res, Exception):
-                log.warning("session store tick command failed", extra={"op": what, "error": str(res)})
-                continue
-            if what == "epoch":
-                self._apply_epoch(res)
-            elif what == "renew":
-                # A stream that ended while the renewal was in flight is not lost: its END ran first.
-                live = {sid for sid, ob in self._out.items() if ob.end_state is None}
-                lost = [x.decode() for x in res[0] if x.decode() in live]
-                missing = [x.decode() for x in res[1] if x.decode() in live]
-                for sid in lost:
-                    self._drop(sid)
-                if lost:
-                    self.on_lost(lost)
-                for sid in missing:
-                    ob = self._out.get(sid)
-                    if ob is not None:
-                        self._recreate(sid, ob)
-            elif what == "driver":
-                self._driver_until[arg] = t_sent + self.cfg.driver_lease_ttl_s * 0.8 if int(res) == 1 else 0.0
-            elif what == "pubs":
-                self._read_pubs(arg, res, wall)
-            elif what == "claim":
-                claimed = [x.decode() for x in res]
-                if claimed:
-                    self._owned.update(claimed)
-                    self.on_claimed(claimed)
+        return plan
+
+    def _queue_claim_scan(self, pipe: Any) -> list[tuple[str, str]]:
+        """Every ``scan_interval_s``, once leases are trustworthy: claim streams whose owner's lease expired."""
+        if not (self._settled() and time.monotonic() >= self._next_scan):
+            return []
+        self._next_scan = time.monotonic() + self.cfg.scan_interval_s
+        self._evalsha(pipe, "CLAIM", [self._live],
+                      [self.replica_id, int(self.cfg.lease_ttl_s * 1000), self.prefix, 100, "1"])
+        return [("claim", "")]
+
+    def _renewed(self, res: Any) -> None:
+        """RENEW's answer: streams another replica owns now, and records Redis lost."""
+        # A stream that ended while the renewal was in flight is not lost: its END ran first.
+        live = {sid for sid, ob in self._out.items() if ob.end_state is None}
+        lost = [x.decode() for x in res[0] if x.decode() in live]
+        missing = [x.decode() for x in res[1] if x.decode() in live]
+        for sid in lost:
+            self._drop(sid)
+        if lost:
+            self.on_lost(lost)
+        for sid in missing:
+            ob = self._out.get(sid)
+            if ob is not None:
+                self._recreate(sid, ob)
 
     def _read_pubs(self, engine: str, h: dict[bytes, bytes], wall: float) -> None:
         fresh: list[tuple[PublishedStream, float]] = []

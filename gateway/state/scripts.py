@@ -6,6 +6,17 @@ Keys are ``<prefix>:s:<sid>`` (record hash), ``<prefix>:t:<sid>`` (token log str
 ``<prefix>:pub:<engine>`` (hash: replica -> its published stream states). Ids are validated before use.
 """
 
+from enum import IntEnum
+
+
+class Refused(IntEnum):
+    """Why a write script (CREATE, APPEND, END) did not write; any other result is what it stored."""
+
+    NOT_OWNER = -1  # another replica owns the stream
+    GAP = -2  # APPEND: the log does not end where this write starts (earlier writes were dropped)
+    GONE = -3  # the record is gone: Redis lost its data
+
+
 NOW = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -27,7 +38,7 @@ return 0
 """
 
 # KEYS: record, log. ARGV: me, first index, payload, token count.
-# Returns the stored token count, -1 (another owner), -2 (gap), -3 (record gone: Redis lost its data).
+# Returns the stored token count, or Refused: -1 (another owner), -2 (gap), -3 (record gone: Redis lost its data).
 APPEND = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then

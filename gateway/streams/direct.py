@@ -16,15 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .base import Upstream
+
 if TYPE_CHECKING:
     from .drain import DrainTracker
     from .stream import Stream
+
+MOVED = Upstream.MOVED
 
 # Bytes buffered in the transport above which the writer task takes over (aiohttp's StreamWriter drains there).
 LIMIT = 0x10000
 
 
-def direct_sender(stream: "Stream", writer: Any, transport: Any, drain: "DrainTracker | None",
+def direct_sender(stream: Stream, writer: Any, transport: Any, drain: DrainTracker | None,
                   seq: int | None) -> Callable[[bytes, int], bool] | None:
     """A send function for ``stream``'s current client writer, or None when the writer cannot take one.
 
@@ -43,7 +47,8 @@ def direct_sender(stream: "Stream", writer: Any, transport: Any, drain: "DrainTr
     on_write = drain.on_write if drain is not None else None
 
     def direct(data: bytes, tokens: int) -> bool:
-        if stream.lost or (seq is not None and seq != stream.attach_seq) or closing() or buffered() > LIMIT:
+        if (stream.upstream is MOVED or (seq is not None and seq != stream.attach_seq) or closing()
+                or buffered() > LIMIT):
             return False
         framed = b"%x\r\n%b\r\n" % (len(data), data)
         total = writer.output_size + len(framed)

@@ -37,12 +37,16 @@ if TYPE_CHECKING:
     import asyncio
 
     from ..metrics import Metrics
+    from .base import StreamBase
     from .stream import Stream
 
 log = logging.getLogger("tokenflow.drain")
 
+SIOCOUTQ: int | None
 try:  # Linux: SIOCOUTQ == TIOCOUTQ, bytes in the send queue not yet acknowledged by the peer
-    from termios import TIOCOUTQ as SIOCOUTQ
+    from termios import TIOCOUTQ
+
+    SIOCOUTQ = TIOCOUTQ
 except ImportError:  # pragma: no cover - non-Unix
     SIOCOUTQ = None
 _HAS_OUTQ = SIOCOUTQ is not None and sys.platform.startswith("linux")
@@ -71,7 +75,7 @@ def settings_from(cfg: Any) -> DrainSettings:
     return DrainSettings(**cfg.drain.model_dump(), min_rate=cfg.streams.min_rate, max_rate=cfg.streams.max_rate)
 
 
-def stream_fields(stream: "Stream", now: float) -> dict[str, Any]:
+def stream_fields(stream: StreamBase, now: float) -> dict[str, Any]:
     """The drain fields of a stream's listing entry (a stream not tracked yet shows its declared rate).
 
     For a tracked stream, buffer, consumed count and time-to-empty come from the evidence (what the policy
@@ -83,7 +87,7 @@ def stream_fields(stream: "Stream", now: float) -> dict[str, Any]:
         rate = stream.rate
         return {
             "buffer_tokens": buf,
-            "consumed_tokens": stream.base + stream.reader.produced - buf,
+            "consumed_tokens": tr.stream.base + stream.reader.produced - buf,
             "time_to_empty_s": round(buf / rate, 4) if rate > 0 else None,
             **tr.info(),
         }
@@ -103,11 +107,21 @@ class RateEstimator:
     """Drain rate from cumulative consumption observations. Pure: the caller passes the time."""
 
     __slots__ = (
-        "window_s", "min_span_s", "stall_after_s", "gap_factor", "_points", "_last", "rate", "limited", "waiting_since",
-        "last_advance", "_stall_gap",
+        "_last",
+        "_points",
+        "_stall_gap",
+        "gap_factor",
+        "last_advance",
+        "limited",
+        "min_span_s",
+        "rate",
+        "stall_after_s",
+        "waiting_since",
+        "window_s",
     )
 
-    def __init__(self, window_s: float = 6.0, min_span_s: float = 1.0, stall_after_s: float = 3.0, gap_factor: float = 3.0) -> None:
+    def __init__(self, window_s: float = 6.0, min_span_s: float = 1.0, stall_after_s: float = 3.0,
+                 gap_factor: float = 3.0) -> None:
         self.window_s = window_s
         self.min_span_s = min_span_s
         self.stall_after_s = stall_after_s
@@ -127,7 +141,7 @@ class RateEstimator:
         if last is None:
             self.waiting_since = t if backlog > 0 else None
             return
-        pt, pc, pb = last
+        _, pc, pb = last
         taken = consumed - pc
         if taken > 0:
             if self.stalled(t):  # moving again after a stall: the stall is not a rate; start afresh
@@ -220,7 +234,7 @@ class DrainTracker:
 
     def __init__(
         self,
-        stream: "Stream",
+        stream: Stream,
         settings: DrainSettings,
         *,
         declared: float | None,
@@ -304,7 +318,9 @@ class DrainTracker:
             return "reported"
         if self.socket.limited and self.socket.rate is not None:
             return "measured"
-        return "declared" if self.declared is not None else "learned" if self.stream.rate != self.default_rate else "default"
+        if self.declared is not None:
+            return "declared"
+        return "learned" if self.stream.rate != self.default_rate else "default"
 
     def _update(self, now: float) -> None:
         s = self.s
@@ -383,7 +399,8 @@ SLICES = 5
 class DrainSampler:
     """One per process: samples every tracked connection on one timer, not a timer per stream."""
 
-    def __init__(self, loop: "asyncio.AbstractEventLoop", settings: DrainSettings, metrics: "Metrics | None" = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: DrainSettings, metrics: Metrics | None = None
+                 ) -> None:
         self._loop = loop
         self.s = settings
         self.trackers: dict[str, DrainTracker] = {}
@@ -396,7 +413,8 @@ class DrainSampler:
         self.samples = 0  # whole passes over every connection
         self._stalled_engines: set[str] = set()
 
-    def attach(self, stream: "Stream", transport: Any, writer: Any, *, declared: float | None, default_rate: float, owner: str | None) -> DrainTracker | None:
+    def attach(self, stream: Stream, transport: Any, writer: Any, *, declared: float | None, default_rate: float,
+               owner: str | None) -> DrainTracker | None:
         """Track ``stream``'s connection; None when disabled or the transport is gone."""
         if not self.s.enabled or transport is None:
             return None
@@ -410,8 +428,8 @@ class DrainSampler:
         def unacked() -> int | None:
             if closing():
                 return None
-            n = buffered()
-            if fd >= 0:
+            n: int = buffered()
+            if fd >= 0 and SIOCOUTQ is not None:
                 try:
                     ioctl(fd, SIOCOUTQ, outq)
                     n += outq[0]
@@ -436,7 +454,7 @@ class DrainSampler:
             self._arm()
         return tr
 
-    def detach(self, stream: "Stream", tracker: DrainTracker | None) -> None:
+    def detach(self, stream: Stream, tracker: DrainTracker | None) -> None:
         """The writer is done: stop tracking; record the client's declared and measured rates."""
         if tracker is None:
             return
@@ -479,7 +497,7 @@ class DrainSampler:
         if self.trackers:
             self._arm()
 
-    def _export(self, m: "Metrics") -> None:
+    def _export(self, m: Metrics) -> None:
         stalled: dict[str, int] = {}
         for tr in self.trackers.values():
             e = tr.stream.engine

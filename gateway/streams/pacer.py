@@ -32,7 +32,7 @@ class Lateness:
     One sample per stream released in a wake-up (the clock's lateness for that stream's earliest due token).
     """
 
-    __slots__ = ("counts", "total", "n")
+    __slots__ = ("counts", "n", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENESS_BUCKETS) + 1)
@@ -68,7 +68,7 @@ class LatenessCollector(Collector):
 class PacingClock:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, slack_s: float = 0.005) -> None:
         self._loop = loop or asyncio.get_running_loop()
-        self._heap: list[tuple[float, int, "Stream"]] = []
+        self._heap: list[tuple[float, int, Stream]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -79,7 +79,7 @@ class PacingClock:
     def now(self) -> float:
         return self._loop.time()
 
-    def schedule(self, stream: "Stream", due: float) -> None:
+    def schedule(self, stream: Stream, due: float) -> None:
         """(Re)schedule ``stream`` at ``due``; an earlier entry for it becomes stale and is skipped."""
         seq = stream._clock_seq = next(self._seq)
         heapq.heappush(self._heap, (due, seq, stream))

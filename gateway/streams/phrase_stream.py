@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import TYPE_CHECKING
 
+from .base import ENDED, StreamSpec
 from .phrasing import Phrase, PhraseBuilder
-from .stream import Delta, Stream
+from .stream import Stream
+from .tokens import Delta
+
+if TYPE_CHECKING:
+    from ..api.sse import ChunkEncoder
+    from .pacer import PacingClock
 
 # Phrase limits (see phrasing.PhraseBuilder): about 2 to 4 s of speech.
 MAX_WORDS = 8
@@ -26,10 +33,11 @@ MAX_TOKENS = 24
 
 
 class PhraseStream(Stream):
-    __slots__ = ("_phrases", "_last_start", "_due_at")
+    __slots__ = ("_due_at", "_last_start", "_phrases")
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
+    def __init__(self, spec: StreamSpec, encoder: ChunkEncoder, *, clock: PacingClock | None,
+                 max_pending: int = 65536, read_ahead_s: float = 0.0) -> None:
+        super().__init__(spec, encoder, clock=clock, max_pending=max_pending, read_ahead_s=read_ahead_s)
         self._phrases = PhraseBuilder(MAX_WORDS, MAX_TOKENS)
         self._last_start: int | None = None  # first token of the phrase queued last (relative to ``base``)
         self._due_at = math.inf  # when the pacing clock will call next (while scheduled)
@@ -45,8 +53,10 @@ class PhraseStream(Stream):
 
     def set_rate(self, rate: float, now: float) -> None:
         self.reader.set_rate(rate, now)
-        if self._scheduled:  # due times move with the rate: set the clock afresh
-            self._scheduled = False
+        if self.flow is not None:
+            self.flow.set_rate(rate)
+        if self._on_clock:  # due times move with the rate: set the clock afresh
+            self._on_clock = False
             self._kick(now)
 
     # --- producer side ---
@@ -61,10 +71,11 @@ class PhraseStream(Stream):
         for phrase in done:
             self._queue(phrase)
         self._kick(now)
-        if done and self._pending and self._read_ahead_s and not self._upstream_paused:
+        flow = self.flow
+        if done and self._pending and flow is not None and not flow.paused:
             # Complete phrases waiting beyond the read-ahead bound stop the engine reads. An open phrase never
             # does: it needs the next token to end.
-            self._bound_read_ahead(self._pending[-1][1] + self.base)
+            flow.on_queued(self._pending[-1][1] - self.released_tokens)
 
     def _queue(self, p: Phrase) -> None:
         start = max(0, p.start - self.base)
@@ -108,13 +119,13 @@ class PhraseStream(Stream):
             return
         self.reader.advance(now)
         due = self._next_due()
-        if self._scheduled and due >= self._due_at:
+        if self._on_clock and due >= self._due_at:
             return
         if due <= now:
             clock.lateness.observe(0.0)
             due = self.release_due(now)
         if due < math.inf:
-            self._scheduled = True
+            self._on_clock = True
             self._due_at = due = max(now, due)
             clock.schedule(self, due)
 
@@ -134,15 +145,15 @@ class PhraseStream(Stream):
             while pending and pending[0][0] <= consumed:
                 _, end, ev = pending.popleft()
                 parts.append(ev)
-            self._release(b"".join(parts), end, last=not pending and self.upstream_done)
-            unsent = pending[-1][1] - end if pending else 0
-            if self._upstream_paused and unsent <= 0.5 * r.rate * self._read_ahead_s:
-                self.resume_upstream()
+            self._release(b"".join(parts), end, last=not pending and self.upstream is ENDED)
+            flow = self.flow
+            if flow is not None and flow.paused:
+                flow.on_released(pending[-1][1] - end if pending else 0)
         due = self._next_due()
         if due <= now:  # only an open phrase whose first word is not whole yet: its next delta kicks it
             due = math.inf
         if due == math.inf:
-            self._scheduled = False
+            self._on_clock = False
         self._due_at = due
         return due
 

@@ -54,7 +54,7 @@ class Phrase:
 class PhraseBuilder:
     """Groups deltas into phrases; see the module's rules. ``start`` is the first token of what it holds."""
 
-    __slots__ = ("max_words", "max_tokens", "start", "_texts", "_ends", "_cuts", "_words")
+    __slots__ = ("_cuts", "_ends", "_texts", "_words", "max_tokens", "max_words", "start")
 
     def __init__(self, max_words: int = 8, max_tokens: int = 32, start: int = 0) -> None:
         if max_words < 1 or max_tokens < 1:

@@ -17,15 +17,15 @@ _EPS = 1e-9
 
 class ReaderModel:
     __slots__ = (
-        "rate",
-        "produced",
         "consumed",
-        "next_due",
+        "finished",
         "first_token_time",
         "last_consumed_time",
+        "next_due",
+        "produced",
+        "rate",
         "stall_time",
         "stalls",
-        "finished",
     )
 
     def __init__(self, rate: float) -> None:
@@ -91,7 +91,8 @@ class ReaderModel:
             raise ValueError("rate must be > 0")
         self.advance(now)
         if self.last_consumed_time is not None:
-            self.next_due = max(now, self.last_consumed_time + 1.0 / rate) if self.consumed < self.produced else self.last_consumed_time + 1.0 / rate
+            after_last = self.last_consumed_time + 1.0 / rate
+            self.next_due = max(now, after_last) if self.consumed < self.produced else after_last
         self.rate = rate
 
     def stall_time_at(self, now: float) -> float:

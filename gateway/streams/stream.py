@@ -1,8 +1,10 @@
-"""One client stream: the tokens its engine produced, what was sent, and its reader model.
+"""One streamed answer: the events its engine produced, what was released to the client, and resumption.
 
-The upstream reader appends tokens as they come; the pacing clock releases them at the client's rate
-(``smooth``) or they are released at once (``none``); the client writer sends what was released. The
-:class:`~gateway.streams.reader.ReaderModel` gives the exact buffer either way.
+The engine reader appends tokens as they come (through the session store, which keeps them resumable); the
+pacing clock releases them at the client's rate (``smooth``) or they are released at once (``none``); the
+client writer sends what was released. The :class:`~gateway.streams.reader.ReaderModel` gives the exact buffer
+either way, and a :class:`~gateway.streams.flow.ReadAhead` keeps a paced stream from reading its engine far
+ahead of its reader.
 """
 
 from __future__ import annotations
@@ -11,189 +13,112 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from enum import Enum
+from typing import TYPE_CHECKING
 
-from ..api.sse import ChunkEncoder
+from .base import ENDED, StreamBase, StreamSpec, Upstream
+from .flow import ReadAhead
 from .reader import ReaderModel
+from .tokens import Delta, Final, tokens_in
 
 if TYPE_CHECKING:
-    from .drain import DrainTracker
+    from ..api.sse import ChunkEncoder
     from .pacer import PacingClock
 
-Pacing = Literal["smooth", "phrase", "none"]  # "phrase": gateway/streams/phrase_stream.py
-# One engine delta: (token index after it, its text, its token ids when the engine gave them).
-Delta = tuple[int, str, "list[int] | None"]
+DirectSend = Callable[[bytes, int], bool]  # see gateway/streams/direct.py
+
+
+class Delivery(Enum):
+    """Whether a client connection is attached, and whether it has been handed the end."""
+
+    DETACHED = "detached"  # no client writer (not yet attached, or its connection ended)
+    ATTACHED = "attached"  # a client writer sends what is released
+    COMPLETE = "complete"  # the attached writer has been handed the last event
+
+
+_DETACHED, _ATTACHED, _COMPLETE = Delivery.DETACHED, Delivery.ATTACHED, Delivery.COMPLETE
 
 
 class Superseded(Exception):
     """A newer client connection took this stream over; the older writer must stop."""
 
 
-class Stream:
+class Stream(StreamBase):
     __slots__ = (
-        "id",
-        "engine",
-        "model",
-        "kind",
-        "pacing",
-        "rate_declared",
-        "arrival_time",
-        "max_tokens",
-        "reader",
-        "encoder",
-        "generated",
-        "prompt_tokens",
-        "finish_reason",
-        "error",
-        "upstream_done",
-        "client_done",
-        "first_sent_time",
-        "include_usage",
-        "engine_status",
-        "kv_device_tokens",
-        "kv_host_tokens",
-        "priority",
-        "preemptions",
-        "_pending",
-        "_out",
-        "_wake",
         "_clock",
-        "_scheduled",
-        "_max_pending",
-        "collected",
-        "deltas",
-        "base",
-        "attached",
-        "attach_seq",
-        "owned",
-        "lost",
-        "created",
-        "drain",
-        "declared_rate",
-        "released_tokens",
         "_clock_seq",
+        "_max_pending",
+        "_on_clock",
+        "_out",
+        "_pending",
+        "_wake",
+        "attach_seq",
+        "base",
+        "delivery",
+        "deltas",
         "direct",
-        "upstream_pause",
-        "_upstream_paused",
-        "_read_ahead_s",
+        "first_sent_time",
+        "flow",
+        "include_usage",
     )
 
-    def __init__(
-        self,
-        id: str,
-        engine: str,
-        model: str,
-        kind: str,
-        rate: float,
-        pacing: Pacing,
-        arrival_time: float,
-        max_tokens: int | None,
-        encoder: ChunkEncoder,
-        clock: "PacingClock | None",
-        *,
-        rate_declared: bool = True,
-        include_usage: bool = False,
-        max_pending: int = 65536,
-        collect: bool = False,
-        read_ahead_s: float = 0.0,
-    ) -> None:
-        self.id = id
-        self.engine = engine
-        self.model = model
-        self.kind = kind
-        self.pacing: Pacing = pacing
-        self.rate_declared = rate_declared
-        self.arrival_time = arrival_time
-        self.max_tokens = max_tokens
-        self.reader = ReaderModel(rate)
-        self.encoder = encoder
-        self.generated = 0
-        self.prompt_tokens = 0
-        self.finish_reason: str | None = None
-        self.error: tuple[str, str] | None = None  # (message, code)
-        self.upstream_done = False
-        self.client_done = False  # the last event was released to the writer
+    def __init__(self, spec: StreamSpec, encoder: ChunkEncoder, *, clock: PacingClock | None,
+                 max_pending: int = 65536, read_ahead_s: float = 0.0) -> None:
+        """``clock`` paces a smooth stream; ``max_pending`` bounds the events it holds (merged beyond);
+        ``read_ahead_s`` is its read-ahead window (0: no bound)."""
+        super().__init__(spec, encoder)
+        pacing = spec.pacing
+        self.include_usage = spec.include_usage
         self.first_sent_time: float | None = None
-        self.include_usage = include_usage
-        # Last engine view (from the control loop), for listings and metrics.
-        self.engine_status = "waiting"
-        self.kv_device_tokens = 0
-        self.kv_host_tokens = 0
-        self.priority = 0
-        self.preemptions = 0
         self._pending: deque[tuple[int, bytes]] = deque()  # (tokens once read, event) held for pacing
         self._out: list[bytes] = []  # released, not yet written
         self._wake = asyncio.Event()
-        self._clock = clock if pacing != "none" else None
-        self._scheduled = False
+        self._clock = clock if pacing != "none" else None  # smooth or phrase: paced
+        self._on_clock = False  # the pacing clock will call release_due (or a release is in progress)
+        self._clock_seq = -1  # the pacing clock's live entry for this stream (older entries are stale)
         self._max_pending = max_pending
-        self.collected: list[str] | None = [] if collect else None  # non-streaming: gather text, send nothing
         # Resumption: every delta so far (bounded by max_tokens), the index the attached client resumed
-        # from, whether a client writer is attached (and which one), whether this replica reads the engine.
+        # from, and the attached writer (``attach_seq`` tells a superseded one it is).
         self.deltas: list[Delta] = []
         self.base = 0
-        self.attached = False
+        self.delivery = _DETACHED
         self.attach_seq = 0
-        self.owned = True
-        self.lost = False  # ownership moved to another replica: the writer closes so the client reconnects
-        self.created = encoder.created
-        # Measured drain (gateway.streams.drain): the connection's evidence, when a writer tracks it.
-        self.drain: DrainTracker | None = None
-        self.declared_rate = rate  # as requested (or the default class); the effective rate may move off it
-        self.released_tokens = 0  # reader-relative token index through which events were released
-        self._clock_seq = -1  # the pacing clock's live entry for this stream (older entries are stale)
         # The attached writer's synchronous send (see gateway/streams/direct.py): released events go straight to
         # the client's socket from the pacing clock or the engine reader, with no writer task wake-up, while the
         # socket takes them; it returns False (and the writer task sends) otherwise.
-        self.direct: Callable[[bytes, int], bool] | None = None
-        # Read-ahead bound (paced streams): while more than ``read_ahead_s`` of the reader's tokens wait here
-        # unsent, the engine connection is not read (``upstream_pause(True)``, set by the engine reader); its
-        # tokens gather in the socket and arrive in one read once fewer than half of that are left.
-        self.upstream_pause: Callable[[bool], None] | None = None
-        self._upstream_paused = False
-        self._read_ahead_s = read_ahead_s if pacing != "none" else 0.0
-
-    # --- BufferSource (gateway.policy.snapshot) ---
-    @property
-    def rate(self) -> float:
-        return self.reader.rate
+        self.direct: DirectSend | None = None
+        self.flow = ReadAhead(read_ahead_s, spec.rate) if pacing != "none" and read_ahead_s > 0 else None
 
     @property
-    def generated_tokens(self) -> int:
-        return self.generated
+    def attached(self) -> bool:
+        return self.delivery is not _DETACHED
 
     @property
-    def first_token_time(self) -> float | None:
-        return self.reader.first_token_time
+    def complete(self) -> bool:
+        """The attached writer has been handed the last event."""
+        return self.delivery is _COMPLETE
 
-    @property
-    def stalled(self) -> bool:
-        """The client stopped draining its socket (measured; see gateway.streams.drain)."""
-        return self.drain is not None and self.drain.stalled
+    def attach(self) -> None:
+        """The request's own connection serves it (a reconnecting client goes through :meth:`reattach`)."""
+        self.delivery = _ATTACHED
 
-    def buffer_tokens(self, now: float) -> float:
-        if self.drain is not None:  # evidence (acknowledged bytes, reported progress) beats the model
-            r = self.reader
-            r.advance(now)
-            return float(r.produced - self.drain.consumed(now, r.consumed))
-        return float(self.reader.buffer(now))
+    def detach(self) -> None:
+        self.delivery = _DETACHED
 
     def set_rate(self, rate: float, now: float) -> None:
         """Change the effective rate (from drain evidence); a paced stream is rescheduled at once."""
         self.reader.set_rate(rate, now)
-        if self._scheduled and self._clock is not None:
+        if self.flow is not None:
+            self.flow.set_rate(rate)
+        if self._on_clock and self._clock is not None:
             due = self.reader.due_time()  # inf once the reader has read every token: what is held is due now
             self._clock.schedule(self, now if due == math.inf else max(now, due))
 
-    # --- producer side (upstream reader) ---
+    # --- producer side (the session store's deliveries) ---
     def on_tokens(self, text: str, n: int, now: float, ids: list[int] | None = None) -> None:
         """``n`` tokens whose text is ``text`` arrived from the engine."""
         start = self.generated
         self.generated += n
-        if self.collected is not None:
-            self.reader.on_tokens(n, now)
-            self.collected.append(text)
-            return
         self.deltas.append((self.generated, text, ids))
         if self.generated <= self.base:
             return  # the attached client already has these (it resumed past them)
@@ -205,7 +130,7 @@ class Stream:
         the reader model gets them at once (the same as one by one at the same instant) and the events are
         queued together."""
         gen = self.generated
-        if (len(deltas) < 2 or self._clock is None or self.collected is not None or deltas[0][0] <= gen
+        if (len(deltas) < 2 or self._clock is None or deltas[0][0] <= gen
                 or gen < self.base or len(self._pending) + len(deltas) > self._max_pending):
             for end, text, ids in deltas:
                 if end > self.generated:
@@ -219,8 +144,9 @@ class Stream:
             queue((end - base, token(d[1], end)))
         self.generated = end
         self.reader.on_tokens(end - gen, now)
-        if self._read_ahead_s and not self._upstream_paused:
-            self._bound_read_ahead(end)
+        flow = self.flow
+        if flow is not None and not flow.paused:
+            flow.on_queued(end - base - self.released_tokens)
         self._kick(now)
 
     def _emit(self, text: str, index: int, n: int, now: float) -> None:
@@ -232,73 +158,15 @@ class Stream:
         else:
             if len(self._pending) >= self._max_pending:
                 # Explicit bound: merging keeps memory flat if a client is paced far behind its engine.
-                end, ev = self._pending.pop()
-                event = ev + event
+                event = self._pending.pop()[1] + event
             self._pending.append((index - self.base, event))
-            if self._read_ahead_s and not self._upstream_paused:
-                self._bound_read_ahead(index)
+            flow = self.flow
+            if flow is not None and not flow.paused:
+                flow.on_queued(index - self.base - self.released_tokens)
             self._kick(now)
-
-    def _bound_read_ahead(self, index: int) -> None:
-        """Stop reading the engine while more than ``read_ahead_s`` of tokens up to ``index`` wait unsent."""
-        if (self.upstream_pause is not None
-                and index - self.base - self.released_tokens > self.reader.rate * self._read_ahead_s):
-            self._upstream_paused = True
-            self.upstream_pause(True)
-
-    def reattach(self, after: int, now: float) -> int:
-        """A client (re)connects having received the tokens up to ``after``: serve it from there.
-
-        The reader model restarts at ``now`` (the client resumes reading where it stopped), the tokens
-        already produced after ``after`` are paced from now on, and the older writer, if any, is superseded.
-        Returns the new attachment's sequence number for :meth:`next_output`.
-        """
-        self.base = after
-        self.direct = None  # the older writer's; the new one installs its own
-        self.resume_upstream()  # what was held back is gone from _pending: read on
-        self.reader = ReaderModel(self.reader.rate)
-        self._pending.clear()
-        self._out.clear()
-        self.client_done = False
-        self.first_sent_time = None
-        self.released_tokens = 0
-        # Queue the whole replay before anything leaves (a release must see every event behind it to know
-        # whether it is the last), then schedule afresh on the new reader's clock (older entries go stale).
-        self._scheduled = True
-        self.encoder.resumed(after > 0)
-        prev = 0
-        for end, text, _ in self.deltas:
-            if end > after:
-                self._emit(text, end, end - max(prev, after), now)
-            prev = end
-        if self.upstream_done:
-            self.reader.finished = True
-            self._queue_tail(self._tail(), now)
-        self._scheduled = False
-        if self._pending:
-            self._kick(now)
-        self.attach_seq += 1
-        self.attached = True
-        self._wake.set()
-        return self.attach_seq
-
-    def restore(self, deltas: list[Delta], final: tuple[str | None, int, tuple[str, str] | None] | None) -> None:
-        """Load what another replica produced (no client attached yet): its deltas and, if it ended, how."""
-        self.deltas = list(deltas)
-        self.generated = deltas[-1][0] if deltas else 0
-        self.base = self.generated
-        if final is not None:
-            self.upstream_done = True
-            self.finish_reason, self.prompt_tokens, self.error = final
-            self.reader.finished = True
-
-    def mark_lost(self) -> None:
-        """Another replica owns this stream now: end the client's connection so it resumes there."""
-        self.lost = True
-        self._wake.set()
 
     def on_finished(self, reason: str, prompt_tokens: int, completion_tokens: int | None, now: float) -> None:
-        self.upstream_done = True
+        self.upstream = ENDED
         self.finish_reason = reason
         self.prompt_tokens = prompt_tokens
         if completion_tokens is not None and completion_tokens > self.generated:
@@ -307,9 +175,13 @@ class Stream:
             self.generated = completion_tokens
             self.reader.on_tokens(extra, now)
         self.reader.finished = True
-        if self.collected is not None:
-            return
         self._queue_tail(self._tail(), now)
+
+    def on_error(self, message: str, code: str, now: float) -> None:
+        self.upstream = ENDED
+        self.error = (message, code)
+        self.reader.finished = True
+        self._queue_tail(self.encoder.error(message, code), now)
 
     def _tail(self) -> bytes:
         if self.error is not None:
@@ -319,14 +191,6 @@ class Stream:
             tail += self.encoder.usage(self.prompt_tokens, self.generated, self.generated)
         return tail
 
-    def on_error(self, message: str, code: str, now: float) -> None:
-        self.upstream_done = True
-        self.error = (message, code)
-        self.reader.finished = True
-        if self.collected is not None:
-            return
-        self._queue_tail(self.encoder.error(message, code), now)
-
     def _queue_tail(self, tail: bytes, now: float) -> None:
         if self._clock is None:
             self._release(tail, max(0, self.generated - self.base), last=True)
@@ -334,9 +198,68 @@ class Stream:
             self._pending.append((max(0, self.generated - self.base), tail))
             self._kick(now)
 
+    # --- who produces it ---
+    def restore(self, deltas: list[Delta], final: Final | None) -> None:
+        """Load what another replica produced (no client attached yet): its deltas and, if it ended, how.
+        Until it ended, this replica follows that replica's token log."""
+        self.deltas = list(deltas)
+        self.generated = tokens_in(deltas)
+        self.base = self.generated
+        if final is None:
+            self.upstream = Upstream.REPLICA
+            return
+        self.upstream = ENDED
+        self.finish_reason, self.prompt_tokens, self.error = final.reason, final.prompt_tokens, final.error
+        self.reader.finished = True
+
+    def mark_moved(self) -> None:
+        """Another replica owns this stream now: end the client's connection so it resumes there. (A stream
+        whose end this replica already has keeps serving it.)"""
+        if self.upstream is not ENDED:
+            self.upstream = Upstream.MOVED
+        self._wake.set()
+
+    # --- consumer side: attachment ---
+    def reattach(self, after: int, now: float) -> int:
+        """A client (re)connects having received the tokens up to ``after``: serve it from there.
+
+        The reader model restarts at ``now`` (the client resumes reading where it stopped), the tokens
+        already produced after ``after`` are paced from now on, and the older writer, if any, is superseded.
+        Returns the new attachment's sequence number for :meth:`next_output`.
+        """
+        self.base = after
+        self.direct = None  # the older writer's; the new one installs its own
+        if self.flow is not None:
+            self.flow.resume()  # what was held back is gone from _pending: read on
+        self.reader = ReaderModel(self.reader.rate)
+        self._pending.clear()
+        self._out.clear()
+        self.delivery = _ATTACHED
+        self.first_sent_time = None
+        self.released_tokens = 0
+        # Queue the whole replay before anything leaves (a release must see every event behind it to know
+        # whether it is the last), then schedule afresh on the new reader's clock (older entries go stale).
+        self._on_clock = True
+        self.encoder.resumed(after > 0)
+        prev = 0
+        for end, text, _ in self.deltas:
+            if end > after:
+                self._emit(text, end, end - max(prev, after), now)
+            prev = end
+        if self.upstream is ENDED:
+            self.reader.finished = True
+            self._queue_tail(self._tail(), now)
+        self._on_clock = False
+        if self._pending:
+            self._kick(now)
+        self.attach_seq += 1
+        self._wake.set()
+        return self.attach_seq
+
+    # --- pacing clock side ---
     def _kick(self, now: float) -> None:
         clock = self._clock
-        if not self._scheduled and clock is not None:
+        if not self._on_clock and clock is not None:
             r = self.reader
             due = r.next_due if r.consumed < r.produced else now  # nothing left to read: a tail leaves at once
             if due <= now:
@@ -346,10 +269,9 @@ class Stream:
                 due = self.release_due(now)
                 if due == math.inf:
                     return
-            self._scheduled = True
+            self._on_clock = True
             clock.schedule(self, max(now, due))
 
-    # --- pacing clock side ---
     def release_due(self, now: float) -> float:
         """Release every event whose tokens the reader has reached by ``now``; return the next due time."""
         r = self.reader
@@ -368,26 +290,15 @@ class Stream:
             if direct is not None and pending and not self._out and direct(ev, end):  # the usual case, inlined
                 self.released_tokens = end
             else:
-                self._release(ev, end, last=not pending and self.upstream_done)
-            if self._upstream_paused and r.produced - end <= 0.5 * r.rate * self._read_ahead_s:
-                self.resume_upstream()
+                self._release(ev, end, last=not pending and self.upstream is ENDED)
+            flow = self.flow
+            if flow is not None and flow.paused:
+                flow.on_released(r.produced - end)
         if not pending:
-            self._scheduled = False
+            self._on_clock = False
             return math.inf
         # Events still pending lie beyond ``consumed``, so the reader has a token to come: due at next_due.
         return r.next_due
-
-    def set_upstream(self, pause: Callable[[bool], None] | None) -> None:
-        """The engine reader's pause switch (None once the engine stream ended or moved)."""
-        self.upstream_pause = pause
-        self._upstream_paused = False
-
-    def resume_upstream(self) -> None:
-        """Read the engine connection again (the read-ahead bound no longer holds it back)."""
-        if self._upstream_paused:
-            self._upstream_paused = False
-            if self.upstream_pause is not None:
-                self.upstream_pause(False)
 
     def _release(self, event: bytes, tokens: int, last: bool = False) -> None:
         direct = self.direct
@@ -396,21 +307,21 @@ class Stream:
             return
         self._out.append(event)
         self.released_tokens = tokens
-        if last:
-            self.client_done = True
+        if last and self.delivery is _ATTACHED:
+            self.delivery = _COMPLETE
         self._wake.set()
 
-    # --- consumer side (client writer) ---
+    # --- consumer side: the client writer ---
     async def next_output(self, seq: int | None = None) -> bytes:
         """Wait until something is released; return it (possibly several events joined).
 
         With ``seq`` (from :meth:`reattach`), raise :class:`Superseded` once a newer connection attached, and
-        return ``b""`` when the stream was lost to another replica.
+        return ``b""`` when the stream moved to another replica.
         """
         while not self._out:
             if seq is not None and seq != self.attach_seq:
                 raise Superseded(self.id)
-            if self.lost:
+            if self.upstream is Upstream.MOVED:
                 return b""
             self._wake.clear()
             await self._wake.wait()

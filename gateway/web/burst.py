@@ -33,8 +33,8 @@ class BurstSettings:
     seed: int = 1
 
     def specs(self) -> list[RequestSpec]:
-        return generate(WorkloadConfig(kind="burst", n=self.users, input_mean=PROMPT_TOKENS, output_mean=self.output_tokens,
-                                       rates=READER_RATES, seed=self.seed))
+        return generate(WorkloadConfig(kind="burst", n=self.users, input_mean=PROMPT_TOKENS,
+                                       output_mean=self.output_tokens, rates=READER_RATES, seed=self.seed))
 
 
 @dataclass(slots=True)

@@ -13,8 +13,8 @@ from ..api.errors import ApiError, invalid
 from ..api.requests import parse_json
 
 if TYPE_CHECKING:
-    from ..app import Gateway
     from ..config import DemoConfig
+    from ..services import Services
     from .burst import Burst
 
 STATIC = Path(__file__).with_name("static")
@@ -37,27 +37,29 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 
 class DemoPage:
-    def __init__(self, gw: "Gateway", cfg: "DemoConfig") -> None:
-        self.gw = gw
+    def __init__(self, svc: Services, cfg: DemoConfig) -> None:
+        self.svc = svc
         self.cfg = cfg
         self.burst: Burst | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def index(self, request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"})
+        return web.FileResponse(STATIC / "index.html",
+                                headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"})
 
     def lanes(self) -> list[dict[str, Any]]:
         """Every engine with the policy that schedules it and the model that reaches it."""
         out = []
-        for name, h in self.gw.engines.items():
+        for name, h in self.svc.engines.items():
             if not h.models:
                 continue
+            simulated = h.config.url is None
             out.append({"engine": name, "policy": getattr(h.control.policy, "name", "?"), "model": h.models[0],
-                        "simulated": h.config.url is None, "profile": h.config.profile if h.config.url is None else None})
+                        "simulated": simulated, "profile": h.config.profile if simulated else None})
         return out
 
     async def info(self, request: web.Request) -> web.Response:
-        streams = self.gw.cfg.streams
+        streams = self.svc.cfg.streams
         return _json({"engines": self.lanes(), "max_users": self.cfg.max_users, "rate_classes": streams.rate_classes,
                       "default_rate": streams.default_rate})
 
@@ -99,7 +101,8 @@ class DemoPage:
                 pass
 
 
-def _int(body: dict[str, Any], name: str, lo: int, hi: int, *, default: int | None = None, required: bool = False) -> int:
+def _int(body: dict[str, Any], name: str, lo: int, hi: int, *, default: int | None = None, required: bool = False
+         ) -> int:
     v = body.get(name, default)
     if v is None and required:
         raise invalid(f"'{name}' is required", param=name)
@@ -108,8 +111,8 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int, *, default: int | No
     return v
 
 
-def register(app: web.Application, gw: "Gateway", cfg: "DemoConfig") -> None:
-    page = DemoPage(gw, cfg)
+def register(app: web.Application, svc: Services, cfg: DemoConfig) -> None:
+    page = DemoPage(svc, cfg)
     app.router.add_get("/", page.index)
     app.router.add_static("/demo/static/", STATIC, append_version=False)
     app.router.add_get("/demo/info", page.info)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -141,9 +140,9 @@ class Builder:
         best = None
         for f in self.cache.glob("*.whl"):
             name, version, _, _ = parse_wheel_filename(f.name)
-            if norm(name) == norm(req.name) and version in req.specifier:
-                if best is None or version > best[0]:
-                    best = (version, f)
+            if (norm(name) == norm(req.name) and version in req.specifier
+                    and (best is None or version > best[0])):
+                best = (version, f)
         if best is None:
             raise SystemExit(f"kit: pip reported {spec} as present but no cached wheel matches")
         return best[1]
@@ -320,7 +319,8 @@ class Builder:
         for name, reqs in manifest["conflicts"].items():
             print(f"  conflicting requirements on {name}: {'; '.join(reqs)}")
         if manifest["left_to_server_unknown_version"]:
-            print("  the server's own copy is assumed for: " + ", ".join(sorted(manifest["left_to_server_unknown_version"])))
+            print("  the server's own copy is assumed for: "
+                  + ", ".join(sorted(manifest["left_to_server_unknown_version"])))
 
 
 # ---------------------------------------------------------------------------------------------- install
@@ -363,7 +363,7 @@ def install(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.target:
         env["PYTHONPATH"] = args.target + os.pathsep + env.get("PYTHONPATH", "")
-    mods = [m for m in args.check_import]
+    mods = list(args.check_import)
     if mods:
         p = subprocess.run([sys.executable, "-c", "import " + ", ".join(mods) + "; print('kit: imports ok')"], env=env)
         if p.returncode != 0:

@@ -17,10 +17,12 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.engines import control_api
+
 # Generous: the suite also runs against a real engine on a loaded CPU machine.
 TIMEOUT = float(os.environ.get("TOKENFLOW_CONTRACT_TIMEOUT", "60"))
 PROMPT = "Write a long story about a lighthouse keeper who collects stones."
-STATUSES = {"waiting", "running", "loading", "held", "parked"}
+STATUSES = control_api.STATUSES  # what the gateway's engine client parses: every engine must use exactly these
 
 
 def new_id(tag: str = "ct") -> str:
@@ -173,9 +175,9 @@ class EngineAPI:
             return r.status, body, r.headers
 
     async def state(self) -> dict[str, Any]:
-        async with self.s.get(self.url + "/control/v1/state") as r:
+        async with self.s.get(self.url + control_api.STATE_PATH) as r:
             assert r.status == 200
-            assert r.headers.get("X-TokenFlow-Control-Version") == "1"
+            assert r.headers.get(control_api.VERSION_HEADER) == control_api.VERSION
             return await r.json()
 
     async def req(self, rid: str) -> dict[str, Any] | None:
@@ -185,7 +187,7 @@ class EngineAPI:
         return None
 
     async def commands(self, cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        status, body, _ = await self.post_raw("/control/v1/commands", json={"commands": cmds})
+        status, body, _ = await self.post_raw(control_api.COMMANDS_PATH, json={"commands": cmds})
         assert status == 200, body
         assert len(body["results"]) == len(cmds)
         return body["results"]
@@ -195,11 +197,17 @@ class EngineAPI:
         return res
 
     async def wait_status(self, rid: str, statuses: set[str] | str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return (await self.wait_state(rid, statuses, timeout))[1]
+
+    async def wait_state(self, rid: str, statuses: set[str] | str, timeout: float = TIMEOUT
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The first state in which ``rid`` has one of ``statuses``: (the whole state, the request in it)."""
         want = {statuses} if isinstance(statuses, str) else statuses
 
-        async def ok() -> dict[str, Any] | None:
-            r = await self.req(rid)
-            return r if r is not None and r["status"] in want else None
+        async def ok() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            st = await self.state()
+            r = next((r for r in st["requests"] if r["id"] == rid), None)
+            return (st, r) if r is not None and r["status"] in want else None
 
         return await poll(ok, timeout, f"{rid} in {sorted(want)}")
 
@@ -232,5 +240,5 @@ class EngineAPI:
             if st.task is not None:
                 try:
                     await st.task
-                except (asyncio.CancelledError, Exception):
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the test's outcome is already decided
                     pass

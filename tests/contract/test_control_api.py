@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from gateway.engines import control_api
+
 from .client import STATUSES, TIMEOUT, EngineAPI, new_id, poll
 from .conftest import MEASUREMENTS
 
@@ -53,9 +55,9 @@ async def counters(api: EngineAPI) -> dict[str, int]:
 
 
 async def test_state_shape_and_version_header(api: EngineAPI) -> None:
-    async with api.s.get(api.url + "/control/v1/state") as r:
+    async with api.s.get(api.url + control_api.STATE_PATH) as r:
         assert r.status == 200
-        assert r.headers.get("X-TokenFlow-Control-Version") == "1"
+        assert r.headers.get(control_api.VERSION_HEADER) == control_api.VERSION
         assert r.content_type == "application/json"
         st = await r.json()
     assert set(st) >= {"engine", "requests"} and isinstance(st["requests"], list)
@@ -87,10 +89,10 @@ async def test_submitted_request_appears_with_its_id_and_leaves_when_done(api: E
         one = await resp.json()
     assert one["id"] == rid and set(one) >= set(REQUEST_FIELDS)
     await st.wait_tokens(2)
-    r = await api.wait_status(rid, "running")
+    state, r = await api.wait_state(rid, "running")  # one snapshot: the request may finish right after it
     assert r["kv_device_tokens"] > 0 and r["computed_tokens"] > 0 and r["output_tokens"] >= 1
-    assert r["kv_device_tokens"] % (await api.state())["engine"]["block_size"] == 0
-    assert (await api.state())["engine"]["kv_device_used_tokens"] >= r["kv_device_tokens"]
+    assert r["kv_device_tokens"] % state["engine"]["block_size"] == 0
+    assert state["engine"]["kv_device_used_tokens"] >= r["kv_device_tokens"]
     await st.finished()
     assert st.count == MAX_TOKENS and st.finish_reason == "length"
     # a finished request leaves the state at once: by the time its stream ended it is gone
@@ -338,8 +340,9 @@ async def test_batched_commands_are_independent_and_ordered(api: EngineAPI) -> N
 
 async def test_unknown_ids_get_not_found(api: EngineAPI) -> None:
     rid = new_id("nobody")
+    assert set(control_api.OPS) == {"preempt", "resume", "prefetch", "priority", "abort"}
     for op in ("preempt", "resume", "prefetch", "abort"):
-        status, body, headers = await api.post_raw(f"/control/v1/requests/{rid}/{op}")
+        status, body, _ = await api.post_raw(f"/control/v1/requests/{rid}/{op}")
         assert status == 404, (op, status)
         assert check_error_shape(body)["code"] == "not_found"
     status, body, _ = await api.post_raw(f"/control/v1/requests/{rid}/priority", json={"priority": 1})
@@ -347,8 +350,8 @@ async def test_unknown_ids_get_not_found(api: EngineAPI) -> None:
     async with api.s.get(f"{api.url}/control/v1/requests/{rid}") as r:
         assert r.status == 404
         check_error_shape(await r.json())
-    res = await api.commands([{"op": op, "id": rid} for op in ("preempt", "resume", "prefetch", "abort")]
-                             + [{"op": "priority", "id": rid, "priority": 0}])
+    res = await api.commands([{"op": op, "id": rid, "priority": 0} if op == "priority" else {"op": op, "id": rid}
+                              for op in control_api.OPS])
     assert all(not r["ok"] and r["error"]["code"] == "not_found" and r["id"] == rid for r in res)
 
 
@@ -363,12 +366,26 @@ async def test_malformed_command_bodies_get_400(api: EngineAPI, data: bytes) -> 
 
 
 async def test_too_many_commands_get_400(api: EngineAPI) -> None:
-    cmds = [{"op": "resume", "id": f"x{i}"} for i in range(1025)]
-    status, body, _ = await api.post_raw("/control/v1/commands", json={"commands": cmds})
+    limit = control_api.MAX_COMMANDS  # the gateway's engine client splits longer batches at this size
+    cmds = [{"op": "resume", "id": f"x{i}"} for i in range(limit + 1)]
+    status, body, _ = await api.post_raw(control_api.COMMANDS_PATH, json={"commands": cmds})
     assert status == 400
     check_error_shape(body)
-    res = await api.commands(cmds[:1024])  # the limit itself is fine
+    res = await api.commands(cmds[:limit])  # the limit itself is fine
     assert all(r["error"]["code"] == "not_found" for r in res)
+
+
+async def test_request_ids_follow_the_id_pattern(api: EngineAPI) -> None:
+    longest = "a.B-9_" * 21 + "xy"  # 128 characters, every kind the pattern allows
+    assert control_api.ID_RE.fullmatch(longest)
+    st = await api.start(longest, 4)
+    await st.finished()
+    assert st.count == 4
+    for bad in ("has space", "x" * 129, "", "slash/no"):
+        assert not control_api.ID_RE.fullmatch(bad)
+        status, body, _ = await api.post_raw("/v1/completions", json=await api.body(bad, 4))
+        assert status == 400, bad
+        check_error_shape(body)
 
 
 async def test_bad_single_priority_body_gets_400(api: EngineAPI) -> None:

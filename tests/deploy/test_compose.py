@@ -16,7 +16,8 @@ def _load_launch():
     """The vLLM plugin's command-line builder; it imports nothing from vLLM."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tokenflow_vllm_launch", ROOT / "backends/vllm/tokenflow_vllm/launch.py")
+    spec = importlib.util.spec_from_file_location("tokenflow_vllm_launch",
+                                                  ROOT / "backends/vllm/tokenflow_vllm/launch.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -101,7 +102,8 @@ def test_vllm_engines_run_the_plugin_on_the_pinned_image_with_a_gpu_each(gpu):
         # The same flags the plugin's own launcher builds (backends/vllm/tokenflow_vllm/launch.py).
         kv = json.loads(flags["--kv-transfer-config"])
         assert kv == json.loads(launch.kv_transfer_config(64_000_000_000))
-        assert kv["kv_connector_extra_config"]["offload_prompt_only"] is False  # else decode KV is never written through
+        # else decode KV is never written through
+        assert kv["kv_connector_extra_config"]["offload_prompt_only"] is False
         assert flags["--scheduler-cls"] == launch.SCHEDULER_ASYNC
         assert svc["environment"]["VLLM_PLUGINS"] == launch.PLUGINS
     assert sorted(gpus) == ["0", "1"]
@@ -116,7 +118,8 @@ def test_sim_engines_serve_the_model_name_the_gateways_route(sim):
         cmd = sim["services"][name]["command"]
         profile = cmd[cmd.index("--profile") + 1]
         model_name = yaml.safe_load((profiles / f"{profile}.yaml").read_text())["model"]["name"]
-        gw_models = {m for e in json.loads(sim["services"]["gateway-1"]["environment"]["TOKENFLOW_ENGINES"]) for m in e["models"]}
+        engines = json.loads(sim["services"]["gateway-1"]["environment"]["TOKENFLOW_ENGINES"])
+        gw_models = {m for e in engines for m in e["models"]}
         assert gw_models == {model_name}
 
 

@@ -36,7 +36,8 @@ class OneOfEach:
         for s in snapshot.streams:
             if s.id not in self.done:
                 self.done.add(s.id)
-                out += [Decision("priority", s.id, priority=1, reason="test"), Decision("preempt", "no-such-" + s.id, reason="test")]
+                out += [Decision("priority", s.id, priority=1, reason="test"),
+                        Decision("preempt", "no-such-" + s.id, reason="test")]
         return out
 
     def forget(self, stream_id: str) -> None:
@@ -50,8 +51,9 @@ def gateway_config():
 
 async def test_every_dashboard_metric_is_exported(gateway, http, model):
     wanted = dashboard_metrics()
-    assert {"tokenflow_ttft_seconds_bucket", "tokenflow_engine_preemptions_total", "tokenflow_policy_tick_seconds_bucket",
-            "tokenflow_engine_kv_host_used_ratio", "tokenflow_redis_up"} <= wanted
+    assert {"tokenflow_ttft_seconds_bucket", "tokenflow_engine_preemptions_total",
+            "tokenflow_policy_tick_seconds_bucket", "tokenflow_engine_kv_host_used_ratio",
+            "tokenflow_redis_up"} <= wanted
     gateway.gateway.engines["sim"].control.policy = OneOfEach()
     client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
@@ -68,7 +70,8 @@ async def test_every_dashboard_metric_is_exported(gateway, http, model):
         for line in text.splitlines():
             if line.startswith("# TYPE "):
                 _, _, family, kind = line.split(" ", 3)
-                names |= {family} | ({f"{family}_bucket", f"{family}_sum", f"{family}_count"} if kind == "histogram" else set())
+                parts = {f"{family}_bucket", f"{family}_sum", f"{family}_count"} if kind == "histogram" else set()
+                names |= {family} | parts
             elif line and not line.startswith("#"):
                 names.add(line.split("{", 1)[0].split(" ", 1)[0])
         return names
@@ -82,5 +85,5 @@ async def test_every_dashboard_metric_is_exported(gateway, http, model):
 
     try:
         await wait_for(complete, timeout=15, interval=0.1)
-    except BaseException:
-        raise AssertionError(f"dashboard metrics without samples: {sorted(complete.missing)}")  # type: ignore[attr-defined]
+    except BaseException:  # noqa: BLE001 - pytest.fail's exception included: name what is missing instead
+        raise AssertionError(f"dashboard metrics without samples: {sorted(complete.missing)}") from None  # type: ignore[attr-defined]

@@ -16,42 +16,21 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.deploy.compose import INSTALL_HINT, ROOT, aliases, load, mounts
+from tests.support.procs import Proc, free_port
 
 CONTROL_TOKEN = "topology-control-token"
 _URL_HOST = re.compile(r"(?<=//)([A-Za-z0-9_.-]+):(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_nginx() -> str:
     exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
     assert exe, f"nginx is missing: {INSTALL_HINT}"
     return exe
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 @dataclass
@@ -83,28 +62,8 @@ class Topology:
         return value
 
     def start(self, name: str, argv: list[str], env: dict[str, str], url: str) -> Proc:
-        log = self.workdir / f"{name}.log"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                     start_new_session=True)
-        proc = Proc(name, popen, log, url)
-        self.procs[name] = proc
+        proc = self.procs[name] = Proc(name, argv, self.workdir, env=env, cwd=self.workdir, url=url)
         return proc
-
-    def wait_http(self, proc: Proc, path: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
-            try:
-                with urllib.request.urlopen(proc.url + path, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as e:
-                last = str(e)
-            time.sleep(0.1)
-        raise AssertionError(f"{proc.name} not answering {path} within {timeout} s ({last}):\n{proc.tail()}")
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
@@ -123,7 +82,8 @@ def base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in keep} | {"PYTHONPATH": str(ROOT)}
 
 
-def nginx_config(shipped: str, upstreams: dict[str, int], listen_port: int, workdir: Path, buffered: bool = False) -> str:
+def nginx_config(shipped: str, upstreams: dict[str, int], listen_port: int, workdir: Path, buffered: bool = False
+                 ) -> str:
     """The shipped nginx.conf with upstream addresses, the listen port and writable temp paths localized.
 
     ``buffered`` makes the proxy buffer: the negative control showing the streaming test detects buffering.
@@ -174,9 +134,9 @@ def start_topology(workdir: Path, *, lb_buffered: bool = False) -> Topology:
                 env |= {"TOKENFLOW_SERVER__HOST": "127.0.0.1", "TOKENFLOW_SERVER__PORT": str(topo.ports[name])}
             topo.start(name, [sys.executable, "-m", "gateway.cli", *argv], env, f"http://127.0.0.1:{topo.ports[name]}")
         for name in engines:
-            topo.wait_http(topo.procs[name], "/health")
+            topo.procs[name].wait_http("/health")
         for name in gateways:
-            topo.wait_http(topo.procs[name], "/readyz")  # ready = both engines' control APIs answer (token)
+            topo.procs[name].wait_http("/readyz")  # ready = both engines' control APIs answer (token)
 
         # nginx: the shipped config.
         lb = services["lb"]
@@ -191,7 +151,7 @@ def start_topology(workdir: Path, *, lb_buffered: bool = False) -> Topology:
         assert check.returncode == 0, check.stderr
         topo.start("lb", [nginx, "-p", str(workdir), "-c", str(conf_path), "-g", directives], base_env(),
                    f"http://127.0.0.1:{topo.ports['lb']}")
-        topo.wait_http(topo.procs["lb"], "/lb-health")
+        topo.procs["lb"].wait_http("/lb-health")
         return topo
     except BaseException:
         topo.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 
-import aiohttp
 import openai
 import orjson
 import pytest
@@ -48,8 +47,10 @@ def chat(model: str, **kw) -> dict:
 
 
 async def test_requests_without_a_valid_key_get_401_in_openai_format(gateway, http, model):
-    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {ALICE}"}, {"Authorization": "Bearer"}):
-        async with http.post(gateway.url + "/v1/chat/completions", json=chat(model, max_tokens=3), headers=headers) as r:
+    wrong = ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {ALICE}"}, {"Authorization": "Bearer"})
+    for headers in wrong:
+        async with http.post(gateway.url + "/v1/chat/completions", json=chat(model, max_tokens=3),
+                             headers=headers) as r:
             assert r.status == 401, headers
             assert r.headers["WWW-Authenticate"] == "Bearer"
             err = (await r.json())["error"]
@@ -128,7 +129,8 @@ async def test_the_global_stream_limit_answers_429_with_retry_after(http, model)
 async def test_a_keys_rate_class_is_the_default_rate_of_its_requests(gateway, http, model):
     async def rate_of(key: str, **tf) -> tuple[float, bool]:
         body = chat(model, stream=True, max_tokens=50, **({"tokenflow": tf} if tf else {}))
-        async with http.post(gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        async with http.post(gateway.url + "/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"}) as r:
             sid = r.headers["X-TokenFlow-Stream-Id"]
             await r.content.readline()
             async with http.get(f"{gateway.url}/v1/streams/{sid}", headers={"Authorization": f"Bearer {key}"}) as s:
@@ -226,7 +228,8 @@ def test_bad_auth_config_is_refused():
 
 async def test_an_engine_at_its_stream_limit_gets_429_and_a_second_engine_takes_the_overflow(http):
     engines = [{"name": "a", "max_streams": 1}, {"name": "b", "max_streams": 1}]  # two embedded sims, same model
-    gw = await start_gateway(load_config(None, **{"server.port": 0, "engines": engines, "auth.retry_after_s": 2}), port=0)
+    cfg = load_config(None, **{"server.port": 0, "engines": engines, "auth.retry_after_s": 2})
+    gw = await start_gateway(cfg, port=0)
     try:
         model = sorted(gw.gateway.models)[0]
         body = chat(model, stream=True, max_tokens=400, tokenflow={"rate": 2})

@@ -44,7 +44,8 @@ async def test_slow_reader_is_measured_at_its_true_rate(gateway, http, model):
         took = await wait_for(converged, timeout=20, interval=0.1)
         elapsed = time.monotonic() - t0
         observed = c.events / elapsed  # what the client really read so far
-        print(f"measured {measured['rate_measured']:.2f} tok/s vs true {true_rate} (client observed {observed:.2f}) after {took:.1f} s")
+        print(f"measured {measured['rate_measured']:.2f} tok/s vs true {true_rate} (client observed {observed:.2f}) "
+              f"after {took:.1f} s")
         assert took < 12, "a few seconds, not the whole answer"
         assert measured["rate_declared_value"] == 20
         assert measured["rate_source"] == "measured"
@@ -161,7 +162,8 @@ async def test_stalled_client_is_paused_and_resumes_without_loss(slow_engine_con
         t_resumed = time.monotonic()
 
         await a.read_at(1000, until=time.monotonic() + 60)
-        print(f"resumed {t_resumed - t_read:.1f} s after reading again; the rest took {time.monotonic() - t_resumed:.1f} s")
+        print(f"resumed {t_resumed - t_read:.1f} s after reading again; "
+              f"the rest took {time.monotonic() - t_resumed:.1f} s")
         assert a.done, "the stream finished"
         ids_c, c_first = c.result()
         ids_b, _ = await b

@@ -6,7 +6,6 @@ import asyncio
 import statistics
 import time
 
-import aiohttp
 import openai
 import orjson
 import pytest
@@ -47,7 +46,8 @@ async def test_pacing_none_forwards_as_fast_as_the_engine(gateway, model):
     client = oai(gateway)
     arrivals = []
     stream = await client.completions.create(
-        model=model, prompt="Once upon a time", stream=True, max_tokens=60, extra_body={"tokenflow": {"rate": 5, "pacing": "none"}}
+        model=model, prompt="Once upon a time", stream=True, max_tokens=60,
+        extra_body={"tokenflow": {"rate": 5, "pacing": "none"}},
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -129,15 +129,16 @@ async def test_gateway_knows_the_buffer_of_a_paced_stream(gateway, http, model):
         assert received == info["consumed_tokens"]
 
 
+HI = [{"role": "user", "content": "x"}]
 MALFORMED = [
     ("/v1/chat/completions", b"{not json", 400),
     ("/v1/chat/completions", b"[]", 400),
-    ("/v1/chat/completions", orjson.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}), 404),
+    ("/v1/chat/completions", orjson.dumps({"model": "no-such-model", "messages": HI}), 404),
     ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": "hello"}), 400),
-    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": [{"role": "user", "content": "x"}], "tokenflow": {"rate": -5}}), 400),
-    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": [{"role": "user", "content": "x"}], "tokenflow": {"rate": 1e12}}), 400),
-    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400),
-    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}), 400),
+    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": HI, "tokenflow": {"rate": -5}}), 400),
+    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": HI, "tokenflow": {"rate": 1e12}}), 400),
+    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": HI, "max_tokens": 0}), 400),
+    ("/v1/chat/completions", orjson.dumps({"model": "@", "messages": HI, "max_tokens": "many"}), 400),
     ("/v1/completions", orjson.dumps({"model": "@", "prompt": 42}), 400),
     ("/v1/completions", orjson.dumps({"model": "@"}), 400),
     ("/v1/completions", orjson.dumps({"model": "@", "prompt": "x", "stream": "true"}), 400),
@@ -154,7 +155,8 @@ async def test_malformed_requests_get_openai_errors_and_the_gateway_goes_on(gate
             assert err["message"] and err["type"]
     async with http.get(gateway.url + "/v1/chat/completions") as r:
         assert r.status == 405 and "error" in await r.json()
-    r = await oai(gateway).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    r = await oai(gateway).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=3)
     assert r.usage.completion_tokens == 3
 
 
@@ -176,7 +178,7 @@ async def test_client_disconnect_frees_the_engine(gateway, http, model):
     await resp.content.readline()
 
     async def on_engine() -> bool:
-        return any(r["id"] == sid for r in (await engine.state())["requests"])
+        return sid in (await engine.state()).requests
 
     await wait_for(on_engine)
     resp.close()  # the client goes away mid-stream

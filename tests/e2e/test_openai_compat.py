@@ -115,7 +115,8 @@ async def test_errors_raise_the_right_exception_classes(gateway, model):
         await client.completions.create(model=model, prompt="x", extra_body={"tokenflow": {"rate": "warp-speed"}})
     assert "rate" in e.value.message
     with pytest.raises(openai.BadRequestError):
-        await client.chat.completions.create(model=model, messages=MSG, stream=True, stream_options={"include_usage": "yes"})
+        await client.chat.completions.create(model=model, messages=MSG, stream=True,
+                                             stream_options={"include_usage": "yes"})
 
     keyed = await start_gateway(load_config(None, **{"server.port": 0, "auth.keys": [
         {"name": "k", "key": "sk-test-key", "max_streams": 1}]}), port=0)

@@ -5,23 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import aiohttp
 
 from tests.conftest import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.procs import free_port
 
 
 async def test_sigterm_with_open_streams_exits_within_the_shutdown_timeout():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "TOKENFLOW_SERVER__PORT": str(port), "TOKENFLOW_SERVER__LOG_LEVEL": "warning",
            "TOKENFLOW_SERVER__SHUTDOWN_TIMEOUT_S": "1"}

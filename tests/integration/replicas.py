@@ -3,12 +3,10 @@ subprocess on a free port, plus an SSE client that resumes with Last-Event-ID li
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -19,53 +17,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.procs import Proc, free_port, poll
+
+__all__ = ["Client", "Cluster", "Proc", "RedisServer", "free_port", "poll", "readyz"]
+
 _TOK = re.compile(r" tok(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def poll(pred: Any, timeout: float, what: str, interval: float = 0.05) -> float:
-    """Await ``pred()`` until true; the seconds it took. Raises AssertionError after ``timeout``."""
-    t0 = time.monotonic()
-    while True:
-        try:
-            if await pred():
-                return time.monotonic() - t0
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-            pass
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(interval)
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], env: dict[str, str] | None, logdir: Path) -> None:
-        self.name = name
-        self.log = logdir / f"{name}.log"
-        self._fh = open(self.log, "wb")
-        self.p = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._fh,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-        self._fh.close()
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 class RedisServer:
@@ -80,7 +36,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = Proc(f"redis-{self.port}-{time.monotonic_ns()}", [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            None, self.logdir)
+            self.logdir)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -110,7 +66,7 @@ class Cluster:
     async def start_engine(self) -> None:
         port = free_port()
         self.procs["engine"] = Proc("engine", [sys.executable, "-m", "backends.sim", "--profile", "sim-small",
-                                               "--port", str(port)], None, self.logdir)
+                                               "--port", str(port)], self.logdir)
         self.engine_url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
             async def up() -> bool:
@@ -137,7 +93,7 @@ class Cluster:
             **{f"TOKENFLOW_SESSION__{k.upper()}": str(v) for k, v in session.items()},
         }
         self.procs[name] = Proc(name, [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
-                                       "--port", str(port)], env, self.logdir)
+                                       "--port", str(port)], self.logdir, env={**os.environ, **env})
         url = self.urls[name] = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
             async def ready() -> bool:
@@ -200,7 +156,7 @@ class Client:
             async with http.post(url + self.path, json=self.body) as resp:
                 assert resp.status == 200, await resp.text()
                 await self.read(resp, stop_after)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             self.errors.append(f"cut: {type(e).__name__}")
 
     async def resume(self, http: aiohttp.ClientSession, url: str, via: str) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
-
 from tests.conftest import wait_for
 
 from .replicas import Client, lost_and_duplicated

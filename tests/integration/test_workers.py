@@ -34,7 +34,7 @@ def start_workers(tmp_path: Path, redis: RedisServer, engine: list[str], name: s
     """An engine (``python -m <engine> --port P``) and ``tokenflow serve --workers 2`` in front of it, sharing
     state through ``redis``; returns (engine, gateway, gateway port)."""
     up_port, port = free_port(), free_port()
-    upstream = Proc(engine[0].rsplit(".", 1)[-1], [sys.executable, "-m", *engine, "--port", str(up_port)], None, tmp_path)
+    upstream = Proc(engine[0].rsplit(".", 1)[-1], [sys.executable, "-m", *engine, "--port", str(up_port)], tmp_path)
     conf = tmp_path / "gateway.yaml"
     conf.write_text(yaml.safe_dump({
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **server},
@@ -42,7 +42,7 @@ def start_workers(tmp_path: Path, redis: RedisServer, engine: list[str], name: s
         "session": {"store": "redis", "redis_url": redis.url, "key_prefix": f"{prefix}{port}"},
     }))
     gw = Proc("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--config", str(conf), "--workers", "2"],
-              None, tmp_path)
+              tmp_path)
     return upstream, gw, port
 
 
@@ -71,15 +71,15 @@ async def test_two_workers_share_the_port_and_one_drives_the_engine(tmp_path: Pa
                 raw = await r.read()
         assert raw.count(b'"finish_reason":null') == 30 and raw.endswith(b"data: [DONE]\n\n")
 
-        gw.p.send_signal(signal.SIGTERM)
-        gw.p.wait(20)  # the parent returns once every worker stopped
+        gw.popen.send_signal(signal.SIGTERM)
+        gw.popen.wait(20)  # the parent returns once every worker stopped
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _listening(port):
             time.sleep(0.1)
         assert not _listening(port)
     finally:
         try:  # the parent and its workers: their own process group (start_new_session)
-            os.killpg(gw.p.pid, signal.SIGKILL)
+            os.killpg(gw.popen.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         gw.kill()
@@ -98,15 +98,15 @@ async def test_workers_die_with_a_killed_parent(tmp_path: Path, redis: RedisServ
                 return r.status == 200
 
         await poll(up, 60, "workers ready", 0.2)
-        gw.p.kill()  # SIGKILL: no forwarding possible
-        gw.p.wait(10)
+        gw.popen.kill()  # SIGKILL: no forwarding possible
+        gw.popen.wait(10)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _listening(port):
             time.sleep(0.1)
         assert not _listening(port)  # the workers went with it
     finally:
         try:
-            os.killpg(gw.p.pid, signal.SIGKILL)
+            os.killpg(gw.popen.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         upstream.kill()
@@ -132,7 +132,7 @@ async def test_sigterm_with_open_streams_stops_every_worker_in_bounded_time(tmp_
                 async for line in r.content:
                     if line.startswith(b"data: {"):
                         started.add(i)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         ended.add(i)
 
@@ -153,10 +153,10 @@ async def test_sigterm_with_open_streams_stops_every_worker_in_bounded_time(tmp_
         assert not ended  # 400 tokens at 2/s: every stream is still open when the signal comes
 
         t0 = time.monotonic()
-        gw.p.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(gw.p.wait, 2 * grace + 20)  # raises TimeoutExpired if the workers hang
+        gw.popen.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(gw.popen.wait, 2 * grace + 20)  # raises TimeoutExpired if the workers hang
         assert time.monotonic() - t0 < 2 * grace + 20
-        assert subprocess.run(["pgrep", "-g", str(gw.p.pid)], capture_output=True).returncode == 1  # no worker left
+        assert subprocess.run(["pgrep", "-g", str(gw.popen.pid)], capture_output=True).returncode == 1  # no worker left
         assert not _listening(port)
 
         async def all_cut() -> bool:
@@ -169,7 +169,7 @@ async def test_sigterm_with_open_streams_stops_every_worker_in_bounded_time(tmp_
         await asyncio.gather(*tasks, return_exceptions=True)
         await http.close()
         try:
-            os.killpg(gw.p.pid, signal.SIGKILL)
+            os.killpg(gw.popen.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         gw.kill()

@@ -53,7 +53,8 @@ def test_trace_replay(tmp_path: Path) -> None:
     p = tmp_path / "t.csv"
     p.write_text("arrival_s,input_tokens,output_tokens,rate\n12.5,100,50,20\n10.0,30,40,4.8\n")
     specs = generate(WorkloadConfig(kind="trace", trace=str(p), n=0))
-    assert [(s.arrival_s, s.prompt_tokens, s.output_tokens, s.rate) for s in specs] == [(0.0, 30, 40, 4.8), (2.5, 100, 50, 20.0)]
+    assert [(s.arrival_s, s.prompt_tokens, s.output_tokens, s.rate) for s in specs] == [
+        (0.0, 30, 40, 4.8), (2.5, 100, 50, 20.0)]
     bad = tmp_path / "bad.csv"
     bad.write_text("arrival_s,input_tokens\n1,2\n")
     with pytest.raises(ValueError):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -99,7 +100,7 @@ def engine_step(profile: Profile, p: dict[str, Any]) -> Step:
         step = core.next_step(now)
         assert step is not None and step.stall_s == 0
         now += step.duration
-        first += sum(1 for e in core.complete_step(step, now) if e.index == 0)
+        first += sum(1 for e in core.complete_step(step, now) if e.position == 0)
     for n, length in prompts:
         for i in range(n):
             core.add(f"p{i}", prompt_tokens=length, max_tokens=16, now=now)

@@ -32,7 +32,7 @@ def test_file_then_environment(tmp_path, monkeypatch):
 def test_bad_config_is_refused(tmp_path, text):
     f = tmp_path / "bad.yaml"
     f.write_text(text)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):  # pydantic's ValidationError is one
         load_config(f)
 
 

@@ -14,7 +14,8 @@ from gateway.streams.drain import DrainSampler, DrainSettings, DrainTracker, Rat
 S = DrainSettings()
 
 
-def feed_stepwise(est: RateEstimator, rate: float, step_tokens: int, until: float, dt: float = 0.25, supply: int = 10_000) -> None:
+def feed_stepwise(est: RateEstimator, rate: float, step_tokens: int, until: float, dt: float = 0.25,
+                  supply: int = 10_000) -> None:
     """A client reading ``rate`` tok/s whose acknowledgements arrive in steps of ``step_tokens``."""
     t = 0.0
     while t <= until:
@@ -321,13 +322,16 @@ async def test_rate_change_reschedules_a_paced_stream_at_once():
     import asyncio
 
     from gateway.api.sse import ChunkEncoder
+    from gateway.streams.base import StreamSpec
     from gateway.streams.pacer import PacingClock
     from gateway.streams.stream import Stream
 
     loop = asyncio.get_running_loop()
     clock = PacingClock(loop)
     now = loop.time()
-    s = Stream("s1", "e", "m", "chat", 0.1, "smooth", now, None, ChunkEncoder("chat", "s1", "m", 0), clock)
+    spec = StreamSpec(id="s1", engine="e", model="m", kind="chat", rate=0.1, pacing="smooth", arrival_time=now,
+                      max_tokens=None)
+    s = Stream(spec, ChunkEncoder("chat", "s1", "m", 0), clock=clock)
     s.on_tokens("a", 1, now)
     s.on_tokens("b", 1, now)
     assert (await s.next_output()).count(b"data:") == 1  # the first token at once, the second due in 10 s

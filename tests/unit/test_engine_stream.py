@@ -146,7 +146,7 @@ async def test_connections_are_reused_after_a_clean_end_and_stale_ones_replaced(
         for _ in range(3):
             up = await EngineStream.open("e", pool, "/v1/completions", "completion", b"{}", {}, 10)
             got: list[tuple[str, int, str | None]] = []
-            await up.consume(lambda b: got.extend((d.text, d.tokens, d.finish_reason) for d in b))
+            await up.consume(lambda b, got=got: got.extend((d.text, d.tokens, d.finish_reason) for d in b))
             up.close()
             assert got == EXPECTED
             await asyncio.sleep(0.02)  # the chunked terminator arrives: the connection is pooled

@@ -13,6 +13,7 @@ import re
 import pytest
 
 from gateway.api.sse import ChunkEncoder
+from gateway.streams.base import StreamSpec
 from gateway.streams.pacer import PacingClock
 from gateway.streams.phrase_stream import MAX_WORDS, PhraseStream, stream_class
 from gateway.streams.stream import Stream
@@ -28,8 +29,11 @@ async def clock():
 
 
 def make(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 0.0) -> PhraseStream:
-    return PhraseStream("s1", "e", "m", "chat", rate, "phrase", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
-                        read_ahead_s=read_ahead_s)
+    spec = StreamSpec(id="s1", engine="e", model="m", kind="chat", rate=rate, pacing="phrase", arrival_time=0.0,
+                      max_tokens=None)
+    s = PhraseStream(spec, ChunkEncoder("chat", "s1", "m", 0), clock=clock, read_ahead_s=read_ahead_s)
+    s.attach()  # a client writer takes what is released (``complete`` once it has been handed the end)
+    return s
 
 
 def events(stream: Stream) -> list[tuple[int, str | None]]:
@@ -66,7 +70,7 @@ async def test_each_phrase_is_one_event_released_one_phrase_ahead_of_the_listene
     s.release_due(0.1)  # the listener starts the second phrase (token 2): the third leaves
     assert events(s) == [(1 + 2 * MAX_WORDS, words(MAX_WORDS, 1 + MAX_WORDS))]
     t, out, times = s.release_due(0.1), [], []
-    while not s.client_done:
+    while not s.complete:
         times.append(t)
         t = s.release_due(t)
         out += events(s)
@@ -78,11 +82,11 @@ async def test_each_phrase_is_one_event_released_one_phrase_ahead_of_the_listene
 async def test_a_word_in_several_tokens_is_never_split(clock):
     s = make(clock, rate=10.0)
     deltas = [" Hel", "lo", ",", " wor", "ld", " and", " more", "."]
-    for i, d in enumerate(deltas):
+    for d in deltas:
         s.on_tokens(d, 1, 0.0)
     s.on_finished("stop", 3, None, 0.0)
     t, out = 0.0, events(s)
-    while not s.client_done:
+    while not s.complete:
         t = s.release_due(t)
         out += events(s)
     texts = [text for _, text in out if text is not None]
@@ -107,7 +111,8 @@ async def test_an_engine_slower_than_its_listener_gets_whole_words_as_they_compl
 async def test_read_ahead_counts_whole_phrases_and_an_open_phrase_never_blocks_reading(clock):
     s = make(clock, rate=2.0, read_ahead_s=1.0)  # bound: 2 unsent tokens, far less than a phrase
     calls: list[bool] = []
-    s.set_upstream(calls.append)
+    assert s.flow is not None
+    s.flow.connect(calls.append)
     for i in range(1 + MAX_WORDS + MAX_WORDS):  # the first word and one phrase leave; a second one is open
         s.on_tokens(f" tok{i}", 1, 0.0)
     assert calls == []  # an incomplete phrase does not stop the reading (it needs the next token)
@@ -130,7 +135,7 @@ async def test_resuming_replays_from_where_the_client_was_in_phrases(clock):
     events(s)
     s.reattach(3, 10.0)  # the client had 3 tokens
     t, out = 10.0, events(s)
-    while not s.client_done:
+    while not s.complete:
         t = s.release_due(t)
         out += events(s)
     assert "".join(text for _, text in out if text) == words(9, 3)
@@ -162,14 +167,14 @@ async def test_a_rate_change_moves_the_next_release_and_never_loses_the_end(cloc
     due = live_entry(clock, s)
     assert due == pytest.approx(0.45 + 14 / 4.0)  # token 3 is heard at 0.2 + 1/4 s, token 17 14 tokens later
     t, out = due, []
-    while not s.client_done:
+    while not s.complete:
         nxt = s.release_due(t)
         out += events(s)
-        if s.client_done:
+        if s.complete:
             break
         s.set_rate(4.0, nxt)  # a rate change right when the next event is due: it goes at once
         out += events(s)
         live = live_entry(clock, s)
-        assert s.client_done or (live is not None and live < math.inf), "the stream would never be released again"
+        assert s.complete or (live is not None and live < math.inf), "the stream would never be released again"
         t = live if live is not None else t
     assert out == [(1 + 2 * MAX_WORDS, None)]

@@ -28,7 +28,8 @@ def test_serves_everyone_when_not_memory_bound() -> None:
 
 
 def test_new_request_displaces_a_buffered_runner() -> None:
-    s = Snapshot(engine(2_300, 2_100), (sv("rich", R, 400.0), sv("poor", R, 0.0), sv("new", W, 0.0, started=False)), 0.5)
+    s = Snapshot(engine(2_300, 2_100),
+                 (sv("rich", R, 400.0), sv("poor", R, 0.0), sv("new", W, 0.0, started=False)), 0.5)
     ds = AndesPolicy().decide(s, 10.0)
     assert ("preempt", "rich") in [(d.op, d.id) for d in ds]
     assert ("preempt", "poor") not in [(d.op, d.id) for d in ds]
@@ -47,5 +48,6 @@ def test_preemption_cap_limits_average_preemptions_per_request() -> None:
     assert pol.requests_seen == 3
     assert total <= 3
     capped = AndesPolicy(preemption_cap=0.0)
-    s = Snapshot(engine(2_300, 2_100), (sv("rich", R, 400.0), sv("poor", R, 0.0), sv("new", W, 0.0, started=False)), 0.5)
+    s = Snapshot(engine(2_300, 2_100),
+                 (sv("rich", R, 400.0), sv("poor", R, 0.0), sv("new", W, 0.0, started=False)), 0.5)
     assert not [d for d in capped.decide(s, 10.0) if d.op == "preempt"]

@@ -21,8 +21,8 @@ def sv(i: str, status: EngineStatus, *, buf: float = 0.0, rate: float = 10.0, pr
        started: bool = True, max_tokens: int = 2000, arrival: float = 50.0, host: int | None = None) -> StreamView:
     ctx = prompt + gen if started else prompt
     dev = ctx if status in (R, P) else 0
-    return StreamView(i, status, arrival, rate, prompt, gen if started else 0, buf, 60.0 if started else None, max_tokens,
-                      dev, ctx if host is None else host)
+    return StreamView(i, status, arrival, rate, prompt, gen if started else 0, buf, 60.0 if started else None,
+                      max_tokens, dev, ctx if host is None else host)
 
 
 def snap(*streams: StreamView, eng: EngineView | None = None) -> Snapshot:
@@ -134,7 +134,8 @@ def test_overload_falls_back_to_fcfs() -> None:
 
 
 def test_deterministic() -> None:
-    streams = [sv(f"s{i}", [R, H, W][i % 3], buf=float(i * 7 % 90), started=i % 3 != 2, arrival=float(i)) for i in range(60)]
+    streams = [sv(f"s{i}", [R, H, W][i % 3], buf=float(i * 7 % 90), started=i % 3 != 2, arrival=float(i))
+               for i in range(60)]
     s = snap(*streams, eng=engine(capacity=20_000, seqs=16))
     assert TokenFlowPolicy().decide(s, NOW) == TokenFlowPolicy().decide(s, NOW)
 

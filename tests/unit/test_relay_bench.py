@@ -15,6 +15,7 @@ from gateway.cli import main as cli_main
 from gateway.cli import workers_problem
 from gateway.config import load_config
 from gateway.engines.client import EngineClient
+from gateway.engines.control_api import CommandResult
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ async def test_fast_upstream_speaks_the_engine_api_the_gateway_reads(upstream: s
         client = EngineClient("fast", upstream, http)
         assert await client.models() == ["fast"]
         state = await client.state()  # checks X-TokenFlow-Control-Version
-        assert state["requests"] == [] and state["engine"]["name"] == "fast"
-        assert await client.commands([{"op": "abort", "id": "x"}]) == [{"id": "x", "op": "abort", "ok": True}]
+        assert state.requests == {} and state.engine.name == "fast"
+        assert await client.commands([{"op": "abort", "id": "x"}]) == [CommandResult(id="x", op="abort", ok=True)]
         for kind in ("completion", "chat"):
             resp = await client.open_stream(kind, {"model": "fast", "max_tokens": 5, "stream": True})
             deltas = [d async for d in EngineClient.deltas(resp, kind)]

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import pytest
 
-from backends.sim.core import DuplicateId, EngineCore, Emitted, StepInFlight
+from backends.sim.core import DuplicateId, Emitted, EngineCore, StepInFlight
 from backends.sim.profile import Profile, load_profile
 
 SMALL = load_profile("sim-small")
@@ -38,7 +38,7 @@ class Driver:
         self.now += s.duration
         em = self.core.complete_step(s, self.now)
         for e in em:
-            self.tokens[e.id].append((e.index, self.now))
+            self.tokens[e.id].append((e.position, self.now))
             if e.finish_reason:
                 self.finished[e.id] = e.finish_reason
         self.core.check_invariants()
@@ -285,7 +285,7 @@ def test_preempt_flushes_tail_frees_device_and_resume_restores_from_host() -> No
     c = core.counters
     assert c.resumes == 1 and c.host_restored_tokens == 100 + out_before - 1 and c.recomputed_tokens == 0
     # the first step after the load computes just one token (the last sampled one): a decode step
-    resumed = [s for s in d.steps if s.start >= ev][0]
+    resumed = next(s for s in d.steps if s.start >= ev)
     assert resumed.scheduled_tokens == 1
 
 

@@ -18,7 +18,7 @@ def recorder():
 
     def cb(now: float, emitted: list[Emitted]) -> None:
         for e in emitted:
-            tokens[e.id].append((e.index, now))
+            tokens[e.id].append((e.position, now))
 
     return tokens, cb
 

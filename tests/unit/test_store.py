@@ -147,12 +147,45 @@ async def test_redis_tokens_reach_the_client_once_durable_and_any_replica_loads_
         assert [d[0] for d in loaded.deltas] == list(range(1, 11))
         assert a.roundtrips < 10, "writes are batched"
         r = redis.Redis.from_url(REDIS_URL)
-        assert 0 < r.pttl(f"{prefix}:s:s1") <= 600_000 and 0 < r.pttl(f"{prefix}:t:s1") <= 600_000  # expire after the end
+        # both expire after the end
+        assert 0 < r.pttl(f"{prefix}:s:s1") <= 600_000 and 0 < r.pttl(f"{prefix}:t:s1") <= 600_000
         assert all(k.decode().startswith(prefix + ":") for k in r.scan_iter(match=f"{prefix}*"))
         assert await b.load("unknown") is None
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.redis
+async def test_redis_failing_while_a_write_is_in_flight_loses_no_token(prefix: str) -> None:
+    """Another pipeline fails (the store turns degraded) while a write of queued tokens has not answered yet:
+    the tokens that come next are served from memory at once, and those in flight must reach the stream
+    before them, not be skipped. (Seen as lost tokens when Redis came back and a stale pooled connection
+    failed one pipeline while the flush's was in flight.)"""
+    a = RedisStore(_cfg(prefix, replica_id="A"), ["sim"])
+    got: list = []
+    a.sink = lambda sid, deltas, final: got.append((list(deltas), final))
+    await a._load_scripts()  # no background loops: this test drives the flushes
+    try:
+        a.create(rec("s1"))
+        await a._flush()  # the record, and a live connection for the next pipeline
+        for i in range(1, 4):
+            a.append("s1", (i, f" tok{i - 1}", None))
+        flush = asyncio.ensure_future(a._flush())
+        await asyncio.sleep(0)  # its pipeline is sent; the answer comes with the next loop turns
+        assert not flush.done() and got == []
+        a._fail(ConnectionError("another pipeline failed"))
+        a.append("s1", (4, " tok3", None))  # degraded: served from memory now
+        a.finish("s1", Final("length", 1))
+        await flush
+        await a._flush()  # Redis answers again: what is left is written
+        deltas = [d for ds, _ in got for d in ds]
+        assert deltas == [(i, f" tok{i - 1}", None) for i in range(1, 5)]  # each once, in order
+        assert [f for _, f in got if f is not None] == [Final("length", 1)] and got[-1][1] is not None
+        loaded = await a.load("s1")
+        assert loaded is not None and [d[0] for d in loaded.deltas] == [1, 2, 3, 4]
+    finally:
+        await a.close()
 
 
 @pytest.mark.redis
@@ -334,7 +367,8 @@ async def test_redis_tls_with_a_private_ca(tmp_path) -> None:
     (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
        "-subj", "/CN=tokenflow-test-ca")
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr",
+       "-subj", "/CN=127.0.0.1")
     sh("openssl", "x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
        "-out", "srv.crt", "-days", "1", "-extfile", "san.ext")
     with socket.socket() as s:
@@ -384,8 +418,8 @@ async def test_redis_reset_rewrites_a_quiet_running_stream_at_once(tmp_path) -> 
     srv = RedisServer(tmp_path)
     srv.start()
     # Lease renewal (which would also find the record gone) every 5 s: out of the way of what is tested here.
-    cfg = _cfg("reset", redis_url=srv.url, replica_id="A", tick_interval_s=5.0, lease_ttl_s=10.0, driver_lease_ttl_s=10.0,
-               retry_interval_s=0.05)
+    cfg = _cfg("reset", redis_url=srv.url, replica_id="A", tick_interval_s=5.0, lease_ttl_s=10.0,
+               driver_lease_ttl_s=10.0, retry_interval_s=0.05)
     store = RedisStore(cfg, ["sim"])
     log_ = [(i, f" tok{i - 1}", None) for i in range(1, 6)]
     store.local_log = lambda sid: list(log_) if sid == "s1" else None  # type: ignore[method-assign]

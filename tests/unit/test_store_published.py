@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from gateway.config import SessionConfig
+from gateway.engines.control_api import EngineState
 from gateway.policy.snapshot import build_snapshot
 from gateway.relay import Relay
 from gateway.state import PublishedStream, RemoteStream
 from gateway.state.memory import MemoryStore
-from gateway.config import SessionConfig
 
 
 def test_published_round_trip_and_clock_mapping() -> None:
@@ -20,16 +21,18 @@ def test_published_round_trip_and_clock_mapping() -> None:
     assert r.buffer_tokens(52.0) == 12.0
     assert r.buffer_tokens(52.5) == 8.0  # the client kept reading at 8 tok/s
     assert r.buffer_tokens(60.0) == 0.0
-    unstarted = RemoteStream.from_published(PublishedStream("s2", 1000.0, None, 8.0, 0, None, 0.0, True), 1002, 1002, 52)
+    unstarted = RemoteStream.from_published(PublishedStream("s2", 1000.0, None, 8.0, 0, None, 0.0, True),
+                                            1002, 1002, 52)
     assert unstarted.buffer_tokens(99.0) == 0.0
 
 
 def test_driver_snapshot_merges_local_and_remote_streams() -> None:
     forgotten: list[str] = []
     policy = SimpleNamespace(forget=forgotten.append)
-    gw = SimpleNamespace(engines={"sim": SimpleNamespace(control=SimpleNamespace(policy=policy))}, streams={})
     store = MemoryStore(SessionConfig(), ["sim"])
-    relay = Relay(gw, store)  # type: ignore[arg-type]
+    engines = {"sim": SimpleNamespace(control=SimpleNamespace(policy=policy))}
+    svc = SimpleNamespace(engines=engines, streams={}, store=store)
+    relay = Relay(svc, SimpleNamespace())  # type: ignore[arg-type]
     remote = [RemoteStream("r1", 1.0, 10, 5.0, 3, 1.5, 2.0, 2.0, True),
               RemoteStream("l1", 1.0, 10, 5.0, 4, 1.5, 9.0, 2.0, True),   # a client attached elsewhere: wins
               RemoteStream("l2", 1.0, 10, 5.0, 4, 1.5, 9.0, 2.0, False)]  # the owner's copy: the local one wins
@@ -38,8 +41,9 @@ def test_driver_snapshot_merges_local_and_remote_streams() -> None:
     merged = {s.id: s for s in relay.streams_for("sim", local, 2.0)}  # type: ignore[arg-type]
     assert set(merged) == {"r1", "l1", "l2"}
     assert isinstance(merged["l1"], RemoteStream) and not isinstance(merged["l2"], RemoteStream)
-    snap = build_snapshot({"engine": {}, "requests": [{"id": "r1", "status": "running", "kv_device_tokens": 40}]},
-                          [merged["r1"]], 2.0, 0.25)
+    state = EngineState.from_json(
+        {"engine": {}, "requests": [{"id": "r1", "status": "running", "kv_device_tokens": 40}]})
+    snap = build_snapshot(state, [merged["r1"]], 2.0, 0.25)
     assert snap.streams[0].kv_device_tokens == 40 and snap.streams[0].buffer_tokens == 2.0
     remote = [r for r in remote if r.id != "r1"]  # r1 ended on its replica
     relay.streams_for("sim", local, 2.5)  # type: ignore[arg-type]

@@ -10,13 +10,17 @@ import math
 import re
 
 from gateway.api.sse import ChunkEncoder
+from gateway.streams.base import Pacing, StreamSpec
 from gateway.streams.pacer import PacingClock
 from gateway.streams.stream import Stream
 
 
-def make_stream(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 1.0) -> Stream:
-    return Stream("s1", "e", "m", "chat", rate, "smooth", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
-                  read_ahead_s=read_ahead_s)
+def make_stream(clock: PacingClock, rate: float = 10.0, read_ahead_s: float = 1.0, pacing: Pacing = "smooth") -> Stream:
+    spec = StreamSpec(id="s1", engine="e", model="m", kind="chat", rate=rate, pacing=pacing, arrival_time=0.0,
+                      max_tokens=None)
+    s = Stream(spec, ChunkEncoder("chat", "s1", "m", 0), clock=clock, read_ahead_s=read_ahead_s)
+    s.attach()  # a client writer takes what is released (``complete`` once it has been handed the end)
+    return s
 
 
 def token_indexes(data: bytes) -> list[int]:
@@ -47,7 +51,8 @@ async def test_read_ahead_pauses_the_engine_reads_and_resumes_them_below_half() 
     clock = PacingClock(asyncio.get_running_loop())
     s = make_stream(clock, rate=10.0, read_ahead_s=1.0)  # pause above 10 unsent tokens, read again at <= 5
     calls: list[bool] = []
-    s.set_upstream(calls.append)
+    assert s.flow is not None
+    s.flow.connect(calls.append)
     t = 0.0
     for i in range(12):  # an engine far faster than the reader: 12 tokens at once
         s.on_tokens(f" t{i}", 1, t)
@@ -69,14 +74,10 @@ async def test_read_ahead_pauses_the_engine_reads_and_resumes_them_below_half() 
 
 async def test_no_read_ahead_bound_for_unpaced_streams_or_when_disabled() -> None:
     clock = PacingClock(asyncio.get_running_loop())
-    for s in (make_stream(clock, read_ahead_s=0.0),
-              Stream("s1", "e", "m", "chat", 10.0, "none", 0.0, None, ChunkEncoder("chat", "s1", "m", 0), clock,
-                     read_ahead_s=1.0)):
-        calls: list[bool] = []
-        s.set_upstream(calls.append)
+    for s in (make_stream(clock, read_ahead_s=0.0), make_stream(clock, read_ahead_s=1.0, pacing="none")):
+        assert s.flow is None  # the engine reader gets no pause switch (gateway/pump.py connects only a flow)
         for i in range(50):
             s.on_tokens(f" t{i}", 1, 0.0)
-        assert calls == []
     clock.close()
 
 
@@ -94,10 +95,10 @@ async def test_resuming_a_finished_stream_replays_every_token_before_the_end() -
     s = finished_stream(clock, 6)
     take(s)
     s.reattach(2, 10.0)  # the client had two tokens; the engine is done: replay 3..6, then the end
-    assert not s.client_done  # only the first replayed token left at once, not the end
+    assert not s.complete  # only the first replayed token left at once, not the end
     out = take(s)
     t = 10.0
-    while not s.client_done:
+    while not s.complete:
         t += 0.1
         s.release_due(t)
         out += take(s)
@@ -145,5 +146,5 @@ async def test_a_rate_change_after_the_last_token_was_read_keeps_the_end_due() -
     s.set_rate(8.0, 0.205)
     assert live_entry(clock, s) is not None and live_entry(clock, s) <= 0.205
     s.release_due(0.205)
-    assert token_indexes(take(s)) == [3, 3] and s.client_done
+    assert token_indexes(take(s)) == [3, 3] and s.complete
     clock.close()

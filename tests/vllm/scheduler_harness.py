@@ -27,17 +27,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "vllm"))
 
-import torch  # noqa: E402
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
-from vllm.sampling_params import SamplingParams  # noqa: E402
-from vllm.utils.hashing import sha256  # noqa: E402
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
-from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request, RequestStatus  # noqa: E402
-from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
-
-from tokenflow_vllm.scheduler import TokenFlowAsyncScheduler, TokenFlowScheduler  # noqa: E402
+import torch
+from tokenflow_vllm.scheduler import TokenFlowAsyncScheduler, TokenFlowScheduler
+from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
 
 BLOCK = 16
 VOCAB = 1000
@@ -66,7 +65,8 @@ def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int)
         num_blocks=num_blocks,
         kv_cache_tensors=[],
         kv_cache_groups=[
-            KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8, dtype=torch.float32))
+            KVCacheGroupSpec(["layer"],
+                             FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8, dtype=torch.float32))
         ],
     )
     vllm_config.cache_config.num_gpu_blocks = num_blocks
@@ -194,9 +194,10 @@ def run(model: str, async_: bool, seed: int) -> dict[str, Any]:
                     check(r["kv_device_tokens"] == 0 and r["computed_tokens"] == 0, f"held request with KV: {r}")
     check(len(eng.finished) == n_req, f"only {len(eng.finished)} of {n_req} finished")
     for rid, toks in want.items():
-        check(eng.outputs[rid] == toks, f"{rid}: output differs from an uninterrupted run "
-              f"(got {len(eng.outputs[rid])} tokens, want {len(toks)}; first difference at "
-              f"{next((i for i, (a, b) in enumerate(zip(eng.outputs[rid], toks)) if a != b), min(len(toks), len(eng.outputs[rid])))})")
+        got = eng.outputs[rid]
+        first = next((i for i, (a, b) in enumerate(zip(got, toks)) if a != b), min(len(toks), len(got)))
+        check(got == toks, f"{rid}: output differs from an uninterrupted run "
+              f"(got {len(got)} tokens, want {len(toks)}; first difference at {first})")
     # Nothing left behind: every block back in the pool, no tracked request, no queued one.
     eng.step()
     pool = sched.kv_cache_manager.block_pool

@@ -5,7 +5,7 @@ Same test functions, collected here a second time: this directory's conftest pro
 """
 import pytest
 
-from tests.contract.test_control_api import *  # noqa: F401,F403
-from tests.contract.test_openai_api import *  # noqa: F401,F403
+from tests.contract.test_control_api import *  # noqa: F403
+from tests.contract.test_openai_api import *  # noqa: F403
 
 pytestmark = pytest.mark.vllm

@@ -76,7 +76,8 @@ def test_voice_streams_in_a_burst_of_readers_under_tokenflow_and_fcfs():
     for policy, r in rows.items():
         FIGURES[f"burst, {policy}: underruns > 100 ms"] = (
             f"{r['underruns']} of {r['phrases']} phrases ({r['underruns_text_late']} text late, "
-            f"{r['underruns_synthesis_late']} synthesis late; longest silence {r['longest_silence_s']:.2f} s), first sound "
+            f"{r['underruns_synthesis_late']} synthesis late; longest silence {r['longest_silence_s']:.2f} s), "
+            "first sound "
             f"p50 {r['first_sound_p50_s']:.2f} s p99 {r['first_sound_p99_s']:.2f} s, rate within 20 %: "
             f"{r['rate_within_20pct']} of {r['voices']} (measured / speech {r['rate_ratio_min']:.2f}-"
             f"{r['rate_ratio_max']:.2f}), readers' TTFT p99 {r['reader_ttft_p99_s']:.2f} s, "

@@ -28,7 +28,8 @@ _END_RACE = re.compile(r"/v1/streams/[0-9a-f]+(/progress)? - Failed to load reso
 def start(width: int = 1280, height: int = 1000) -> webdriver.Chrome:
     for path in (CHROMIUM, CHROMEDRIVER):
         if not (os.path.exists(path) or shutil.which(path)):
-            raise RuntimeError(f"{path} is missing: run scripts/install-test-deps.sh (Debian chromium, chromium-driver)")
+            raise RuntimeError(f"{path} is missing: run scripts/install-test-deps.sh "
+                               "(Debian chromium, chromium-driver)")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

@@ -105,7 +105,8 @@ def test_text_scrolled_out_of_view_is_not_reported_and_escape_stops_the_answer(d
     driver.execute_script("document.getElementById('log').style.height = '100px'")  # a small window: 4 lines
     sid = ask(driver, "A long answer, please", "skimming", 1000)  # 20 tok/s, far longer than the log is tall
     until(lambda: (s := stream_state(demo, sid)) and (s["reported_tokens"] or 0) >= 100, 20, "reports up to 100")
-    assert driver.execute_script("const log = document.getElementById('log'); return log.scrollHeight > 2 * log.clientHeight")
+    assert driver.execute_script(
+        "const log = document.getElementById('log'); return log.scrollHeight > 2 * log.clientHeight")
 
     # The reader scrolls back to the top: what arrives now is not in view, so it is not reported as read.
     scrolled_at = driver.execute_script(
