@@ -6,7 +6,7 @@ from typing import Any
 
 OPS = ("preempt", "resume", "prefetch", "priority", "abort")
 MAX_COMMANDS = 1024
-ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")  # use with fullmatch: "$" would let a trailing newline through
 
 
 def error_result(req_id: Any, op: Any, code: str, message: str) -> dict[str, Any]:

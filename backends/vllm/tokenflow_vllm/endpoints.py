@@ -237,7 +237,7 @@ class TokenFlowIdMiddleware:
         tf_id = data["vllm_xargs"].get("tokenflow_id")
         if tf_id is None:
             return None, None
-        if not isinstance(tf_id, str) or not cmds.ID_RE.match(tf_id):
+        if not isinstance(tf_id, str) or not cmds.ID_RE.fullmatch(tf_id):
             return None, openai_error(
                 400, "vllm_xargs.tokenflow_id must match [A-Za-z0-9._-]{1,128}", "invalid_id", "vllm_xargs.tokenflow_id"
             )
