@@ -237,39 +237,51 @@ async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: i
 
 
 def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Plain vLLM and vLLM + plugin side by side: both servers up at once (each with half the device's KV
+    room), the same batches sent to one then the other in alternation, so that drift of the machine between
+    runs falls on both; the cost is the median over repeats of each pair's ratio. Then, on the plugin server,
+    resume to next token and the contract suite."""
     batches = [int(x) for x in a.batches.split(",")]
-    res: dict[str, Any] = {"batches": batches}
+    res: dict[str, Any] = {"batches": batches, "plain": [], "plugin": []}
     model = LLAMA3_8B
+    kv = (a.decode_kv_gib << 30) if not a.cpu else (256 << 20)
+    servers = []
     for plugin in (False, True):
         name = "plugin" if plugin else "plain"
-        port = free_port()
-        args = serve_args(a, model, port, plugin=plugin, prefix=False, max_num_seqs=max(batches),
-                          host_offload_bytes=a.host_gib << 30)
-        with Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu) as url:
+        args = serve_args(a, model, free_port(), plugin=plugin, prefix=False, max_num_seqs=max(batches),
+                          host_offload_bytes=a.host_gib << 30, kv_cache_bytes=kv)
+        servers.append((name, plugin, Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu)))
+    try:
+        urls = {name: srv.__enter__() for name, _, srv in servers}  # one after the other (start-up is heavy)
+        for name, plugin, _ in servers:
             # Not measured: the first batches after start pay for kernel selection and allocations.
-            asyncio.run(_decode_batch(url, model.name, max(batches), a.prompt, 32, plugin))
-            rows = []
-            for rep in range(a.repeats):
-                for b in batches:
-                    r = asyncio.run(_decode_batch(url, model.name, b, a.prompt, a.decode_tokens, plugin))
+            asyncio.run(_decode_batch(urls[name], model.name, max(batches), a.prompt, 32, plugin))
+        for rep in range(a.repeats):
+            for b in batches:
+                pair = [(n, p) for n, p, _ in servers]
+                for name, plugin in pair if rep % 2 == 0 else pair[::-1]:  # alternate which goes first
+                    r = asyncio.run(_decode_batch(urls[name], model.name, b, a.prompt, a.decode_tokens, plugin))
                     r["repeat"] = rep
-                    rows.append(r)
+                    res[name].append(r)
                     log(f"{name} batch {b}: step {r['step_ms_median']} ms (p90 {r['step_ms_p90']}), "
                         f"{r['tokens_per_s']} tok/s")
-            res[name] = rows
-            if plugin:
-                res["resume"] = resume_bench(url, a)
-                env = {"TOKENFLOW_CONTRACT_URL": url}
-                res["contract"] = pytest(out, "contract-8b", ["tests/contract"], env)
-                res["engine_state"] = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
+        url = urls["plugin"]
+        res["resume"] = resume_bench(url, a)
+        res["contract"] = pytest(out, "contract-8b", ["tests/contract"], {"TOKENFLOW_CONTRACT_URL": url})
+        res["engine_state"] = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
+    finally:
+        for _, _, srv in servers:
+            srv.__exit__(None, None, None)
     res["cost"] = {}
     for b in batches:
-        med = {n: statistics.median(r["step_ms_median"] for r in res[n] if r["batch"] == b)
-               for n in ("plain", "plugin")}
+        runs = {n: {r["repeat"]: r["step_ms_median"] for r in res[n] if r["batch"] == b} for n in ("plain", "plugin")}
+        ratios = [runs["plugin"][k] / runs["plain"][k] for k in runs["plain"] if k in runs["plugin"]]
+        med = {n: statistics.median(v.values()) for n, v in runs.items()}
         res["cost"][b] = {"plain_ms": med["plain"], "plugin_ms": med["plugin"],
-                          "added_pct": round(100 * (med["plugin"] / med["plain"] - 1), 2)}
-        log(f"batch {b}: plain {med['plain']:.3f} ms, plugin {med['plugin']:.3f} ms "
-            f"({res['cost'][b]['added_pct']:+.2f} %)")
+                          "added_pct": round(100 * (statistics.median(ratios) - 1), 2),
+                          "added_pct_range": [round(100 * (min(ratios) - 1), 2), round(100 * (max(ratios) - 1), 2)]}
+        log(f"batch {b}: plain {med['plain']:.3f} ms, plugin {med['plugin']:.3f} ms, paired "
+            f"{res['cost'][b]['added_pct']:+.2f} % ({res['cost'][b]['added_pct_range']})")
     return res
 
 
@@ -388,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,64,256", help="decode-cost: concurrent streams")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--decode-kv-gib", type=int, default=40, help="decode-cost: device KV of each of the two servers")
     ap.add_argument("--context", type=int, default=2000, help="resume: context tokens")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--host-gib", type=int, default=64, help="host KV tier (cpu_bytes_to_use)")

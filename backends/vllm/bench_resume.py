@@ -110,8 +110,10 @@ async def trial(s: aiohttp.ClientSession, url: str, mode: str, context: int, see
     await until(lambda: asyncio.sleep(0, result=len(arrivals) > n))
     client_s = arrivals[n] - t0
     r = await until(lambda: _engine_latency(s, url, rid))
+    timeline = (await req_state(s, url, rid) or {}).get("resume_timeline_s") or {}
     await reader
-    return {"mode": mode, "engine_s": r, "client_s": client_s, "host_tokens": held["kv_host_tokens"]}
+    return {"mode": mode, "engine_s": r, "client_s": client_s, "host_tokens": held["kv_host_tokens"],
+            "timeline_s": timeline}
 
 
 async def _status_is(s, url, rid, status) -> bool:
@@ -145,6 +147,13 @@ async def run(url: str, context: int, trials: int) -> dict:
             "engine_ms_max": 1000 * max(x["engine_s"] for x in rs),
             "client_ms_median": 1000 * statistics.median(x["client_s"] for x in rs),
             "host_tokens": rs[0]["host_tokens"],
+            # median seconds after the resume at which the request was queued, its load started and landed,
+            # it was first scheduled, and its token came (where the engine reports them)
+            "timeline_ms_median": {
+                k: round(1000 * statistics.median(x["timeline_s"][k] for x in rs if k in x["timeline_s"]), 2)
+                for k in ("queued", "load_started", "load_landed", "scheduled", "token")
+                if any(k in x["timeline_s"] for x in rs)
+            },
         }
         for mode, rs in results.items()
     }

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-
 from backends.sim import core as sim_core
 from backends.sim import server as sim_server
 from gateway.engines import control_api

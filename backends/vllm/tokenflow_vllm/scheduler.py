@@ -77,6 +77,9 @@ class Tracked:
     resumed_at: float | None = None  # perf_counter() of the last resume, until its next token
     resumed_output: int = 0  # output tokens at that resume
     resume_to_token_s: float | None = None  # engine-side time from the last resume to the next token
+    # Where the time from the last resume to its next token went (seconds after the resume), filled as the
+    # request passes each point: back in vLLM's queue, host->device load started and landed, first scheduled.
+    resume_timeline: dict[str, float] = field(default_factory=dict)
     host_keys: list = field(default_factory=list)  # leading chunks verified present on host
 
 
@@ -251,9 +254,13 @@ class TokenFlowMixin:
     def schedule(self, *args: Any, **kwargs: Any):
         self._at_step_boundary()
         out = super().schedule(*args, **kwargs)
+        for t in self._tf.values():  # loads started by this schedule(), for the resume time line
+            if t.resumed_at is not None and t.req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                self._mark(t, "load_started")
         for rid in out.num_scheduled_tokens:
             t = self._tf.get(rid)
             if t is not None:
+                self._mark(t, "scheduled")
                 # Computing again: its host copy no longer needs protection, and a prefetched request that
                 # was admitted to compute (nothing left to load) is simply running.
                 t.park = False
@@ -277,6 +284,11 @@ class TokenFlowMixin:
             elif t.phase is Phase.REQUEUE and self._may_requeue(req):
                 compat.enqueue_front(self, req)
                 t.phase = Phase.ACTIVE
+                self._mark(t, "queued")
+
+    def _mark(self, t: Tracked, point: str) -> None:
+        if t.resumed_at is not None and point not in t.resume_timeline:
+            t.resume_timeline[point] = time.perf_counter() - t.resumed_at
 
     def _promote_loaded(self, req: Request) -> bool:
         """If the request's host->device load has landed, make it an ordinary queued request holding that
@@ -321,10 +333,15 @@ class TokenFlowMixin:
         if self._tf_trace is not None:
             self._tf_trace.on_output(scheduler_output)
         now = time.perf_counter()
+        for rid in self.finished_recving_kv_req_ids:
+            t = self._tf.get(rid)
+            if t is not None:
+                self._mark(t, "load_landed")
         for rid in scheduler_output.num_scheduled_tokens:
             t = self._tf.get(rid)
             if t is not None and t.resumed_at is not None and t.req.num_output_tokens > t.resumed_output:
                 t.resume_to_token_s = now - t.resumed_at
+                t.resume_timeline["token"] = t.resume_to_token_s
                 t.resumed_at = None
         return out
 
@@ -420,6 +437,7 @@ class TokenFlowMixin:
     def _mark_resume(self, t: Tracked) -> None:
         t.resumed_at = time.perf_counter()
         t.resumed_output = t.req.num_output_tokens
+        t.resume_timeline = {}
 
     def _prefetch(self, t: Tracked) -> None:
         if t.phase is not Phase.HELD:
@@ -524,6 +542,7 @@ class TokenFlowMixin:
             "kv_host_tokens": self._host_tokens(t),
             "preemptions": req.num_preemptions,
             "resume_to_token_s": t.resume_to_token_s,  # beyond the contract: last resume -> next token
+            "resume_timeline_s": t.resume_timeline or None,  # beyond the contract: where that time went
             "request_id": req.request_id,
         }
 
