@@ -21,14 +21,14 @@ import argparse
 import json
 import random
 import sys
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "vllm"))
 
 import torch
-from tokenflow_vllm.scheduler import TokenFlowAsyncScheduler, TokenFlowScheduler
+from tokenflow_vllm.scheduler import Phase, TokenFlowAsyncScheduler, TokenFlowScheduler
 from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
@@ -186,6 +186,11 @@ def run(model: str, async_: bool, seed: int) -> dict[str, Any]:
                 check(res["ok"], f"command failed: {res}")
                 statuses[res["status"]] = statuses.get(res["status"], 0) + 1
                 n_cmds += 1
+            # The scheduler's indexes agree with its requests (they stand in for per-step scans).
+            phases = Counter(t.phase for t in sched._tf.values())
+            check(+sched._tf_in_phase == +phases, f"phase counts {dict(sched._tf_in_phase)} != {dict(phases)}")
+            check(all(t.phase is not Phase.REQUEUE or rid in sched._tf_boundary for rid, t in sched._tf.items()),
+                  "a requeued request missing from the step-boundary index")
             st = eng.state()
             e = st["engine"]
             check(e["kv_device_used_tokens"] <= e["kv_device_capacity_tokens"], "device KV over capacity")

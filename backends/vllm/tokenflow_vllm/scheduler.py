@@ -91,6 +91,11 @@ class TokenFlowMixin:
         super().__init__(*args, **kwargs)
         self._tf: dict[str, Tracked] = {}  # internal request id -> tracked
         self._tf_ids: dict[str, str] = {}  # tokenflow id -> internal request id
+        # Indexes kept by _move, so that per-step work and vLLM's per-iteration questions ("anything left to
+        # do?") cost nothing per tracked request: hundreds are tracked, the engine loop runs ~100 times a second.
+        self._tf_in_phase: Counter = Counter()  # phase -> requests in it
+        self._tf_boundary: dict[str, Tracked] = {}  # requests _at_step_boundary must look at
+        self._tf_resuming: dict[str, Tracked] = {}  # requests between a resume and their next token
         self._tf_counters = dict.fromkeys(
             ("preemptions", "resumes", "prefetches", "aborts", "host_restored_tokens", "recomputed_tokens"), 0
         )
@@ -220,11 +225,15 @@ class TokenFlowMixin:
                 log.warning("tokenflow id %r reused while live; now refers to the newer request", tf_id)
             self._tf_ids[tf_id] = request.request_id
             self._tf[request.request_id] = Tracked(tf_id, request)
+            self._tf_in_phase[Phase.ACTIVE] += 1
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any):
         # Runs for every finish: stop, max_tokens, client abort (also while held), control abort.
         t = self._tf.pop(request.request_id, None)
         if t is not None:
+            self._tf_in_phase[t.phase] -= 1
+            self._tf_boundary.pop(request.request_id, None)
+            self._tf_resuming.pop(request.request_id, None)
             self._unpin(t)
             self._drop_host(t)
             if self._tf_ids.get(t.tf_id) == request.request_id:
@@ -233,12 +242,25 @@ class TokenFlowMixin:
 
     # ------------------------------------------------------------------ keeping requests out of vLLM's queues
 
+    def _move(self, t: Tracked, phase: Phase, park: bool | None = None) -> None:
+        """Every change of a tracked request's phase or park flag goes through here (keeps the indexes)."""
+        self._tf_in_phase[t.phase] -= 1
+        t.phase = phase
+        if park is not None:
+            t.park = park
+        self._tf_in_phase[phase] += 1
+        rid = t.req.request_id
+        if phase is Phase.HOLD_ON_LOAD or phase is Phase.REQUEUE or (phase is Phase.ACTIVE and t.park):
+            self._tf_boundary[rid] = t
+        else:
+            self._tf_boundary.pop(rid, None)
+
     def _num_out_of_queue(self) -> int:
-        return sum(1 for t in self._tf.values() if t.phase in OUT_OF_QUEUE)
+        return sum(self._tf_in_phase[p] for p in OUT_OF_QUEUE)
 
     def get_num_unfinished_requests(self) -> int:
         # A request waiting to re-enter a queue needs the engine to step (that is where it re-enters).
-        return super().get_num_unfinished_requests() + sum(1 for t in self._tf.values() if t.phase is Phase.REQUEUE)
+        return super().get_num_unfinished_requests() + self._tf_in_phase[Phase.REQUEUE]
 
     def has_finished_requests(self) -> bool:
         # vLLM infers "finished, waiting on a delayed connector free" from requests that are in
@@ -254,8 +276,8 @@ class TokenFlowMixin:
     def schedule(self, *args: Any, **kwargs: Any):
         self._at_step_boundary()
         out = super().schedule(*args, **kwargs)
-        for t in self._tf.values():  # loads started by this schedule(), for the resume time line
-            if t.resumed_at is not None and t.req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+        for t in self._tf_resuming.values():  # loads started by this schedule(), for the resume time line
+            if t.req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
                 self._mark(t, "load_started")
         for rid in out.num_scheduled_tokens:
             t = self._tf.get(rid)
@@ -263,7 +285,8 @@ class TokenFlowMixin:
                 self._mark(t, "scheduled")
                 # Computing again: its host copy no longer needs protection, and a prefetched request that
                 # was admitted to compute (nothing left to load) is simply running.
-                t.park = False
+                if t.park:
+                    self._move(t, t.phase, park=False)
                 self._unpin(t)
         self._tf_rates.on_schedule(out)
         if self._tf_trace is not None:
@@ -272,18 +295,18 @@ class TokenFlowMixin:
 
     def _at_step_boundary(self) -> None:
         """Move requests between TokenFlow's phases and vLLM's queues, before vLLM schedules a step."""
-        for t in list(self._tf.values()):
+        for t in list(self._tf_boundary.values()):
             req = t.req
             if t.phase is Phase.HOLD_ON_LOAD and self._promote_loaded(req):
                 self._release_device_kv(t)
-                t.phase = Phase.HELD
+                self._move(t, Phase.HELD)
                 self._pin(t)
             elif t.phase is Phase.ACTIVE and t.park and self._promote_loaded(req):
                 compat.dequeue(self, req)
-                t.phase = Phase.PARKED
+                self._move(t, Phase.PARKED)
             elif t.phase is Phase.REQUEUE and self._may_requeue(req):
                 compat.enqueue_front(self, req)
-                t.phase = Phase.ACTIVE
+                self._move(t, Phase.ACTIVE)
                 self._mark(t, "queued")
 
     def _mark(self, t: Tracked, point: str) -> None:
@@ -333,16 +356,18 @@ class TokenFlowMixin:
         if self._tf_trace is not None:
             self._tf_trace.on_output(scheduler_output)
         now = time.perf_counter()
-        for rid in self.finished_recving_kv_req_ids:
-            t = self._tf.get(rid)
-            if t is not None:
-                self._mark(t, "load_landed")
-        for rid in scheduler_output.num_scheduled_tokens:
-            t = self._tf.get(rid)
-            if t is not None and t.resumed_at is not None and t.req.num_output_tokens > t.resumed_output:
-                t.resume_to_token_s = now - t.resumed_at
-                t.resume_timeline["token"] = t.resume_to_token_s
-                t.resumed_at = None
+        if self._tf_resuming:
+            for rid in self.finished_recving_kv_req_ids:
+                t = self._tf_resuming.get(rid)
+                if t is not None:
+                    self._mark(t, "load_landed")
+            for rid in scheduler_output.num_scheduled_tokens:
+                t = self._tf_resuming.get(rid)
+                if t is not None and t.req.num_output_tokens > t.resumed_output:
+                    t.resume_to_token_s = now - t.resumed_at
+                    t.resume_timeline["token"] = t.resume_to_token_s
+                    t.resumed_at = None
+                    del self._tf_resuming[rid]
         return out
 
     def _preempt_request(self, request: Request, timestamp: float, *args: Any, **kwargs: Any) -> None:
@@ -384,17 +409,16 @@ class TokenFlowMixin:
         phase = t.phase
         if phase is Phase.HELD or phase is Phase.HOLD_ON_LOAD:
             return
-        t.park = False
         if phase is Phase.ACTIVE and req.status == RequestStatus.RUNNING:
             self._preempt_running(t)  # counted by _preempt_request, like the engine's own preemptions
         elif phase is Phase.ACTIVE and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
             self._tf_counters["preemptions"] += 1
-            t.phase = Phase.HOLD_ON_LOAD  # held once the copy lands (_at_step_boundary)
+            self._move(t, Phase.HOLD_ON_LOAD, park=False)  # held once the copy lands (_at_step_boundary)
             return
         else:  # queued, requeued or parked: free whatever device KV it holds
             self._tf_counters["preemptions"] += 1
             self._release_device_kv(t)
-        t.phase = Phase.HELD
+        self._move(t, Phase.HELD, park=False)
         self._pin(t)
 
     def _preempt_running(self, t: Tracked) -> None:
@@ -414,8 +438,7 @@ class TokenFlowMixin:
 
     def _requeue(self, t: Tracked, park: bool) -> None:
         # Pins stay until it computes again (see schedule): loading and parked requests keep their copy.
-        t.phase = Phase.REQUEUE
-        t.park = park
+        self._move(t, Phase.REQUEUE, park=park)
         t.restore_pending = True
         t.restore_external = 0
 
@@ -424,13 +447,13 @@ class TokenFlowMixin:
         if phase is Phase.ACTIVE or phase is Phase.REQUEUE:
             if t.park:  # prefetched, not parked yet: run as soon as its load lands
                 self._tf_counters["resumes"] += 1
-                t.park = False
+                self._move(t, phase, park=False)
                 self._mark_resume(t)
             return
         self._tf_counters["resumes"] += 1
         self._mark_resume(t)
         if phase is Phase.HOLD_ON_LOAD:
-            t.phase = Phase.ACTIVE  # the load it was waiting for lands as a normal admission
+            self._move(t, Phase.ACTIVE)  # the load it was waiting for lands as a normal admission
         else:  # HELD or PARKED
             self._requeue(t, park=False)
 
@@ -438,6 +461,7 @@ class TokenFlowMixin:
         t.resumed_at = time.perf_counter()
         t.resumed_output = t.req.num_output_tokens
         t.resume_timeline = {}
+        self._tf_resuming[t.req.request_id] = t
 
     def _prefetch(self, t: Tracked) -> None:
         if t.phase is not Phase.HELD:
@@ -459,7 +483,7 @@ class TokenFlowMixin:
             req.num_computed_tokens = n_local
             t.restore_pending = True
             t.restore_external = 0
-        t.phase = Phase.PARKED  # with no device KV at all, resume recomputes (or reloads, if it can by then)
+        self._move(t, Phase.PARKED)  # with no device KV at all, resume recomputes (or reloads, if it can by then)
 
     def _needs_load(self, req: Request) -> bool:
         """Whether admission would load KV from host beyond the device prefix-cache hit."""
