@@ -91,6 +91,10 @@ class RedisStore(SessionStore):
         self._dirty = asyncio.Event()
         self._urgent = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # The loops also stop on this flag: on Python 3.11 a cancel() that lands while an inner timeout fires
+        # (asyncio.wait_for / timeout, redis-py's socket timeouts) can be swallowed, and a loop that only
+        # listened for CancelledError then ran on and close() waited for it forever.
+        self._closing = False
         self._next_scan = 0.0
         self._backlog_tokens = 0
         self.tick_interval_s = cfg.tick_interval_s
@@ -118,13 +122,16 @@ class RedisStore(SessionStore):
                        loop.create_task(self._tick_loop(), name="store-tick")]
 
     async def close(self) -> None:
-        for t in self._tasks:
+        self._closing = True
+        self._dirty.set()  # wake an idle flush loop
+        pending = {t for t in self._tasks if not t.done()}
+        for t in pending:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping: what a task died of was logged
-                pass
+        # Bounded: a loop ends within one iteration of the flag even if its cancel was swallowed.
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=2 * self.cfg.op_timeout_s + self.tick_interval_s)
+        for t in pending:
+            log.warning("session store task did not stop on close", extra={"task": t.get_name()})
         try:
             await asyncio.wait_for(self._flush(), self.cfg.op_timeout_s)
             pipe = self.redis.pipeline(transaction=False)
@@ -136,7 +143,10 @@ class RedisStore(SessionStore):
             await asyncio.wait_for(self._execute(pipe), self.cfg.op_timeout_s)
         except (*_ERRORS, rexc.RedisError):
             pass
-        await self.redis.aclose()
+        try:
+            await asyncio.wait_for(self.redis.aclose(), self.cfg.op_timeout_s)
+        except (*_ERRORS, rexc.RedisError):
+            pass
 
     async def _load_scripts(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -269,7 +279,7 @@ class RedisStore(SessionStore):
 
     # ----- flushing -----
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 if not self._out and not self._follow:
                     self._dirty.clear()
@@ -495,17 +505,26 @@ class RedisStore(SessionStore):
     # ----- any replica -----
     async def load(self, sid: str) -> Loaded | None:
         sid = valid_id(sid)
-        pipe = self.redis.pipeline(transaction=True)  # one consistent view of record and log
-        pipe.hgetall(self._k("s", sid))
-        pipe.xrange(self._k("t", sid))
-        pipe.zscore(self._live, sid)
-        pipe.time()
-        try:
-            h, entries, score, now = await self._execute(pipe)
-            self._check([h, entries, score, now])
-        except (*_ERRORS, rexc.RedisError) as e:
-            self._fail(e)
-            raise StoreUnavailable(str(e)) from None
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=True)  # one consistent view of record and log
+            pipe.hgetall(self._k("s", sid))
+            pipe.xrange(self._k("t", sid))
+            pipe.zscore(self._live, sid)
+            pipe.time()
+            try:
+                h, entries, score, now = await self._execute(pipe)
+                self._check([h, entries, score, now])
+                break
+            except rexc.ConnectionError as e:
+                # After a Redis restart the pool still holds connections the server closed; the first use of
+                # one fails at once. The read is safe to repeat on a fresh connection, and a client's resume
+                # should not get a 503 for it.
+                if attempt == 2:
+                    self._fail(e)
+                    raise StoreUnavailable(str(e)) from None
+            except (*_ERRORS, rexc.RedisError) as e:
+                self._fail(e)
+                raise StoreUnavailable(str(e)) from None
         self._ok()
         if not h or b"rec" not in h:
             return None
@@ -549,7 +568,7 @@ class RedisStore(SessionStore):
 
     # ----- scheduling: one pipeline per tick -----
     async def _tick_loop(self) -> None:
-        while True:
+        while not self._closing:
             t0 = time.monotonic()
             try:
                 await self._tick()
