@@ -401,13 +401,19 @@ async def test_bad_single_priority_body_gets_400(api: EngineAPI) -> None:
 
 async def test_duplicate_live_id_is_rejected(api: EngineAPI) -> None:
     rid = new_id()
-    st = await api.start(rid, MAX_TOKENS)
+    # Held, so that it is certainly still live when the duplicate arrives (a short request on a fast engine
+    # can finish before a loaded client has read its first token).
+    st = await api.start(rid, LONG)
     await st.wait_tokens(1)
+    r = await _hold(api, rid, st)
     status, body, _ = await api.post_raw("/v1/completions", json=await api.body(rid, 4))
     assert status == 400
     assert check_error_shape(body)["code"] == "duplicate_id"
+    await api.command("resume", rid)
+    await st.wait_tokens(r["output_tokens"] + 1)  # the first request is unaffected: it goes on
+    assert (await api.command("abort", rid))["ok"]
     await st.finished()
-    assert st.count == MAX_TOKENS  # the first request is unaffected
+    await api.wait_gone(rid, timeout=5)
     await api.wait_gone(rid, timeout=5)
     again = await api.start(rid, 4)  # a finished id may be used again
     await again.finished()
