@@ -1,6 +1,8 @@
 """The control loop: every tick, per engine, snapshot -> policy -> decisions -> engine.
 
-It never blocks the data path: a slow or dead engine control API only delays this engine's next tick.
+It never blocks the data path: a slow or dead engine control API only delays this engine's next tick. Its
+state request is also the engine's heartbeat: a failed or unanswered one (``down_after_s``) marks the engine
+down, which fails new requests fast and ends the streams that went silent (gateway/engines/liveness.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class ControlLoop:
         tick_interval_s: float,
         metrics: Metrics,
         coordinator: Coordinator | None = None,
+        *,
+        down_after_s: float = 2.0,
+        stall_timeout_s: float = 15.0,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -50,6 +55,8 @@ class ControlLoop:
         self.healthy = False
         self.ticks = 0
         self.coordinator = coordinator
+        self.down_after_s = down_after_s
+        self.stall_timeout_s = stall_timeout_s
         self.driving = coordinator is None  # this replica runs the policy for the engine
         self._task: asyncio.Task[None] | None = None
 
@@ -83,14 +90,28 @@ class ControlLoop:
     async def tick(self) -> list[Decision]:
         name = self.engine.name
         try:
-            state = await self.engine.state()
+            state = await self.engine.state()  # EngineError only (the client maps every transport error)
         except EngineError as e:
-            if self.healthy:
-                log.warning("engine control API unavailable", extra={"engine": name, "error": str(e)})
+            if self.healthy or self.engine.down is None:
+                log.warning("engine marked down: its control API did not answer",
+                            extra={"engine": name, "error": str(e)})
             self.healthy = False
+            self.engine.mark_down(str(e))
             self.metrics.engine_up.labels(name).set(0)
+            dead = self.engine.fail_silent(self._clock(), self.down_after_s)
+            if dead:
+                self.metrics.errors.labels("engine_down").inc(len(dead))
+                log.warning("streams ended: their engine is down", extra={"engine": name, "streams": len(dead)})
             return []
+        if not self.healthy and self.engine.down is not None:
+            log.warning("engine up again", extra={"engine": name})
         self.healthy = True
+        self.engine.mark_up()
+        stalled = self.engine.fail_stalled(state, self._clock(), self.stall_timeout_s)
+        if stalled:
+            self.metrics.errors.labels("engine_stalled").inc(len(stalled))
+            log.warning("streams ended: running in the engine but silent",
+                        extra={"engine": name, "streams": [s.request_id for s in stalled]})
         self.last_state = state
         self.ticks += 1
         m = self.metrics
