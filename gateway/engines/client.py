@@ -86,6 +86,9 @@ class EngineClient:
     def mark_up(self) -> None:
         self.down = None
 
+    def _register(self, stream: EngineStream) -> None:
+        self.streams[id(stream)] = stream
+
     def open_streams(self) -> list[EngineStream]:
         """The streams still open (ended ones are dropped here)."""
         live = self.streams
@@ -119,9 +122,8 @@ class EngineClient:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         upstream = await EngineStream.open(self.name, self.pool, path, kind, orjson.dumps(body),  # EngineError only
                                            {"Content-Type": "application/json"}, self._request_timeout_s,
-                                           self._connect_timeout_s, self._first_byte_timeout_s, request_id)
-        if upstream.status == 200:
-            self.streams[id(upstream)] = upstream
+                                           self._connect_timeout_s, self._first_byte_timeout_s, request_id,
+                                           self._register)
         if upstream.status != 200:
             raw = upstream.error_body
             upstream.close()

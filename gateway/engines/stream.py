@@ -166,12 +166,14 @@ class EngineStream:
     @classmethod
     async def open(cls, engine: str, pool: ConnectionPool | str, path: str, kind: str, body: bytes,
                    headers: dict[str, str], timeout_s: float, connect_timeout_s: float = 10.0,
-                   head_timeout_s: float | None = None, request_id: str | None = None) -> EngineStream:
+                   head_timeout_s: float | None = None, request_id: str | None = None,
+                   on_open: Callable[[EngineStream], None] | None = None) -> EngineStream:
         """Send the request (on a pooled connection when one is idle) and wait for the response head (a
         non-200 answer's whole body). ``pool`` may be a base URL (a one-off pool). EngineUnreachable when no
         connection is made within ``connect_timeout_s``; EngineTimeout when the head does not come within
         ``head_timeout_s`` (a frozen engine still accepts connections: its kernel does) or the whole request
-        does not end within ``timeout_s``."""
+        does not end within ``timeout_s``. ``on_open`` gets the stream as soon as its request is sent, before
+        the head (so that it can be failed while it waits)."""
         if isinstance(pool, str):
             pool = ConnectionPool(pool, max_idle=0)
         hosthdr = f"[{pool.host}]" if ":" in pool.host else pool.host
@@ -191,6 +193,8 @@ class EngineStream:
             conn.req = proto
             assert conn.transport is not None
             conn.transport.write(request)
+            if on_open is not None:
+                on_open(proto)
             proto._timer = loop.call_later(
                 timeout_s, proto._fail, EngineTimeout(f"engine '{engine}' did not finish within {timeout_s:g} s"))
             if head_timeout_s is not None and head_timeout_s < timeout_s:
