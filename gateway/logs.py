@@ -50,6 +50,10 @@ class ProtocolErrorFilter(logging.Filter):
         self.burst = burst
         self.window_s = window_s
         self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh window (and no suppressed count)."""
         self._window_start = -float("inf")
         self._in_window = 0
         self.suppressed = 0  # since the last line that got through
@@ -71,7 +75,7 @@ class ProtocolErrorFilter(logging.Filter):
         record.exc_info, record.exc_text, record.stack_info = None, None, None
         record.remote = remote
         record.status = getattr(exc, "code", 400)
-        record.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        record.error = type(exc).__name__  # not its message: it quotes the offending line (an Authorization header)
         record.suppressed = self.suppressed
         self.suppressed = 0
         return True
