@@ -99,8 +99,8 @@ class EngineConfig(_Strict):
         2.0, gt=0, le=60,
         description="the engine's heartbeat: a control-API state request (one per scheduler tick) that fails or is not "
         "answered within this marks the engine down: new requests get 503 with Retry-After at once (or another engine "
-        "of the model), readiness turns 503, and its streams that received nothing for this long end with an error "
-        "event; the next answer marks it up again. Liveness is judged here, not by gaps between tokens, because the "
+        "of the model) and readiness turns 503; once it stayed unanswered for twice this long, its streams that "
+        "received nothing for this long end with an error event; the next answer marks it up again. Liveness is judged here, not by gaps between tokens, because the "
         "scheduler holds streams silent on purpose (docs/operations.md)",
     )
     stall_timeout_s: float = Field(

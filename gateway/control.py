@@ -54,6 +54,7 @@ class ControlLoop:
         self.last_state: EngineState | None = None
         self.healthy = False
         self.ticks = 0
+        self._last_answer: float | None = None  # when the engine last answered a state request
         self.coordinator = coordinator
         self.down_after_s = down_after_s
         self.stall_timeout_s = stall_timeout_s
@@ -98,7 +99,14 @@ class ControlLoop:
             self.healthy = False
             self.engine.mark_down(str(e))
             self.metrics.engine_up.labels(name).set(0)
-            dead = self.engine.fail_silent(self._clock(), self.down_after_s)
+            now = self._clock()
+            if self._last_answer is None:
+                self._last_answer = now  # never answered since start: count from the first failure
+            # Streams end only once the engine missed a second heartbeat: a one-off slow answer (a long step on
+            # a loaded engine) turns new requests away for a moment but never cuts held, silent streams.
+            if now - self._last_answer < 2 * self.down_after_s:
+                return []
+            dead = self.engine.fail_silent(now, self.down_after_s)
             if dead:
                 self.metrics.errors.labels("engine_down").inc(len(dead))
                 log.warning("streams ended: their engine is down", extra={"engine": name, "streams": len(dead)})
@@ -106,6 +114,7 @@ class ControlLoop:
         if not self.healthy and self.engine.down is not None:
             log.warning("engine up again", extra={"engine": name})
         self.healthy = True
+        self._last_answer = self._clock()
         self.engine.mark_up()
         stalled = self.engine.fail_stalled(state, self._clock(), self.stall_timeout_s)
         if stalled:

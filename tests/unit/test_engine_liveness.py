@@ -185,10 +185,11 @@ async def test_a_request_waiting_for_its_head_fails_when_the_engine_is_marked_do
         await asyncio.wait_for(opening, 5)
 
 
-def _sse_server(first: bytes) -> Serve:
+def _sse_server(first: bytes, read_head: bool = True) -> Serve:
     """An engine that sends a 200 head and ``first``, then nothing (the connection stays open)."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_head(reader)
+        if read_head:
+            await _read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         if first:
             writer.write(b"%x\r\n%s\r\n" % (len(first), first))
@@ -248,3 +249,33 @@ def test_stalled_needs_running_reading_and_a_first_token() -> None:
     acts = [_Act("a", 0.0), _Act("b", 0.0, reading=False), _Act("c", 0.0, got_deltas=False), _Act("d", 9.0),
             _Act("w", 0.0), _Act("gone", 0.0), _Act(None, 0.0)]
     assert [a.request_id for a in liveness.stalled(acts, reqs, now=10.0, stall_s=5.0)] == ["a"]
+
+
+async def test_held_silent_streams_survive_one_missed_heartbeat_and_end_after_two(raw_server, http) -> None:
+    """The engine's state request fails (its control API is gone) while a stream is open and silent: new
+    requests are refused at once, but the stream ends only once the engine stayed silent for two heartbeats."""
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /control/v1/state"):
+            writer.close()  # the control API is gone
+            return
+        await _sse_server(_TOKEN, read_head=False)(reader, writer)  # a request: one token, then silence (held, or frozen)
+
+    client = EngineClient("e", await raw_server(engine), http)
+    upstream = await client.open_stream("completion", {"prompt": "x"}, "r1")
+    upstream.attach(lambda batch: None)
+    offset = [0.0]
+    loop = asyncio.get_running_loop()
+    control = ControlLoop(client, make_policy("fcfs"), lambda: [], lambda: loop.time() + offset[0], 0.05, Metrics(),
+                          down_after_s=2.0)
+    control.healthy = True
+    await control.tick()  # first missed heartbeat
+    assert client.down is not None and not upstream.ended
+    offset[0] = 3.0  # still silent, but not for two heartbeats
+    await control.tick()
+    assert not upstream.ended
+    offset[0] = 4.5
+    await control.tick()
+    assert upstream.ended
+    with pytest.raises(EngineDown):
+        await upstream.wait()
