@@ -287,6 +287,9 @@ class RequestLifecycle:
             await pump
             if c.error is not None:
                 svc.metrics.requests.labels(c.kind, "error").inc()
+                if c.error[1] == "engine_down":  # nothing was sent yet: the client may retry (another engine)
+                    raise ApiError(503, c.error[0], type="server_error", code=c.error[1],
+                                   headers={"Retry-After": str(svc.cfg.auth.retry_after_s)})
                 raise ApiError(502, c.error[0], type="server_error", code=c.error[1])
             svc.metrics.requests.labels(c.kind, "completed").inc()
             if c.first_token_time is not None:  # not paced: the first token is ready when it is produced

@@ -259,7 +259,7 @@ async def test_held_silent_streams_survive_one_missed_heartbeat_and_end_after_tw
         if head.startswith(b"GET /control/v1/state"):
             writer.close()  # the control API is gone
             return
-        await _sse_server(_TOKEN, read_head=False)(reader, writer)  # a request: one token, then silence (held, or frozen)
+        await _sse_server(_TOKEN, read_head=False)(reader, writer)  # one token, then silence (held, or frozen)
 
     client = EngineClient("e", await raw_server(engine), http)
     upstream = await client.open_stream("completion", {"prompt": "x"}, "r1")
