@@ -25,6 +25,7 @@ from .control import ControlLoop
 from .engines.client import EngineClient, EngineError
 from .handlers import Handlers
 from .lifecycle import RequestLifecycle
+from .logs import install_protocol_error_filter
 from .metrics import Metrics
 from .policy import make_policy
 from .relay import Relay
@@ -100,7 +101,9 @@ class Gateway:
                 embedded = await start_engine(ec.profile, host="127.0.0.1", port=0)
                 url = embedded.url
             client = EngineClient(
-                ec.name, url, self._session, control_token=ec.control_token, request_timeout_s=ec.request_timeout_s
+                ec.name, url, self._session, control_token=ec.control_token, request_timeout_s=ec.request_timeout_s,
+                connect_timeout_s=ec.connect_timeout_s, first_byte_timeout_s=ec.first_byte_timeout_s,
+                state_timeout_s=ec.down_after_s,
             )
             policy_name, knobs = self.cfg.policy_for(ec)
             policy = make_policy(policy_name, **knobs)
@@ -112,6 +115,8 @@ class Gateway:
                 self.cfg.scheduler.tick_interval_s,
                 svc.metrics,
                 coordinator=self.relay,  # one driver per engine across replicas
+                down_after_s=ec.down_after_s,
+                stall_timeout_s=ec.stall_timeout_s,
             )
             models = list(ec.models) or await self._discover_models(client)
             svc.engines.add(EngineHandle(ec, client, control, models, embedded))
@@ -191,6 +196,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 async def create_app(cfg: Config) -> web.Application:
     """The application, built inside the running event loop."""
     gw = Gateway(cfg)
+    install_protocol_error_filter()  # a malformed request is logged as one warning line, rate-limited
     middlewares: list[Middleware] = [error_middleware, auth.auth_middleware(cfg.auth, gw.metrics)]  # keys, limits, log
     app = web.Application(middlewares=middlewares, client_max_size=cfg.server.max_body_bytes)
     app[GATEWAY_KEY] = gw

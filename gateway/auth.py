@@ -41,6 +41,7 @@ class ApiKey:
     name: str
     rate_class: str | None
     max_streams: int | None
+    admin: bool = False
     active: int = 0
 
 
@@ -53,7 +54,7 @@ class KeyStore:
         self._by_digest: dict[bytes, ApiKey] = {}
         for k in keys:
             d = digest(k.key.get_secret_value()) if k.key is not None else bytes.fromhex(k.key_sha256 or "")
-            self._by_digest[d] = ApiKey(k.name, k.rate_class, k.max_streams)
+            self._by_digest[d] = ApiKey(k.name, k.rate_class, k.max_streams, k.admin)
 
     @property
     def required(self) -> bool:
@@ -151,6 +152,13 @@ def key_name(request: web.Request) -> str | None:
     """The name of the API key that authenticated ``request`` (None when the gateway runs without keys)."""
     key = request.get(KEY_ATTR)
     return None if key is None else key.name
+
+
+def may_see(request: web.Request, owner: str | None) -> bool:
+    """Whether ``request``'s key may see the live state of a stream started with key ``owner``: its own, or any
+    with an admin key (without keys configured, every request may)."""
+    key: ApiKey | None = request.get(KEY_ATTR)
+    return key is None or key.admin or key.name == owner
 
 
 def admit(request: web.Request, creq: ClientRequest, engine: str, stream_id: str, streams: StreamsConfig) -> None:

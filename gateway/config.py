@@ -90,6 +90,25 @@ class EngineConfig(_Strict):
     profile: str = Field("sim-small", description="hardware profile of the embedded simulator")
     control_token: str | None = Field(None, description="bearer token for the engine's control API")
     request_timeout_s: float = Field(3600.0, gt=0, description="longest a single engine request may last")
+    connect_timeout_s: float = Field(5.0, gt=0, description="longest wait for a TCP connection to the engine (503 beyond it)")
+    first_byte_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for the engine's response head after sending a request (504 beyond it); "
+        "engines answer it before generating, so this only bounds a request that reached an unresponsive engine",
+    )
+    down_after_s: float = Field(
+        2.0, gt=0, le=60,
+        description="the engine's heartbeat: a control-API state request (one per scheduler tick) that fails or is not "
+        "answered within this marks the engine down: new requests get 503 with Retry-After at once (or another engine "
+        "of the model) and readiness turns 503; once it stayed unanswered for twice this long, its streams that "
+        "received nothing for this long end with an error event; the next answer marks it up again. Liveness is judged here, not by gaps between tokens, because the "
+        "scheduler holds streams silent on purpose (docs/operations.md)",
+    )
+    stall_timeout_s: float = Field(
+        15.0, gt=0,
+        description="between-chunks timeout: a stream whose request the engine reports running (not held, parked, "
+        "waiting or loading), that the gateway is reading and that produced before, ends with an error event after "
+        "this long with nothing from the engine",
+    )
     max_streams: int | None = Field(
         None, gt=0, description="streams this replica keeps on the engine at once; all engines of a model full: 429 with Retry-After (none: no limit)"
     )
@@ -116,6 +135,10 @@ class ApiKeyConfig(_Strict):
         None, description="rate for this key's requests that declare none: a streams.rate_classes name (default: streams.default_rate)"
     )
     max_streams: int | None = Field(None, gt=0, description="concurrent streams for this key; above it 429 with Retry-After (none: no limit)")
+    admin: bool = Field(
+        False, description="an operator's key: GET /v1/streams lists every stream and GET /v1/streams/{id} shows any "
+        "(other keys see only their own); it cannot read or resume other keys' answers",
+    )
 
     @model_validator(mode="after")
     def _one_secret(self) -> ApiKeyConfig:
@@ -134,7 +157,11 @@ class AuthConfig(_Strict):
     control_token: SecretStr | None = Field(
         None, description="bearer token for the control API of every engine that sets no engines[].control_token"
     )
-    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After (seconds) sent with 429 when a stream limit is reached")
+    retry_after_s: int = Field(
+        1, ge=0, le=3600,
+        description="Retry-After (seconds) sent with 429 when a stream limit is reached and with 503 when no engine of "
+        "the model is up",
+    )
 
     def all_keys(self) -> list[ApiKeyConfig]:
         """``keys`` plus those of ``keys_file`` (read now)."""

@@ -1,6 +1,8 @@
 """The control loop: every tick, per engine, snapshot -> policy -> decisions -> engine.
 
-It never blocks the data path: a slow or dead engine control API only delays this engine's next tick.
+It never blocks the data path: a slow or dead engine control API only delays this engine's next tick. Its
+state request is also the engine's heartbeat: a failed or unanswered one (``down_after_s``) marks the engine
+down, which fails new requests fast and ends the streams that went silent (gateway/engines/liveness.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class ControlLoop:
         tick_interval_s: float,
         metrics: Metrics,
         coordinator: Coordinator | None = None,
+        *,
+        down_after_s: float = 2.0,
+        stall_timeout_s: float = 15.0,
     ) -> None:
         self.engine = engine
         self.policy = policy
@@ -49,7 +54,10 @@ class ControlLoop:
         self.last_state: EngineState | None = None
         self.healthy = False
         self.ticks = 0
+        self._last_answer: float | None = None  # when the engine last answered a state request
         self.coordinator = coordinator
+        self.down_after_s = down_after_s
+        self.stall_timeout_s = stall_timeout_s
         self.driving = coordinator is None  # this replica runs the policy for the engine
         self._task: asyncio.Task[None] | None = None
 
@@ -83,14 +91,36 @@ class ControlLoop:
     async def tick(self) -> list[Decision]:
         name = self.engine.name
         try:
-            state = await self.engine.state()
+            state = await self.engine.state()  # EngineError only (the client maps every transport error)
         except EngineError as e:
-            if self.healthy:
-                log.warning("engine control API unavailable", extra={"engine": name, "error": str(e)})
+            if self.healthy or self.engine.down is None:
+                log.warning("engine marked down: its control API did not answer",
+                            extra={"engine": name, "error": str(e)})
             self.healthy = False
+            self.engine.mark_down(str(e))
             self.metrics.engine_up.labels(name).set(0)
+            now = self._clock()
+            if self._last_answer is None:
+                self._last_answer = now  # never answered since start: count from the first failure
+            # Streams end only once the engine missed a second heartbeat: a one-off slow answer (a long step on
+            # a loaded engine) turns new requests away for a moment but never cuts held, silent streams.
+            if now - self._last_answer < 2 * self.down_after_s:
+                return []
+            dead = self.engine.fail_silent(now, self.down_after_s)
+            if dead:
+                self.metrics.errors.labels("engine_down").inc(len(dead))
+                log.warning("streams ended: their engine is down", extra={"engine": name, "streams": len(dead)})
             return []
+        if not self.healthy and self.engine.down is not None:
+            log.warning("engine up again", extra={"engine": name})
         self.healthy = True
+        self._last_answer = self._clock()
+        self.engine.mark_up()
+        stalled = self.engine.fail_stalled(state, self._clock(), self.stall_timeout_s)
+        if stalled:
+            self.metrics.errors.labels("engine_stalled").inc(len(stalled))
+            log.warning("streams ended: running in the engine but silent",
+                        extra={"engine": name, "streams": [s.request_id for s in stalled]})
         self.last_state = state
         self.ticks += 1
         m = self.metrics

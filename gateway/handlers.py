@@ -62,13 +62,18 @@ class Handlers:
 
     # ----- live streams -----
     async def list_streams(self, request: web.Request) -> web.Response:
+        """``GET /v1/streams``: the live streams on this replica that the caller's API key started (an admin
+        key: every one)."""
         now = self.svc.clock()
-        return json_response({"object": "list", "data": [stream_info(s, now) for s in self.svc.streams.values()]})
+        owners = self.requests.keys
+        data = [stream_info(s, now) for s in self.svc.streams.values() if auth.may_see(request, owners.get(s.id))]
+        return json_response({"object": "list", "data": data})
 
     async def get_stream(self, request: web.Request) -> web.Response:
         sid = request.match_info["id"]
         s = self.svc.streams.get(sid)
-        if s is None:
+        # Another key's stream gets the same 404 as an unknown one: ids cannot be probed across keys.
+        if s is None or not auth.may_see(request, self.requests.keys.get(sid)):
             raise not_found(f"no live stream with id '{sid}'")
         return json_response(stream_info(s, self.svc.clock()))
 

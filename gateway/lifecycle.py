@@ -30,7 +30,7 @@ from .api.errors import ApiError, at_capacity
 from .api.requests import Kind, parse_json, parse_request
 from .api.responses import SSE_HEADERS, json_response
 from .api.sse import DONE, ChunkEncoder
-from .engines.client import EngineError, EngineStream
+from .engines.client import EngineDown, EngineError, EngineStalled, EngineStream, EngineTimeout
 from .pump import Pump, TokenSink
 from .state import StreamRecord
 from .streams.base import StreamBase, StreamSpec, Upstream
@@ -76,6 +76,7 @@ class RequestLifecycle:
         sid = uuid.uuid4().hex[:24]
         auth.admit(request, creq, engine.name, sid, svc.cfg.streams)  # the API key's default rate
         encoder = ChunkEncoder(kind, sid, creq.model, int(time.time()))
+        self.keys[sid] = auth.key_name(request)  # who may see it (GET /v1/streams) and resume it
         spec = StreamSpec(id=sid, engine=engine.name, model=creq.model, kind=kind, rate=creq.rate,
                           pacing=creq.pacing if creq.stream else "none", arrival_time=arrival,
                           max_tokens=creq.max_tokens, rate_declared=creq.rate_declared,
@@ -124,7 +125,7 @@ class RequestLifecycle:
         deadline = svc.clock() + (_DUPLICATE_RETRY_S if start else 0.0)
         while True:
             try:
-                return await engine.client.open_stream(s.kind, upstream_body)
+                return await engine.client.open_stream(s.kind, upstream_body, s.id)
             except EngineError as e:
                 if e.code == "duplicate_id" and svc.clock() < deadline:
                     await svc.abort(engine, s.id)  # the old request outlived its reader: end it
@@ -132,14 +133,26 @@ class RequestLifecycle:
                     continue
                 svc.metrics.errors.labels("engine_unavailable" if e.status >= 500 else "engine_rejected").inc()
                 if e.status >= 500:
-                    raise ApiError(e.status, str(e), type="server_error", code="engine_unavailable") from None
+                    retry = {"Retry-After": str(svc.cfg.auth.retry_after_s)} if e.status == 503 else None
+                    raise ApiError(e.status, str(e), type="server_error", code="engine_unavailable",
+                                   headers=retry) from None
                 raise ApiError(e.status, str(e), code="engine_rejected") from None
 
     def _pump(self, s: StreamBase, engine: EngineHandle, upstream: EngineStream, sink: TokenSink,
               start: int = 0) -> asyncio.Task[None]:
         flow = s.flow if isinstance(s, Stream) else None
         return Pump(engine=engine.name, upstream=upstream, sid=s.id, sink=sink, metrics=self.svc.metrics, flow=flow,
-                    start=start).start()
+                    start=start, on_failure=partial(self.engine_failed, s, engine)).start()
+
+    def engine_failed(self, s: StreamBase, engine: EngineHandle, sink: TokenSink, produced: int,
+                      error: EngineError) -> None:
+        """``s``'s engine stream failed after ``produced`` tokens (all in ``sink``): refused mid-answer, broken,
+        judged down (``EngineDown``) or stalled (``EngineStalled``). It ends with an error event whose code
+        says which; the client may resume it (``Last-Event-ID``) and gets what was produced, nothing twice.
+        (This is where a continuation on another engine of the model would be submitted instead.)"""
+        code = ("engine_down" if isinstance(error, EngineDown) else "engine_stalled" if isinstance(error, EngineStalled)
+                else "engine_timeout" if isinstance(error, EngineTimeout) else "engine_stream_failed")
+        sink.finish(s.id, Final(None, 0, (f"the engine stream failed: {error}", code)))
 
     def _pump_done(self, stream: Stream, task: asyncio.Task[None]) -> None:
         if self.pumps.get(stream.id) is task:
@@ -152,7 +165,6 @@ class RequestLifecycle:
                       ) -> web.StreamResponse:
         """Record the new stream (resumable), submit it to the engine, deliver it to this client."""
         sid = stream.id
-        self.keys[sid] = auth.key_name(request)
         self.svc.store.create(self.record(stream, body))
         self.register(stream)
         try:
@@ -275,6 +287,9 @@ class RequestLifecycle:
             await pump
             if c.error is not None:
                 svc.metrics.requests.labels(c.kind, "error").inc()
+                if c.error[1] == "engine_down":  # nothing was sent yet: the client may retry (another engine)
+                    raise ApiError(503, c.error[0], type="server_error", code=c.error[1],
+                                   headers={"Retry-After": str(svc.cfg.auth.retry_after_s)})
                 raise ApiError(502, c.error[0], type="server_error", code=c.error[1])
             svc.metrics.requests.labels(c.kind, "completed").inc()
             if c.first_token_time is not None:  # not paced: the first token is ready when it is produced

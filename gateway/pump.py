@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from .engines.client import EngineDelta, EngineError, EngineStream
@@ -41,6 +42,7 @@ class Pump:
         "engine",
         "flow",
         "metrics",
+        "on_failure",
         "produced",
         "reason",
         "sid",
@@ -51,7 +53,8 @@ class Pump:
     )
 
     def __init__(self, *, engine: str, upstream: EngineStream, sid: str, sink: TokenSink, metrics: Metrics,
-                 flow: ReadAhead | None = None, start: int = 0) -> None:
+                 flow: ReadAhead | None = None, start: int = 0,
+                 on_failure: Callable[[TokenSink, int, EngineError], None] | None = None) -> None:
         self.engine = engine
         self.upstream = upstream
         self.sid = sid
@@ -59,6 +62,8 @@ class Pump:
         self.metrics = metrics
         self.flow = flow  # a paced stream's read-ahead bound, which may pause reading the engine
         self.start_tokens = start  # tokens the stream had before this engine request (a resubmitted continuation)
+        # Told (sink, tokens produced, error) when the engine stream fails; by default the sink ends in error.
+        self.on_failure = on_failure
         self.produced = start
         self.reason: str | None = None
         self.usage: dict[str, int] | None = None
@@ -106,7 +111,10 @@ class Pump:
         except EngineError as e:
             self.metrics.errors.labels("engine_stream").inc()
             log.warning("engine stream failed", extra={"stream_id": sid, "engine": self.engine, "error": str(e)})
-            sink.finish(sid, Final(None, 0, (f"the engine stream failed: {e}", "engine_stream_failed")))
+            if self.on_failure is not None:
+                self.on_failure(sink, self.produced, e)
+            else:
+                sink.finish(sid, Final(None, 0, (f"the engine stream failed: {e}", "engine_stream_failed")))
         finally:
             if self.flow is not None:
                 self.flow.connect(None)

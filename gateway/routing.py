@@ -59,10 +59,16 @@ class Engines(Mapping[str, "EngineHandle"]):
 
     def route(self, model: str, live: Iterable[StreamBase], retry_after_s: int) -> EngineHandle:
         """The engine for a new request: with one engine and no stream limit, that one; otherwise the healthy
-        engine with the fewest live streams below its limit (429 when every one is at its limit)."""
+        engine with the fewest live streams below its limit (429 when every one is at its limit). Engines
+        marked down (gateway/engines/liveness.py) are skipped; none left: 503 with Retry-After, at once."""
         candidates = self._by_model.get(model)
         if not candidates:  # parse_request already checked the name; this is a guard
             raise ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
+        up = [c for c in candidates if c.client.down is None]
+        if not up:
+            raise ApiError(503, f"no engine serving '{model}' is up ({candidates[0].client.down}); retry shortly",
+                           type="server_error", code="engine_unavailable", headers={"Retry-After": str(retry_after_s)})
+        candidates = up
         limited = any(c.config.max_streams is not None for c in candidates)
         if len(candidates) == 1 and not limited:
             return candidates[0]

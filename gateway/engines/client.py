@@ -15,11 +15,22 @@ import aiohttp
 import orjson
 
 from . import control_api as api
+from . import liveness
 from .control_api import CommandResult, EngineState
-from .sse_parse import EngineDelta, EngineError, EngineTimeout, EngineUnreachable, _error_message, parse_lines
+from .sse_parse import (
+    EngineDelta,
+    EngineDown,
+    EngineError,
+    EngineStalled,
+    EngineTimeout,
+    EngineUnreachable,
+    _error_message,
+    parse_lines,
+)
 from .stream import ConnectionPool, EngineStream
 
-__all__ = ["EngineClient", "EngineDelta", "EngineError", "EngineStream", "EngineTimeout", "EngineUnreachable"]
+__all__ = ["EngineClient", "EngineDelta", "EngineDown", "EngineError", "EngineStalled", "EngineStream",
+           "EngineTimeout", "EngineUnreachable"]
 
 Command = dict[str, Any]  # {"op": ..., "id": ..., ["priority": int]}, as Decision.to_command() builds it
 
@@ -36,7 +47,7 @@ def transport_errors(what: str) -> Iterator[None]:
         raise EngineTimeout(f"{what}: timed out") from e
     except (aiohttp.ClientError, OSError) as e:
         raise EngineUnreachable(f"{what}: {e!r}") from e
-    except (ValueError, KeyError, TypeError) as e:  # an answer that is not what the API promises
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # an answer that is not what the API promises
         raise EngineError(f"{what}: malformed answer ({e!r})") from e
 
 
@@ -49,21 +60,70 @@ class EngineClient:
         *,
         control_token: str | None = None,
         request_timeout_s: float = 3600.0,
+        connect_timeout_s: float = 5.0,
+        first_byte_timeout_s: float = 30.0,
+        state_timeout_s: float = 2.0,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.session = session
         self._headers = {"Authorization": f"Bearer {control_token}"} if control_token else {}
         self._request_timeout_s = request_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._first_byte_timeout_s = first_byte_timeout_s
         self.pool = ConnectionPool(self.base_url)  # keep-alive connections for engine streams
-        self._control_timeout = aiohttp.ClientTimeout(total=10)
+        self._control_timeout = aiohttp.ClientTimeout(total=10, connect=connect_timeout_s)
+        # The liveness probe: a state request not answered within this marks the engine down (the control loop).
+        self._state_timeout = aiohttp.ClientTimeout(total=state_timeout_s)
+        self.down: EngineDown | None = None  # why the engine is marked down; None while it answers (or untried)
+        self.streams: dict[int, EngineStream] = {}  # open engine streams (ended ones leave at the next prune)
+
+    # --- liveness (decided by the control loop, gateway/engines/liveness.py) ---
+    def mark_down(self, reason: str) -> None:
+        """New streams fail at once with :class:`EngineDown` until :meth:`mark_up`."""
+        self.down = EngineDown(f"engine '{self.name}' is down: {reason}")
+
+    def mark_up(self) -> None:
+        self.down = None
+
+    def _register(self, stream: EngineStream) -> None:
+        self.streams[id(stream)] = stream
+
+    def open_streams(self) -> list[EngineStream]:
+        """The streams still open (ended ones are dropped here)."""
+        live = self.streams
+        for key in [k for k, s in live.items() if s.ended]:
+            del live[key]
+        return list(live.values())
+
+    def fail_silent(self, now: float, quiet_s: float) -> list[EngineStream]:
+        """The engine is down: end its streams that received nothing for ``quiet_s`` with the reason."""
+        err = self.down or EngineDown(f"engine '{self.name}' is down")
+        dead = liveness.silent(self.open_streams(), now, quiet_s)
+        for s in dead:
+            s.fail(err)
+        return dead
+
+    def fail_stalled(self, state: EngineState, now: float, stall_s: float) -> list[EngineStream]:
+        """End the streams of requests the engine reports running that sent nothing for ``stall_s``."""
+        dead = liveness.stalled(self.open_streams(), state.requests, now, stall_s)
+        for s in dead:
+            s.fail(EngineStalled(f"engine '{self.name}' reports the request running but sent nothing on its "
+                                 f"stream for {stall_s:g} s"))
+        return dead
 
     # --- OpenAI side ---
-    async def open_stream(self, kind: str, body: dict[str, Any]) -> EngineStream:
-        """Start a streaming request; its deltas are read by an :class:`EngineStream` (one callback per read)."""
+    async def open_stream(self, kind: str, body: dict[str, Any], request_id: str | None = None) -> EngineStream:
+        """Start a streaming request; its deltas are read by an :class:`EngineStream` (one callback per read).
+        ``request_id`` (the control API's id) lets the liveness checks match it with the engine's state.
+        EngineDown at once while the engine is marked down."""
+        if self.down is not None:
+            raise self.down
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         upstream = await EngineStream.open(self.name, self.pool, path, kind, orjson.dumps(body),  # EngineError only
-                                           {"Content-Type": "application/json"}, self._request_timeout_s)
+                                           {"Content-Type": "application/json"}, self._request_timeout_s,
+                                           self._connect_timeout_s, self._first_byte_timeout_s, request_id,
+                                           self._register)
         if upstream.status != 200:
             raw = upstream.error_body
             upstream.close()
@@ -131,7 +191,7 @@ class EngineClient:
     async def state(self) -> EngineState:
         with transport_errors(f"engine '{self.name}' state"):
             async with self.session.get(
-                self.base_url + api.STATE_PATH, headers=self._headers, timeout=self._control_timeout
+                self.base_url + api.STATE_PATH, headers=self._headers, timeout=self._state_timeout
             ) as resp:
                 if resp.status != 200:
                     raise EngineError(f"engine '{self.name}' state: HTTP {resp.status}", status=502)
@@ -156,7 +216,11 @@ class EngineClient:
             ) as resp:
                 if resp.status != 200:
                     raise EngineError(f"engine '{self.name}' commands: HTTP {resp.status}", status=502)
-                return [CommandResult.from_json(r) for r in orjson.loads(await resp.read())["results"]]
+                results = [CommandResult.from_json(r) for r in orjson.loads(await resp.read())["results"]]
+                if len(results) != len(batch):
+                    raise EngineError(f"engine '{self.name}' commands: {len(results)} results for {len(batch)} "
+                                      "commands", status=502)
+                return results
 
     async def abort(self, request_id: str) -> None:
         """End a request the gateway no longer needs (its client left before the engine finished)."""

@@ -42,6 +42,16 @@ class EngineTimeout(EngineError, TimeoutError):
         super().__init__(message, status=504)
 
 
+class EngineDown(EngineUnreachable):
+    """The engine is marked down (its control API stopped answering): new requests fail at once, and its
+    streams that went silent end with this error."""
+
+
+class EngineStalled(EngineTimeout):
+    """A stream's engine reports the request running, yet sent nothing on it for longer than the engine's
+    ``stall_timeout_s``."""
+
+
 @dataclass(slots=True)
 class EngineDelta:
     """What one event of the engine's stream said (not to be confused with the token log's ``Delta``)."""

@@ -125,8 +125,14 @@ class ConnectionPool:
 class EngineStream:
     """One streaming request to an engine: its response head, then deltas as they arrive."""
 
-    def __init__(self, engine: str, kind: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: str, kind: str, loop: asyncio.AbstractEventLoop, request_id: str | None = None) -> None:
         self.engine = engine
+        self.request_id = request_id  # the gateway's id for the request (the control API's), when it has one
+        # Activity, for the engine's liveness checks (gateway/engines/liveness.py): when bytes last came, whether
+        # the gateway reads the connection now (read-ahead pauses it), whether any delta came yet.
+        self.last_data_at = loop.time()
+        self.reading = True
+        self.got_deltas = False
         self.kind = kind
         self._chat = kind == "chat"
         self._loop = loop
@@ -154,13 +160,20 @@ class EngineStream:
         self._done.add_done_callback(_retrieve)
         self._head_fut.add_done_callback(_retrieve)
         self._timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
 
     # ----- client side -----
     @classmethod
     async def open(cls, engine: str, pool: ConnectionPool | str, path: str, kind: str, body: bytes,
-                   headers: dict[str, str], timeout_s: float, connect_timeout_s: float = 10.0) -> EngineStream:
+                   headers: dict[str, str], timeout_s: float, connect_timeout_s: float = 10.0,
+                   head_timeout_s: float | None = None, request_id: str | None = None,
+                   on_open: Callable[[EngineStream], None] | None = None) -> EngineStream:
         """Send the request (on a pooled connection when one is idle) and wait for the response head (a
-        non-200 answer's whole body). ``pool`` may be a base URL (a one-off pool)."""
+        non-200 answer's whole body). ``pool`` may be a base URL (a one-off pool). EngineUnreachable when no
+        connection is made within ``connect_timeout_s``; EngineTimeout when the head does not come within
+        ``head_timeout_s`` (a frozen engine still accepts connections: its kernel does) or the whole request
+        does not end within ``timeout_s``. ``on_open`` gets the stream as soon as its request is sent, before
+        the head (so that it can be failed while it waits)."""
         if isinstance(pool, str):
             pool = ConnectionPool(pool, max_idle=0)
         hosthdr = f"[{pool.host}]" if ":" in pool.host else pool.host
@@ -174,14 +187,19 @@ class EngineStream:
                 conn = await pool.acquire(connect_timeout_s)
             except (TimeoutError, OSError) as e:
                 raise EngineUnreachable(f"engine '{engine}' is unreachable: {e!r}") from e
-            proto = cls(engine, kind, loop)
+            proto = cls(engine, kind, loop, request_id)
             proto._conn = conn
             proto._was_reused = conn.reused
             conn.req = proto
             assert conn.transport is not None
             conn.transport.write(request)
+            if on_open is not None:
+                on_open(proto)
             proto._timer = loop.call_later(
                 timeout_s, proto._fail, EngineTimeout(f"engine '{engine}' did not finish within {timeout_s:g} s"))
+            if head_timeout_s is not None and head_timeout_s < timeout_s:
+                proto._head_timer = loop.call_later(head_timeout_s, proto._fail, EngineTimeout(
+                    f"engine '{engine}' sent no response head within {head_timeout_s:g} s"))
             try:
                 await proto._head_fut
             except _Stale:
@@ -191,6 +209,16 @@ class EngineStream:
                 raise
             return proto
         raise EngineUnreachable(f"engine '{engine}' closed every connection before answering")
+
+    @property
+    def ended(self) -> bool:
+        """The stream ended (cleanly, in error, or closed by its consumer)."""
+        return self._done.done()
+
+    def fail(self, exc: EngineError) -> None:
+        """End the stream with ``exc`` (the engine was judged down or stalled): its consumer's :meth:`wait`
+        raises it, and the connection is closed."""
+        self._fail(exc)
 
     def attach(self, on_batch: Callable[[list[EngineDelta]], None]) -> None:
         """Hand every batch of deltas (one per network read) to ``on_batch``: those already read now, the
@@ -232,9 +260,11 @@ class EngineStream:
         to come in one read. The consumer's read-ahead bound drives this (``gateway.streams.flow.ReadAhead``)."""
         conn = self._conn
         if conn is not None and conn.transport is not None and not self._finished:
+            self.reading = not paused
             if paused:
                 conn.transport.pause_reading()
             else:
+                self.last_data_at = self._loop.time()  # silence while not reading says nothing of the engine
                 conn.transport.resume_reading()
 
     def close(self) -> None:
@@ -270,6 +300,7 @@ class EngineStream:
         if self._finished:
             return
         self._got_bytes = True
+        self.last_data_at = self._loop.time()
         try:
             if not self._head_done:
                 data = self._parse_head(data)
@@ -316,6 +347,9 @@ class EngineStream:
         else:
             self._keep_alive = False
         self._head_done = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self.status == 200 and not self._head_fut.done():
             self._head_fut.set_result(None)
         rest = buf[end + 4:]
@@ -433,6 +467,7 @@ class EngineStream:
         self._resolve()
 
     def _deliver(self, batch: list[EngineDelta]) -> None:
+        self.got_deltas = True
         cb = self._on_batch
         if cb is not None:
             cb(batch)
@@ -462,6 +497,9 @@ class EngineStream:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def _wake(self) -> None:
         w = self._waiter

@@ -74,10 +74,13 @@ class Cluster:
                     return r.status == 200
             await poll(up, 30, "engine start")
 
-    async def start_gateway(self, name: str, policy: str = "fcfs", **session: Any) -> str:
+    async def start_gateway(self, name: str, policy: str = "fcfs", *, engine: dict[str, Any] | None = None,
+                            env_extra: dict[str, str] | None = None, **session: Any) -> str:
+        """A replica on a free port; ``engine``: more options of its engine entry, ``env_extra``: more
+        ``TOKENFLOW_*`` variables."""
         port = free_port()
         env = {
-            "TOKENFLOW_ENGINES": orjson.dumps([{"name": "sim", "url": self.engine_url}]).decode(),
+            "TOKENFLOW_ENGINES": orjson.dumps([{"name": "sim", "url": self.engine_url, **(engine or {})}]).decode(),
             "TOKENFLOW_SERVER__LOG_LEVEL": "warning",
             "TOKENFLOW_SCHEDULER__POLICY": policy,
             "TOKENFLOW_SCHEDULER__TICK_INTERVAL_S": "0.1",
@@ -91,6 +94,7 @@ class Cluster:
             "TOKENFLOW_SESSION__TICK_INTERVAL_S": "0.25",
             "TOKENFLOW_SESSION__OP_TIMEOUT_S": "0.5",
             **{f"TOKENFLOW_SESSION__{k.upper()}": str(v) for k, v in session.items()},
+            **(env_extra or {}),
         }
         self.procs[name] = Proc(name, [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
                                        "--port", str(port)], self.logdir, env={**os.environ, **env})
@@ -121,12 +125,14 @@ class Client:
 
     body: dict[str, Any]
     path: str = "/v1/completions"
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. the API key
     texts: list[str] = field(default_factory=list)
     last_id: str | None = None
     sid: str | None = None
     done: bool = False
     reconnects: int = 0
     errors: list[str] = field(default_factory=list)
+    error_codes: list[str] = field(default_factory=list)
 
     async def read(self, resp: aiohttp.ClientResponse, stop_after: int | None = None) -> None:
         """Consume events until [DONE] (sets done), the connection ends, or ``stop_after`` tokens."""
@@ -143,6 +149,7 @@ class Client:
                 obj = orjson.loads(payload)
                 if "error" in obj:
                     self.errors.append(obj["error"]["message"])
+                    self.error_codes.append(str(obj["error"].get("code")))
                     continue
                 for c in obj.get("choices") or ():
                     t = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
@@ -153,7 +160,7 @@ class Client:
 
     async def start(self, http: aiohttp.ClientSession, url: str, stop_after: int | None = None) -> None:
         try:
-            async with http.post(url + self.path, json=self.body) as resp:
+            async with http.post(url + self.path, json=self.body, headers=self.headers) as resp:
                 assert resp.status == 200, await resp.text()
                 await self.read(resp, stop_after)
         except (TimeoutError, aiohttp.ClientError) as e:
@@ -163,7 +170,7 @@ class Client:
         """Reconnect with Last-Event-ID: re-POST the request (``post``) or GET the events endpoint (``get``)."""
         assert self.last_id and self.sid
         self.reconnects += 1
-        headers = {"Last-Event-ID": self.last_id}
+        headers = {**self.headers, "Last-Event-ID": self.last_id}
         if via == "post":
             ctx = http.post(url + self.path, json=self.body, headers=headers)
         else:
