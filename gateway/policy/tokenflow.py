@@ -8,21 +8,27 @@ Each tick, under stress only (a request waits in the engine, or one is paused by
    capacity at their declared rates, are held back behind the admitted ones (engine priority).
 2. Buffer balancing. Every admitted request gets a slack: seconds until it must be running so that its
    client never stalls, i.e. ``buffer / rate - mu * (evict + reload-or-recompute + tick)``. A request that
-   has not started has an empty buffer, slack 0, which puts it ahead of every paused request that can
-   still wait; that is what cuts TTFT. A running request with negative slack may not be preempted
-   (the safety rule). Requests are taken in slack order while device KV and batch slots last, then a
-   local swap pass keeps a running request instead of a paused one whose slack is barely lower
+   has not started has an empty buffer and a slack that falls below 0 as it waits (``first_token_aging``
+   seconds per second: its wait counts like a stall), which puts it ahead of every request that can
+   still wait and, after about a switch margin, of started ones about to run dry; that is what cuts TTFT,
+   the tail included, under overload. Requests are taken in slack order while batch slots and device KV
+   (rounded up to whole blocks, one tick of growth ahead) last: the engine never has to preempt on its
+   own. A running request with negative slack is paused only for a more urgent one (the safety rule,
+   made relative: under overload someone stalls, and it is spread over the started streams). A local
+   swap pass then keeps a running request instead of a paused one whose slack is barely lower
    (hysteresis: a switch costs I/O and disturbs the batch).
 3. Reload or recompute. Switch cost per request is the cheaper of copying its host KV back
    (measured host-to-device bandwidth plus the part to recompute) and recomputing it all (measured
    prefill rate); the engine makes the same choice on resume.
 4. Prefetch. A paused request whose buffer will run dry within ``mu * (load + prefetch_ticks * tick)``
    is prefetched while device memory is free, so its KV is back before its buffer empties.
-5. Overload. When the admitted requests' declared rates exceed the estimated decode capacity, fall
-   back to first-come-first-served with memory-aware admission: no preemptions, paused requests resume
-   oldest first as memory allows, and new requests stay behind them.
+5. Overload. When the admitted requests' declared rates exceed the estimated decode capacity, the
+   keep the same rules (``info.mode`` says ``overload`` for logs): there is no first-come-first-served
+   fallback, which made the last requests of a burst wait for whole answers as on a plain engine.
+6. Host tier. A request is admitted only while every admitted context fits device plus host KV; a
+   running request whose unsynced tail the host tier cannot take is priced at recomputation.
 
-Pure: no I/O, no clock. State kept between ticks: the overload mode and the last capacity estimate.
+Pure: no I/O, no clock. State kept between ticks: the last capacity estimate.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ _MUST_RUN = -math.inf
 class TickInfo:
     """What the last tick saw and chose; for logs, metrics and tests."""
 
-    mode: str = "idle"  # idle | balance | fallback
+    mode: str = "idle"  # idle | balance | overload
     working_set: int = 0
     admitted: int = 0
     capacity_tps: float = math.inf
@@ -69,6 +75,8 @@ class _Costs:
     load_s: float  # host -> device copy
     evict_s: float  # device -> host copy
     rec_s: float  # recomputation (prefill)
+    block: int  # KV block size: the engine allocates whole blocks
+    host_free: int  # host KV tokens not referenced (a hold that does not fit is recomputed)
 
     @classmethod
     def of(cls, snapshot: Snapshot, k: TokenFlowKnobs) -> _Costs:
@@ -81,6 +89,8 @@ class _Costs:
             load_s=bpt / (eng.h2d_bytes_per_s or k.default_bytes_per_s),
             evict_s=bpt / (eng.d2h_bytes_per_s or k.default_bytes_per_s),
             rec_s=1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s),
+            block=max(1, eng.block_size),
+            host_free=eng.kv_host_capacity_tokens - eng.kv_host_used_tokens,
         )
 
 
@@ -102,7 +112,7 @@ class _Tick:
     beta_sum: float  # lifetime KV footprints, summed (their mean is the paper's beta)
 
 
-def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
+def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: float) -> _Tick:
     """Slack key, footprint and working-set bookkeeping of every stream, in one pass (the hot loop: no calls,
     locals only)."""
     n = len(streams)
@@ -119,7 +129,9 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
     beta_sum = 0.0
     big = 1 << 40
     tick, mu, step, load_s, evict_s, rec_s = c.tick, c.mu, c.step, c.load_s, c.evict_s, c.rec_s
-    g_int = int(tick / step)  # tokens a running request adds in one tick
+    g_int = int(tick / step) + 1  # tokens a running request adds in one tick (and the step in flight)
+    bs = c.block
+    host_free = c.host_free
     back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
     mu_tick = mu * tick
     host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
@@ -140,7 +152,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
         else:
             rem = mt - gen
             beta_sum += prompt + 0.5 * mt
-        foot[i] = ctx + (rem if rem < g_int else g_int)
+        f = ctx + (rem if rem < g_int else g_int)
+        foot[i] = -(-f // bs) * bs  # whole blocks: what the engine will allocate
         if s.first_token_time is None:
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
@@ -149,6 +162,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
                 demand += s.rate
                 order.append(i)
             else:
+                waited = now - s.arrival_time
+                keys[i] = -aging * waited if waited > 0 else 0.0
                 new_idx.append(i)
             continue
         order.append(i)
@@ -161,7 +176,11 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
                 continue
             tail = s.kv_device_tokens - s.kv_host_tokens
-            keys[i] = tte - mu * ((tail * evict_s if tail > 0 else 0.0) + ctx * back_run) - mu_tick
+            if tail > host_free:
+                back = ctx * rec_s  # the host tier cannot take it: a pause means recomputing it all
+            else:
+                back = (tail * evict_s if tail > 0 else 0.0) + ctx * back_run
+            keys[i] = tte - mu * back - mu_tick
         elif st is _PARKED:
             keys[i] = tte - mu_tick
         elif st is _LOADING:
@@ -184,7 +203,6 @@ class TokenFlowPolicy:
         elif overrides:
             raise TypeError("pass either knobs or keyword overrides, not both")
         self.knobs = knobs
-        self._fallback = False
         self._per_seq_tps: float | None = None  # decaying max of the decode-only per-sequence rate
         self._cap_time: float | None = None
         self.info = TickInfo()
@@ -235,16 +253,12 @@ class TokenFlowPolicy:
         """Steps 1-4 of the module docstring, under stress only."""
         self.info = TickInfo()
         if all(s.status is _RUNNING for s in snapshot.streams):
-            self._fallback = False  # no stress: the engine already serves everyone
-            return []
+            return []  # no stress: the engine already serves everyone
         costs = _Costs.of(snapshot, self.knobs)
-        tick = _slack_pass(snapshot.streams, costs)
+        tick = _slack_pass(snapshot.streams, costs, now, self.knobs.first_token_aging)
         w_sched, gamma = self._working_set(snapshot, tick, now)
-        if self._fallback:
-            self.info.mode = "fallback"
-            return self._fallback_tick(snapshot, tick.foot, tick.new_idx, [])
-        self.info.mode = "balance"
-        admit_new = self._admit_new(snapshot.streams, tick, w_sched, gamma)
+        self.info.mode = "overload" if tick.demand > gamma else "balance"
+        admit_new = self._admit_new(snapshot, tick, w_sched)
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected, mem = self._fill(snapshot, tick)
@@ -254,8 +268,8 @@ class TokenFlowPolicy:
         return decisions
 
     def _working_set(self, snapshot: Snapshot, tick: _Tick, now: float) -> tuple[int, float]:
-        """Step 1 (Eq. 4-5): how many requests may be admitted; and the capacity check (Eq. 6), which moves
-        the policy in or out of the FCFS fallback. Returns the working set and the decode capacity."""
+        """Step 1 (Eq. 4-5): how many requests may be admitted; and the decode capacity (Eq. 6), reported
+        beside the admitted demand. Returns the working set and the capacity."""
         k = self.knobs
         beta = tick.beta_sum / len(snapshot.streams)
         cap_tokens = snapshot.engine.kv_device_capacity_tokens
@@ -267,29 +281,35 @@ class TokenFlowPolicy:
         # shrink rate of 1 with nothing running would admit nothing, ever).
         w_sched = max(w_sched, int(k.memory_target * cap_tokens / max(beta, 1.0)), 1)
         gamma = self._capacity(snapshot, now, beta, tick.prefilling)
-        if self._fallback:
-            if tick.demand <= k.overload_exit * gamma:
-                self._fallback = False
-        elif tick.demand > k.overload_enter * gamma:
-            self._fallback = True
         info = self.info
         info.working_set, info.admitted, info.capacity_tps, info.demand_tps = w_sched, tick.admitted, gamma, tick.demand
         return w_sched, gamma
 
-    @staticmethod
-    def _admit_new(streams: tuple[StreamView, ...], tick: _Tick, w_sched: int, gamma: float) -> list[int]:
-        """New requests admitted, oldest first, while the working set and the decode capacity allow. One not
+    def _admit_new(self, snapshot: Snapshot, tick: _Tick, w_sched: int) -> list[int]:
+        """New requests admitted, oldest first, while the working set allows and, where the engine has a
+        host tier, while every admitted context fits device plus host KV (a hold that does not fit would be
+        recomputed). Not capped by decode capacity: under overload a request with no token must still get
+        one soon (its slack falls as it waits), at the price of short stalls of started streams. One not
         admitted stays out of the engine's queue (see `_gate`)."""
+        streams = snapshot.streams
         tick.new_idx.sort(key=lambda j: streams[j].arrival_time)
         room = w_sched - tick.admitted
-        demand = tick.demand
+        eng = snapshot.engine
+        kv_room = math.inf
+        if eng.kv_host_capacity_tokens > 0:
+            held = 0
+            for i in tick.order:
+                held += tick.foot[i]
+            kv_room = self.knobs.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
         admit_new: list[int] = []
         for j in tick.new_idx:
-            r = streams[j].rate
-            if room > 0 and demand + r <= gamma:
-                admit_new.append(j)
-                room -= 1
-                demand += r
+            s = streams[j]
+            need = s.prompt_tokens + (s.max_tokens if s.max_tokens is not None else 0)
+            if room <= 0 or need > kv_room:
+                break  # arrival order: later ones wait behind this one
+            admit_new.append(j)
+            room -= 1
+            kv_room -= need
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
@@ -305,8 +325,10 @@ class TokenFlowPolicy:
                 selected[i] = 1
                 slots -= 1
                 mem -= f
-            elif keys[i] < 0 and (kind[i] == 0 or keys[i] == _MUST_RUN):
-                # Unsafe to pause: keep it even if the engine must find the room itself.
+            elif keys[i] == _MUST_RUN:
+                # Mid-prefill or about to finish: keep it even if the engine must find the room itself.
+                # Any other runner left out here is paused by us (its KV to the host) rather than left
+                # for the engine to preempt by recomputation when its KV runs out.
                 selected[i] = 1
                 slots -= 1
                 mem -= f
@@ -322,8 +344,10 @@ class TokenFlowPolicy:
         a = b = 0
         while a < len(out) and b < len(inc):
             o, p = out[a], inc[b]
-            if keys[p] <= 0 or keys[o] - keys[p] >= self.knobs.swap_tolerance_s:
-                break  # p must run now (safety), or o is clearly less urgent
+            if (keys[p] <= 0 < keys[o]) or keys[o] - keys[p] >= self.knobs.swap_tolerance_s:
+                break  # p must run now and o can wait, or o is clearly less urgent
+            # Otherwise (both can wait, or both are about to run dry under overload) a switch is not
+            # worth its I/O for less than swap_tolerance_s of urgency.
             if foot[o] - foot[p] <= mem:
                 selected[o], selected[p] = 1, 0
                 mem -= foot[o] - foot[p]
@@ -379,7 +403,8 @@ class TokenFlowPolicy:
                     decisions.append(Decision("resume", s.id, None, "run_after_load"))
                 continue
             if st is _RUNNING:
-                decisions.append(Decision("preempt", s.id, None, "buffered"))
+                # "overload": it was about to run dry too, but a more urgent request needs its slot or blocks.
+                decisions.append(Decision("preempt", s.id, None, "buffered" if keys[i] >= 0 else "overload"))
             elif st is _WAITING:
                 decisions.append(Decision("preempt", s.id, None, "defer"))  # keep it out of the engine queue
             elif st is _HELD:
@@ -410,35 +435,3 @@ class TokenFlowPolicy:
         for j in new_idx:
             if j not in admitted and streams[j].status is _WAITING:
                 decisions.append(Decision("preempt", streams[j].id, None, "working_set"))
-
-    def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]
-                       ) -> list[Decision]:
-        """FCFS with memory-aware admission: no preemption of running requests; paused requests resume
-        oldest first while they fit in device memory; new requests are not admitted."""
-        streams = snap.streams
-        eng = snap.engine
-        mem = self.knobs.memory_target * eng.kv_device_capacity_tokens
-        slots = eng.max_num_seqs
-        for s in streams:
-            if s.status is not _HELD:
-                mem -= max(s.kv_device_tokens, foot_of(s)) if s.status is _WAITING else s.kv_device_tokens
-                slots -= 1
-        paused = sorted((i for i, s in enumerate(streams) if s.first_token_time is not None
-                         and (s.status is _HELD or s.status is _PARKED)),
-                        key=lambda i: streams[i].arrival_time)
-        for i in paused:
-            s = streams[i]
-            if s.status is _PARKED:
-                decisions.append(Decision("resume", s.id, None, "fcfs"))
-                continue
-            if slots <= 0 or foot[i] > mem:
-                break  # strict arrival order: later ones wait behind this one
-            slots -= 1
-            mem -= foot[i]
-            decisions.append(Decision("resume", s.id, None, "fcfs"))
-        self._gate(streams, new_idx, set(), decisions)
-        return decisions
-
-
-def foot_of(s: StreamView) -> int:
-    return s.prompt_tokens + s.generated_tokens
