@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import shlex
 import sys
@@ -190,6 +191,21 @@ def _finish(args: argparse.Namespace, argv: Sequence[str], wl: WorkloadConfig, r
     return 0
 
 
+def slowest_ttft_timeline(records: Sequence[Any], phases: dict[str, dict[str, float]], share: float = 0.05
+                          ) -> dict[str, float]:
+    """Mean seconds per phase before the first token over the slowest ``share`` of requests by TTFT (at least
+    one): held by the policy, waiting in the engine's queue, prefilling (running), and the rest of the TTFT
+    (the tick the first token came in, parked or loading)."""
+    ttft = sorted(((r.token_times[0] if r.token_times else math.inf) - r.arrival, r.id) for r in records)
+    worst = ttft[-max(1, round(share * len(ttft))):]
+    out: dict[str, float] = {"requests": float(len(worst)), "ttft_s": 0.0}
+    for t, rid in worst:
+        out["ttft_s"] += t / len(worst)
+        for k, v in phases.get(rid, {}).items():
+            out[k + "_s"] = out.get(k + "_s", 0.0) + v / len(worst)
+    return out
+
+
 def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from backends.sim.profile import load_profile
 
@@ -210,7 +226,7 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
                             policy_knobs=knobs.get(name), progress=bar.update, drain=drain or "declared")
         m = summarize(r.records, preemptions=r.preemptions)
         m.update(engine_counters=r.engine_counters, decisions=r.decisions, tick_ms_mean=r.tick_ms_mean,
-                 tick_ms_max=r.tick_ms_max)
+                 tick_ms_max=r.tick_ms_max, ttft_timeline_slowest=slowest_ttft_timeline(r.records, r.ttft_phases))
         results[pol] = m
         runs[pol] = r.records
     return _finish(args, argv, wl, results, runs)

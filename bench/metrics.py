@@ -64,6 +64,9 @@ def effective_tokens(token_times: list[float], rate: float) -> float:
     return sum(token_weight(b, n) for b in buffers_at_arrival(token_times, rate))
 
 
+STALL_MIN_S = 0.1  # a reader's total stall below this (scheduling jitter) does not count it as stalled
+
+
 def rebuffer_time(token_times: list[float], rate: float, end: float | None = None, finished: bool = True) -> float:
     """Stall time after the first token. For an unfinished request, a stall still open at ``end`` counts."""
     if not token_times:
@@ -181,6 +184,8 @@ def summarize(
         "throughput_tps": tokens / duration,
         "rebuffer_mean_s": _mean(rebuffers),
         "rebuffer_p99_s": percentile(rebuffers, 99),
+        # share of the streams that started whose reader ran dry for more than STALL_MIN_S in all
+        "stalled_share": (sum(1 for x in rebuffers if x > STALL_MIN_S) / len(rebuffers)) if rebuffers else 0.0,
         "qoe_mean": _mean(qoes),
         "preemptions": preemptions,
         "tokens": tokens,
