@@ -37,6 +37,9 @@ class TokenFlowKnobs:
     # after about their switch margin, so the unavoidable waiting is spread as small stalls over the
     # started streams instead of a long wait before the first token.
     first_token_aging: float = 1.0
+    # ... after this grace: until then a new request sits at slack 0, behind started streams about to run
+    # dry but ahead of every one that holds more than its switch margin (a few seconds at most).
+    first_token_grace_s: float = 4.0
     # Half-life (seconds) of the decaying maximum that estimates the engine's decode speed.
     capacity_halflife_s: float = 30.0
     # Prefetch a paused request when its buffer will run dry within (load time + this many ticks)

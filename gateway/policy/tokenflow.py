@@ -8,8 +8,8 @@ Each tick, under stress only (a request waits in the engine, or one is paused by
    capacity at their declared rates, are held back behind the admitted ones (engine priority).
 2. Buffer balancing. Every admitted request gets a slack: seconds until it must be running so that its
    client never stalls, i.e. ``buffer / rate - mu * (evict + reload-or-recompute + tick)``. A request that
-   has not started has an empty buffer and a slack that falls below 0 as it waits (``first_token_aging``
-   seconds per second: its wait counts like a stall), which puts it ahead of every request that can
+   has not started has an empty buffer and a slack that falls below 0 once it has waited
+   ``first_token_grace_s`` (``first_token_aging`` seconds per second: its wait counts like a stall), which puts it ahead of every request that can
    still wait and, after about a switch margin, of started ones about to run dry; that is what cuts TTFT,
    the tail included, under overload. Requests are taken in slack order while batch slots and device KV
    (rounded up to whole blocks, one tick of growth ahead) last: the engine never has to preempt on its
@@ -112,7 +112,7 @@ class _Tick:
     beta_sum: float  # lifetime KV footprints, summed (their mean is the paper's beta)
 
 
-def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: float) -> _Tick:
+def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: float, grace: float) -> _Tick:
     """Slack key, footprint and working-set bookkeeping of every stream, in one pass (the hot loop: no calls,
     locals only)."""
     n = len(streams)
@@ -162,7 +162,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
                 demand += s.rate
                 order.append(i)
             else:
-                waited = now - s.arrival_time
+                waited = now - s.arrival_time - grace
                 keys[i] = -aging * waited if waited > 0 else 0.0
                 new_idx.append(i)
             continue
@@ -255,7 +255,8 @@ class TokenFlowPolicy:
         if all(s.status is _RUNNING for s in snapshot.streams):
             return []  # no stress: the engine already serves everyone
         costs = _Costs.of(snapshot, self.knobs)
-        tick = _slack_pass(snapshot.streams, costs, now, self.knobs.first_token_aging)
+        k = self.knobs
+        tick = _slack_pass(snapshot.streams, costs, now, k.first_token_aging, k.first_token_grace_s)
         w_sched, gamma = self._working_set(snapshot, tick, now)
         self.info.mode = "overload" if tick.demand > gamma else "balance"
         admit_new = self._admit_new(snapshot, tick, w_sched)

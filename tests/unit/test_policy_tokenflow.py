@@ -118,13 +118,16 @@ def test_prefetch_timing() -> None:
 
 def test_a_new_request_that_waited_overtakes_runners_about_to_run_dry() -> None:
     # Overload: two slots, both runners nearly empty (negative slack), a new request waits. Just arrived,
-    # it waits (the runners are more urgent); once it has waited longer than their switch margin, a runner
-    # gives way (the one with more buffer), instead of the new request waiting for a whole answer.
+    # or within its grace (4 s), it waits (the runners are more urgent); once it has waited longer than the
+    # grace plus their switch margin, a runner gives way (the one with more buffer), instead of the new
+    # request waiting for a whole answer.
     eng = engine(capacity=100_000, seqs=2)
     runners = (sv("a", R, buf=2.0), sv("b", R, buf=4.0))
     fresh = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False), eng=eng), NOW))
     assert not fresh.get("preempt", set()) & {"a", "b"}
-    late = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - 3.0), eng=eng), NOW))
+    grace = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - 3.9), eng=eng), NOW))
+    assert not grace.get("preempt", set()) & {"a", "b"}
+    late = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - 7.0), eng=eng), NOW))
     assert late.get("preempt", set()) & {"a", "b"} == {"b"}
     assert "new" not in late.get("preempt", set())
 
