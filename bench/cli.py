@@ -289,7 +289,7 @@ def _dump_engine_state(url: str, path: Path) -> None:
 
 
 def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .http import fetch_preemptions, run_clients, spawn_gateway
+    from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases
 
     wl = _workload(args)
     specs = generate(wl)
@@ -309,6 +309,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         asyncio.run(warm_up_engine(args.engine_url.rstrip("/"), args.warmup))
     for pol in policies:
         engine_before = engine_after = sampler = None
+        stream_samples: dict[str, list[tuple[float, str, int]]] = {}
         salt = f"{pol}/" if args.engine_url else ""  # one engine for every policy: keep their prompts apart
         load: dict[str, Any] = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
@@ -329,7 +330,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         load["window_perf_counter"] = [time.perf_counter(), None]
                         with _sampler(engine_url) as sampler:
                             recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, salt=salt,
-                                                              extra_body=extra_body, timeout_s=args.request_timeout))
+                                                              extra_body=extra_body, timeout_s=args.request_timeout,
+                                                              samples=stream_samples, sample_s=args.tick))
                         load["window_perf_counter"][1] = time.perf_counter()
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
                         after = asyncio.run(fetch_preemptions(url))
@@ -340,6 +342,9 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         pre = after - before if after is not None and before is not None else None
         m = summarize(recs, preemptions=pre)
         m["errors"] = [r.error for r in recs if r.error][:5]
+        if stream_samples:
+            phases = {r.id: ttft_phases(r, stream_samples.get(r.stream_id or "", [])) for r in recs}
+            m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
         m["machine"] = load
         if sampler is not None:
             m["engine_samples"] = sampler.summary()

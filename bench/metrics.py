@@ -37,6 +37,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # when each token reached the client
     finished: bool = False
     error: str | None = None
+    stream_id: str | None = None  # the gateway's stream id (X-TokenFlow-Stream-Id), when known
 
 
 def token_weight(buffer_tokens: float, output_len: int) -> float:

@@ -4,29 +4,29 @@ Each tick, under stress only (a request waits in the engine, or one is paused by
 
 1. Working set. At most ``W = overcommit * M / beta`` requests are admitted (running plus paused on
    the host), ``beta`` being the mean lifetime KV footprint; when fewer run, ``W`` shrinks toward the
-   running count by ``shrink_rate`` (paper Eq. 4-5). New requests past ``W``, or past the engine's decode
-   capacity at their declared rates, are held back behind the admitted ones (engine priority).
+   running count by ``shrink_rate`` (paper Eq. 4-5). Where the engine has a host tier, admitted contexts
+   must also fit device plus host KV. New requests past that are kept out of the engine (held, no KV).
+   Decode capacity does not cap admission: under overload a new request must still get a token soon.
 2. Buffer balancing. Every admitted request gets a slack: seconds until it must be running so that its
    client never stalls, i.e. ``buffer / rate - mu * (evict + reload-or-recompute + tick)``. A request that
    has not started has an empty buffer and a slack that falls below 0 once it has waited
-   ``first_token_grace_s`` (``first_token_aging`` seconds per second: its wait counts like a stall), which puts it ahead of every request that can
-   still wait and, after about a switch margin, of started ones about to run dry; that is what cuts TTFT,
-   the tail included, under overload. Requests are taken in slack order while batch slots and device KV
-   (rounded up to whole blocks, one tick of growth ahead) last: the engine never has to preempt on its
-   own. A running request with negative slack is paused only for a more urgent one (the safety rule,
-   made relative: under overload someone stalls, and it is spread over the started streams). A local
-   swap pass then keeps a running request instead of a paused one whose slack is barely lower
-   (hysteresis: a switch costs I/O and disturbs the batch).
+   ``first_token_grace_s`` (``first_token_aging`` seconds per second: its wait counts like a stall), which
+   puts it ahead of every request that can still wait and, after about a switch margin, of started ones
+   about to run dry; that is what cuts TTFT, the tail included, under overload. Requests are taken in
+   slack order while batch slots and device KV (whole blocks, one tick of growth ahead) last: the engine
+   never has to preempt on its own. A running request with negative slack is paused only for a more
+   urgent one (the safety rule, made relative: under overload someone stalls, and it is spread over the
+   started streams). A local swap pass then keeps a running request instead of a paused one whose slack
+   is barely lower (hysteresis: a switch costs I/O and disturbs the batch).
 3. Reload or recompute. Switch cost per request is the cheaper of copying its host KV back
    (measured host-to-device bandwidth plus the part to recompute) and recomputing it all (measured
-   prefill rate); the engine makes the same choice on resume.
+   prefill rate); the engine makes the same choice on resume. A runner whose unsynced tail the host
+   tier has no room for is priced at recomputation.
 4. Prefetch. A paused request whose buffer will run dry within ``mu * (load + prefetch_ticks * tick)``
    is prefetched while device memory is free, so its KV is back before its buffer empties.
-5. Overload. When the admitted requests' declared rates exceed the estimated decode capacity, the
-   keep the same rules (``info.mode`` says ``overload`` for logs): there is no first-come-first-served
-   fallback, which made the last requests of a burst wait for whole answers as on a plain engine.
-6. Host tier. A request is admitted only while every admitted context fits device plus host KV; a
-   running request whose unsynced tail the host tier cannot take is priced at recomputation.
+5. Overload. When the admitted requests' declared rates exceed the estimated decode capacity, the same
+   rules hold (``info.mode`` says ``overload`` for logs): there is no first-come-first-served fallback,
+   which made the last requests of a burst wait for whole answers as on a plain engine.
 
 Pure: no I/O, no clock. State kept between ticks: the last capacity estimate.
 """
@@ -176,10 +176,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
                 continue
             tail = s.kv_device_tokens - s.kv_host_tokens
-            if tail > host_free:
-                back = ctx * rec_s  # the host tier cannot take it: a pause means recomputing it all
-            else:
-                back = (tail * evict_s if tail > 0 else 0.0) + ctx * back_run
+            # When the host tier cannot take its tail, a pause means recomputing it all.
+            back = ctx * rec_s if tail > host_free else (tail * evict_s if tail > 0 else 0.0) + ctx * back_run
             keys[i] = tte - mu * back - mu_tick
         elif st is _PARKED:
             keys[i] = tte - mu_tick
@@ -316,7 +314,7 @@ class TokenFlowPolicy:
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
         """Step 2: batch slots and device memory, greedily in slack order. Returns the chosen requests and the
         device memory left."""
-        keys, foot, kind = tick.keys, tick.foot, tick.kind
+        keys, foot = tick.keys, tick.foot
         selected = bytearray(len(keys))
         slots = snapshot.engine.max_num_seqs
         mem = self.knobs.memory_target * snapshot.engine.kv_device_capacity_tokens

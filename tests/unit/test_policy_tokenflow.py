@@ -134,8 +134,9 @@ def test_a_new_request_that_waited_overtakes_runners_about_to_run_dry() -> None:
 
 def test_overload_admits_new_requests_and_resumes_the_most_urgent_first() -> None:
     # Decode capacity: 1 / 0.05 s per sequence x ~4.6 sequences in memory = ~92 tok/s. Admitted requests
-    # want 20 x 10 tok/s = 200 tok/s: overload (the working set, shrunk toward the 5 running, has room). There is no first-come-first-served fallback: the new
-    # request is admitted (not held out of the engine), and paused requests are resumed by urgency
+    # want 20 x 10 tok/s = 200 tok/s: overload (the working set, shrunk toward the 5 running, has room).
+    # There is no first-come-first-served fallback: the new request is admitted (not held out of the
+    # engine), and paused requests are resumed by urgency
     # (time to empty), not by age.
     eng = engine(capacity=10_000, seqs=6, step=0.05)
     runners = [sv(f"r{i}", R, buf=500.0, arrival=10.0 + i) for i in range(5)]
@@ -184,7 +185,7 @@ def test_a_runner_the_host_cannot_take_is_priced_at_recompute() -> None:
     full = EngineView("e", 16, 2, 1024, 100_000, 0, 10_000, 10_000, 0.02, 1000.0, 10_000.0, 1e9, 1e9)
     room = EngineView("e", 16, 2, 1024, 100_000, 0, 10_000, 0, 0.02, 1000.0, 10_000.0, 1e9, 1e9)
     runners = (sv("a", R, buf=5.0, host=0), sv("b", R, buf=12.0, host=0))
-    assert "b" in ops(TokenFlowPolicy().decide(snap(*runners, sv("p", H, buf=0.0), eng=room), NOW)).get("preempt", set())
+    assert "b" in ops(TokenFlowPolicy().decide(snap(*runners, sv("p", H, buf=0.0), eng=room), NOW))["preempt"]
     assert "b" not in ops(TokenFlowPolicy().decide(snap(*runners, sv("p", H, buf=0.0), eng=full), NOW)).get(
         "preempt", set())
 
