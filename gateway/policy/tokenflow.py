@@ -52,6 +52,9 @@ PRIORITY_DEFERRED = 1
 
 _MUST_RUN = -math.inf
 
+# Horizons (seconds) over which admission checks that the engine keeps up with the admitted readers.
+_HORIZONS_S = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+
 
 @dataclass(slots=True)
 class TickInfo:
@@ -230,6 +233,17 @@ class TokenFlowPolicy:
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
         return est * max(fit, 1.0)
 
+    def _admit_capacity(self, snap: Snapshot, gamma: float, beta_sum: float) -> float:
+        """Decode tokens/s to admit against: the engine's recent steps as they are (a CPU shared with other
+        work, longer contexts), not the best seen, so the admitted readers stay fed; never above Gamma."""
+        eng = snap.engine
+        if not eng.step_time_s:
+            return gamma
+        beta = beta_sum / max(1, len(snap.streams))
+        fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
+        now_cap = max(fit, 1.0) / eng.step_time_s
+        return now_cap if now_cap < gamma else gamma
+
     # ------------------------------------------------------------------ the tick
     def decide(self, snapshot: Snapshot, now: float) -> list[Decision]:
         # A client that stopped reading needs no engine until it reads again, stress or not: pause it
@@ -257,7 +271,7 @@ class TokenFlowPolicy:
         tick = _slack_pass(snapshot.streams, costs, now, k.first_token_aging, k.first_token_grace_s)
         w_sched, gamma = self._working_set(snapshot, tick, now)
         self.info.mode = "overload" if tick.demand > gamma else "balance"
-        admit_new = self._admit_new(snapshot, tick, w_sched)
+        admit_new = self._admit_new(snapshot, tick, w_sched, self._admit_capacity(snapshot, gamma, tick.beta_sum))
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected, mem = self._fill(snapshot, tick)
@@ -284,31 +298,67 @@ class TokenFlowPolicy:
         info.working_set, info.admitted, info.capacity_tps, info.demand_tps = w_sched, tick.admitted, gamma, tick.demand
         return w_sched, gamma
 
-    def _admit_new(self, snapshot: Snapshot, tick: _Tick, w_sched: int) -> list[int]:
-        """New requests admitted, oldest first, while the working set allows and, where the engine has a
-        host tier, while every admitted context fits device plus host KV (a hold that does not fit would be
-        recomputed). Not capped by decode capacity: under overload a request with no token must still get
-        one soon (its slack falls as it waits), at the price of short stalls of started streams. One not
-        admitted stays out of the engine's queue (see `_gate`)."""
+    def _admit_new(self, snapshot: Snapshot, tick: _Tick, w_sched: int, capacity: float) -> list[int]:
+        """New requests admitted, oldest first, while (a) the working set allows; (b) where the engine has a
+        host tier, every admitted context fits device plus host KV (a hold that fits nowhere would be
+        recomputed); and (c) the admitted streams stay feedable: for each horizon h in `_HORIZONS_S`, the
+        tokens their readers will want within h beyond what their buffers hold (capped by what each still has
+        to produce), plus the newcomer's first h seconds of reading and its prompt's prefill, fit in what the
+        engine makes in h (``admit_utilization`` of ``capacity``), less ``stall_budget_s`` of each one's reading
+        (the small stalls the policy may spread to start new requests sooner). New requests thus enter as fast as the
+        engine can carry them: right away while buffers are deep or the engine has room, paced at the rate
+        capacity frees up under overload, instead of all at once (every reader then stalls in turn) or only
+        when whole answers end (first-come-first-served). One not admitted stays out of the engine's queue
+        (see `_gate`)."""
         streams = snapshot.streams
-        tick.new_idx.sort(key=lambda j: streams[j].arrival_time)
+        new_idx = tick.new_idx
+        if not new_idx:
+            return []
+        new_idx.sort(key=lambda j: streams[j].arrival_time)
         room = w_sched - tick.admitted
         eng = snapshot.engine
+        k = self.knobs
         kv_room = math.inf
         if eng.kv_host_capacity_tokens > 0:
             held = 0
             for i in tick.order:
                 held += tick.foot[i]
-            kv_room = self.knobs.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
+            kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
+        hs = _HORIZONS_S
+        # Tokens the admitted readers want within each horizon beyond their buffers (the fluid EDF bound).
+        need = [0.0] * len(hs)
+        big = float(1 << 40)
+        budget = k.stall_budget_s
+        for i in tick.order:
+            v = streams[i]
+            r = v.rate
+            for x in range(len(hs)):  # each admitted reader may wait stall_budget_s in all: tokens it forgoes
+                need[x] -= budget * r
+            b = v.buffer_tokens
+            mt = v.max_tokens
+            rem = big if mt is None else float(mt - v.generated_tokens)
+            for x, h in enumerate(hs):
+                want = r * h - b
+                if want > 0:
+                    need[x] += want if want < rem else rem
+        supply = [k.admit_utilization * capacity * h for h in hs]
+        rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
         admit_new: list[int] = []
-        for j in tick.new_idx:
+        for j in new_idx:
             s = streams[j]
-            need = s.prompt_tokens + (s.max_tokens if s.max_tokens is not None else 0)
-            if room <= 0 or need > kv_room:
+            out = float(s.max_tokens) if s.max_tokens is not None else big
+            kv = s.prompt_tokens + (s.max_tokens if s.max_tokens is not None else 0)
+            prefill = s.prompt_tokens * rec_s * capacity  # its prompt, in decode tokens the engine forgoes
+            add = [prefill + (s.rate * h if s.rate * h < out else out) - budget * s.rate for h in hs]
+            fits = all(need[x] + add[x] <= supply[x] for x in range(len(hs)))
+            # Nothing admitted yet: one request always goes (a capacity estimate too low must not stop all).
+            if room <= 0 or kv > kv_room or not (fits or (tick.admitted == 0 and not admit_new)):
                 break  # arrival order: later ones wait behind this one
             admit_new.append(j)
             room -= 1
-            kv_room -= need
+            kv_room -= kv
+            for x in range(len(hs)):
+                need[x] += add[x]
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
