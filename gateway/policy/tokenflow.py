@@ -233,11 +233,13 @@ class TokenFlowPolicy:
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
         return est * max(fit, 1.0)
 
-    def _admit_capacity(self, snap: Snapshot, gamma: float, beta_sum: float) -> float:
+    def _admit_capacity(self, snap: Snapshot, gamma: float, beta_sum: float, prefilling: bool) -> float:
         """Decode tokens/s to admit against: the engine's recent steps as they are (a CPU shared with other
-        work, longer contexts), not the best seen, so the admitted readers stay fed; never above Gamma."""
+        work, longer contexts), not the best seen, so the admitted readers stay fed; never above Gamma.
+        While prompts are being computed the steps are no decode sample (they would stall admission in the
+        middle of a burst's prefill): Gamma then."""
         eng = snap.engine
-        if not eng.step_time_s:
+        if not eng.step_time_s or prefilling:
             return gamma
         beta = beta_sum / max(1, len(snap.streams))
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
@@ -271,7 +273,7 @@ class TokenFlowPolicy:
         tick = _slack_pass(snapshot.streams, costs, now, k.first_token_aging, k.first_token_grace_s)
         w_sched, gamma = self._working_set(snapshot, tick, now)
         self.info.mode = "overload" if tick.demand > gamma else "balance"
-        admit_new = self._admit_new(snapshot, tick, w_sched, self._admit_capacity(snapshot, gamma, tick.beta_sum))
+        admit_new = self._admit_new(snapshot, tick, w_sched, self._admit_capacity(snapshot, gamma, tick.beta_sum, tick.prefilling))
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected, mem = self._fill(snapshot, tick)
