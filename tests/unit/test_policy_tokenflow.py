@@ -132,12 +132,12 @@ def test_a_new_request_that_waited_overtakes_runners_about_to_run_dry() -> None:
     assert "new" not in late.get("preempt", set())
 
 
-def test_overload_admits_new_requests_and_resumes_the_most_urgent_first() -> None:
+def test_overload_resumes_the_most_urgent_first_and_paces_new_requests() -> None:
     # Decode capacity: 1 / 0.05 s per sequence x ~4.6 sequences in memory = ~92 tok/s. Admitted requests
     # want 20 x 10 tok/s = 200 tok/s: overload (the working set, shrunk toward the 5 running, has room).
-    # There is no first-come-first-served fallback: the new request is admitted (not held out of the
-    # engine), and paused requests are resumed by urgency
-    # (time to empty), not by age.
+    # There is no first-come-first-served fallback: paused requests are resumed by urgency (time to empty),
+    # not by age; the new request waits outside the engine while the admitted readers' buffers could not
+    # carry it (held, no KV), and is admitted once they can.
     eng = engine(capacity=10_000, seqs=6, step=0.05)
     runners = [sv(f"r{i}", R, buf=500.0, arrival=10.0 + i) for i in range(5)]
     paused = [sv(f"p{i}", H, buf=float(300 - 5 * i), arrival=20.0 + i) for i in range(15)]
@@ -145,12 +145,31 @@ def test_overload_admits_new_requests_and_resumes_the_most_urgent_first() -> Non
     ds = pol.decide(snap(*runners, *paused, sv("new", W, started=False, arrival=90.0), eng=eng), NOW)
     o = ops(ds)
     assert pol.info.mode == "overload"
-    assert "new" not in o.get("preempt", set())
+    assert any(d.id == "new" and d.reason == "working_set" for d in ds)  # not admitted: held out of the engine
     resumed = [d.id for d in ds if d.op == "resume"]
-    assert set(resumed) == {f"p{i}" for i in range(10, 15)}  # 6 slots: the new one and the 5 emptiest buffers
+    assert set(resumed) == {f"p{i}" for i in range(9, 15)}  # 6 slots: the 6 emptiest buffers
+    # Deep buffers (1,000 s each): the same engine can carry the newcomer, which is admitted at once.
+    deep = [sv(f"p{i}", H, buf=10_000.0, arrival=20.0 + i) for i in range(15)]
+    o2 = ops(TokenFlowPolicy().decide(snap(*runners, *deep, sv("new", W, started=False, arrival=90.0), eng=eng), NOW))
+    assert "new" not in o2.get("preempt", set())
     pol2 = TokenFlowPolicy()
     pol2.decide(snap(*runners, *paused[:3], eng=eng), NOW)  # 80 tok/s
     assert pol2.info.mode == "balance"
+
+
+def test_admission_paces_a_burst_to_what_the_engine_can_feed() -> None:
+    # 100 new requests at once on an engine making ~400 tok/s (8 slots x 1 / 0.02 s); each reader wants
+    # 10 tok/s for 200 tokens. Admitted: as many as the engine can feed over every horizon (about 0.9 x 400 /
+    # 10 = 36 within the first seconds), not all 100 (every reader would then stall in turn) and not
+    # just the 8 that have a slot (the rest would wait for whole answers).
+    eng = engine(capacity=100_000, seqs=8)
+    burst = [sv(f"n{i:03d}", W, started=False, prompt=100, max_tokens=200, arrival=NOW) for i in range(100)]
+    ds = TokenFlowPolicy().decide(snap(*burst, eng=eng), NOW)
+    # Admitted but without a slot this tick, a request is deferred; not admitted, it is held for the working set.
+    held = {d.id for d in ds if d.op == "preempt" and d.reason == "working_set"}
+    admitted = 100 - len(held)
+    assert 20 <= admitted <= 40
+    assert held == {f"n{i:03d}" for i in range(admitted, 100)}  # arrival order
 
 
 def test_chosen_requests_fit_the_device_in_whole_blocks() -> None:
