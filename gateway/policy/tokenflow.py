@@ -320,47 +320,71 @@ class TokenFlowPolicy:
         room = w_sched - tick.admitted
         eng = snapshot.engine
         k = self.knobs
-        kv_room = math.inf
-        if eng.kv_host_capacity_tokens > 0:
-            held = 0
-            for i in tick.order:
-                held += tick.foot[i]
-            kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
         hs = _HORIZONS_S
-        # Tokens the admitted readers want within each horizon beyond their buffers (the fluid EDF bound).
-        need = [0.0] * len(hs)
+        n_h = len(hs)
+        h_last = hs[-1]
         big = float(1 << 40)
         budget = k.stall_budget_s
+        # Tokens the admitted readers want within each horizon beyond their buffers, capped by what each still
+        # has to produce (a fluid earliest-deadline bound), less the stall budget of each; and their KV.
+        need = [-budget * tick.demand] * n_h
+        held = 0
+        foot = tick.foot
         for i in tick.order:
+            held += foot[i]
             v = streams[i]
             r = v.rate
-            for x in range(len(hs)):  # each admitted reader may wait stall_budget_s in all: tokens it forgoes
-                need[x] -= budget * r
             b = v.buffer_tokens
+            if r * h_last <= b:
+                continue  # its buffer covers every horizon
             mt = v.max_tokens
             rem = big if mt is None else float(mt - v.generated_tokens)
-            for x, h in enumerate(hs):
-                want = r * h - b
+            for x in range(n_h):
+                want = r * hs[x] - b
                 if want > 0:
-                    need[x] += want if want < rem else rem
-        supply = [k.admit_utilization * capacity * h for h in hs]
+                    if want >= rem:  # it finishes producing within this horizon: rem for every longer one
+                        for y in range(x, n_h):
+                            need[y] += rem
+                        break
+                    need[x] += want
+        kv_room = math.inf
+        if eng.kv_host_capacity_tokens > 0:
+            kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
+        u = k.admit_utilization * capacity
+        margin = [u * hs[x] - need[x] for x in range(n_h)]
         rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
         admit_new: list[int] = []
+        force = tick.admitted == 0  # nothing admitted: one request always goes (an estimate too low must not stop all)
         for j in new_idx:
             s = streams[j]
-            out = float(s.max_tokens) if s.max_tokens is not None else big
-            kv = s.prompt_tokens + (s.max_tokens if s.max_tokens is not None else 0)
-            prefill = s.prompt_tokens * rec_s * capacity  # its prompt, in decode tokens the engine forgoes
-            add = [prefill + (s.rate * h if s.rate * h < out else out) - budget * s.rate for h in hs]
-            fits = all(need[x] + add[x] <= supply[x] for x in range(len(hs)))
-            # Nothing admitted yet: one request always goes (a capacity estimate too low must not stop all).
-            if room <= 0 or kv > kv_room or not (fits or (tick.admitted == 0 and not admit_new)):
+            if room <= 0:
+                break
+            mt = s.max_tokens
+            out = big if mt is None else float(mt)
+            kv = s.prompt_tokens + (0 if mt is None else mt)
+            if kv > kv_room:
                 break  # arrival order: later ones wait behind this one
+            r = s.rate
+            # its prompt, in decode tokens the engine forgoes, less the stall it may absorb itself
+            base = s.prompt_tokens * rec_s * capacity - budget * r
+            add = [0.0] * n_h
+            fits = True
+            for x in range(n_h):
+                a = r * hs[x]
+                a = (a if a < out else out) + base
+                if a > margin[x]:
+                    fits = False
+                    break
+                add[x] = a
+            if not fits and not (force and not admit_new):
+                break
+            if not fits:  # forced: charge it in full
+                add = [base + min(r * h, out) for h in hs]
             admit_new.append(j)
             room -= 1
             kv_room -= kv
-            for x in range(len(hs)):
-                need[x] += add[x]
+            for x in range(n_h):
+                margin[x] -= add[x]
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
