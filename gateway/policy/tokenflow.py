@@ -52,8 +52,9 @@ PRIORITY_DEFERRED = 1
 
 _MUST_RUN = -math.inf
 
-# Horizons (seconds) over which admission checks that the engine keeps up with the admitted readers.
-_HORIZONS_S = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+# Horizons (seconds) over which admission checks that the engine keeps up with the admitted readers (four:
+# `_slack_pass` buckets streams by them with an unrolled comparison).
+_HORIZONS_S = (2.0, 8.0, 24.0, 80.0)
 
 
 @dataclass(slots=True)
@@ -113,6 +114,14 @@ class _Tick:
     admitted: int
     demand: float  # tokens/s the admitted requests' readers want
     beta_sum: float  # lifetime KV footprints, summed (their mean is the paper's beta)
+    # Per admission horizon h_x (bucket x: streams whose buffer runs dry before h_x, not before h_{x-1}): the
+    # sum of their rates and of their buffers; the same for streams whose reader reaches the end of what they
+    # still have to produce before h_x (buffer + remaining tokens). Their reading wants r * h - buffer
+    # tokens by h, capped at what they still produce: what `_admit_new` checks against the engine.
+    dry_rate: list[float]
+    dry_buf: list[float]
+    end_rate: list[float]
+    end_tokens: list[float]
 
 
 def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: float, grace: float) -> _Tick:
@@ -139,6 +148,13 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     mu_tick = mu * tick
     host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
     inf = math.inf
+    hs = _HORIZONS_S
+    n_h = len(hs)
+    dry_rate = [0.0] * n_h
+    dry_buf = [0.0] * n_h
+    end_rate = [0.0] * n_h
+    end_tokens = [0.0] * n_h
+    h0, h1, h2, h_last = hs
     for i, s in enumerate(streams):
         st = s.status
         if st is _RUNNING:
@@ -173,7 +189,17 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         admitted += 1
         r = s.rate
         demand += r
-        tte = s.buffer_tokens / r if r > 0 else inf
+        b = s.buffer_tokens
+        tte = b / r if r > 0 else inf
+        if tte < h_last:  # (bucket by comparisons: this loop runs for every stream, every tick)
+            x = 0 if tte < h0 else 1 if tte < h1 else 2 if tte < h2 else 3
+            dry_rate[x] += r
+            dry_buf[x] += b
+            e = tte + rem / r
+            if e < h_last:
+                x = 0 if e < h0 else 1 if e < h1 else 2 if e < h2 else 3
+                end_rate[x] += r
+                end_tokens[x] += b + rem
         if st is _RUNNING:
             if rem * step <= tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
@@ -192,7 +218,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             kind[i] = 1
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
-    return _Tick(keys, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum)
+    return _Tick(keys, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum,
+                 dry_rate, dry_buf, end_rate, end_tokens)
 
 
 class TokenFlowPolicy:
@@ -273,7 +300,8 @@ class TokenFlowPolicy:
         tick = _slack_pass(snapshot.streams, costs, now, k.first_token_aging, k.first_token_grace_s)
         w_sched, gamma = self._working_set(snapshot, tick, now)
         self.info.mode = "overload" if tick.demand > gamma else "balance"
-        admit_new = self._admit_new(snapshot, tick, w_sched, self._admit_capacity(snapshot, gamma, tick.beta_sum, tick.prefilling))
+        admit_cap = self._admit_capacity(snapshot, gamma, tick.beta_sum, tick.prefilling)
+        admit_new = self._admit_new(snapshot, tick, w_sched, admit_cap)
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected, mem = self._fill(snapshot, tick)
@@ -322,31 +350,23 @@ class TokenFlowPolicy:
         k = self.knobs
         hs = _HORIZONS_S
         n_h = len(hs)
-        h_last = hs[-1]
         big = float(1 << 40)
         budget = k.stall_budget_s
         # Tokens the admitted readers want within each horizon beyond their buffers, capped by what each still
         # has to produce (a fluid earliest-deadline bound), less the stall budget of each; and their KV.
-        need = [-budget * tick.demand] * n_h
         held = 0
         foot = tick.foot
         for i in tick.order:
             held += foot[i]
-            v = streams[i]
-            r = v.rate
-            b = v.buffer_tokens
-            if r * h_last <= b:
-                continue  # its buffer covers every horizon
-            mt = v.max_tokens
-            rem = big if mt is None else float(mt - v.generated_tokens)
-            for x in range(n_h):
-                want = r * hs[x] - b
-                if want > 0:
-                    if want >= rem:  # it finishes producing within this horizon: rem for every longer one
-                        for y in range(x, n_h):
-                            need[y] += rem
-                        break
-                    need[x] += want
+        need = [0.0] * n_h
+        r_dry = b_dry = r_end = t_end = 0.0
+        for x in range(n_h):
+            r_dry += tick.dry_rate[x]
+            b_dry += tick.dry_buf[x]
+            r_end += tick.end_rate[x]
+            t_end += tick.end_tokens[x]
+            h = hs[x]
+            need[x] = (r_dry * h - b_dry) - (r_end * h - t_end) - budget * tick.demand
         kv_room = math.inf
         if eng.kv_host_capacity_tokens > 0:
             kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held

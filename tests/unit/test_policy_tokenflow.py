@@ -143,7 +143,6 @@ def test_overload_resumes_the_most_urgent_first_and_paces_new_requests() -> None
     paused = [sv(f"p{i}", H, buf=float(300 - 5 * i), arrival=20.0 + i) for i in range(15)]
     pol = TokenFlowPolicy()
     ds = pol.decide(snap(*runners, *paused, sv("new", W, started=False, arrival=90.0), eng=eng), NOW)
-    o = ops(ds)
     assert pol.info.mode == "overload"
     assert any(d.id == "new" and d.reason == "working_set" for d in ds)  # not admitted: held out of the engine
     resumed = [d.id for d in ds if d.op == "resume"]
