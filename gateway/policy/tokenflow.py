@@ -148,13 +148,10 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     mu_tick = mu * tick
     host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
     inf = math.inf
-    hs = _HORIZONS_S
-    n_h = len(hs)
-    dry_rate = [0.0] * n_h
-    dry_buf = [0.0] * n_h
-    end_rate = [0.0] * n_h
-    end_tokens = [0.0] * n_h
-    h0, h1, h2, h_last = hs
+    h0, h1, h2, h_last = _HORIZONS_S
+    # per-horizon bucket sums in locals (list subscripts cost more in this loop)
+    dr0 = dr1 = dr2 = dr3 = db0 = db1 = db2 = db3 = 0.0
+    er0 = er1 = er2 = er3 = et0 = et1 = et2 = et3 = 0.0
     for i, s in enumerate(streams):
         st = s.status
         if st is _RUNNING:
@@ -191,15 +188,34 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         demand += r
         b = s.buffer_tokens
         tte = b / r if r > 0 else inf
-        if tte < h_last:  # (bucket by comparisons: this loop runs for every stream, every tick)
-            x = 0 if tte < h0 else 1 if tte < h1 else 2 if tte < h2 else 3
-            dry_rate[x] += r
-            dry_buf[x] += b
-            e = tte + rem / r
-            if e < h_last:
-                x = 0 if e < h0 else 1 if e < h1 else 2 if e < h2 else 3
-                end_rate[x] += r
-                end_tokens[x] += b + rem
+        if tte < h_last:
+            if tte < h0:
+                dr0 += r
+                db0 += b
+            elif tte < h1:
+                dr1 += r
+                db1 += b
+            elif tte < h2:
+                dr2 += r
+                db2 += b
+            else:
+                dr3 += r
+                db3 += b
+            e = b + rem  # tokens read by the end of what it still produces
+            if e < h_last * r:
+                e /= r
+                if e < h0:
+                    er0 += r
+                    et0 += b + rem
+                elif e < h1:
+                    er1 += r
+                    et1 += b + rem
+                elif e < h2:
+                    er2 += r
+                    et2 += b + rem
+                else:
+                    er3 += r
+                    et3 += b + rem
         if st is _RUNNING:
             if rem * step <= tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
@@ -219,7 +235,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
     return _Tick(keys, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum,
-                 dry_rate, dry_buf, end_rate, end_tokens)
+                 [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
 
 
 class TokenFlowPolicy:
@@ -354,10 +370,6 @@ class TokenFlowPolicy:
         budget = k.stall_budget_s
         # Tokens the admitted readers want within each horizon beyond their buffers, capped by what each still
         # has to produce (a fluid earliest-deadline bound), less the stall budget of each; and their KV.
-        held = 0
-        foot = tick.foot
-        for i in tick.order:
-            held += foot[i]
         need = [0.0] * n_h
         r_dry = b_dry = r_end = t_end = 0.0
         for x in range(n_h):
@@ -369,6 +381,7 @@ class TokenFlowPolicy:
             need[x] = (r_dry * h - b_dry) - (r_end * h - t_end) - budget * tick.demand
         kv_room = math.inf
         if eng.kv_host_capacity_tokens > 0:
+            held = sum(map(tick.foot.__getitem__, tick.order))
             kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
         u = k.admit_utilization * capacity
         margin = [u * hs[x] - need[x] for x in range(n_h)]
