@@ -104,6 +104,7 @@ class _Tick:
     working-set bookkeeping of the whole engine."""
 
     keys: list[float]  # slack: seconds until it must run (lower = more urgent; _MUST_RUN = cannot pause)
+    tte: list[float]  # seconds its buffer lasts (started requests; 0 for the others)
     foot: list[int]  # device KV tokens it needs for the next tick
     kind: bytearray  # 0 running, 1 paused after starting (held / waiting), 2 other
     new_idx: list[int]  # not started, not running: new requests, admitted or not
@@ -129,6 +130,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     locals only)."""
     n = len(streams)
     keys = [0.0] * n
+    ttes = [0.0] * n
     foot = [0] * n
     kind = bytearray(n)
     new_idx: list[int] = []
@@ -188,6 +190,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         demand += r
         b = s.buffer_tokens
         tte = b / r if r > 0 else inf
+        ttes[i] = tte
         if tte < h_last:
             if tte < h0:
                 dr0 += r
@@ -234,7 +237,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             kind[i] = 1
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
-    return _Tick(keys, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum,
+    return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum,
                  [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
 
 
@@ -446,16 +449,25 @@ class TokenFlowPolicy:
         """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent
         and can still wait. Outgoing = running, not chosen (safe by construction); incoming = paused, chosen,
         least urgent first. Returns the device memory left."""
-        keys, foot, kind, order = tick.keys, tick.foot, tick.kind, tick.order
+        keys, tte, foot, kind, order = tick.keys, tick.tte, tick.foot, tick.kind, tick.order
+        tol = self.knobs.swap_tolerance_s
         out = [i for i in order if kind[i] == 0 and not selected[i]]
         inc = [i for i in reversed(order) if kind[i] == 1 and selected[i]]
         a = b = 0
         while a < len(out) and b < len(inc):
             o, p = out[a], inc[b]
-            if (keys[p] <= 0 < keys[o]) or keys[o] - keys[p] >= self.knobs.swap_tolerance_s:
-                break  # p must run now and o can wait, or o is clearly less urgent
-            # Otherwise (both can wait, or both are about to run dry under overload) a switch is not
-            # worth its I/O for less than swap_tolerance_s of urgency.
+            if keys[p] <= 0 < keys[o]:
+                break  # p must run now and o can wait
+            if keys[p] <= 0 and keys[o] <= 0:
+                # Both about to run dry (overload): the paused one's slack is lower by its own switch cost
+                # alone, and swapping two empty streams every tick helps neither. Only buffers count: the
+                # runner goes once it holds swap_tolerance_s more than the paused one (round robin with a
+                # quantum, not a switch per tick).
+                if tte[o] - tte[p] >= tol:
+                    break
+            elif keys[o] - keys[p] >= tol:
+                break  # o is clearly less urgent
+            # Otherwise a switch is not worth its I/O for less than swap_tolerance_s of urgency.
             if foot[o] - foot[p] <= mem:
                 selected[o], selected[p] = 1, 0
                 mem -= foot[o] - foot[p]

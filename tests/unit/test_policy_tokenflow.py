@@ -245,3 +245,16 @@ def test_parked_requests_never_starve_the_chosen_ones_of_device_memory() -> None
     # What stays parked plus the 8 that will run fits the device.
     assert (kept + 8) * 300 <= 4064
     assert unparked
+
+
+def test_two_empty_streams_are_not_swapped_every_tick() -> None:
+    # One slot, overload: the runner and a paused request both have empty buffers. The paused one has no host
+    # copy, so its slack is lower by its recomputation alone (1,100 tokens at 1,000 tok/s, x mu = 2.2 s).
+    # Swapping them helps neither reader and costs a switch each tick: the runner keeps the slot until it
+    # holds swap_tolerance_s (2 s) more than the paused one.
+    eng = EngineView("e", 16, 1, 1024, 100_000, 0, 1_000_000, 0, 0.02, 1000.0, 1000.0, 1e9, 1e9)
+    paused = sv("p", H, buf=0.0, host=0)
+    empty = ops(TokenFlowPolicy().decide(snap(sv("r", R, buf=0.0), paused, eng=eng), NOW))
+    assert "r" not in empty.get("preempt", set()) and "p" not in empty.get("resume", set())
+    ahead = ops(TokenFlowPolicy().decide(snap(sv("r", R, buf=25.0), paused, eng=eng), NOW))  # 2.5 s of buffer
+    assert "r" in ahead["preempt"] and "p" in ahead["resume"]
