@@ -5,8 +5,10 @@ Each tick, under stress only (a request waits in the engine, or one is paused by
 1. Working set. At most ``W = overcommit * M / beta`` requests are admitted (running plus paused on
    the host), ``beta`` being the mean lifetime KV footprint; when fewer run, ``W`` shrinks toward the
    running count by ``shrink_rate`` (paper Eq. 4-5). Where the engine has a host tier, admitted contexts
-   must also fit device plus host KV. New requests past that are kept out of the engine (held, no KV).
-   Decode capacity does not cap admission: under overload a new request must still get a token soon.
+   must also fit device plus host KV, and the engine must be able to feed the admitted readers (a
+   look-ahead over 2-80 s: what their buffers hold counts): under overload new requests enter as fast as
+   capacity frees up, not all at once and not only when whole answers end. New requests past that are
+   kept out of the engine (held, no KV).
 2. Buffer balancing. Every admitted request gets a slack: seconds until it must be running so that its
    client never stalls, i.e. ``buffer / rate - mu * (evict + reload-or-recompute + tick)``. A request that
    has not started has an empty buffer and a slack that falls below 0 once it has waited
@@ -446,9 +448,9 @@ class TokenFlowPolicy:
         return selected, mem
 
     def _swap(self, tick: _Tick, selected: bytearray, mem: float) -> float:
-        """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent
-        and can still wait. Outgoing = running, not chosen (safe by construction); incoming = paused, chosen,
-        least urgent first. Returns the device memory left."""
+        """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent.
+        Outgoing = running, not chosen; incoming = paused, chosen, least urgent first. Returns the device memory
+        left."""
         keys, tte, foot, kind, order = tick.keys, tick.tte, tick.foot, tick.kind, tick.order
         tol = self.knobs.swap_tolerance_s
         out = [i for i in order if kind[i] == 0 and not selected[i]]
