@@ -287,11 +287,14 @@ class TokenFlowPolicy:
         While prompts are being computed the steps are no decode sample (they would stall admission in the
         middle of a burst's prefill): Gamma then."""
         eng = snap.engine
-        if not eng.step_time_s or prefilling:
+        if prefilling and gamma < math.inf:
             return gamma
+        # No decode sample yet (a fresh engine at a burst's start): the steps as measured, or the knob's default,
+        # rather than no limit at all.
+        step = eng.step_time_s or self.knobs.default_step_time_s
         beta = beta_sum / max(1, len(snap.streams))
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
-        now_cap = max(fit, 1.0) / eng.step_time_s
+        now_cap = max(fit, 1.0) / step
         return now_cap if now_cap < gamma else gamma
 
     # ------------------------------------------------------------------ the tick
