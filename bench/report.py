@@ -17,6 +17,7 @@ METRIC_KEYS = (
     "throughput_tps",
     "rebuffer_mean_s",
     "rebuffer_p99_s",
+    "stalled_share",
     "qoe_mean",
     "preemptions",
     "requests",
@@ -84,7 +85,8 @@ def table(report: dict[str, Any]) -> str:
     cols = [("policy", None), ("TTFT mean s", "ttft_mean_s"), ("TTFT p50 s", "ttft_p50_s"),
             ("TTFT p99 s", "ttft_p99_s"),
             ("eff. thpt tok/s", "effective_throughput_tps"), ("thpt tok/s", "throughput_tps"),
-            ("rebuffer mean s", "rebuffer_mean_s"), ("rebuffer p99 s", "rebuffer_p99_s"), ("QoE", "qoe_mean"),
+            ("rebuffer mean s", "rebuffer_mean_s"), ("rebuffer p99 s", "rebuffer_p99_s"),
+            ("stalled share", "stalled_share"), ("QoE", "qoe_mean"),
             ("preemptions", "preemptions"), ("done", "completed")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for name, m in report["policies"].items():

@@ -94,6 +94,10 @@ class RunResult:
     tick_ms_max: float
     ticks: int
     decisions: dict[str, int] = field(default_factory=dict)
+    # Where each request's time to first token went: seconds per engine status seen at the ticks before its
+    # first token (held = kept out of the engine by the policy, waiting = in the engine's queue, running =
+    # prefill under way), by request id.
+    ttft_phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def run_virtual(
@@ -145,6 +149,7 @@ def run_virtual(
     tick_max = 0.0
     ticks = 0
     decisions: dict[str, int] = {}
+    phases: dict[str, dict[str, float]] = {}
     now = 0.0
     last_progress = (0, 0.0)  # (engine steps, when): a run where the engine stops stepping ends early
     while remaining > 0 and now <= max_time_s:
@@ -166,6 +171,10 @@ def run_virtual(
                 if st.drain is not None:  # measured drain: one sample per tick, as the gateway's sampler
                     st.drain.sample(now)
             snap = build_snapshot(EngineState.from_json(eng.state()), live.values(), now, tick_s)
+            for v in snap.streams:
+                if v.first_token_time is None:  # this tick's interval counts to the status it starts in
+                    ph = phases.setdefault(v.id, {})
+                    ph[v.status.value] = ph.get(v.status.value, 0.0) + tick_s
             t0 = time.perf_counter()
             ds = pol.decide(snap, now)
             dt = time.perf_counter() - t0
@@ -197,6 +206,7 @@ def run_virtual(
         tick_ms_max=1000.0 * tick_max,
         ticks=ticks,
         decisions=decisions,
+        ttft_phases=phases,
     )
 
 

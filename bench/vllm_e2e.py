@@ -77,10 +77,13 @@ def other_servers(mine: set[int] = frozenset()) -> list[int]:  # type: ignore[as
     return [int(x) for x in p.stdout.split() if int(x) not in mine and int(x) != os.getpid()]
 
 
+STARTED: set[int] = set()  # the `vllm serve` processes this process started (side-by-side runs start several)
+
+
 def wait_for_other_servers(timeout_s: float = 1800.0) -> None:
     deadline = time.monotonic() + timeout_s
     announced = False
-    while pids := other_servers():
+    while pids := other_servers(STARTED):
         if not announced:
             print(f"waiting for other vllm serve processes to exit: {pids}", file=sys.stderr, flush=True)
             announced = True
@@ -126,6 +129,7 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
         env = dict(os.environ, **launch.server_env(cpu=True, plugin_dir=launch.checkout_plugin_dir(ROOT, cfg.venv)))
         proc = subprocess.Popen(cfg.args(port), env=env,
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    STARTED.add(proc.pid)
     try:
         deadline = time.monotonic() + start_timeout_s
         while not _healthy(url):
@@ -137,6 +141,7 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
         yield url
     finally:
         _stop(proc)
+        STARTED.discard(proc.pid)
 
 
 class EngineSampler:

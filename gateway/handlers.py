@@ -166,6 +166,7 @@ def stream_info(s: StreamBase, now: float) -> dict[str, Any]:
         "rate": s.rate,
         "rate_declared": s.rate_declared,
         "engine_status": r.status.value if r is not None else "waiting",
+        "engine_seen": r is not None,  # false: submitted (or about to be), not in the engine's state yet
         "generated_tokens": s.generated,
         "consumed_tokens": s.reader.consumed if s.reader.first_token_time is not None else 0,
         "buffer_tokens": s.reader.buffer(now),

@@ -32,10 +32,20 @@ class TokenFlowKnobs:
     # Local swap: a paused request replaces a running one only if it is more urgent by more than
     # this many seconds of slack (hysteresis against thrashing).
     swap_tolerance_s: float = 2.0
-    # Overload: fall back to FCFS when the admitted requests' declared rates exceed this share of
-    # the engine's estimated decode capacity; leave the fallback below `overload_exit`.
-    overload_enter: float = 1.15
-    overload_exit: float = 1.0
+    # A request with no token yet grows more urgent by this many seconds of slack per second it waits
+    # (its wait counts like a stall): under overload it overtakes streams that are about to run dry
+    # after about their switch margin, so the unavoidable waiting is spread as small stalls over the
+    # started streams instead of a long wait before the first token.
+    first_token_aging: float = 1.0
+    # ... after this grace: until then a new request sits at slack 0, behind started streams about to run
+    # dry but ahead of every one that holds more than its switch margin (a few seconds at most).
+    first_token_grace_s: float = 4.0
+    # Admission: share of the engine's current decode capacity the admitted readers may be promised over
+    # each look-ahead horizon (what their buffers hold counts; the rest absorbs estimation error).
+    admit_utilization: float = 0.9
+    # Seconds of stall each admitted reader may be asked to absorb so that new requests start sooner: the
+    # price, in rebuffering, of a shorter tail TTFT under overload (0: admit only what is stall-free).
+    stall_budget_s: float = 0.0
     # Half-life (seconds) of the decaying maximum that estimates the engine's decode speed.
     capacity_halflife_s: float = 30.0
     # Prefetch a paused request when its buffer will run dry within (load time + this many ticks)

@@ -4,25 +4,33 @@ Each tick, under stress only (a request waits in the engine, or one is paused by
 
 1. Working set. At most ``W = overcommit * M / beta`` requests are admitted (running plus paused on
    the host), ``beta`` being the mean lifetime KV footprint; when fewer run, ``W`` shrinks toward the
-   running count by ``shrink_rate`` (paper Eq. 4-5). New requests past ``W``, or past the engine's decode
-   capacity at their declared rates, are held back behind the admitted ones (engine priority).
+   running count by ``shrink_rate`` (paper Eq. 4-5). Where the engine has a host tier, admitted contexts
+   must also fit device plus host KV, and the engine must be able to feed the admitted readers (a
+   look-ahead over 2-80 s: what their buffers hold counts): under overload new requests enter as fast as
+   capacity frees up, not all at once and not only when whole answers end. New requests past that are
+   kept out of the engine (held, no KV).
 2. Buffer balancing. Every admitted request gets a slack: seconds until it must be running so that its
    client never stalls, i.e. ``buffer / rate - mu * (evict + reload-or-recompute + tick)``. A request that
-   has not started has an empty buffer, slack 0, which puts it ahead of every paused request that can
-   still wait; that is what cuts TTFT. A running request with negative slack may not be preempted
-   (the safety rule). Requests are taken in slack order while device KV and batch slots last, then a
-   local swap pass keeps a running request instead of a paused one whose slack is barely lower
-   (hysteresis: a switch costs I/O and disturbs the batch).
+   has not started has an empty buffer and a slack that falls below 0 once it has waited
+   ``first_token_grace_s`` (``first_token_aging`` seconds per second: its wait counts like a stall), which
+   puts it ahead of every request that can still wait and, after about a switch margin, of started ones
+   about to run dry; that is what cuts TTFT, the tail included, under overload. Requests are taken in
+   slack order while batch slots and device KV (whole blocks, one tick of growth ahead) last: the engine
+   never has to preempt on its own. A running request with negative slack is paused only for a more
+   urgent one (the safety rule, made relative: under overload someone stalls, and it is spread over the
+   started streams). A local swap pass then keeps a running request instead of a paused one whose slack
+   is barely lower (hysteresis: a switch costs I/O and disturbs the batch).
 3. Reload or recompute. Switch cost per request is the cheaper of copying its host KV back
    (measured host-to-device bandwidth plus the part to recompute) and recomputing it all (measured
-   prefill rate); the engine makes the same choice on resume.
+   prefill rate); the engine makes the same choice on resume. A runner whose unsynced tail the host
+   tier has no room for is priced at recomputation.
 4. Prefetch. A paused request whose buffer will run dry within ``mu * (load + prefetch_ticks * tick)``
    is prefetched while device memory is free, so its KV is back before its buffer empties.
-5. Overload. When the admitted requests' declared rates exceed the estimated decode capacity, fall
-   back to first-come-first-served with memory-aware admission: no preemptions, paused requests resume
-   oldest first as memory allows, and new requests stay behind them.
+5. Overload. When the admitted requests' declared rates exceed the estimated decode capacity, the same
+   rules hold (``info.mode`` says ``overload`` for logs): there is no first-come-first-served fallback,
+   which made the last requests of a burst wait for whole answers as on a plain engine.
 
-Pure: no I/O, no clock. State kept between ticks: the overload mode and the last capacity estimate.
+Pure: no I/O, no clock. State kept between ticks: the last capacity estimate.
 """
 
 from __future__ import annotations
@@ -46,12 +54,16 @@ PRIORITY_DEFERRED = 1
 
 _MUST_RUN = -math.inf
 
+# Horizons (seconds) over which admission checks that the engine keeps up with the admitted readers (four:
+# `_slack_pass` buckets streams by them with an unrolled comparison).
+_HORIZONS_S = (2.0, 8.0, 24.0, 80.0)
+
 
 @dataclass(slots=True)
 class TickInfo:
     """What the last tick saw and chose; for logs, metrics and tests."""
 
-    mode: str = "idle"  # idle | balance | fallback
+    mode: str = "idle"  # idle | balance | overload
     working_set: int = 0
     admitted: int = 0
     capacity_tps: float = math.inf
@@ -69,6 +81,8 @@ class _Costs:
     load_s: float  # host -> device copy
     evict_s: float  # device -> host copy
     rec_s: float  # recomputation (prefill)
+    block: int  # KV block size: the engine allocates whole blocks
+    host_free: int  # host KV tokens not referenced (a hold that does not fit is recomputed)
 
     @classmethod
     def of(cls, snapshot: Snapshot, k: TokenFlowKnobs) -> _Costs:
@@ -81,6 +95,8 @@ class _Costs:
             load_s=bpt / (eng.h2d_bytes_per_s or k.default_bytes_per_s),
             evict_s=bpt / (eng.d2h_bytes_per_s or k.default_bytes_per_s),
             rec_s=1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s),
+            block=max(1, eng.block_size),
+            host_free=eng.kv_host_capacity_tokens - eng.kv_host_used_tokens,
         )
 
 
@@ -90,6 +106,7 @@ class _Tick:
     working-set bookkeeping of the whole engine."""
 
     keys: list[float]  # slack: seconds until it must run (lower = more urgent; _MUST_RUN = cannot pause)
+    tte: list[float]  # seconds its buffer lasts (started requests; 0 for the others)
     foot: list[int]  # device KV tokens it needs for the next tick
     kind: bytearray  # 0 running, 1 paused after starting (held / waiting), 2 other
     new_idx: list[int]  # not started, not running: new requests, admitted or not
@@ -100,13 +117,22 @@ class _Tick:
     admitted: int
     demand: float  # tokens/s the admitted requests' readers want
     beta_sum: float  # lifetime KV footprints, summed (their mean is the paper's beta)
+    # Per admission horizon h_x (bucket x: streams whose buffer runs dry before h_x, not before h_{x-1}): the
+    # sum of their rates and of their buffers; the same for streams whose reader reaches the end of what they
+    # still have to produce before h_x (buffer + remaining tokens). Their reading wants r * h - buffer
+    # tokens by h, capped at what they still produce: what `_admit_new` checks against the engine.
+    dry_rate: list[float]
+    dry_buf: list[float]
+    end_rate: list[float]
+    end_tokens: list[float]
 
 
-def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
+def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: float, grace: float) -> _Tick:
     """Slack key, footprint and working-set bookkeeping of every stream, in one pass (the hot loop: no calls,
     locals only)."""
     n = len(streams)
     keys = [0.0] * n
+    ttes = [0.0] * n
     foot = [0] * n
     kind = bytearray(n)
     new_idx: list[int] = []
@@ -119,11 +145,17 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
     beta_sum = 0.0
     big = 1 << 40
     tick, mu, step, load_s, evict_s, rec_s = c.tick, c.mu, c.step, c.load_s, c.evict_s, c.rec_s
-    g_int = int(tick / step)  # tokens a running request adds in one tick
+    g_int = int(tick / step) + 1  # tokens a running request adds in one tick (and the step in flight)
+    bs = c.block
+    host_free = c.host_free
     back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
     mu_tick = mu * tick
     host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
     inf = math.inf
+    h0, h1, h2, h_last = _HORIZONS_S
+    # per-horizon bucket sums in locals (list subscripts cost more in this loop)
+    dr0 = dr1 = dr2 = dr3 = db0 = db1 = db2 = db3 = 0.0
+    er0 = er1 = er2 = er3 = et0 = et1 = et2 = et3 = 0.0
     for i, s in enumerate(streams):
         st = s.status
         if st is _RUNNING:
@@ -140,7 +172,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
         else:
             rem = mt - gen
             beta_sum += prompt + 0.5 * mt
-        foot[i] = ctx + (rem if rem < g_int else g_int)
+        f = ctx + (rem if rem < g_int else g_int)
+        foot[i] = -(-f // bs) * bs  # whole blocks: what the engine will allocate
         if s.first_token_time is None:
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
@@ -149,19 +182,53 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
                 demand += s.rate
                 order.append(i)
             else:
+                waited = now - s.arrival_time - grace
+                keys[i] = -aging * waited if waited > 0 else 0.0
                 new_idx.append(i)
             continue
         order.append(i)
         admitted += 1
         r = s.rate
         demand += r
-        tte = s.buffer_tokens / r if r > 0 else inf
+        b = s.buffer_tokens
+        tte = b / r if r > 0 else inf
+        ttes[i] = tte
+        if tte < h_last:
+            if tte < h0:
+                dr0 += r
+                db0 += b
+            elif tte < h1:
+                dr1 += r
+                db1 += b
+            elif tte < h2:
+                dr2 += r
+                db2 += b
+            else:
+                dr3 += r
+                db3 += b
+            e = b + rem  # tokens read by the end of what it still produces
+            if e < h_last * r:
+                e /= r
+                if e < h0:
+                    er0 += r
+                    et0 += b + rem
+                elif e < h1:
+                    er1 += r
+                    et1 += b + rem
+                elif e < h2:
+                    er2 += r
+                    et2 += b + rem
+                else:
+                    er3 += r
+                    et3 += b + rem
         if st is _RUNNING:
             if rem * step <= tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
                 continue
             tail = s.kv_device_tokens - s.kv_host_tokens
-            keys[i] = tte - mu * ((tail * evict_s if tail > 0 else 0.0) + ctx * back_run) - mu_tick
+            # When the host tier cannot take its tail, a pause means recomputing it all.
+            back = ctx * rec_s if tail > host_free else (tail * evict_s if tail > 0 else 0.0) + ctx * back_run
+            keys[i] = tte - mu * back - mu_tick
         elif st is _PARKED:
             keys[i] = tte - mu_tick
         elif st is _LOADING:
@@ -172,7 +239,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs) -> _Tick:
             kind[i] = 1
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
-    return _Tick(keys, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum)
+    return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum,
+                 [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
 
 
 class TokenFlowPolicy:
@@ -184,7 +252,6 @@ class TokenFlowPolicy:
         elif overrides:
             raise TypeError("pass either knobs or keyword overrides, not both")
         self.knobs = knobs
-        self._fallback = False
         self._per_seq_tps: float | None = None  # decaying max of the decode-only per-sequence rate
         self._cap_time: float | None = None
         self.info = TickInfo()
@@ -214,6 +281,22 @@ class TokenFlowPolicy:
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
         return est * max(fit, 1.0)
 
+    def _admit_capacity(self, snap: Snapshot, gamma: float, beta_sum: float, prefilling: bool) -> float:
+        """Decode tokens/s to admit against: the engine's recent steps as they are (a CPU shared with other
+        work, longer contexts), not the best seen, so the admitted readers stay fed; never above Gamma.
+        While prompts are being computed the steps are no decode sample (they would stall admission in the
+        middle of a burst's prefill): Gamma then."""
+        eng = snap.engine
+        if prefilling and gamma < math.inf:
+            return gamma
+        # No decode sample yet (a fresh engine at a burst's start): the steps as measured, or the knob's default,
+        # rather than no limit at all.
+        step = eng.step_time_s or self.knobs.default_step_time_s
+        beta = beta_sum / max(1, len(snap.streams))
+        fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
+        now_cap = max(fit, 1.0) / step
+        return now_cap if now_cap < gamma else gamma
+
     # ------------------------------------------------------------------ the tick
     def decide(self, snapshot: Snapshot, now: float) -> list[Decision]:
         # A client that stopped reading needs no engine until it reads again, stress or not: pause it
@@ -235,16 +318,14 @@ class TokenFlowPolicy:
         """Steps 1-4 of the module docstring, under stress only."""
         self.info = TickInfo()
         if all(s.status is _RUNNING for s in snapshot.streams):
-            self._fallback = False  # no stress: the engine already serves everyone
-            return []
+            return []  # no stress: the engine already serves everyone
         costs = _Costs.of(snapshot, self.knobs)
-        tick = _slack_pass(snapshot.streams, costs)
+        k = self.knobs
+        tick = _slack_pass(snapshot.streams, costs, now, k.first_token_aging, k.first_token_grace_s)
         w_sched, gamma = self._working_set(snapshot, tick, now)
-        if self._fallback:
-            self.info.mode = "fallback"
-            return self._fallback_tick(snapshot, tick.foot, tick.new_idx, [])
-        self.info.mode = "balance"
-        admit_new = self._admit_new(snapshot.streams, tick, w_sched, gamma)
+        self.info.mode = "overload" if tick.demand > gamma else "balance"
+        admit_cap = self._admit_capacity(snapshot, gamma, tick.beta_sum, tick.prefilling)
+        admit_new = self._admit_new(snapshot, tick, w_sched, admit_cap)
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected, mem = self._fill(snapshot, tick)
@@ -254,8 +335,8 @@ class TokenFlowPolicy:
         return decisions
 
     def _working_set(self, snapshot: Snapshot, tick: _Tick, now: float) -> tuple[int, float]:
-        """Step 1 (Eq. 4-5): how many requests may be admitted; and the capacity check (Eq. 6), which moves
-        the policy in or out of the FCFS fallback. Returns the working set and the decode capacity."""
+        """Step 1 (Eq. 4-5): how many requests may be admitted; and the decode capacity (Eq. 6), reported
+        beside the admitted demand. Returns the working set and the capacity."""
         k = self.knobs
         beta = tick.beta_sum / len(snapshot.streams)
         cap_tokens = snapshot.engine.kv_device_capacity_tokens
@@ -267,35 +348,90 @@ class TokenFlowPolicy:
         # shrink rate of 1 with nothing running would admit nothing, ever).
         w_sched = max(w_sched, int(k.memory_target * cap_tokens / max(beta, 1.0)), 1)
         gamma = self._capacity(snapshot, now, beta, tick.prefilling)
-        if self._fallback:
-            if tick.demand <= k.overload_exit * gamma:
-                self._fallback = False
-        elif tick.demand > k.overload_enter * gamma:
-            self._fallback = True
         info = self.info
         info.working_set, info.admitted, info.capacity_tps, info.demand_tps = w_sched, tick.admitted, gamma, tick.demand
         return w_sched, gamma
 
-    @staticmethod
-    def _admit_new(streams: tuple[StreamView, ...], tick: _Tick, w_sched: int, gamma: float) -> list[int]:
-        """New requests admitted, oldest first, while the working set and the decode capacity allow. One not
-        admitted stays out of the engine's queue (see `_gate`)."""
-        tick.new_idx.sort(key=lambda j: streams[j].arrival_time)
+    def _admit_new(self, snapshot: Snapshot, tick: _Tick, w_sched: int, capacity: float) -> list[int]:
+        """New requests admitted, oldest first, while (a) the working set allows; (b) where the engine has a
+        host tier, every admitted context fits device plus host KV (a hold that fits nowhere would be
+        recomputed); and (c) the admitted streams stay feedable: for each horizon h in `_HORIZONS_S`, the
+        tokens their readers will want within h beyond what their buffers hold (capped by what each still has
+        to produce), plus the newcomer's first h seconds of reading and its prompt's prefill, fit in what the
+        engine makes in h (``admit_utilization`` of ``capacity``), less ``stall_budget_s`` of each one's reading
+        (the small stalls the policy may spread to start new requests sooner). New requests thus enter as fast as the
+        engine can carry them: right away while buffers are deep or the engine has room, paced at the rate
+        capacity frees up under overload, instead of all at once (every reader then stalls in turn) or only
+        when whole answers end (first-come-first-served). One not admitted stays out of the engine's queue
+        (see `_gate`)."""
+        streams = snapshot.streams
+        new_idx = tick.new_idx
+        if not new_idx:
+            return []
+        new_idx.sort(key=lambda j: streams[j].arrival_time)
         room = w_sched - tick.admitted
-        demand = tick.demand
+        eng = snapshot.engine
+        k = self.knobs
+        hs = _HORIZONS_S
+        n_h = len(hs)
+        big = float(1 << 40)
+        budget = k.stall_budget_s
+        # Tokens the admitted readers want within each horizon beyond their buffers, capped by what each still
+        # has to produce (a fluid earliest-deadline bound), less the stall budget of each; and their KV.
+        need = [0.0] * n_h
+        r_dry = b_dry = r_end = t_end = 0.0
+        for x in range(n_h):
+            r_dry += tick.dry_rate[x]
+            b_dry += tick.dry_buf[x]
+            r_end += tick.end_rate[x]
+            t_end += tick.end_tokens[x]
+            h = hs[x]
+            need[x] = (r_dry * h - b_dry) - (r_end * h - t_end) - budget * tick.demand
+        kv_room = math.inf
+        if eng.kv_host_capacity_tokens > 0:
+            held = sum(map(tick.foot.__getitem__, tick.order))
+            kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
+        u = k.admit_utilization * capacity
+        margin = [u * hs[x] - need[x] for x in range(n_h)]
+        rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
         admit_new: list[int] = []
-        for j in tick.new_idx:
-            r = streams[j].rate
-            if room > 0 and demand + r <= gamma:
-                admit_new.append(j)
-                room -= 1
-                demand += r
+        force = tick.admitted == 0  # nothing admitted: one request always goes (an estimate too low must not stop all)
+        for j in new_idx:
+            s = streams[j]
+            if room <= 0:
+                break
+            mt = s.max_tokens
+            out = big if mt is None else float(mt)
+            kv = s.prompt_tokens + (0 if mt is None else mt)
+            if kv > kv_room:
+                break  # arrival order: later ones wait behind this one
+            r = s.rate
+            # its prompt, in decode tokens the engine forgoes, less the stall it may absorb itself
+            base = s.prompt_tokens * rec_s * capacity - budget * r
+            add = [0.0] * n_h
+            fits = True
+            for x in range(n_h):
+                a = r * hs[x]
+                a = (a if a < out else out) + base
+                if a > margin[x]:
+                    fits = False
+                    break
+                add[x] = a
+            if not fits and not (force and not admit_new):
+                break
+            if not fits:  # forced: charge it in full
+                add = [base + min(r * h, out) for h in hs]
+            admit_new.append(j)
+            room -= 1
+            kv_room -= kv
+            for x in range(n_h):
+                margin[x] -= add[x]
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
         """Step 2: batch slots and device memory, greedily in slack order. Returns the chosen requests and the
         device memory left."""
-        keys, foot, kind = tick.keys, tick.foot, tick.kind
+        keys, foot = tick.keys, tick.foot
         selected = bytearray(len(keys))
         slots = snapshot.engine.max_num_seqs
         mem = self.knobs.memory_target * snapshot.engine.kv_device_capacity_tokens
@@ -305,25 +441,38 @@ class TokenFlowPolicy:
                 selected[i] = 1
                 slots -= 1
                 mem -= f
-            elif keys[i] < 0 and (kind[i] == 0 or keys[i] == _MUST_RUN):
-                # Unsafe to pause: keep it even if the engine must find the room itself.
+            elif keys[i] == _MUST_RUN:
+                # Mid-prefill or about to finish: keep it even if the engine must find the room itself.
+                # Any other runner left out here is paused by us (its KV to the host) rather than left
+                # for the engine to preempt by recomputation when its KV runs out.
                 selected[i] = 1
                 slots -= 1
                 mem -= f
         return selected, mem
 
     def _swap(self, tick: _Tick, selected: bytearray, mem: float) -> float:
-        """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent
-        and can still wait. Outgoing = running, not chosen (safe by construction); incoming = paused, chosen,
-        least urgent first. Returns the device memory left."""
-        keys, foot, kind, order = tick.keys, tick.foot, tick.kind, tick.order
+        """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent.
+        Outgoing = running, not chosen; incoming = paused, chosen, least urgent first. Returns the device memory
+        left."""
+        keys, tte, foot, kind, order = tick.keys, tick.tte, tick.foot, tick.kind, tick.order
+        tol = self.knobs.swap_tolerance_s
         out = [i for i in order if kind[i] == 0 and not selected[i]]
         inc = [i for i in reversed(order) if kind[i] == 1 and selected[i]]
         a = b = 0
         while a < len(out) and b < len(inc):
             o, p = out[a], inc[b]
-            if keys[p] <= 0 or keys[o] - keys[p] >= self.knobs.swap_tolerance_s:
-                break  # p must run now (safety), or o is clearly less urgent
+            if keys[p] <= 0 < keys[o]:
+                break  # p must run now and o can wait
+            if keys[p] <= 0 and keys[o] <= 0:
+                # Both about to run dry (overload): the paused one's slack is lower by its own switch cost
+                # alone, and swapping two empty streams every tick helps neither. Only buffers count: the
+                # runner goes once it holds swap_tolerance_s more than the paused one (round robin with a
+                # quantum, not a switch per tick).
+                if tte[o] - tte[p] >= tol:
+                    break
+            elif keys[o] - keys[p] >= tol:
+                break  # o is clearly less urgent
+            # Otherwise a switch is not worth its I/O for less than swap_tolerance_s of urgency.
             if foot[o] - foot[p] <= mem:
                 selected[o], selected[p] = 1, 0
                 mem -= foot[o] - foot[p]
@@ -379,7 +528,8 @@ class TokenFlowPolicy:
                     decisions.append(Decision("resume", s.id, None, "run_after_load"))
                 continue
             if st is _RUNNING:
-                decisions.append(Decision("preempt", s.id, None, "buffered"))
+                # "overload": it was about to run dry too, but a more urgent request needs its slot or blocks.
+                decisions.append(Decision("preempt", s.id, None, "buffered" if keys[i] >= 0 else "overload"))
             elif st is _WAITING:
                 decisions.append(Decision("preempt", s.id, None, "defer"))  # keep it out of the engine queue
             elif st is _HELD:
@@ -410,35 +560,3 @@ class TokenFlowPolicy:
         for j in new_idx:
             if j not in admitted and streams[j].status is _WAITING:
                 decisions.append(Decision("preempt", streams[j].id, None, "working_set"))
-
-    def _fallback_tick(self, snap: Snapshot, foot: list[int], new_idx: list[int], decisions: list[Decision]
-                       ) -> list[Decision]:
-        """FCFS with memory-aware admission: no preemption of running requests; paused requests resume
-        oldest first while they fit in device memory; new requests are not admitted."""
-        streams = snap.streams
-        eng = snap.engine
-        mem = self.knobs.memory_target * eng.kv_device_capacity_tokens
-        slots = eng.max_num_seqs
-        for s in streams:
-            if s.status is not _HELD:
-                mem -= max(s.kv_device_tokens, foot_of(s)) if s.status is _WAITING else s.kv_device_tokens
-                slots -= 1
-        paused = sorted((i for i, s in enumerate(streams) if s.first_token_time is not None
-                         and (s.status is _HELD or s.status is _PARKED)),
-                        key=lambda i: streams[i].arrival_time)
-        for i in paused:
-            s = streams[i]
-            if s.status is _PARKED:
-                decisions.append(Decision("resume", s.id, None, "fcfs"))
-                continue
-            if slots <= 0 or foot[i] > mem:
-                break  # strict arrival order: later ones wait behind this one
-            slots -= 1
-            mem -= foot[i]
-            decisions.append(Decision("resume", s.id, None, "fcfs"))
-        self._gate(streams, new_idx, set(), decisions)
-        return decisions
-
-
-def foot_of(s: StreamView) -> int:
-    return s.prompt_tokens + s.generated_tokens

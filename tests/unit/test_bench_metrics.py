@@ -6,6 +6,8 @@ import math
 
 import pytest
 
+from bench.cli import slowest_ttft_timeline
+from bench.http import ttft_phases
 from bench.metrics import (
     RequestRecord,
     andes_qoe,
@@ -101,3 +103,31 @@ def test_summarize_keys_and_values() -> None:
 def test_request_without_tokens_counts_censored_ttft() -> None:
     m = summarize([RequestRecord("x", 2.0, 1.0, 5, 5)], end=12.0)
     assert m["ttft_mean_s"] == pytest.approx(10.0) and m["completed"] == 0
+
+
+def test_stalled_share_counts_readers_that_ran_dry() -> None:
+    # a reads without a gap; b runs dry for 4 s; c has not started (not counted): half of the started stalled.
+    a = RequestRecord("a", 0.0, 1.0, 10, 4, [1.0, 2.0, 3.0, 4.0], finished=True)
+    b = RequestRecord("b", 0.0, 1.0, 10, 4, [3.0, 3.0, 3.0, 10.0], finished=True)
+    c = RequestRecord("c", 0.0, 1.0, 10, 4, [])
+    assert summarize([a, b, c])["stalled_share"] == pytest.approx(0.5)
+    assert summarize([a])["stalled_share"] == 0.0
+
+
+def test_ttft_phases_from_stream_samples() -> None:
+    # Arrived at 1.0, first token at 4.1; the gateway listed it at 1.25 (not in the engine's state), held from
+    # 1.5 to 3.0, in the engine's queue until 3.5, prefilling until its first token.
+    rec = RequestRecord("r", 1.0, 10.0, 100, 10, [4.1, 4.2])
+    samples = [(0.75, "gateway", 0), (1.25, "gateway", 0), (1.5, "held", 0), (2.5, "held", 0), (3.0, "waiting", 0),
+               (3.5, "running", 0), (4.0, "running", 0), (4.5, "running", 2)]
+    ph = ttft_phases(rec, samples)
+    assert ph == pytest.approx({"accept": 0.25, "gateway": 0.25, "held": 1.5, "waiting": 0.5, "running": 0.6})
+    assert sum(ph.values()) == pytest.approx(4.1 - 1.0)
+    assert ttft_phases(RequestRecord("x", 0.0, 1.0, 1, 1, []), samples) == {}
+
+
+def test_slowest_ttft_timeline_averages_the_slowest_share() -> None:
+    recs = [RequestRecord(f"r{i}", 0.0, 1.0, 1, 1, [float(i + 1)]) for i in range(40)]
+    phases = {f"r{i}": {"held": float(i), "running": 1.0} for i in range(40)}
+    t = slowest_ttft_timeline(recs, phases)  # 5 % of 40: the two slowest, TTFT 39 and 40
+    assert t == pytest.approx({"requests": 2.0, "ttft_s": 39.5, "held_s": 38.5, "running_s": 1.0})

@@ -18,7 +18,10 @@ def engine(capacity: int = 10_000, seqs: int = 64, step: float | None = 0.02) ->
 
 
 def sv(i: str, status: EngineStatus, *, buf: float = 0.0, rate: float = 10.0, prompt: int = 1000, gen: int = 100,
-       started: bool = True, max_tokens: int = 2000, arrival: float = 50.0, host: int | None = None) -> StreamView:
+       started: bool = True, max_tokens: int = 2000, arrival: float | None = None, host: int | None = None
+       ) -> StreamView:
+    # A started request arrived long ago; a new one, unless told otherwise, just now (it has not waited yet).
+    arrival = arrival if arrival is not None else (50.0 if started else NOW)
     ctx = prompt + gen if started else prompt
     dev = ctx if status in (R, P) else 0
     return StreamView(i, status, arrival, rate, prompt, gen if started else 0, buf, 60.0 if started else None,
@@ -113,24 +116,96 @@ def test_prefetch_timing() -> None:
     assert "p" not in ops(near).get("resume", set())  # no slot: it waits parked on the device
 
 
-def test_overload_falls_back_to_fcfs() -> None:
-    # Decode capacity: 1 / 0.02 s per sequence x ~8 sequences in memory = ~400 tok/s. Admitted requests
-    # want 60 x 10 tok/s = 600 tok/s: overload. No preemption, paused requests resume oldest first as memory
-    # allows, new requests stay out.
-    eng = engine(capacity=10_000, seqs=64)
+def test_a_new_request_that_waited_overtakes_runners_about_to_run_dry() -> None:
+    # Overload: two slots, both runners nearly empty (negative slack), a new request waits. Just arrived,
+    # or within its grace (4 s), it waits (the runners are more urgent); once it has waited longer than the
+    # grace plus their switch margin, a runner gives way (the one with more buffer), instead of the new
+    # request waiting for a whole answer.
+    eng = engine(capacity=100_000, seqs=2)
+    runners = (sv("a", R, buf=2.0), sv("b", R, buf=4.0))
+    fresh = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False), eng=eng), NOW))
+    assert not fresh.get("preempt", set()) & {"a", "b"}
+    grace = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - 3.9), eng=eng), NOW))
+    assert not grace.get("preempt", set()) & {"a", "b"}
+    late = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - 7.0), eng=eng), NOW))
+    assert late.get("preempt", set()) & {"a", "b"} == {"b"}
+    assert "new" not in late.get("preempt", set())
+
+
+def test_overload_resumes_the_most_urgent_first_and_paces_new_requests() -> None:
+    # Decode capacity: 1 / 0.05 s per sequence x ~4.6 sequences in memory = ~92 tok/s. Admitted requests
+    # want 20 x 10 tok/s = 200 tok/s: overload (the working set, shrunk toward the 5 running, has room).
+    # There is no first-come-first-served fallback: paused requests are resumed by urgency (time to empty),
+    # not by age; the new request waits outside the engine while the admitted readers' buffers could not
+    # carry it (held, no KV), and is admitted once they can.
+    eng = engine(capacity=10_000, seqs=6, step=0.05)
     runners = [sv(f"r{i}", R, buf=500.0, arrival=10.0 + i) for i in range(5)]
-    paused = [sv(f"p{i}", H, buf=500.0, arrival=20.0 + i) for i in range(55)]
+    paused = [sv(f"p{i}", H, buf=float(300 - 5 * i), arrival=20.0 + i) for i in range(15)]
     pol = TokenFlowPolicy()
     ds = pol.decide(snap(*runners, *paused, sv("new", W, started=False, arrival=90.0), eng=eng), NOW)
-    o = ops(ds)
-    assert pol.info.mode == "fallback"
-    assert "preempt" not in o or o["preempt"] == {"new"}
+    assert pol.info.mode == "overload"
+    assert any(d.id == "new" and d.reason == "working_set" for d in ds)  # not admitted: held out of the engine
     resumed = [d.id for d in ds if d.op == "resume"]
-    assert resumed and resumed == [f"p{i}" for i in range(len(resumed))]  # arrival order
-    # The same snapshot with demand below capacity balances buffers instead.
+    assert set(resumed) == {f"p{i}" for i in range(9, 15)}  # 6 slots: the 6 emptiest buffers
+    # Deep buffers (1,000 s each): the same engine can carry the newcomer, which is admitted at once.
+    deep = [sv(f"p{i}", H, buf=10_000.0, arrival=20.0 + i) for i in range(15)]
+    o2 = ops(TokenFlowPolicy().decide(snap(*runners, *deep, sv("new", W, started=False, arrival=90.0), eng=eng), NOW))
+    assert "new" not in o2.get("preempt", set())
     pol2 = TokenFlowPolicy()
-    pol2.decide(snap(*runners, *paused[:10], eng=eng), NOW)
+    pol2.decide(snap(*runners, *paused[:3], eng=eng), NOW)  # 80 tok/s
     assert pol2.info.mode == "balance"
+
+
+def test_admission_paces_a_burst_to_what_the_engine_can_feed() -> None:
+    # 100 new requests at once on an engine making ~400 tok/s (8 slots x 1 / 0.02 s); each reader wants
+    # 10 tok/s for 200 tokens. Admitted: as many as the engine can feed over every horizon (about 0.9 x 400 /
+    # 10 = 36 within the first seconds), not all 100 (every reader would then stall in turn) and not
+    # just the 8 that have a slot (the rest would wait for whole answers).
+    eng = engine(capacity=100_000, seqs=8)
+    burst = [sv(f"n{i:03d}", W, started=False, prompt=100, max_tokens=200, arrival=NOW) for i in range(100)]
+    ds = TokenFlowPolicy().decide(snap(*burst, eng=eng), NOW)
+    # Admitted but without a slot this tick, a request is deferred; not admitted, it is held for the working set.
+    held = {d.id for d in ds if d.op == "preempt" and d.reason == "working_set"}
+    admitted = 100 - len(held)
+    assert 20 <= admitted <= 40
+    assert held == {f"n{i:03d}" for i in range(admitted, 100)}  # arrival order
+
+
+def test_chosen_requests_fit_the_device_in_whole_blocks() -> None:
+    # KV headroom: what the policy lets run (contexts rounded up to 16-token blocks, plus a tick of growth)
+    # fits memory_target of the device, so the engine never has to preempt by recomputation on its own.
+    # Every buffer is empty (overload): runners that do not fit are paused by the policy itself.
+    eng = engine(capacity=3000, seqs=64)
+    streams = [sv(f"r{i}", R, buf=0.0, prompt=300, gen=1 + i, max_tokens=2000) for i in range(12)]
+    ds = TokenFlowPolicy().decide(snap(*streams, sv("new", W, started=False), eng=eng), NOW)
+    kept = [s for s in streams if s.id not in ops(ds).get("preempt", set())]
+    step_growth = int(TICK / 0.02) + 1
+    blocks = sum(-(-(s.context_tokens + step_growth) // 16) * 16 for s in kept)
+    assert blocks <= 0.92 * 3000
+    assert len(kept) < 12
+
+
+def test_admission_respects_the_host_tier() -> None:
+    # Device 2,000 tokens, host 2,000: two admitted requests of ~1,100 tokens plus their growth take most
+    # of it; a new request whose prompt + output (3,000) cannot be held anywhere stays out of the engine.
+    eng = EngineView("e", 16, 64, 1024, 2000, 0, 2000, 0, 0.02, 1000.0, 10_000.0, 1e9, 1e9)
+    big = sv("big", W, started=False, prompt=1000, max_tokens=2000, arrival=NOW - 10)
+    s = snap(sv("a", R, buf=500.0), sv("b", H, buf=500.0), big, eng=eng)
+    assert "big" in ops(TokenFlowPolicy().decide(s, NOW)).get("preempt", set())
+    small = sv("small", W, started=False, prompt=100, max_tokens=200, arrival=NOW - 10)
+    s2 = snap(sv("a", R, buf=500.0), sv("b", H, buf=500.0), small, eng=eng)
+    assert "small" not in ops(TokenFlowPolicy().decide(s2, NOW)).get("preempt", set())
+
+
+def test_a_runner_the_host_cannot_take_is_priced_at_recompute() -> None:
+    # Host tier full: pausing a runner means recomputing its 1,100 tokens (0.11 s at 10k tok/s, x mu), so
+    # with 1.2 s of buffer it is no longer safe to pause; with host room it is.
+    full = EngineView("e", 16, 2, 1024, 100_000, 0, 10_000, 10_000, 0.02, 1000.0, 10_000.0, 1e9, 1e9)
+    room = EngineView("e", 16, 2, 1024, 100_000, 0, 10_000, 0, 0.02, 1000.0, 10_000.0, 1e9, 1e9)
+    runners = (sv("a", R, buf=5.0, host=0), sv("b", R, buf=12.0, host=0))
+    assert "b" in ops(TokenFlowPolicy().decide(snap(*runners, sv("p", H, buf=0.0), eng=room), NOW))["preempt"]
+    assert "b" not in ops(TokenFlowPolicy().decide(snap(*runners, sv("p", H, buf=0.0), eng=full), NOW)).get(
+        "preempt", set())
 
 
 def test_deterministic() -> None:
@@ -170,3 +245,16 @@ def test_parked_requests_never_starve_the_chosen_ones_of_device_memory() -> None
     # What stays parked plus the 8 that will run fits the device.
     assert (kept + 8) * 300 <= 4064
     assert unparked
+
+
+def test_two_empty_streams_are_not_swapped_every_tick() -> None:
+    # One slot, overload: the runner and a paused request both have empty buffers. The paused one has no host
+    # copy, so its slack is lower by its recomputation alone (1,100 tokens at 1,000 tok/s, x mu = 2.2 s).
+    # Swapping them helps neither reader and costs a switch each tick: the runner keeps the slot until it
+    # holds swap_tolerance_s (2 s) more than the paused one.
+    eng = EngineView("e", 16, 1, 1024, 100_000, 0, 1_000_000, 0, 0.02, 1000.0, 1000.0, 1e9, 1e9)
+    paused = sv("p", H, buf=0.0, host=0)
+    empty = ops(TokenFlowPolicy().decide(snap(sv("r", R, buf=0.0), paused, eng=eng), NOW))
+    assert "r" not in empty.get("preempt", set()) and "p" not in empty.get("resume", set())
+    ahead = ops(TokenFlowPolicy().decide(snap(sv("r", R, buf=25.0), paused, eng=eng), NOW))  # 2.5 s of buffer
+    assert "r" in ahead["preempt"] and "p" in ahead["resume"]
