@@ -32,7 +32,7 @@ _SIZE, _DATA, _CRLF = 0, 1, 2
 # it parsed into the stream's token log at once: the bulk of the memory a reader who stopped reading cost
 # (docs/operations.md). 16 KB still holds ~50 chunks, several times the read-ahead window at reading rates, and
 # at a token stream's few KB/s it never limits throughput. The engine sees the backpressure sooner.
-RECV_BUFFER = 8192
+RECV_BUFFER = 4096
 
 
 class _Stale(Exception):
