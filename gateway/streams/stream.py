@@ -286,9 +286,9 @@ class Stream(StreamBase):
         consumed = r.consumed
         pending = self._pending
         if pending and pending[0][0] <= consumed:
-            end, ev = pending.popleft()
-            if ev.__class__ is str:
-                ev = self.encoder.token(ev, end + self.base)  # type: ignore[arg-type]
+            entry = pending.popleft()
+            end = entry[0]
+            ev = self._encoded(entry)
             if pending and pending[0][0] <= consumed:  # several due: one write for all of them
                 parts = [ev]
                 while pending and pending[0][0] <= consumed:
