@@ -30,8 +30,9 @@ _SIZE, _DATA, _CRLF = 0, 1, 2
 # stops reading its engine above its read-ahead bound; what the engine sends meanwhile waits here and comes in
 # one read when reading restarts. Left to autotuning this grew to ~70 KB (about 250 chat chunks) per read, all of
 # it parsed into the stream's token log at once: the bulk of the memory a reader who stopped reading cost
-# (docs/operations.md). 16 KB still holds ~50 chunks, several times the read-ahead window at reading rates, and
-# at a token stream's few KB/s it never limits throughput. The engine sees the backpressure sooner.
+# (docs/operations.md). 4 KB still holds a dozen or more chunks, and at a token stream's few KB/s it does not
+# limit throughput (a window of 4 KB carries MB/s even at a millisecond's round trip). The engine feels the
+# backpressure sooner.
 RECV_BUFFER = 4096
 
 
