@@ -26,6 +26,16 @@ from .sse_parse import EngineDelta, EngineError, EngineTimeout, EngineUnreachabl
 _SIZE, _DATA, _CRLF = 0, 1, 2
 
 
+# The kernel's receive buffer for an engine connection (Linux doubles it for its own bookkeeping). A paced stream
+# stops reading its engine above its read-ahead bound; what the engine sends meanwhile waits here and comes in
+# one read when reading restarts. Left to autotuning this grew to ~70 KB (about 250 chat chunks) per read, all of
+# it parsed into the stream's token log at once: the bulk of the memory a reader who stopped reading cost
+# (docs/operations.md). 4 KB still holds a dozen or more chunks, and at a token stream's few KB/s it does not
+# limit throughput (a window of 4 KB carries MB/s even at a millisecond's round trip). The engine feels the
+# backpressure sooner.
+RECV_BUFFER = 4096
+
+
 class _Stale(Exception):
     """A reused connection was closed by the engine before answering: retry on a fresh one."""
 
@@ -45,6 +55,7 @@ class _Conn(asyncio.Protocol):
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
             except OSError:
                 pass
 

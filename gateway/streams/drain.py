@@ -252,8 +252,10 @@ class DrainTracker:
         self.owner = owner  # the API key name that opened the stream (None: no keys configured)
         self._unacked = unacked
         self._written_bytes = written_bytes
-        self._ledger_bytes: list[int] = []  # cumulative bytes after each write
-        self._ledger_tokens: list[int] = []  # reader-relative tokens after each write
+        # Cumulative bytes and reader-relative tokens after each write, kept until acknowledged: a stalled
+        # client's grow with every write, so machine integers (8 bytes) rather than int objects (~40).
+        self._ledger_bytes = array("q")
+        self._ledger_tokens = array("q")
         self.written_tokens = 0
         self.acked_bytes = 0
         self.acked_tokens = 0

@@ -70,7 +70,11 @@ class Stream(StreamBase):
         pacing = spec.pacing
         self.include_usage = spec.include_usage
         self.first_sent_time: float | None = None
-        self._pending: deque[tuple[int, bytes]] = deque()  # (tokens once read, event) held for pacing
+        # Held for pacing: (tokens once read, event). A token's event is its delta's text until released, and
+        # is encoded then: the text is the token log's own object, so a held token costs a deque slot and a
+        # tuple instead of its ~300-byte SSE event (a reader who stopped reading holds up to a read-ahead
+        # burst of them; docs/operations.md). Tails and merged events are bytes.
+        self._pending: deque[tuple[int, str | bytes]] = deque()
         self._out: list[bytes] = []  # released, not yet written
         self._wake = asyncio.Event()
         self._clock = clock if pacing != "none" else None  # smooth or phrase: paced
@@ -136,12 +140,12 @@ class Stream(StreamBase):
                 if end > self.generated:
                     self.on_tokens(text, end - self.generated, now, ids)
             return
-        base, token, queue, log = self.base, self.encoder.token, self._pending.append, self.deltas.append
+        base, queue, log = self.base, self._pending.append, self.deltas.append
         end = gen
         for d in deltas:
             end = d[0]
             log(d)
-            queue((end - base, token(d[1], end)))
+            queue((end - base, d[1]))
         self.generated = end
         self.reader.on_tokens(end - gen, now)
         flow = self.flow
@@ -152,14 +156,17 @@ class Stream(StreamBase):
     def _emit(self, text: str, index: int, n: int, now: float) -> None:
         """Queue the event for a delta ending at token ``index``, ``n`` of whose tokens are new to the client."""
         self.reader.on_tokens(n, now)
-        event = self.encoder.token(text, index)
         if self._clock is None:
-            self._release(event, index - self.base)
+            self._release(self.encoder.token(text, index), index - self.base)
         else:
             if len(self._pending) >= self._max_pending:
-                # Explicit bound: merging keeps memory flat if a client is paced far behind its engine.
-                event = self._pending.pop()[1] + event
-            self._pending.append((index - self.base, event))
+                # Explicit bound: merging keeps the count flat if a client is paced far behind its engine (the
+                # merged texts leave as one event).
+                prev = self._pending.pop()[1]
+                merged = prev + text if isinstance(prev, str) else prev + self.encoder.token(text, index)
+                self._pending.append((index - self.base, merged))
+            else:
+                self._pending.append((index - self.base, text))
             flow = self.flow
             if flow is not None and not flow.paused:
                 flow.on_queued(index - self.base - self.released_tokens)
@@ -279,12 +286,15 @@ class Stream(StreamBase):
         consumed = r.consumed
         pending = self._pending
         if pending and pending[0][0] <= consumed:
-            end, ev = pending.popleft()
+            entry = pending.popleft()
+            end = entry[0]
+            ev = self._encoded(entry)
             if pending and pending[0][0] <= consumed:  # several due: one write for all of them
                 parts = [ev]
                 while pending and pending[0][0] <= consumed:
-                    end, ev = pending.popleft()
-                    parts.append(ev)
+                    entry = pending.popleft()
+                    end = entry[0]
+                    parts.append(self._encoded(entry))
                 ev = b"".join(parts)
             direct = self.direct
             if direct is not None and pending and not self._out and direct(ev, end):  # the usual case, inlined
@@ -299,6 +309,11 @@ class Stream(StreamBase):
             return math.inf
         # Events still pending lie beyond ``consumed``, so the reader has a token to come: due at next_due.
         return r.next_due
+
+    def _encoded(self, entry: tuple[int, str | bytes]) -> bytes:
+        """A held event's bytes (a token's text is encoded with its absolute index)."""
+        end, ev = entry
+        return self.encoder.token(ev, end + self.base) if isinstance(ev, str) else ev
 
     def _release(self, event: bytes, tokens: int, last: bool = False) -> None:
         direct = self.direct

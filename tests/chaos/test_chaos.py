@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -248,3 +249,90 @@ async def test_disconnect_storm_leaks_nothing_on_the_gateway_or_the_engine(clust
 
 async def _all_have(clients: list[Client], n: int) -> bool:
     return all(len(c.tokens()) >= n for c in clients)
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _stalled_readers(url: str, n: int) -> list[socket.socket]:
+    """``n`` streams whose clients never read: a 4 KB receive buffer, so each stalls within a few seconds."""
+    host, port = url.split("//", 1)[1].split(":")
+    body = orjson.dumps({"model": "sim-small", "messages": [{"role": "user", "content": "tell me"}], "stream": True,
+                         "max_tokens": 2000})  # the default pacing and rate, as a new user's request
+    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    out = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, int(port)))
+        s.sendall(req)
+        out.append(s)
+    return out
+
+
+async def _streams_info(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
+    async with http.get(url + "/v1/streams", timeout=_SHORT) as r:
+        data: list[dict[str, Any]] = (await r.json())["data"]
+        return data
+
+
+async def _engine_requests(http: aiohttp.ClientSession, engine_url: str) -> dict[str, dict[str, Any]]:
+    async with http.get(engine_url + "/control/v1/state", timeout=_SHORT) as r:
+        return {q["id"]: q for q in (await r.json())["requests"]}
+
+
+async def test_stalled_readers_cost_bounded_memory_and_no_engine_time(cluster: Cluster) -> None:
+    url = await cluster.start_gateway("A", "tokenflow", env_extra={"TOKENFLOW_SESSION__STORE": "memory"})
+    pid = cluster.procs["A"].popen.pid
+    n = 200
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async def all_stalled(k: int) -> bool:
+            info = await _streams_info(http, url)
+            return len(info) == k and all(s["stalled"] for s in info)
+
+        async def empty() -> bool:
+            return not await _streams_info(http, url)
+
+        # Warm up (imports, first-request paths, allocator arenas) with a smaller batch of the same.
+        warm = _stalled_readers(url, 50)
+        await poll(lambda: all_stalled(50), 60, "the warm-up streams stalled")
+        for s in warm:
+            s.close()
+        await poll(empty, 30, "the warm-up streams gone")
+        before = _rss(pid)
+        socks = _stalled_readers(url, n)
+        try:
+            took = await poll(lambda: all_stalled(n), 90, f"{n} stalled streams")
+
+            async def engine_holds_them() -> bool:
+                reqs = await _engine_requests(http, cluster.engine_url)
+                return len(reqs) == n and all(q["status"] in ("held", "parked") for q in reqs.values())
+
+            await poll(engine_holds_them, 30, "every stalled stream held by the engine")
+            per_stream = (_rss(pid) - before) / n
+            info = {s["id"]: s for s in await _streams_info(http, url)}
+            first = await _engine_requests(http, cluster.engine_url)
+            # A measurement window, not a synchronisation: nothing may be generated for a stalled reader in it.
+            await asyncio.sleep(2.0)
+            second = await _engine_requests(http, cluster.engine_url)
+            await _one_good_request(http, url)
+        finally:
+            for s in socks:
+                s.close()
+        await poll(empty, 30, "the stalled streams gone after their clients left")
+    ahead = [s["generated_tokens"] - s["written_tokens"] for s in info.values()]
+    engine_gen = [q["output_tokens"] for q in second.values()]
+    grew = sum(1 for rid, q in second.items() if q["output_tokens"] > first[rid]["output_tokens"])
+    print(f"\n{n} readers that never read, stalled after {took:.1f} s: {per_stream / 1024:.1f} KB of gateway memory "
+          f"each (RSS delta / {n}); the gateway holds at most {max(ahead)} tokens (median "
+          f"{sorted(ahead)[n // 2]}) beyond what it wrote to each; the engine generated {min(engine_gen)}-"
+          f"{max(engine_gen)} tokens for each, then held them all ({grew} generated more in 2 s); a new request "
+          f"served meanwhile")
+    assert per_stream <= 48 * 1024
+    assert max(ahead) <= 64  # one read-ahead burst of the engine connection's 8 KB receive buffer, at most
+    assert grew == 0
