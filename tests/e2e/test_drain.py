@@ -147,10 +147,15 @@ async def test_stalled_client_is_paused_and_resumes_without_loss(slow_engine_con
         detected = held_at - stop
         print(f"stalled and held {detected:.1f} s after the client stopped reading; rate {st['rate']}")
         assert st["rate_source"] == "stalled" and st["rate"] < 1
-        async with http.get(f"{gw.url}/metrics") as r:
-            text = await r.text()
-        assert 'tokenflow_clients_stalled{engine="sim"} 1.0' in text
-        assert 'tokenflow_client_stalls_total{engine="sim"} 1.0' in text
+        # The gauges are exported once per full drain-sampler pass, which may end after the stream's own state
+        # turned stalled: wait for the next export rather than race it.
+        async def exported() -> bool:
+            async with http.get(f"{gw.url}/metrics") as r:
+                text = await r.text()
+            return ('tokenflow_clients_stalled{engine="sim"} 1.0' in text
+                    and 'tokenflow_client_stalls_total{engine="sim"} 1.0' in text)
+
+        await wait_for(exported, timeout=5.0, interval=0.05)
         assert st["buffer_tokens"] >= st["generated_tokens"] - a.consumed - 12  # all it has not read, as buffered
         # The engine serves the others meanwhile: c, which had been waiting, gets all its tokens.
         await wait_for(lambda: _done(c), timeout=30)
