@@ -187,10 +187,10 @@ def main() -> int:
             args.venv, args.model, port, served_name="bench", host_offload_bytes=1 << 30,
             kv_cache_bytes=1 << 30, max_model_len=2048, extra=["--no-enable-prefix-caching", *dummy],
         )  # fmt: skip
-        log = open("/tmp/tokenflow-bench-resume.log", "w")
         env = launch.server_env(plugin_dir=launch.checkout_plugin_dir(HERE.parents[1], args.venv))
-        proc = subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        with open("/tmp/tokenflow-bench-resume.log", "w") as log:  # the server keeps its own copy of the fd
+            proc = subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
         while True:
