@@ -203,13 +203,18 @@ class EngineAPI:
                          ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The first state in which ``rid`` has one of ``statuses``: (the whole state, the request in it)."""
         want = {statuses} if isinstance(statuses, str) else statuses
+        last: list[str] = []  # the status seen last, for the failure message
 
         async def ok() -> tuple[dict[str, Any], dict[str, Any]] | None:
             st = await self.state()
             r = next((r for r in st["requests"] if r["id"] == rid), None)
+            last[:] = [r["status"] if r is not None else "absent"]
             return (st, r) if r is not None and r["status"] in want else None
 
-        return await poll(ok, timeout, f"{rid} in {sorted(want)}")
+        try:
+            return await poll(ok, timeout, f"{rid} in {sorted(want)}")
+        except AssertionError as e:
+            raise AssertionError(f"{e} (last seen: {last[0] if last else 'never polled'})") from None
 
     async def wait_gone(self, rid: str, timeout: float = TIMEOUT) -> float:
         """Seconds until ``rid`` leaves the state."""
