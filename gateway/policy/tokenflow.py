@@ -328,9 +328,9 @@ class TokenFlowPolicy:
         admit_new = self._admit_new(snapshot, tick, w_sched, admit_cap)
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
-        selected, mem = self._fill(snapshot, tick)
+        selected, reload, mem, backlog = self._fill(snapshot, tick, costs)
         mem = self._swap(tick, selected, mem)
-        decisions = self._decisions(snapshot, tick, costs, selected, mem)
+        decisions = self._decisions(snapshot, tick, costs, selected, reload, mem, backlog)
         self._gate(snapshot.streams, tick.new_idx, set(admit_new), decisions)
         return decisions
 
@@ -428,16 +428,46 @@ class TokenFlowPolicy:
                 margin[x] -= add[x]
         return admit_new
 
-    def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
-        """Step 2: batch slots and device memory, greedily in slack order. Returns the chosen requests and the
-        device memory left."""
-        keys, foot = tick.keys, tick.foot
-        selected = bytearray(len(keys))
+    def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs) -> tuple[bytearray, bytearray, float, float]:
+        """Step 2: batch slots and device memory, greedily in slack order, and Step 3's choice for each paused
+        request brought back: reload its host copy or recompute it. Reloads share one host-to-device channel:
+        a reload queued behind others is worth it while queueing + copy beats recomputing, or while the
+        client's buffer covers the wait (a queued copy costs nobody else; a recomputation takes every running
+        request's share of the batch). Recomputation is engine time: at most ``switch_budget`` of each tick
+        goes to it (one request always may), the rest stay paused for a later tick. Without that bound an
+        oversubscribed engine recomputes more than it decodes and every reader stalls (the simulator with the
+        measured H200 profile: 10 M tokens recomputed for 0.8 M generated).
+        Returns the chosen requests, which of them reload, the device memory left and the copy backlog."""
+        streams = snapshot.streams
+        keys, foot, kind, tte = tick.keys, tick.foot, tick.kind, tick.tte
+        n = len(keys)
+        selected = bytearray(n)
+        reload = bytearray(n)
         slots = snapshot.engine.max_num_seqs
         mem = self.knobs.memory_target * snapshot.engine.kv_device_capacity_tokens
+        backlog = tick.backlog
+        load_s, rec_s = c.load_s, c.rec_s
+        budget = self.knobs.switch_budget * c.tick
+        spent = 0.0
         for i in tick.order:
             f = foot[i]
             if slots > 0 and f <= mem:
+                if kind[i] == 1 and streams[i].status is _HELD:
+                    s = streams[i]
+                    host = s.kv_host_tokens
+                    ctx = s.prompt_tokens + s.generated_tokens
+                    io = backlog + host * load_s
+                    if host > 0 and (io + (ctx - host) * rec_s <= ctx * rec_s or io <= tte[i]):
+                        work = (ctx - host) * rec_s if ctx > host else 0.0
+                        if work > 0.0 and spent > 0.0 and spent + work > budget:
+                            continue
+                        reload[i] = 1
+                        backlog = io
+                    else:
+                        work = ctx * rec_s
+                        if spent > 0.0 and spent + work > budget:
+                            continue
+                    spent += work
                 selected[i] = 1
                 slots -= 1
                 mem -= f
@@ -448,7 +478,7 @@ class TokenFlowPolicy:
                 selected[i] = 1
                 slots -= 1
                 mem -= f
-        return selected, mem
+        return selected, reload, mem, backlog
 
     def _swap(self, tick: _Tick, selected: bytearray, mem: float) -> float:
         """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent.
@@ -480,15 +510,12 @@ class TokenFlowPolicy:
             a += 1
         return mem
 
-    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: bytearray, mem: float
-                   ) -> list[Decision]:
-        """The commands that carry out the choice. Reloads share one host-to-device channel: a reload queued
-        behind others is worth it only while queueing + copy beats recomputing (Step 3); past that a request
-        that can still wait is left paused for a later tick instead of being recomputed, one that cannot is
-        resumed anyway. Step 4: prefetch paused requests whose buffers will soon run dry."""
+    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: bytearray, reload: bytearray,
+                   mem: float, backlog: float) -> list[Decision]:
+        """The commands that carry out the choice (``reload``: `_fill`'s Step 3 choice). Step 4: prefetch paused
+        requests whose buffers will soon run dry, while the copy channel's queue and device memory allow."""
         streams, keys, foot = snapshot.streams, tick.keys, tick.foot
         load_s, rec_s, mu = c.load_s, c.rec_s, c.mu
-        backlog = tick.backlog
         prefetch_window = mu * self.knobs.prefetch_ticks * c.tick
         relaxed = self.knobs.swap_tolerance_s
         info = self.info
@@ -507,15 +534,7 @@ class TokenFlowPolicy:
                 elif st is _HELD:
                     if s.priority != PRIORITY_ADMITTED:
                         decisions.append(Decision("priority", s.id, PRIORITY_ADMITTED, "admit"))
-                    host = s.kv_host_tokens
-                    ctx = s.prompt_tokens + s.generated_tokens
-                    # Step 3, reload or recompute: the copy waits behind the channel's queue; it still
-                    # wins if it beats recomputing, or if the client's buffer covers the wait (a
-                    # recomputation costs every running request a share of the batch, a queued copy
-                    # costs nobody).
-                    io = backlog + host * load_s
-                    if host > 0 and (io + (ctx - host) * rec_s <= ctx * rec_s or io <= s.buffer_tokens / s.rate):
-                        backlog = io
+                    if reload[i]:
                         # prefetch always copies (resume may recompute when the channel is busy);
                         # resume right after makes it run as soon as the copy lands.
                         decisions.append(Decision("prefetch", s.id, None, "reload"))

@@ -104,6 +104,24 @@ def test_reload_versus_recompute() -> None:
     assert [(d.op, d.id) for d in ds if d.id == "lost"] == [("resume", "lost")]
 
 
+def test_recomputation_is_bounded_per_tick() -> None:
+    # Ten paused requests without a host copy, all about to run dry, room for all: recomputing one costs
+    # 1,100 tokens / 10k tok/s = 0.11 s of engine time, so a switch budget of 0.5 of a 0.5 s tick takes two
+    # (one always goes); the rest stay paused for a later tick. Reloads from the host (no recomputation) are
+    # not limited by it.
+    lost = [sv(f"lost{i}", H, buf=0.0, host=0) for i in range(10)]
+    hosted = [sv(f"hosted{i}", H, buf=0.0) for i in range(10)]
+    eng = engine(capacity=100_000)
+    ds = TokenFlowPolicy(switch_budget=0.5).decide(snap(*lost, *hosted, eng=eng), NOW)
+    resumed = ops(ds).get("resume", set())
+    assert len(resumed & {s.id for s in lost}) == 2
+    assert {s.id for s in hosted} <= resumed
+    ds = TokenFlowPolicy(switch_budget=0.0).decide(snap(*lost, eng=eng), NOW)
+    assert len(ops(ds).get("resume", set())) == 1  # never none: a budget too small must not stop everything
+    ds = TokenFlowPolicy(switch_budget=10.0).decide(snap(*lost, eng=eng), NOW)
+    assert len(ops(ds).get("resume", set())) == 10
+
+
 def test_prefetch_timing() -> None:
     # Batch slots are full with runners that cannot be paused; device memory is free. A paused request is
     # prefetched only once its buffer would run dry within mu * (load + prefetch_ticks * tick) = ~2 s.
