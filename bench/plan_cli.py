@@ -15,13 +15,13 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .plan import TARGET_METRICS, PolicyPlan, Row, Target, make_targets, search
+from .plan import TARGET_METRICS, Metrics, PolicyPlan, Row, Target, make_targets, search
 from .plan_eval import PLACEMENT, PlanWorkload, evaluate
 from .plan_report import render, report_json, write
 from .workload import WorkloadConfig, parse_rates
@@ -137,19 +137,19 @@ def header(args: argparse.Namespace, argv: Sequence[str], pw: PlanWorkload) -> d
 
 def _progress_line(row: Row) -> None:
     m = row.metrics
-    missed = [k for k, ok in row.checks.items() if not ok]
+    missed = "; missed: " + ", ".join(k for k, ok in row.checks.items() if not ok) if not row.met else ""
     print(f"plan: {row.policy} N={row.n_engines} {row.wall_s:.1f}s {'met' if row.met else 'missed'}"
-          f" (ttft p99 {m.ttft_p99_s:.2f}s, rebuffer mean {m.rebuffer_mean_s:.3f}s, eff {m.effective_throughput_tps:.0f}"
-          f" tok/s{'; missed: ' + ', '.join(missed) if missed else ''})", file=sys.stderr, flush=True)
+          f" (ttft p99 {m.ttft_p99_s:.2f}s, rebuffer mean {m.rebuffer_mean_s:.3f}s,"
+          f" eff {m.effective_throughput_tps:.0f} tok/s{missed})", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace, pw: PlanWorkload) -> list[PolicyPlan]:
-    plans = []
-    for pol in [p for p in str(args.policies).split(",") if p]:
-        plans.append(search(pol, lambda n, pol=pol: evaluate(pw, n, pol, args.seed), args.targets,
-                            max_n=args.max_n, start=args.start,
-                            progress=None if args.no_progress else _progress_line))
-    return plans
+    def evaluator(policy: str) -> Callable[[int], Metrics]:
+        return lambda n: evaluate(pw, n, policy, args.seed)
+
+    return [search(pol, evaluator(pol), args.targets, max_n=args.max_n, start=args.start,
+                   progress=None if args.no_progress else _progress_line)
+            for pol in str(args.policies).split(",") if pol]
 
 
 def _plot_targets(targets: list[Target]) -> list[tuple[str, str, float]]:
