@@ -53,11 +53,11 @@ def policy_table(plan: PolicyPlan) -> str:
 
 
 def _mark_text(r: Row) -> str:
-    return {"answer": "<= answer", "answer-1": "<= answer - 1"}.get(r.mark, "")
+    return {"answer": "<- answer", "answer-1": "<- answer - 1"}.get(r.mark, "")
 
 
 def render(header: dict[str, Any], plans: list[PolicyPlan]) -> str:
-    out = [f"tokenflow plan: {header['command']}"]
+    out = [f"command: {header['command']}"]
     out.append(f"  profile: {header['profile']}; placement: {header['placement']}; seed: {header['seed']}; "
                f"tick: {header['tick_s']} s")
     out.append(f"  workload: {header['workload_text']}")
@@ -88,7 +88,7 @@ def text_plot(plans: list[PolicyPlan], metric: str = "ttft_p99_s", bound: float 
             if bound is not None:
                 bar[min(width - 1, round(width * bound / top))] = "|"
             out.append(f"{p.policy:>10} N={r.n_engines:<3} {''.join(bar)} {_fmt('{:.3g}', v)}"
-                       f"{'  MET' if r.met else ''}{'  <= answer' if r.mark == 'answer' else ''}")
+                       f"{'  MET' if r.met else ''}{'  <- answer' if r.mark == 'answer' else ''}")
     return "\n".join(out)
 
 
@@ -103,6 +103,7 @@ def plot(path: Path, plans: list[PolicyPlan], targets: list[tuple[str, str, floa
         return txt
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.4), dpi=110, squeeze=False)
     for ax, (metric, op, bound) in zip(axes[0], targets):
@@ -116,6 +117,10 @@ def plot(path: Path, plans: list[PolicyPlan], targets: list[tuple[str, str, floa
                 if r.mark == "answer":
                     ax.plot([x], [y], "o", ms=14, mfc="none", color=line.get_color())
         ax.axhline(bound, color="grey", ls="--", lw=1, label=f"target {op} {bound:g}")
+        top = max((r.metrics.value(metric) for p in plans for r in p.rows), default=0.0)
+        if bound > 0 and top > 50 * bound:  # an overloaded N would flatten the region around the bound
+            ax.set_yscale("symlog", linthresh=bound)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("engines N")
         ax.set_title(metric, fontsize=9)
         ax.legend(fontsize=7)
