@@ -24,7 +24,7 @@ import yaml
 from .plan import TARGET_METRICS, Metrics, PolicyPlan, Row, Target, make_targets, search
 from .plan_eval import PLACEMENT, PlanWorkload, evaluate
 from .plan_report import render, report_json, write
-from .workload import WorkloadConfig, parse_rates
+from .workload import WorkloadConfig, generate, parse_rates
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,10 +79,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.max_n < 1 or not 1 <= args.start <= args.max_n:
         p.error("need 1 <= --start <= --max-n")
+    from backends.sim.profile import ProfileError, load_profile
+
+    try:
+        load_profile(args.profile)  # a wrong name fails here, with the known ones, before any run
+    except ProfileError as e:
+        p.error(str(e))
     try:
         args.targets = make_targets({k: getattr(args, k) for k in TARGET_METRICS if getattr(args, k) is not None})
         args.rates_mix = parse_rates(str(args.rates))
-    except ValueError as e:
+        generate(plan_workload(args).workload)  # bad sizes, rates or trace: refused before any run
+    except (ValueError, OSError) as e:
         p.error(str(e))
     return args
 
