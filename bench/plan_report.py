@@ -120,6 +120,7 @@ def plot(path: Path, plans: list[PolicyPlan], targets: list[tuple[str, str, floa
         top = max((r.metrics.value(metric) for p in plans for r in p.rows), default=0.0)
         if bound > 0 and top > 50 * bound:  # an overloaded N would flatten the region around the bound
             ax.set_yscale("symlog", linthresh=bound)
+        ax.set_ylim(bottom=0)  # every metric here is >= 0
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("engines N")
         ax.set_title(metric, fontsize=9)
