@@ -71,7 +71,8 @@ def render(header: dict[str, Any], plans: list[PolicyPlan]) -> str:
 
 
 def report_json(header: dict[str, Any], plans: list[PolicyPlan]) -> dict[str, Any]:
-    return {**header, "policies": {p.policy: p.to_json() for p in plans}}
+    return {**header, "answers": {p.policy: p.answer for p in plans},
+            "policies": {p.policy: p.to_json() for p in plans}}
 
 
 def text_plot(plans: list[PolicyPlan], metric: str = "ttft_p99_s", bound: float | None = None,

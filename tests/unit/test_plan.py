@@ -156,6 +156,7 @@ def test_json_output_and_config_file(capsys: pytest.CaptureFixture[str], tmp_pat
     out, _ = _run(capsys, ["plan", "--config", str(cfg), "--json", "--no-progress", "--rebuffer-mean-s", "0.2"])
     data = json.loads(out)
     assert list(data["policies"]) == ["fcfs"]
+    assert data["answers"] == {"fcfs": data["policies"]["fcfs"]["answer"]}
     assert data["targets"] == ["ttft_p99_s <= 1", "rebuffer_mean_s <= 0.2"]  # file and command line together
     assert data["policies"]["fcfs"]["answer"] >= 2
 
