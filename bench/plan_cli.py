@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from gateway.policy import make_policy
+
 from .plan import TARGET_METRICS, Metrics, PolicyPlan, Row, Target, make_targets, search
 from .plan_eval import PLACEMENT, PlanWorkload, evaluate
 from .plan_report import render, report_json, write
@@ -66,7 +68,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p = _parser()
     args = p.parse_args(argv)
     if args.config:
-        data = dict(yaml.safe_load(Path(args.config).read_text()) or {})
+        try:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            p.error(f"{args.config}: {e}")
+        if not isinstance(data, dict):
+            p.error(f"{args.config}: want a mapping of option names to values")
         targets = data.pop("targets", None) or {}
         if not isinstance(targets, dict):
             p.error(f"{args.config}: targets must be a mapping of target name to bound")
@@ -86,10 +93,15 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     except ProfileError as e:
         p.error(str(e))
     try:
+        args.policy_list = [pol.strip() for pol in str(args.policies).split(",") if pol.strip()]
+        if not args.policy_list:
+            raise ValueError("--policies names no policy")
+        for pol in args.policy_list:
+            make_policy(pol, **_knobs(args.knob).get(pol, {}))  # unknown policy or knob: refused now
         args.targets = make_targets({k: getattr(args, k) for k in TARGET_METRICS if getattr(args, k) is not None})
         args.rates_mix = parse_rates(str(args.rates))
         generate(plan_workload(args).workload)  # bad sizes, rates or trace: refused before any run
-    except (ValueError, OSError) as e:
+    except (ValueError, TypeError, OSError) as e:
         p.error(str(e))
     return args
 
@@ -156,7 +168,7 @@ def run(args: argparse.Namespace, pw: PlanWorkload) -> list[PolicyPlan]:
 
     return [search(pol, evaluator(pol), args.targets, max_n=args.max_n, start=args.start,
                    progress=None if args.no_progress else _progress_line)
-            for pol in str(args.policies).split(",") if pol]
+            for pol in args.policy_list]
 
 
 def _plot_targets(targets: list[Target]) -> list[tuple[str, str, float]]:

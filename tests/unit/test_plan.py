@@ -168,6 +168,9 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
     bad.write_text("targets:\n  ttft_p99_s: 1\nburst_size: 3\n")
     with pytest.raises(SystemExit):
         cli_main(["plan", "--config", str(bad)])
+    for argv in (["--policies", "fcfs,nope"], ["--profile", "nope"], ["--n", "0"], ["--rates", "15:-1"]):
+        with pytest.raises(SystemExit):
+            cli_main(["plan", "--ttft-p99-s", "1", *argv])
 
 
 def test_render_names_the_search_assumption() -> None:
