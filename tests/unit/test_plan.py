@@ -179,3 +179,13 @@ def test_render_names_the_search_assumption() -> None:
             "workload_text": "w", "targets": ["ttft_p99_s <= 1"]}
     text = render(head, [plan])
     assert "monotone in N" in text and "placement: round-robin" in text
+
+
+def test_text_plot_without_matplotlib_marks_the_bound_and_the_answer() -> None:
+    from bench.plan_report import text_plot
+
+    text = text_plot([search("fcfs", fake(3), TTFT, max_n=8)], "ttft_p99_s", 1.0, width=20)
+    lines = text.splitlines()[1:]
+    assert [ln.split()[1] for ln in lines] == ["N=1", "N=2", "N=3", "N=4"]
+    assert all("|" in ln for ln in lines)
+    assert [ln.endswith("MET  <- answer") for ln in lines] == [False, False, True, False]
