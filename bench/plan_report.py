@@ -99,7 +99,7 @@ def plot(path: Path, plans: list[PolicyPlan], targets: list[tuple[str, str, floa
     try:
         import matplotlib
     except ImportError:
-        txt = path.with_suffix(".txt")
+        txt = path.with_name(path.stem + "-plot.txt")  # beside plan.txt, not over it
         txt.write_text("\n\n".join(text_plot(plans, m, b) for m, _, b in targets) + "\n")
         return txt
     matplotlib.use("Agg")
