@@ -189,3 +189,15 @@ def test_text_plot_without_matplotlib_marks_the_bound_and_the_answer() -> None:
     assert [ln.split()[1] for ln in lines] == ["N=1", "N=2", "N=3", "N=4"]
     assert all("|" in ln for ln in lines)
     assert [ln.endswith("MET  <- answer") for ln in lines] == [False, False, True, False]
+
+
+def test_without_matplotlib_the_plot_is_text_beside_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from bench.plan_report import write
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if the bench extra were absent
+    plans = [search("fcfs", fake(2), TTFT, max_n=4)]
+    paths = write(tmp_path, "the table", {"answers": {"fcfs": 2}}, plans, [("ttft_p99_s", "<=", 1.0)])
+    assert (tmp_path / "plan.txt").read_text() == "the table\n"
+    assert paths[-1] == tmp_path / "plan-plot.txt" and "<- answer" in paths[-1].read_text()
