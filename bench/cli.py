@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="with --engine-url: N short requests straight to the engine before the first policy")
     e.add_argument("--engine-model", help="--engine-url's served model name")
+    e.add_argument("--engine-down-after-s", type=float, default=None, metavar="S",
+                   help="the spawned gateway's engines[].down_after_s (default: the gateway's): a real engine under a "
+                   "burst can take longer than the default to answer its state request")
     e.add_argument("--request-timeout", type=float, default=3600.0,
                    help="a request unfinished this many seconds after it was sent counts as not completed")
     e.add_argument("--side-by-side", action="store_true",
@@ -249,18 +252,25 @@ def _vllm_config(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
+def _engine_entry(args: argparse.Namespace, name: str, url: str, models: list[str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "url": url, "models": models}
+    if getattr(args, "engine_down_after_s", None):
+        entry["down_after_s"] = args.engine_down_after_s
+    return entry
+
+
 @contextmanager
 def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[list[dict[str, Any]] | None, str | None]]:
     """The spawned gateway's ``engines:`` config and the engine's URL (None, None: embedded simulator)."""
     if args.engine_url:
         url = args.engine_url.rstrip("/")
-        yield [{"name": "engine-0", "url": url, "models": [args.engine_model] if args.engine_model else []}], url
+        yield [_engine_entry(args, "engine-0", url, [args.engine_model] if args.engine_model else [])], url
     elif args.engine == "vllm-cpu":
         from .vllm_e2e import spawn_vllm
 
         cfg = _vllm_config(args)
         with spawn_vllm(cfg, out / f"vllm-{pol}.log") as url:
-            yield [{"name": "vllm-0", "url": url, "models": [cfg.served_name]}], url
+            yield [_engine_entry(args, "vllm-0", url, [cfg.served_name])], url
     else:
         yield None, None
 
