@@ -13,6 +13,7 @@ LAYERS: list[set[str]] = [
     {"gateway", "gateway.config", "gateway.metrics", "gateway.logs", "gateway.gctune"},
     {"gateway.api", "gateway.engines"},
     {"gateway.policy"},
+    {"gateway.placement"},
     {"gateway.streams"},
     {"gateway.state"},
     {"gateway.auth", "gateway.resume", "gateway.pump"},
