@@ -54,7 +54,7 @@ class Gateway:
             cfg=cfg,
             metrics=metrics,
             store=make_store(cfg.session, [e.name for e in cfg.engines]),
-            engines=Engines(),
+            engines=Engines(cfg.placement.strategy, max_age_s=cfg.placement.max_age_s, clock=loop.time),
             streams={},
             clock=loop.time,
             pacer=PacingClock(loop),

@@ -68,6 +68,21 @@ class SchedulerConfig(_Strict):
     knobs: dict[str, Any] = Field(default_factory=dict, description="policy-specific knobs (docs/policies.md)")
 
 
+class PlacementConfig(_Strict):
+    """Which engine serves a new request when several serve its model (docs/policies.md, "Placement")."""
+
+    strategy: Literal["least-outstanding", "tokenflow", "round-robin", "kv-free-first"] = Field(
+        "least-outstanding",
+        description="least-outstanding (fewest live streams on this replica), tokenflow (soonest predicted first "
+        "token, counting the KV and batch slots of streams with deep buffers as free), round-robin or kv-free-first",
+    )
+    max_age_s: float = Field(
+        2.0, gt=0, le=60,
+        description="a replica that does not drive an engine places with the summary its driver published, when "
+        "younger than this; older (or none): with its own stream counts",
+    )
+
+
 class DrainConfig(_Strict):
     """Measured drain (docs/drain-rate.md): each client's real consumption rate from its connection."""
 
@@ -239,6 +254,7 @@ class Config(BaseSettings):
     server: ServerConfig = Field(default_factory=ServerConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     drain: DrainConfig = Field(default_factory=DrainConfig)
     engines: list[EngineConfig] = Field(default_factory=lambda: [EngineConfig(name="sim")])
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -324,6 +340,7 @@ def reference_markdown() -> str:
         ("server", ServerConfig, False),
         ("streams", StreamsConfig, False),
         ("scheduler", SchedulerConfig, False),
+        ("placement", PlacementConfig, False),
         ("drain", DrainConfig, False),
         ("engines", EngineConfig, True),
         ("auth", AuthConfig, False),

@@ -16,6 +16,7 @@ from typing import Protocol
 from .engines.client import EngineClient, EngineError
 from .engines.control_api import EngineState
 from .metrics import Metrics
+from .placement import EngineView, view_from_snapshot
 from .policy.snapshot import BufferSource, build_snapshot
 from .policy.types import Decision, Policy
 from .streams.base import StreamBase
@@ -29,6 +30,12 @@ class Coordinator(Protocol):
     def is_driver(self, engine: str) -> bool: ...
 
     def streams_for(self, engine: str, local: list[BufferSource], now: float) -> list[BufferSource]: ...
+
+    def publish_view(self, view: EngineView) -> None:
+        """This replica drives the engine: share its placement view with every replica."""
+
+    def published_view(self, engine: str, now: float) -> EngineView | None:
+        """The view the engine's driver published last (``at`` on the local clock), if any."""
 
 
 class ControlLoop:
@@ -59,6 +66,7 @@ class ControlLoop:
         self.down_after_s = down_after_s
         self.stall_timeout_s = stall_timeout_s
         self.driving = coordinator is None  # this replica runs the policy for the engine
+        self.view: EngineView | None = None  # placement's view of the engine, from this replica's last snapshot
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -97,6 +105,7 @@ class ControlLoop:
                 log.warning("engine marked down: its control API did not answer",
                             extra={"engine": name, "error": str(e)})
             self.healthy = False
+            self.view = None
             self.engine.mark_down(str(e))
             self.metrics.engine_up.labels(name).set(0)
             now = self._clock()
@@ -139,9 +148,13 @@ class ControlLoop:
         if self.coordinator is not None:
             self.driving = self.coordinator.is_driver(name)
             if not self.driving:
+                self.view = None  # placement reads the driver's published view instead
                 return []  # another replica schedules this engine (it sees our streams' published state)
             sources = self.coordinator.streams_for(name, sources, now)
         snap = build_snapshot(state, sources, now, self.tick_interval_s)
+        self.view = view_from_snapshot(name, snap, now)
+        if self.coordinator is not None:
+            self.coordinator.publish_view(self.view)
         buffer_hist, tte_hist = m.buffer.labels(name), m.time_to_empty.labels(name)  # one label lookup per tick
         for v in snap.streams:
             buffer_hist.observe(v.buffer_tokens)
@@ -170,6 +183,18 @@ class ControlLoop:
                 extra={"stream_id": d.id, "engine": name, "decision": d.op, "reason": d.reason, "ok": r.ok},
             )
         return decisions
+
+    def placement_view(self, now: float, max_age_s: float) -> EngineView | None:
+        """The engine as placement should see it: this replica's own view when it drives the engine, else the
+        one its driver published; None when neither is younger than ``max_age_s`` (or the engine is down)."""
+        if self.engine.down is not None:
+            return None
+        view = self.view
+        if view is None and self.coordinator is not None:
+            view = self.coordinator.published_view(self.engine.name, now)
+        if view is None or now - view.at > max_age_s:
+            return None
+        return view
 
     @staticmethod
     def _record_engine_view(state: EngineState, streams: list[StreamBase]) -> None:

@@ -19,6 +19,7 @@ from aiohttp import web
 from . import auth
 from .api.errors import ApiError, not_found
 from .api.sse import ChunkEncoder
+from .placement import EngineView
 from .policy.snapshot import BufferSource
 from .resume import NotResumable, continuation_body
 from .state import Final, Loaded, PublishedStream, SessionStats, StoreUnavailable, StreamRecord, valid_id
@@ -231,6 +232,20 @@ class Relay:
                 handle.control.policy.forget(sid)
         self._remote_seen[engine] = remote
         return list(merged.values())
+
+    def publish_view(self, view: EngineView) -> None:
+        self.svc.store.publish_summary(view.name, view.to_json())
+
+    def published_view(self, engine: str, now: float) -> EngineView | None:
+        got = self.svc.store.engine_summary(engine)
+        if got is None:
+            return None
+        summary, at_wall = got
+        try:
+            return EngineView.from_json(summary, at=now - max(0.0, time.time() - at_wall))
+        except (KeyError, TypeError, ValueError):
+            log.warning("malformed engine summary ignored", extra={"engine": engine})
+            return None
 
     async def close(self) -> None:
         self.requests.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .api.errors import ApiError, at_capacity
+from .placement import EngineView, Placement, PlacementRequest, make_placement
 
 if TYPE_CHECKING:
     from .config import EngineConfig
@@ -22,18 +24,40 @@ class EngineHandle:
     control: ControlLoop
     models: list[str]
     embedded: Any = None  # the in-process simulated engine, when embedded
+    # Requests this replica placed here, (time, request), newest last: added to a view taken before them.
+    placed: list[tuple[float, PlacementRequest]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def view(self, now: float, max_age_s: float, live: int) -> EngineView:
+        """Placement's view: the control loop's (or its driver's) view with what this replica placed since, or,
+        with none fresh, the counts alone (``informed`` False). ``live_streams`` is always this replica's count,
+        as least-outstanding has always counted."""
+        cutoff = now - max_age_s
+        while self.placed and self.placed[0][0] < cutoff:
+            self.placed.pop(0)
+        v = self.control.placement_view(now, max_age_s)
+        if v is None:
+            return EngineView(name=self.name, healthy=self.control.healthy, informed=False, live_streams=live,
+                              stream_limit=self.config.max_streams)
+        for t, req in self.placed:
+            if t >= v.at:
+                v = v.with_placed(req)
+        return v.with_counts(live, self.config.max_streams, self.control.healthy)
+
 
 class Engines(Mapping[str, "EngineHandle"]):
     """Engines by name, and by model (several engines may serve one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, placement: Placement | str = "least-outstanding", *, max_age_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._by_name: dict[str, EngineHandle] = {}
         self._by_model: dict[str, list[EngineHandle]] = {}
+        self.placement = make_placement(placement) if isinstance(placement, str) else placement
+        self.max_age_s = max_age_s
+        self._clock = clock
 
     def add(self, handle: EngineHandle) -> None:
         self._by_name[handle.name] = handle
@@ -57,9 +81,10 @@ class Engines(Mapping[str, "EngineHandle"]):
         """Each model with the first engine that serves it, sorted by model (``GET /v1/models``)."""
         return sorted((m, hs[0]) for m, hs in self._by_model.items())
 
-    def route(self, model: str, live: Iterable[StreamBase], retry_after_s: int) -> EngineHandle:
-        """The engine for a new request: with one engine and no stream limit, that one; otherwise the healthy
-        engine with the fewest live streams below its limit (429 when every one is at its limit). Engines
+    def route(self, model: str, live: Iterable[StreamBase], retry_after_s: int,
+              request: PlacementRequest | None = None) -> EngineHandle:
+        """The engine for a new request: with one engine and no stream limit, that one; otherwise the placement's
+        choice among the engines up and below their stream limit (429 when every one is at its limit). Engines
         marked down (gateway/engines/liveness.py) are skipped; none left: 503 with Retry-After, at once."""
         candidates = self._by_model.get(model)
         if not candidates:  # parse_request already checked the name; this is a guard
@@ -80,4 +105,12 @@ class Engines(Mapping[str, "EngineHandle"]):
         if not open_:
             raise at_capacity(f"every engine serving '{model}' is at its stream limit; retry shortly",
                               "engine_at_capacity", retry_after_s)
-        return min(open_, key=lambda c: (not c.control.healthy, load[c.name]))
+        if len(open_) == 1:
+            return open_[0]
+        now = self._clock()
+        req = request or PlacementRequest(prompt_tokens=0)
+        views = [c.view(now, self.max_age_s, load[c.name]) for c in open_]
+        name = self.placement.choose(views, req, now)
+        chosen = self._by_name[name] if name is not None and name in load else open_[0]
+        chosen.placed.append((now, req))
+        return chosen

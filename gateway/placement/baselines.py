@@ -49,8 +49,8 @@ class KvFreeFirst:
             return None
 
         def free(v: EngineView) -> float:
-            if not v.healthy or v.kv_blocks_total <= 0:
+            if not v.informed or v.kv_blocks_total <= 0:
                 return -1.0
             return (v.kv_blocks_free * v.block_size - v.queued_prefill_tokens) / (v.kv_blocks_total * v.block_size)
 
-        return max(cands, key=lambda v: (free(v), -v.live_streams)).name
+        return max(cands, key=lambda v: (v.healthy, free(v), -v.live_streams)).name

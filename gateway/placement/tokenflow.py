@@ -1,48 +1,49 @@
 """Tokenflow placement: the engine where a new request is predicted to get its first token soonest.
 
-The prediction counts the buffers: KV and batch slots held by running streams whose readers have seconds of
-text unread count as free, since the tokenflow policy holds such a stream the moment a new request needs room
-(they read from their buffer meanwhile). What remains is the work ahead of the request there:
+Under the tokenflow policy a new request starts once the engine can feed it without starving the readers it
+already serves; their buffers count: a reader with seconds of text unread wants nothing from the engine for
+those seconds, so its KV and batch slot can be lent to the newcomer. The view's ``headroom`` is that check,
+done ahead per horizon h (2, 8, 24, 80 s) as the policy does it: decode tokens the engine makes within h,
+less what its readers want within h beyond their buffers, less what the requests queued there want. Then
 
-    ttft ~ (queued prefill tokens + prompt) / prefill tokens/s              prompts ahead, then its own
-         + max(0, KV needed - free KV - yieldable KV) / KV released per s    the wait for device memory
-         + max(0, busy slots + 1 - max_num_seqs) x step time x batch         the wait for a batch slot
-         + decode overload x buffer horizon                                  readers the engine cannot feed
+    ttft ~ (queued prefill tokens + prompt) / prefill tokens/s                 prompts ahead, then its own
+         + max over h of max(0, cost(h) - headroom(h)) / decode tokens/s       the wait for decode capacity
+         + max(0, KV needed - free KV - yieldable KV) / KV released per s       the wait for device memory
 
-Counts cannot see any of this: an engine whose many streams hold large buffers looks busy to
-least-outstanding, yet serves a new request at once.
+and among engines that fit it at once, the one with the most headroom left (the least loaded by what its
+readers need, not by how many they are). Counts see none of this: an engine whose many streams hold deep
+buffers looks busy to least-outstanding, yet starts a new request at once.
 """
 
 from __future__ import annotations
 
-from .types import EngineView, PlacementRequest
-from .views import DEFAULT_STEP_S, YIELD_BUFFER_S
+from .types import DEFAULT_PREFILL_TPS, DEFAULT_STEP_S, HORIZONS_S, EngineView, PlacementRequest, request_cost
 
-DEFAULT_PREFILL_TPS = 10_000.0
-ADMIT_UTILIZATION = 0.9  # the tokenflow policy's default share of decode capacity it promises readers
 _NO_RELEASE_S = 60.0  # a KV deficit on an engine where nothing is finishing: a long wait, not forever
 
 
 def predicted_ttft(v: EngineView, request: PlacementRequest) -> float:
     """Seconds until ``request`` would get its first token on ``v`` (an estimate, for ranking engines)."""
     step = v.step_time_s or DEFAULT_STEP_S
-    prefill_tps = v.prefill_tps or DEFAULT_PREFILL_TPS
     ahead = v.queued_prefill_tokens + request.prompt_tokens
-    t = ahead / prefill_tps + step
-    room = (v.kv_blocks_free + v.kv_blocks_yieldable) * v.block_size
-    deficit = ahead - room
-    if deficit > 0:
-        t += deficit / v.kv_release_tps if v.kv_release_tps > 0 else _NO_RELEASE_S
-    if v.max_num_seqs > 0:
-        busy = v.running_requests - v.yieldable_streams + v.waiting_requests + 1
-        if busy > v.max_num_seqs:
-            t += (busy - v.max_num_seqs) * step
+    t = ahead / (v.prefill_tps or DEFAULT_PREFILL_TPS) + step
     cap = v.decode_tps or 0.0
-    if cap > 0:
-        over = (v.demand_tps + request.rate) / (ADMIT_UTILIZATION * cap) - 1.0
-        if over > 0:
-            t += over * YIELD_BUFFER_S
+    if cap > 0 and v.headroom:
+        deficit = max(c - h for c, h in zip(request_cost(v, request), v.headroom))
+        if deficit > 0:
+            t += deficit / cap
+    room = (v.kv_blocks_free + v.kv_blocks_yieldable) * v.block_size
+    if ahead > room:
+        t += (ahead - room) / v.kv_release_tps if v.kv_release_tps > 0 else _NO_RELEASE_S
     return t
+
+
+def spare_share(v: EngineView, request: PlacementRequest) -> float:
+    """The smallest share of a horizon's capacity left once ``request`` is there (more: less loaded)."""
+    cap = v.decode_tps or 0.0
+    if cap <= 0 or not v.headroom:
+        return 0.0
+    return min((h - c) / (cap * hs) for h, c, hs in zip(v.headroom, request_cost(v, request), HORIZONS_S))
 
 
 class TokenFlowPlacement:
@@ -52,6 +53,9 @@ class TokenFlowPlacement:
         cands = [v for v in views if v.open]
         if not cands:
             return None
-        # Engines known only by counts (no recent state) rank after those with a prediction.
-        return min(cands, key=lambda v: (not v.healthy, predicted_ttft(v, request) if v.healthy else 0.0,
-                                         v.live_streams)).name
+        known = [v for v in cands if v.informed]
+        if not known:  # no engine state anywhere: counts are all there is
+            return min(cands, key=lambda v: v.live_streams).name
+        # Round the prediction to a step so that engines which all start it at once compare by headroom.
+        return min(known, key=lambda v: (round(predicted_ttft(v, request) / (v.step_time_s or DEFAULT_STEP_S)),
+                                         -spare_share(v, request), v.live_streams)).name

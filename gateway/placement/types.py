@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+# The tokenflow policy's admission horizons and defaults (gateway/policy/tokenflow.py, knobs.py).
+HORIZONS_S = (2.0, 8.0, 24.0, 80.0)
+ADMIT_UTILIZATION = 0.9
+DEFAULT_STEP_S = 0.02
+DEFAULT_PREFILL_TPS = 10_000.0
+
 
 @dataclass(frozen=True, slots=True)
 class EngineView:
@@ -17,7 +23,8 @@ class EngineView:
 
     name: str
     up: bool = True  # answered its last heartbeat (an engine marked down is never a candidate)
-    healthy: bool = True  # its control loop has a recent state (else: known only by counts)
+    healthy: bool = True  # its control loop's last state request was answered
+    informed: bool = True  # the fields below come from a recent engine state (False: only the counts are known)
     # Device KV, in blocks of ``block_size`` tokens.
     block_size: int = 16
     kv_blocks_total: int = 0
@@ -32,9 +39,13 @@ class EngineView:
     running_requests: int = 0
     max_num_seqs: int = 0
     # Tokens per second the running streams' readers need now (those without a large buffer), and what the
-    # engine decodes per second at its current batch: demand over capacity is how loaded its decode is.
+    # engine decodes per second with the batch that fits its device KV (the tokenflow policy's capacity).
     demand_tps: float = 0.0
     decode_tps: float | None = None
+    # Per admission horizon (HORIZONS_S): decode tokens the engine makes within it (at the policy's admission
+    # utilization) beyond what its streams' readers want then, less what their buffers already hold. What a
+    # new request needs within the horizon must fit here for the tokenflow policy to admit it at once.
+    headroom: tuple[float, ...] = ()
     step_time_s: float | None = None
     prefill_tps: float | None = None
     # Device KV freed per second as running streams finish (tokens/s): how fast a KV deficit closes.
@@ -49,12 +60,15 @@ class EngineView:
         return self.up and (self.stream_limit is None or self.live_streams < self.stream_limit)
 
     def with_placed(self, request: PlacementRequest) -> EngineView:
-        """This view after ``request`` was sent here and before the next view: it waits, counts, and needs KV."""
+        """This view after ``request`` was sent here and before the next view: it waits, counts, needs KV and
+        takes its share of the headroom."""
+        cost = request_cost(self, request)
         return replace(self, queued_prefill_tokens=self.queued_prefill_tokens + request.prompt_tokens,
-                       waiting_requests=self.waiting_requests + 1, live_streams=self.live_streams + 1)
+                       waiting_requests=self.waiting_requests + 1, live_streams=self.live_streams + 1,
+                       headroom=tuple(h - c for h, c in zip(self.headroom, cost)))
 
-    def with_counts(self, live_streams: int, stream_limit: int | None) -> EngineView:
-        return replace(self, live_streams=live_streams, stream_limit=stream_limit)
+    def with_counts(self, live_streams: int, stream_limit: int | None, healthy: bool) -> EngineView:
+        return replace(self, live_streams=live_streams, stream_limit=stream_limit, healthy=healthy)
 
     def to_json(self) -> dict[str, Any]:
         """The compact form the driver publishes (times relative: ``at`` is set by the reader)."""
@@ -62,6 +76,7 @@ class EngineView:
                 "ky": self.kv_blocks_yieldable, "ys": self.yieldable_streams, "qp": self.queued_prefill_tokens,
                 "wr": self.waiting_requests, "rr": self.running_requests, "ms": self.max_num_seqs,
                 "dm": round(self.demand_tps, 2), "dt": None if self.decode_tps is None else round(self.decode_tps, 2),
+                "hr": [round(h, 1) for h in self.headroom],
                 "st": self.step_time_s, "pt": self.prefill_tps, "kr": round(self.kv_release_tps, 2),
                 "ls": self.live_streams}
 
@@ -75,6 +90,7 @@ class EngineView:
                    kv_blocks_free=int(d["kf"]), kv_blocks_yieldable=int(d["ky"]), yieldable_streams=int(d["ys"]),
                    queued_prefill_tokens=int(d["qp"]), waiting_requests=int(d["wr"]), running_requests=int(d["rr"]),
                    max_num_seqs=int(d["ms"]), demand_tps=float(d["dm"]), decode_tps=opt(d["dt"]),
+                   headroom=tuple(float(h) for h in d["hr"]),
                    step_time_s=opt(d["st"]), prefill_tps=opt(d["pt"]), kv_release_tps=float(d["kr"]),
                    live_streams=int(d["ls"]), at=at)
 
@@ -93,3 +109,11 @@ class Placement(Protocol):
 
     def choose(self, views: list[EngineView], request: PlacementRequest, now: float) -> str | None:
         """The name of an open engine among ``views`` (None: none is open)."""
+
+
+def request_cost(v: EngineView, request: PlacementRequest) -> tuple[float, ...]:
+    """Decode tokens ``request`` takes from ``v`` within each horizon: what its reader wants by then (capped by
+    its length) and its prompt's prefill, in the decode tokens the engine forgoes meanwhile."""
+    out = float(request.max_tokens) if request.max_tokens is not None else float("inf")
+    prefill = request.prompt_tokens * (v.decode_tps or 0.0) / (v.prefill_tps or DEFAULT_PREFILL_TPS)
+    return tuple(min(request.rate * h, out) + prefill for h in HORIZONS_S)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -94,6 +95,7 @@ class SessionStore(ABC):
         self.on_reset: Callable[[], None] = lambda: None  # the store lost its data (Redis restarted empty)
         # Every delta of a stream held locally (durable or already sunk), to write it again after a reset.
         self.local_log: Callable[[str], list[Delta] | None] = lambda sid: None
+        self._summaries: dict[str, tuple[dict[str, Any], float]] = {}  # engine -> (summary, unix time published)
 
     async def start(self) -> None:
         """Start background work (flushing, leases)."""
@@ -148,6 +150,16 @@ class SessionStore(ABC):
 
     def remote_streams(self, engine: str, now: float) -> Iterable[RemoteStream]:
         return ()
+
+    # --- placement: the engine summary its driver publishes, read by every replica ---
+    def publish_summary(self, engine: str, summary: dict[str, Any]) -> None:
+        """This replica drives ``engine``: its compact state for every replica's placement (one process: kept
+        here; shared stores write it with their next tick)."""
+        self._summaries[engine] = (summary, time.time())
+
+    def engine_summary(self, engine: str) -> tuple[dict[str, Any], float] | None:
+        """The latest summary published for ``engine`` and when (unix seconds), if any."""
+        return self._summaries.get(engine)
 
     def status(self) -> dict[str, Any]:
         return {"store": self.kind, "status": "degraded" if self.degraded else "ok", "replica": self.replica_id}

@@ -87,6 +87,7 @@ class RedisStore(SessionStore):
         self._driver_until: dict[str, float] = {}
         self._remote: dict[str, list[tuple[PublishedStream, float]]] = {}
         self._stale_pubs: dict[str, list[str]] = {}
+        self._summary_out: dict[str, dict[str, Any]] = {}  # engine -> summary to write with the next tick
         self._connected_since: float | None = None
         self._dirty = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -602,6 +603,8 @@ class RedisStore(SessionStore):
                 self._driver_until[arg] = t_sent + self.cfg.driver_lease_ttl_s * 0.8 if int(res) == 1 else 0.0
             elif what == "pubs":
                 self._read_pubs(arg, res, wall)
+            elif what == "summary":
+                self._read_summary(arg, res)
             elif what == "claim":
                 claimed = [x.decode() for x in res]
                 if claimed:
@@ -643,6 +646,12 @@ class RedisStore(SessionStore):
                 plan.append(("hdel", e))
             pipe.hgetall(self._k("pub", e))
             plan.append(("pubs", e))
+            out = self._summary_out.pop(e, None)
+            if out is not None and self.is_driver(e):
+                pipe.set(self._k("sum", e), orjson.dumps({"t": wall, "r": me, "v": out}), px=60_000)
+                plan.append(("sum_set", e))
+            pipe.get(self._k("sum", e))
+            plan.append(("summary", e))
         return plan
 
     def _queue_claim_scan(self, pipe: Any) -> list[tuple[str, str]]:
@@ -690,6 +699,26 @@ class RedisStore(SessionStore):
         self._remote[engine] = fresh
         if stale:
             self._stale_pubs[engine] = stale
+
+    def _read_summary(self, engine: str, raw: bytes | None) -> None:
+        if raw is None:
+            self._summaries.pop(engine, None)
+            return
+        try:
+            obj = orjson.loads(raw)
+            summary, t = obj["v"], float(obj["t"])
+            if not isinstance(summary, dict):
+                raise TypeError("summary is not an object")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("malformed engine summary ignored", extra={"engine": engine})
+            return
+        mine = self._summaries.get(engine)
+        if mine is None or mine[1] <= t:  # the driver's own newer one, not yet written, wins
+            self._summaries[engine] = (summary, t)
+
+    def publish_summary(self, engine: str, summary: dict[str, Any]) -> None:
+        super().publish_summary(engine, summary)
+        self._summary_out[engine] = summary
 
     def is_driver(self, engine: str) -> bool:
         return time.monotonic() < self._driver_until.get(engine, 0.0)

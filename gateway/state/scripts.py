@@ -3,7 +3,8 @@
 Lease expiry uses the Redis server's clock (``TIME``), so replicas' clocks do not need to agree on leases.
 Keys are ``<prefix>:s:<sid>`` (record hash), ``<prefix>:t:<sid>`` (token log stream), ``<prefix>:live``
 (sorted set: running stream -> owner lease expiry, ms), ``<prefix>:drv:<engine>`` (driver lease) and
-``<prefix>:pub:<engine>`` (hash: replica -> its published stream states). Ids are validated before use.
+``<prefix>:pub:<engine>`` (hash: replica -> its published stream states); ``<prefix>:sum:<engine>`` (the engine's
+summary for placement, written by its driver) is a plain key. Ids are validated before use.
 """
 
 from enum import IntEnum
