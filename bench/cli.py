@@ -6,6 +6,8 @@
     tokenflow bench sweep    [workload options] --grid tokenflow.conservativeness=1,2,4 [--grid ...]
     tokenflow bench tick-cost [--streams 100,1000,10000] [--policies tokenflow,andes,fcfs]
     tokenflow bench relay    [--streams 100,500,1000,2000] [--targets direct,nginx,...] (bench/relay.py)
+    tokenflow bench placement --config configs/bench/placement-h100x4.yaml (bench/placement.py: engines x
+                             placements x policies on one virtual clock)
 
 ``--config configs/bench/<name>.yaml`` sets any option (its keys are the option names with ``_``);
 options on the command line win. Results go to ``--out`` (default ``bench-results/<mode>-<time>``):
@@ -116,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--repeats", type=int, default=20)
     t.add_argument("--out", help="write the results as JSON here")
     sub.add_parser("relay", help="CPU per relayed token vs nginx, TTFT, pacing lateness (tokenflow bench relay -h)",
+                   add_help=False)
+    sub.add_parser("placement", help="placements x policies on N simulated engines (tokenflow bench placement -h)",
                    add_help=False)
     return p
 
@@ -488,6 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .relay import main as relay_main
 
         return relay_main(argv[1:])
+    if argv and argv[0] == "placement":  # its own options (bench/placement.py)
+        from .placement import main as placement_main
+
+        return placement_main(argv[1:])
     args = _parse(argv)
     if args.mode == "tick-cost":
         return _tick_cost(args)
