@@ -254,5 +254,12 @@ class Relay:
     def info(self) -> dict[str, Any]:
         store = self.svc.store
         drivers = {n: store.is_driver(n) for n in self.svc.engines}
-        return {**store.status(), "drivers": drivers, "resumes": dict(self.stats.resumes),
+        summaries = {}
+        for n in self.svc.engines:
+            got = store.engine_summary(n)
+            if got is not None:  # what placement knows of the engine from its driver (docs/policies.md)
+                v, at = got
+                summaries[n] = {"age_s": round(max(0.0, time.time() - at), 3), "kv_blocks_free": v.get("kf"),
+                                "kv_blocks_total": v.get("kt"), "live_streams": v.get("ls")}
+        return {**store.status(), "drivers": drivers, "summaries": summaries, "resumes": dict(self.stats.resumes),
                 "takeovers": self.stats.takeovers}

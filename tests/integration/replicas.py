@@ -63,16 +63,19 @@ class Cluster:
     procs: dict[str, Proc] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
 
-    async def start_engine(self) -> None:
+    async def start_engine(self, name: str = "engine") -> str:
+        """A simulated engine (sim-small); the first one's URL is also ``engine_url``."""
         port = free_port()
-        self.procs["engine"] = Proc("engine", [sys.executable, "-m", "backends.sim", "--profile", "sim-small",
-                                               "--port", str(port)], self.logdir)
-        self.engine_url = f"http://127.0.0.1:{port}"
+        self.procs[name] = Proc(name, [sys.executable, "-m", "backends.sim", "--profile", "sim-small",
+                                       "--port", str(port)], self.logdir)
+        url = f"http://127.0.0.1:{port}"
+        self.engine_url = self.engine_url or url
         async with aiohttp.ClientSession() as http:
             async def up() -> bool:
-                async with http.get(self.engine_url + "/health") as r:
+                async with http.get(url + "/health") as r:
                     return r.status == 200
             await poll(up, 30, "engine start")
+        return url
 
     async def start_gateway(self, name: str, policy: str = "fcfs", *, engine: dict[str, Any] | None = None,
                             env_extra: dict[str, str] | None = None, **session: Any) -> str:
