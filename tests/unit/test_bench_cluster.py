@@ -51,3 +51,20 @@ def test_one_engine_gets_everything_and_bad_sizes_fail() -> None:
         run_cluster(WL, 0, "tokenflow", "tokenflow", 1)
     with pytest.raises(ValueError, match="unknown placement"):
         run_cluster(WL, 2, "random", "tokenflow", 1, profile="sim-small")
+
+
+def test_placement_bench_cases_are_identical_per_size_and_the_burst_floor_is_a_prefill_bound() -> None:
+    from backends.sim.profile import load_profile
+    from bench.placement import case_specs, parse, ttft_p99_floor
+
+    args = parse(["--burst-per-engine", "50", "--rps-per-engine", "2", "--duration-s", "10", "--long-share", "0.5"])
+    burst = case_specs("burst", 2, args)
+    assert burst == case_specs("burst", 2, args) and len(burst) == 100
+    assert {s.arrival_s for s in burst} == {0.0}
+    long = sum(1 for s in burst if s.output_tokens > 1000)
+    assert 30 <= long <= 70  # about half long (~2048), the rest short (~256)
+    on_load = case_specs("burst-on-load", 2, args)
+    assert sum(1 for s in on_load if s.arrival_s == args.burst_at_s) == 100 and len(on_load) == 140
+    prompts = sorted(s.prompt_tokens for s in burst)[:99]
+    assert ttft_p99_floor(burst, 1, "sim-small") == load_profile("sim-small").chunked_prefill_time(sum(prompts))
+    assert ttft_p99_floor(burst, 2, "sim-small") < ttft_p99_floor(burst, 1, "sim-small")
