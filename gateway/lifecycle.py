@@ -32,6 +32,7 @@ from .api.responses import SSE_HEADERS, json_response
 from .api.sse import DONE, ChunkEncoder
 from .engines.client import EngineDown, EngineError, EngineStalled, EngineStream, EngineTimeout
 from .pump import Pump, TokenSink
+from .routing import placement_request
 from .state import StreamRecord
 from .streams.base import StreamBase, StreamSpec, Upstream
 from .streams.collector import Collector
@@ -71,7 +72,8 @@ class RequestLifecycle:
         arrival = svc.clock()
         body = parse_json(await request.read())
         creq = parse_request(body, kind, request.headers, svc.cfg.streams, svc.engines.models)
-        engine = svc.engines.route(creq.model, svc.streams.values(), svc.cfg.auth.retry_after_s)
+        engine = svc.engines.route(creq.model, svc.streams.values(), svc.cfg.auth.retry_after_s,
+                                   placement_request(creq))
         self.admit(kind)
         sid = uuid.uuid4().hex[:24]
         auth.admit(request, creq, engine.name, sid, svc.cfg.streams)  # the API key's default rate

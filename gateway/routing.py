@@ -11,10 +11,31 @@ from .api.errors import ApiError, at_capacity
 from .placement import EngineView, Placement, PlacementRequest, make_placement
 
 if TYPE_CHECKING:
+    from .api.requests import ClientRequest
     from .config import EngineConfig
     from .control import ControlLoop
     from .engines.client import EngineClient
     from .streams.base import StreamBase
+
+
+def placement_request(creq: ClientRequest) -> PlacementRequest:
+    """What placement knows of a request before an engine tokenizes it: its prompt's length, estimated at four
+    characters a token (a list of token ids counts exactly), its max_tokens and its reader's rate."""
+    body = creq.engine_body
+    chars = tokens = 0
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    elif isinstance(prompt, list):
+        tokens = sum(1 for p in prompt if isinstance(p, int)) or 0
+        chars = sum(len(p) for p in prompt if isinstance(p, str))
+    for m in body.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return PlacementRequest(max(1, tokens + chars // 4), creq.max_tokens, creq.rate)
 
 
 @dataclass(slots=True, eq=False)
