@@ -95,9 +95,9 @@ def test_limits_and_down_engines_keep_their_answers() -> None:
 def test_placement_request_estimates_the_prompt_before_tokenizing() -> None:
     from gateway.routing import placement_request
 
+    parts = [{"type": "text", "text": "y" * 40}]
     chat = SimpleNamespace(engine_body={"messages": [{"role": "user", "content": "x" * 400},
-                                                     {"role": "user", "content": [{"type": "text", "text": "y" * 40}]}]},
-                           max_tokens=300, rate=12.0)
+                                                     {"role": "user", "content": parts}]}, max_tokens=300, rate=12.0)
     assert placement_request(chat) == PlacementRequest(110, 300, 12.0)  # type: ignore[arg-type]
     ids = SimpleNamespace(engine_body={"prompt": [5] * 77}, max_tokens=None, rate=8.0)
     assert placement_request(ids) == PlacementRequest(77, None, 8.0)  # type: ignore[arg-type]
