@@ -10,11 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-# The tokenflow policy's admission horizons and defaults (gateway/policy/tokenflow.py, knobs.py).
+from ..policy.knobs import TokenFlowKnobs
+
+# The tokenflow policy's admission horizons (gateway/policy/tokenflow.py, _HORIZONS_S) and defaults: placement
+# predicts what that policy will do.
 HORIZONS_S = (2.0, 8.0, 24.0, 80.0)
-ADMIT_UTILIZATION = 0.9
-DEFAULT_STEP_S = 0.02
-DEFAULT_PREFILL_TPS = 10_000.0
+_KNOBS = TokenFlowKnobs()
+ADMIT_UTILIZATION = _KNOBS.admit_utilization
+MEMORY_TARGET = _KNOBS.memory_target
+DEFAULT_STEP_S = _KNOBS.default_step_time_s
+DEFAULT_PREFILL_TPS = _KNOBS.default_prefill_tokens_per_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from ..policy.types import EngineStatus, Snapshot
-from .types import ADMIT_UTILIZATION, DEFAULT_PREFILL_TPS, DEFAULT_STEP_S, HORIZONS_S, EngineView
+from .types import ADMIT_UTILIZATION, DEFAULT_PREFILL_TPS, DEFAULT_STEP_S, HORIZONS_S, MEMORY_TARGET, EngineView
 
 # A running stream whose reader has more than this many seconds unread can be held for a while without a stall:
 # the tokenflow policy frees its KV and batch slot when a new request needs them.
 YIELD_BUFFER_S = 5.0
-MEMORY_TARGET = 0.92  # the tokenflow policy's share of device KV its running set may fill
 _RUNNING = (EngineStatus.RUNNING, EngineStatus.LOADING)
 
 
