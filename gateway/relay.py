@@ -41,6 +41,7 @@ class Relay:
         self.requests = requests
         self.stats = SessionStats()
         self._remote_seen: dict[str, set[str]] = {}  # engine -> remote stream ids in the last snapshot
+        self._views: dict[str, tuple[float, EngineView]] = {}  # engine -> (published at, its placement view)
         store = svc.store
         store.publisher = self._publish
         store.on_claimed = self._on_claimed
@@ -241,11 +242,16 @@ class Relay:
         if got is None:
             return None
         summary, at_wall = got
+        cached = self._views.get(engine)
+        if cached is not None and cached[0] == at_wall:
+            return cached[1]  # the same summary: the same view (routing adds its placements to it once)
         try:
-            return EngineView.from_json(summary, at=now - max(0.0, time.time() - at_wall))
+            view = EngineView.from_json(summary, at=now - max(0.0, time.time() - at_wall))
         except (KeyError, TypeError, ValueError):
             log.warning("malformed engine summary ignored", extra={"engine": engine})
             return None
+        self._views[engine] = (at_wall, view)
+        return view
 
     async def close(self) -> None:
         self.requests.close()

@@ -47,6 +47,11 @@ class EngineHandle:
     embedded: Any = None  # the in-process simulated engine, when embedded
     # Requests this replica placed here, (time, request), newest last: added to a view taken before them.
     placed: list[tuple[float, PlacementRequest]] = field(default_factory=list)
+    # The last view with the placements since added, and how many of ``placed`` it holds: each route adds
+    # only the newest placement instead of all since the view (many per tick under load).
+    _base: EngineView | None = None
+    _adjusted: EngineView | None = None
+    _applied: int = 0
 
     @property
     def name(self) -> str:
@@ -56,17 +61,21 @@ class EngineHandle:
         """Placement's view: the control loop's (or its driver's) view with what this replica placed since, or,
         with none fresh, the counts alone (``informed`` False). ``live_streams`` is always this replica's count,
         as least-outstanding has always counted."""
-        cutoff = now - max_age_s
-        while self.placed and self.placed[0][0] < cutoff:
-            self.placed.pop(0)
         v = self.control.placement_view(now, max_age_s)
         if v is None:
+            self._base = self._adjusted = None
+            cutoff = now - max_age_s
+            self.placed = [p for p in self.placed if p[0] >= cutoff]
             return EngineView(name=self.name, healthy=self.control.healthy, informed=False, live_streams=live,
                               stream_limit=self.config.max_streams)
-        for t, req in self.placed:
-            if t >= v.at:
-                v = v.with_placed(req)
-        return v.with_counts(live, self.config.max_streams, self.control.healthy)
+        if v is not self._base:  # a new view: it includes what was placed before it was taken
+            self.placed = [p for p in self.placed if p[0] >= v.at]
+            self._base, self._adjusted, self._applied = v, v, 0
+        adjusted = self._adjusted or v
+        for _, req in self.placed[self._applied:]:
+            adjusted = adjusted.with_placed(req)
+        self._adjusted, self._applied = adjusted, len(self.placed)
+        return adjusted.with_counts(live, self.config.max_streams, self.control.healthy)
 
 
 class Engines(Mapping[str, "EngineHandle"]):

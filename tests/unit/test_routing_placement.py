@@ -101,3 +101,15 @@ def test_placement_request_estimates_the_prompt_before_tokenizing() -> None:
     assert placement_request(chat) == PlacementRequest(110, 300, 12.0)  # type: ignore[arg-type]
     ids = SimpleNamespace(engine_body={"prompt": [5] * 77}, max_tokens=None, rate=8.0)
     assert placement_request(ids) == PlacementRequest(77, None, 8.0)  # type: ignore[arg-type]
+
+
+def test_a_new_view_replaces_the_placements_it_already_includes() -> None:
+    coord = Coordinator({"e0": view("e0", 520), "e1": view("e1", 500)})
+    es = engines("kv-free-first", coord)
+    big = PlacementRequest(prompt_tokens=16 * 100)
+    assert [es.route("m", [], 1, big).name for _ in range(3)] == ["e0", "e1", "e0"]
+    e0 = es["e0"].view(NOW, 2.0, 0)
+    assert e0.queued_prefill_tokens == 2 * 1600 and e0.waiting_requests == 2
+    coord.views["e0"] = view("e0", 320, at=NOW + 0.1)  # taken after those placements: they are in it now
+    assert es["e0"].view(NOW + 0.2, 2.0, 0).queued_prefill_tokens == 0
+    assert es["e1"].view(NOW + 0.2, 2.0, 0).queued_prefill_tokens == 1600
