@@ -67,6 +67,7 @@ class ControlLoop:
         self.stall_timeout_s = stall_timeout_s
         self.driving = coordinator is None  # this replica runs the policy for the engine
         self.view: EngineView | None = None  # placement's view of the engine, from this replica's last snapshot
+        self.placing = True  # build that view each tick (the app turns it off when no other engine serves its models)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -152,9 +153,10 @@ class ControlLoop:
                 return []  # another replica schedules this engine (it sees our streams' published state)
             sources = self.coordinator.streams_for(name, sources, now)
         snap = build_snapshot(state, sources, now, self.tick_interval_s)
-        self.view = view_from_snapshot(name, snap, now)
-        if self.coordinator is not None:
-            self.coordinator.publish_view(self.view)
+        if self.placing:
+            self.view = view_from_snapshot(name, snap, now)
+            if self.coordinator is not None:
+                self.coordinator.publish_view(self.view)
         buffer_hist, tte_hist = m.buffer.labels(name), m.time_to_empty.labels(name)  # one label lookup per tick
         for v in snap.streams:
             buffer_hist.observe(v.buffer_tokens)

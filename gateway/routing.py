@@ -107,6 +107,10 @@ class Engines(Mapping[str, "EngineHandle"]):
     def models(self) -> set[str]:
         return set(self._by_model)
 
+    def shares_a_model(self, handle: EngineHandle) -> bool:
+        """Another engine serves one of ``handle``'s models: placement has a choice to make there."""
+        return any(len(self._by_model.get(m, ())) > 1 for m in handle.models)
+
     def first_by_model(self) -> list[tuple[str, EngineHandle]]:
         """Each model with the first engine that serves it, sorted by model (``GET /v1/models``)."""
         return sorted((m, hs[0]) for m, hs in self._by_model.items())
