@@ -246,7 +246,8 @@ class RequestLifecycle:
                 stream.direct = None
             svc.metrics.requests.labels(stream.kind, outcome).inc()
             delivered = stream.generated - stream.base if stream.pacing == "none" else stream.reader.consumed
-            svc.metrics.tokens_out.labels(name).inc(delivered)
+            # (a client that resumed after more tokens than exist yet was delivered none)
+            svc.metrics.tokens_out.labels(name).inc(max(0, delivered))
             svc.drain.detach(stream, drain)
         return resp
 
