@@ -42,7 +42,7 @@ FUZZ = settings(
     derandomize=True,  # the same examples on every run
     database=None,  # and nothing remembered between runs
     deadline=None,  # a real process on a shared machine: latency is not the property
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                            HealthCheck.data_too_large],
     print_blob=True,
