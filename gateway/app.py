@@ -186,7 +186,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return ApiError(e.status, e.reason or "error", code=str(e.status)).response()
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # (a 405's methods)
+        return ApiError(e.status, e.reason or "error", code=str(e.status), headers=allow).response()
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

@@ -523,3 +523,37 @@ def test_malformed_requests_get_a_400_and_cost_a_warning_at_most(srv: Server, na
             answer += chunk
     assert answer.startswith(b"HTTP/1.") and answer.split(b" ", 2)[1] == b"400", answer[:200]
     assert not srv.new_log_problems()
+
+
+def test_expect_100_continue_still_continues(srv: Server) -> None:
+    """The gateway's own ``Expect`` handler (JSON 417 for anything else) still lets a client that waits for
+    ``100 Continue`` (curl with ``-H 'Expect: 100-continue'``, some SDKs for large bodies) send its body."""
+    body = json.dumps({"model": MODELS[0], "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).encode()
+    with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n".encode()
+                     + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(1)
+            assert chunk, interim
+            interim += chunk
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert not srv.new_log_problems()
+
+
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_ones(srv: Server) -> None:
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+    try:
+        conn.request("DELETE", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        err = json.loads(resp.read())["error"]
+        assert resp.status == 405 and set(err) == ERROR_FIELDS
+        assert set(resp.getheader("Allow", "").replace(" ", "").split(",")) == {"GET", "HEAD"}
+    finally:
+        conn.close()
