@@ -1,0 +1,214 @@
+"""Failover: an engine killed (SIGKILL) or frozen (SIGSTOP) under load, with another engine of the same model up.
+
+Real processes: two simulated engines, gateway replicas, a private redis-server. The simulated engine is
+deterministic: token ``i`` of an answer is `` tok<i>``, and a continuation resumes the numbering after the last
+token of its prompt. So every client can check its answer exactly: ``tok0 .. tok<max_tokens-1>``, each once, in
+order, ending with ``finish_reason: length`` and the usage a single engine would have reported. Each case prints
+its figures (the time from the failure to the first continued token). Waits are polls, never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from backends.sim.server import text_tokens
+from tests.integration.replicas import Client, Cluster, Proc, RedisServer, lost_and_duplicated, poll
+from tests.support.procs import free_port
+
+pytestmark = pytest.mark.redis
+
+_SHORT = aiohttp.ClientTimeout(total=5)
+_NAMES = {"sim": "engine", "sim-b": "engine-b"}  # engine name -> its process in the cluster
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    srv = RedisServer(tmp_path)
+    srv.start()
+    c = Cluster(tmp_path, srv.url)
+    try:
+        await c.start_engine()
+        port = free_port()
+        c.procs["engine-b"] = Proc("engine-b", [sys.executable, "-m", "backends.sim", "--profile", "sim-small",
+                                                "--port", str(port)], c.logdir, url=f"http://127.0.0.1:{port}")
+        c.procs["engine-b"].wait_http("/health", 30)
+        yield c
+    finally:
+        for p in c.procs.values():
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGCONT)
+        c.stop()
+        srv.stop()
+
+
+def _engines(cluster: Cluster) -> dict[str, str]:
+    urls = [{"name": "sim", "url": cluster.engine_url, "models": ["sim-small"]},
+            {"name": "sim-b", "url": cluster.procs["engine-b"].url, "models": ["sim-small"]}]
+    return {"TOKENFLOW_ENGINES": orjson.dumps(urls).decode()}
+
+
+def _client(i: int, max_tokens: int, rate: float = 1000.0, pacing: str = "none") -> Client:
+    extra = {"stream": True, "max_tokens": max_tokens, "stream_options": {"include_usage": True},
+             "tokenflow": {"rate": rate, "pacing": pacing}}
+    if i % 2:
+        return Client({"model": "sim-small", "messages": [{"role": "user", "content": f"question {i}"}], **extra},
+                      path="/v1/chat/completions")
+    return Client({"model": "sim-small", "prompt": f"prompt number {i}", **extra})
+
+
+def _prompt_tokens(c: Client) -> int:
+    """What the simulated engine counts for the client's own prompt (one engine, no failover)."""
+    if "prompt" in c.body:
+        return text_tokens(c.body["prompt"])
+    return sum(text_tokens(m["content"]) for m in c.body["messages"])
+
+
+def _whole(c: Client, max_tokens: int) -> bool:
+    """The answer a single engine would have given: every token once, in order, ended by the limit, right usage."""
+    return (c.done and not c.errors and c.tokens() == list(range(max_tokens)) and c.finish_reasons == ["length"]
+            and c.usage == {"prompt_tokens": _prompt_tokens(c), "completion_tokens": max_tokens,
+                            "total_tokens": _prompt_tokens(c) + max_tokens})
+
+
+def _resumed_after(c: Client, t_fail: float) -> float:
+    """Seconds from the failure to the first continued token: the end of the longest silence that began around
+    the failure (the last token from the failed engine may arrive just after the signal)."""
+    stamps = c.stamps
+    gaps = [(stamps[i] - stamps[i - 1], i) for i in range(1, len(stamps))
+            if t_fail - 0.5 <= stamps[i - 1] <= t_fail + 0.1 and stamps[i] > t_fail]
+    _, i = max(gaps)
+    return stamps[i] - t_fail
+
+
+async def _info(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
+    async with http.get(url + "/v1/streams", timeout=_SHORT) as r:
+        data: list[dict[str, Any]] = (await r.json())["data"]
+        return data
+
+
+async def _failovers(http: aiohttp.ClientSession, url: str, engine: str, outcome: str) -> float:
+    async with http.get(url + "/metrics", timeout=_SHORT) as r:
+        text = await r.text()
+    key = f'tokenflow_failovers_total{{engine="{engine}",outcome="{outcome}"}} '
+    return sum(float(line[len(key):]) for line in text.splitlines() if line.startswith(key))
+
+
+async def _engine_requests(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
+    async with http.get(url + "/control/v1/state", timeout=_SHORT) as r:
+        reqs: list[dict[str, Any]] = (await r.json())["requests"]
+        return reqs
+
+
+async def _fail_engine_under_load(cluster: Cluster, urls: list[str], sig: signal.Signals, n: int = 50,
+                                  max_tokens: int = 400) -> dict[str, Any]:
+    """``n`` streams spread over ``urls`` (replicas) and both engines; ``sig`` to the engine serving the first
+    stream (a slow reader that lives long enough to be looked up after it moved). Returns the figures."""
+    watcher = _client(0, 200, rate=20, pacing="smooth")
+    clients = [watcher] + [_client(i, max_tokens) for i in range(1, n)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        tasks = [asyncio.create_task(c.start(http, urls[i % len(urls)])) for i, c in enumerate(clients)]
+        await poll(lambda: _all_have(clients, 10), 30, "every stream delivering")
+        on: dict[str, tuple[str, str]] = {}  # stream id -> (engine, replica url)
+        for url in urls:
+            on |= {s["id"]: (s["engine"], url) for s in await _info(http, url)}
+        victim, watcher_url = on[watcher.sid or ""]
+        other = next(e for e in _NAMES if e != victim)
+        moved = [c for c in clients if on.get(c.sid or "", ("",))[0] == victim]
+        proc = cluster.procs[_NAMES[victim]]
+        t_fail = time.monotonic()
+        proc.popen.send_signal(sig)
+
+        async def watcher_moved() -> bool:
+            async with http.get(f"{watcher_url}/v1/streams/{watcher.sid}", timeout=_SHORT) as r:
+                return r.status == 200 and (await r.json())["engine"] == other
+
+        await poll(watcher_moved, 20, "GET /v1/streams/{id} shows the other engine")
+        # New requests go to the engine still up, at once (the failed one is marked down by now).
+        fresh = [_client(i, 20) for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*(c.start(http, urls[0]) for c in fresh)), 20)
+        await asyncio.wait_for(asyncio.gather(*tasks), 90)
+        continued = sum([await _failovers(http, u, victim, "continued") for u in urls])
+        ended = sum([await _failovers(http, u, victim, "ended") for u in urls])
+        if sig == signal.SIGSTOP:
+            proc.popen.send_signal(signal.SIGCONT)
+            # The thawed engine gets the aborts (or sees its connections closed): it keeps nothing.
+            await poll(lambda: _empty(http, cluster.engine_url if victim == "sim" else proc.url), 20,
+                       "nothing left on the thawed engine")
+        survivor = cluster.engine_url if other == "sim" else cluster.procs["engine-b"].url
+        await poll(lambda: _empty(http, survivor), 10, "nothing left on the other engine")
+    lost, dup, disorder = lost_and_duplicated(clients[1:], max_tokens)
+    lost_w, dup_w, disorder_w = lost_and_duplicated([watcher], 200)
+    resumed = sorted(_resumed_after(c, t_fail) for c in moved if c is not watcher)
+    return {"clients": clients, "max_tokens": max_tokens, "moved": moved, "continued": continued, "ended": ended,
+            "lost": lost + lost_w, "dup": dup + dup_w, "disorder": disorder + disorder_w, "resumed": resumed,
+            "fresh": fresh, "watcher": watcher}
+
+
+async def _empty(http: aiohttp.ClientSession, url: str) -> bool:
+    return not await _engine_requests(http, url)
+
+
+async def _all_have(clients: list[Client], n: int) -> bool:
+    return all(len(c.tokens()) >= n for c in clients)
+
+
+def _check(r: dict[str, Any], what: str) -> None:
+    clients, moved, resumed = r["clients"], r["moved"], r["resumed"]
+    print(f"\n{what}: {len(moved)} of {len(clients)} streams on it moved to the other engine; failure -> first "
+          f"continued token median {statistics.median(resumed) * 1000:.0f} ms, max {max(resumed) * 1000:.0f} ms; "
+          f"lost = {r['lost']}, duplicated = {r['dup']}, out of order = {r['disorder']}")
+    assert len(moved) >= 2 and r["continued"] == len(moved) and r["ended"] == 0
+    assert (r["lost"], r["dup"], r["disorder"]) == (0, 0, 0)
+    assert all(_whole(c, r["max_tokens"]) for c in clients[1:]), [
+        (c.errors, c.finish_reasons, c.usage, len(c.tokens())) for c in clients if not _whole(c, r["max_tokens"])][:3]
+    assert _whole(r["watcher"], 200)
+    assert all(_whole(c, 20) for c in r["fresh"])
+
+
+async def test_engine_killed_streams_continue_on_the_other_engine(cluster: Cluster) -> None:
+    url = await cluster.start_gateway("A", env_extra=_engines(cluster))
+    _check(await _fail_engine_under_load(cluster, [url], signal.SIGKILL), "engine SIGKILLed under 50 streams")
+
+
+async def test_engine_frozen_streams_continue_on_the_other_engine(cluster: Cluster) -> None:
+    url = await cluster.start_gateway("A", env_extra=_engines(cluster))
+    r = await _fail_engine_under_load(cluster, [url], signal.SIGSTOP)
+    _check(r, "engine SIGSTOPped under 50 streams (down_after_s 2)")
+    assert min(r["resumed"]) >= 2.0  # judged by liveness (engines[].down_after_s), not by a gap between tokens
+
+
+async def test_two_replicas_streams_of_both_continue_when_an_engine_dies(cluster: Cluster) -> None:
+    env = _engines(cluster)
+    a = await cluster.start_gateway("A", env_extra=env)
+    b = await cluster.start_gateway("B", env_extra=env)
+    r = await _fail_engine_under_load(cluster, [a, b], signal.SIGKILL)
+    _check(r, "engine SIGKILLed under 50 streams over two replicas")
+    owners = {r["clients"].index(c) % 2 for c in r["moved"]}
+    assert owners == {0, 1}  # streams of both replicas moved
+
+
+async def test_no_failover_when_disabled_ends_with_the_clean_error(cluster: Cluster) -> None:
+    env = {**_engines(cluster), "TOKENFLOW_STREAMS__MAX_FAILOVERS": "0"}
+    url = await cluster.start_gateway("A", env_extra=env)
+    clients = [_client(i, 600) for i in range(10)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        tasks = [asyncio.create_task(c.start(http, url)) for c in clients]
+        await poll(lambda: _all_have(clients, 5), 30, "every stream delivering")
+        on = {s["id"]: s["engine"] for s in await _info(http, url)}
+        cluster.procs["engine"].popen.send_signal(signal.SIGSTOP)
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    failed = [c for c in clients if on[c.sid or ""] == "sim"]
+    assert failed and all(c.error_codes == ["engine_down"] and c.finish_reasons == [] for c in failed)
+    assert all(c.tokens() == list(range(len(c.tokens()))) for c in failed)
+    assert all(_whole(c, 600) for c in clients if c not in failed)
