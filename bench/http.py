@@ -244,6 +244,7 @@ def spawn_sim(profile: str, log_path: Path, start_timeout_s: float = 30.0) -> It
     """A simulated engine process (``python -m backends.sim``) on a free port; yields its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "backends.sim", "--profile", profile, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)

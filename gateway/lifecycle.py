@@ -121,17 +121,40 @@ class RequestLifecycle:
 
     # ----- submit -----
     async def submit(self, stream: Stream, engine: EngineHandle, body: dict[str, Any], start: int,
-                     origin: dict[str, Any] | None = None) -> None:
+                     origin: dict[str, Any] | None = None, tried: set[str] | None = None) -> None:
         """Open ``stream``'s engine request (a continuation after ``start`` tokens, if any) and read it into the
         session store; this replica owns the stream from now on. ``origin``: the request as first sent, which a
-        failover continues (by default ``body``)."""
+        failover continues (by default ``body``); ``tried``: engines not to pass over to (see :meth:`_open_any`)."""
         self.origins.setdefault(stream.id, body if origin is None else origin)
-        upstream = await self._open(stream, engine, body, start)
+        engine, upstream = await self._open_any(stream, engine, body, start, tried)
+        self._read(stream, engine, upstream, start)
+
+    def _read(self, stream: Stream, engine: EngineHandle, upstream: EngineStream, start: int) -> None:
         stream.upstream = Upstream.ENGINE
         task = self._pump(stream, engine, upstream, self.svc.store, start)
         # Registered at once: a failover in progress (the pump task it replaces) must be cancelled with it.
         self.pumps[stream.id] = task
         task.add_done_callback(partial(self._pump_done, stream))
+
+    async def _open_any(self, s: StreamBase, engine: EngineHandle, body: dict[str, Any], start: int,
+                        tried: set[str] | None = None) -> tuple[EngineHandle, EngineStream]:
+        """The engine stream on ``engine``, or on another of the model when ``engine`` cannot take it (marked down,
+        unreachable or broken: 5xx, for example killed a moment ago and not marked down yet): a failover before
+        the request's first token there. ``tried`` (engines that already failed it) grows with each one tried."""
+        tried = set() if tried is None else tried
+        tried.add(engine.name)
+        while True:
+            try:
+                return engine, await self._open(s, engine, body, start)
+            except ApiError as e:
+                if e.status < 500:
+                    raise
+                failed = engine.name
+                nxt = self._next_engine(s, tried)
+                if isinstance(nxt, str):
+                    raise
+                engine = nxt
+                self.svc.metrics.failovers.labels(failed, "rerouted").inc()
 
     async def _open(self, s: StreamBase, engine: EngineHandle, body: dict[str, Any], start: int) -> EngineStream:
         """The engine stream, retrying a resubmission while the engine still knows the dead request's id."""
@@ -207,32 +230,45 @@ class RequestLifecycle:
                     sink.finish(s.id, Final("length", self.prompts.get(s.id, 0)))
                     return None
         tried = {failed.name}
-        while body is not None and self.moves.get(s.id, 0) < svc.cfg.streams.max_failovers:
-            try:
-                target = svc.engines.route(s.model, svc.streams.values(), svc.cfg.auth.retry_after_s, exclude=tried)
-            except ApiError as e:
-                why = e.message
+        while body is not None:
+            target = self._next_engine(s, tried)
+            if isinstance(target, str):
+                why = target
                 break
-            self.moves[s.id] = self.moves.get(s.id, 0) + 1
-            tried.add(target.name)
-            self._move(s, target)
             try:
                 if isinstance(s, Stream):
-                    await self.submit(s, target, body, produced)
+                    await self.submit(s, target, body, produced, tried=tried)
                     task = self.pumps[s.id]
                 else:
-                    task = self._pump(s, target, await self._open(s, target, body, produced), sink, produced)
+                    target, upstream = await self._open_any(s, target, body, produced, tried)
+                    task = self._pump(s, target, upstream, sink, produced)
             except ApiError as e:
                 why = e.message
                 continue
             svc.metrics.failovers.labels(failed.name, "continued").inc()
             log.warning("request moved to another engine", extra={
-                "stream_id": s.id, "engine": target.name, "from": failed.name, "tokens": produced, "error": str(error)})
+                "stream_id": s.id, "engine": s.engine, "from": failed.name, "tokens": produced, "error": str(error)})
             return task
         svc.metrics.failovers.labels(failed.name, "ended").inc()
         log.warning("request ended with its engine", extra={"stream_id": s.id, "engine": failed.name, "why": why})
         sink.finish(s.id, _failure_final(error))
         return None
+
+    def _next_engine(self, s: StreamBase, tried: set[str]) -> EngineHandle | str:
+        """Another engine of ``s``'s model, serving ``s`` from now on: up, not in ``tried`` (which it joins), within
+        ``streams.max_failovers``; or why there is none."""
+        svc = self.svc
+        moves = self.moves.get(s.id, 0)
+        if moves >= svc.cfg.streams.max_failovers:
+            return f"it moved {moves} times already (streams.max_failovers)"
+        try:
+            target = svc.engines.route(s.model, svc.streams.values(), svc.cfg.auth.retry_after_s, exclude=tried)
+        except ApiError as e:
+            return e.message
+        self.moves[s.id] = moves + 1
+        tried.add(target.name)
+        self._move(s, target)
+        return target
 
     def _produced(self, s: StreamBase) -> list[Delta]:
         """Every token ``s`` got so far, as its log: a Stream's durable deltas and those still being written; a
@@ -271,7 +307,8 @@ class RequestLifecycle:
         self.register(stream)
         self.origins[sid] = body
         try:
-            await self.submit(stream, engine, body, 0)
+            engine, upstream = await self._open_any(stream, engine, body, 0)
+            self._read(stream, engine, upstream, 0)
         except BaseException as e:
             if isinstance(e, ApiError):
                 self.svc.store.finish(sid, Final(None, 0, (e.message, e.code or "engine_error")))
@@ -387,7 +424,8 @@ class RequestLifecycle:
         self.origins[c.id] = body
         pump: asyncio.Task[None] | None = None
         try:
-            pump = self._pump(c, engine, await self._open(c, engine, body, 0), c)
+            engine, upstream = await self._open_any(c, engine, body, 0)
+            pump = self._pump(c, engine, upstream, c)
             await pump
             while (failure := self.failures.pop(c.id, None)) is not None:  # its engine failed: try another
                 failed, produced, error, _ = failure
