@@ -10,6 +10,7 @@ its figures (the time from the failure to the first continued token). Waits are 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import statistics
 import sys
@@ -81,14 +82,27 @@ def _whole(c: Client, max_tokens: int) -> bool:
                             "total_tokens": _prompt_tokens(c) + max_tokens})
 
 
-def _resumed_after(c: Client, t_fail: float) -> float:
-    """Seconds from the failure to the first continued token: the end of the longest silence that began around
-    the failure (the last token from the failed engine may arrive just after the signal)."""
-    stamps = c.stamps
-    gaps = [(stamps[i] - stamps[i - 1], i) for i in range(1, len(stamps))
-            if t_fail - 0.5 <= stamps[i - 1] <= t_fail + 0.1 and stamps[i] > t_fail]
-    _, i = max(gaps)
-    return stamps[i] - t_fail
+def _moves(cluster: Cluster, replicas: list[str]) -> dict[str, int]:
+    """Stream id -> tokens it had when it moved to another engine (the replicas' logs: the exact cut)."""
+    out = {}
+    for name in replicas:
+        for line in cluster.procs[name].log.read_text(errors="replace").splitlines():
+            if '"request moved to another engine"' in line:
+                rec = orjson.loads(line)
+                out[rec["stream_id"]] = rec["tokens"]
+    return out
+
+
+def _continued_at(c: Client, cut: int) -> float:
+    """When the first token after ``cut`` (the first from the engine that took over) reached the client."""
+    for text, stamp in zip(c.texts, c.stamps, strict=True):
+        if cut in _indices(text):
+            return stamp
+    raise AssertionError(f"token {cut} never arrived")
+
+
+def _indices(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r" tok(\d+)", text)]
 
 
 async def _info(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
@@ -149,7 +163,8 @@ async def _fail_engine_under_load(cluster: Cluster, urls: list[str], sig: signal
         await poll(lambda: _empty(http, survivor), 10, "nothing left on the other engine")
     lost, dup, disorder = lost_and_duplicated(clients[1:], max_tokens)
     lost_w, dup_w, disorder_w = lost_and_duplicated([watcher], 200)
-    resumed = sorted(_resumed_after(c, t_fail) for c in moved if c is not watcher)
+    cuts = _moves(cluster, [n for n in cluster.procs if n in ("A", "B")])
+    resumed = sorted(_continued_at(c, cuts[c.sid or ""]) - t_fail for c in moved if c is not watcher)
     return {"clients": clients, "max_tokens": max_tokens, "moved": moved, "continued": continued, "ended": ended,
             "lost": lost + lost_w, "dup": dup + dup_w, "disorder": disorder + disorder_w, "resumed": resumed,
             "fresh": fresh, "watcher": watcher}
@@ -165,8 +180,12 @@ async def _all_have(clients: list[Client], n: int) -> bool:
 
 def _check(r: dict[str, Any], what: str) -> None:
     clients, moved, resumed = r["clients"], r["moved"], r["resumed"]
+    # The continuations queue in the surviving engine like any request: those beyond its free sequence slots
+    # (sim-small: 32) wait for its own streams to finish, so the spread says more about capacity than failover.
+    quick = sum(1 for t in resumed if t < resumed[0] + 0.5)
     print(f"\n{what}: {len(moved)} of {len(clients)} streams on it moved to the other engine; failure -> first "
-          f"continued token median {statistics.median(resumed) * 1000:.0f} ms, max {max(resumed) * 1000:.0f} ms; "
+          f"continued token: fastest {resumed[0] * 1000:.0f} ms ({quick} of {len(resumed)} within 0.5 s of it), "
+          f"median {statistics.median(resumed) * 1000:.0f} ms, max {max(resumed) * 1000:.0f} ms; "
           f"lost = {r['lost']}, duplicated = {r['dup']}, out of order = {r['disorder']}")
     assert len(moved) >= 2 and r["continued"] == len(moved) and r["ended"] == 0
     assert (r["lost"], r["dup"], r["disorder"]) == (0, 0, 0)
