@@ -231,3 +231,42 @@ async def test_no_failover_when_disabled_ends_with_the_clean_error(cluster: Clus
     assert failed and all(c.error_codes == ["engine_down"] and c.finish_reasons == [] for c in failed)
     assert all(c.tokens() == list(range(len(c.tokens()))) for c in failed)
     assert all(_whole(c, 600) for c in clients if c not in failed)
+
+
+async def test_non_streaming_requests_fail_over_too(cluster: Cluster) -> None:
+    url = await cluster.start_gateway("A", env_extra=_engines(cluster))
+    n, max_tokens = 10, 600
+    bodies = [{**_client(i, max_tokens).body, "stream": False} for i in range(n)]
+    for b in bodies:
+        b.pop("stream_options")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async def one(i: int) -> dict[str, Any]:
+            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            async with http.post(url + path, json=bodies[i]) as r:
+                assert r.status == 200, await r.text()
+                out: dict[str, Any] = await r.json()
+                return out
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+
+        async def all_producing() -> bool:
+            info = await _info(http, url)
+            return len(info) == n and all(s["generated_tokens"] >= 10 for s in info)
+
+        await poll(all_producing, 30, "every request producing")
+        on = {s["id"]: s["engine"] for s in await _info(http, url)}
+        cluster.procs["engine"].popen.send_signal(signal.SIGKILL)
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        continued = await _failovers(http, url, "sim", "continued")
+    expected = "".join(f" tok{k}" for k in range(max_tokens))
+    for i, a in enumerate(answers):
+        choice = a["choices"][0]
+        text = choice["message"]["content"] if i % 2 else choice["text"]
+        prompt = text_tokens(bodies[i]["prompt"]) if "prompt" in bodies[i] else sum(
+            text_tokens(m["content"]) for m in bodies[i]["messages"])
+        assert text == expected and choice["finish_reason"] == "length"
+        assert a["usage"] == {"prompt_tokens": prompt, "completion_tokens": max_tokens,
+                              "total_tokens": prompt + max_tokens}
+    moved = sum(1 for e in on.values() if e == "sim")
+    print(f"\nengine SIGKILLed under {n} non-streaming requests: {moved} moved, every answer whole")
+    assert moved >= 1 and continued == moved
