@@ -270,3 +270,29 @@ async def test_non_streaming_requests_fail_over_too(cluster: Cluster) -> None:
     moved = sum(1 for e in on.values() if e == "sim")
     print(f"\nengine SIGKILLed under {n} non-streaming requests: {moved} moved, every answer whole")
     assert moved >= 1 and continued == moved
+
+
+async def test_streams_of_a_dead_replica_whose_engine_died_too_continue_on_the_other_engine(cluster: Cluster) -> None:
+    env = _engines(cluster)
+    a = await cluster.start_gateway("A", env_extra=env)
+    b = await cluster.start_gateway("B", env_extra=env)
+    n, max_tokens = 12, 120
+    clients = [_client(i, max_tokens, rate=40, pacing="smooth") for i in range(n)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, sock_read=20)) as http:
+        tasks = [asyncio.create_task(c.start(http, a)) for c in clients]
+        await poll(lambda: _all_have(clients, 5), 30, "every stream delivering through A")
+        on = {s["id"]: s["engine"] for s in await _info(http, a)}
+        cluster.procs["A"].popen.send_signal(signal.SIGKILL)  # first: A cannot move its streams itself
+        cluster.procs["engine"].popen.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        cut = [c for c in clients if not c.done]
+        await asyncio.wait_for(asyncio.gather(*(c.resume(http, b, "get") for c in cut)), 40)
+        rerouted = await _failovers(http, b, "sim", "rerouted")
+    stranded = [c for c in clients if on[c.sid or ""] == "sim"]
+    lost, dup, disorder = lost_and_duplicated(clients, max_tokens)
+    print(f"\nreplica A and engine 'sim' SIGKILLed under {n} streams: {len(cut)} resumed on B, {len(stranded)} of "
+          f"them recorded on the dead engine went to the other; lost = {lost}, duplicated = {dup}")
+    assert stranded and rerouted >= len(stranded)
+    assert (lost, dup, disorder) == (0, 0, 0)
+    assert all(c.done and c.finish_reasons == ["length"] for c in clients)
+    assert not [e for c in clients for e in c.errors if not e.startswith("cut:")]
