@@ -3,6 +3,8 @@
     tokenflow bench virtual  [workload options] [--profile P] [--policies fcfs,tokenflow,andes] [--out DIR]
     tokenflow bench http     [workload options] [--gateway-url URL | --profile sim-small] [--policies ...]
                              [--engine vllm-cpu [--vllm-* ...] | --engine-url URL] (real engine behind the gateway)
+                             [--engines N] [--replicas N [--redis-url URL]] (N simulated engine processes, N
+                             gateway replicas sharing Redis)
     tokenflow bench sweep    [workload options] --grid tokenflow.conservativeness=1,2,4 [--grid ...]
     tokenflow bench tick-cost [--streams 100,1000,10000] [--policies tokenflow,andes,fcfs]
     tokenflow bench relay    [--streams 100,500,1000,2000] [--targets direct,nginx,...] (bench/relay.py)
