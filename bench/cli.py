@@ -345,6 +345,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.side_by_side:
         if args.gateway_url or args.engine_url:
             raise SystemExit("tokenflow bench http: --side-by-side starts its own engines and gateways")
+        if args.replicas > 1:
+            raise SystemExit("tokenflow bench http: --side-by-side runs one gateway per policy (no --replicas)")
         results, runs, runs_engine = _side_by_side(args, specs, policies, knobs, extra_body)
         if runs_engine:
             write_json(Path(args.out) / "engine-samples.json", runs_engine)
