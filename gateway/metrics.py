@@ -106,6 +106,9 @@ class Metrics:
             "tokenflow_decision_failures_total", "Decisions the engine refused", ["engine", "op", "code"], registry=r
         )
         self.tick_seconds = Histogram("tokenflow_policy_tick_seconds", "Policy decide() duration", ["engine"], buckets=_TICK_BUCKETS, registry=r)
+        self.failovers = Counter("tokenflow_failovers_total", "Requests moved off a failed engine mid-answer, by the "
+                                 "engine that failed and outcome (continued elsewhere, or ended in error)",
+                                 ["engine", "outcome"], registry=r)
         self.errors = Counter("tokenflow_errors_total", "Errors by type", ["type"], registry=r)
         self.engine_up = Gauge("tokenflow_engine_up", "1 if the engine's control API answered the last tick", ["engine"], registry=r)
         self.engine_kv_device = Gauge("tokenflow_engine_kv_device_used_ratio", "Engine device KV in use", ["engine"], registry=r)
