@@ -51,15 +51,17 @@ def build_snapshot(
     requests that no stream owns (another client of the engine) are left out: the gateway does not drive them.
     """
     requests = engine_state.requests
+    waiting = EngineStatus.WAITING  # read once: an enum member read through its class is a descriptor call (3.11)
     views: list[StreamView] = []
+    append = views.append
     for s in streams:
         r = requests.get(s.id)
         if r is not None:
             status, prompt, kv_dev, kv_host = r.status, r.prompt_tokens, r.kv_device_tokens, r.kv_host_tokens
             prio, preemptions = r.priority, r.preemptions
         else:
-            status, prompt, kv_dev, kv_host, prio, preemptions = EngineStatus.WAITING, 0, 0, 0, 0, 0
-        views.append(
+            status, prompt, kv_dev, kv_host, prio, preemptions = waiting, 0, 0, 0, 0, 0
+        append(
             StreamView(
                 id=s.id,
                 status=status,

@@ -140,7 +140,6 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     n_running = 0
     prefilling = False
     backlog = 0.0
-    admitted = 0
     demand = 0.0
     beta_sum = 0.0
     big = 1 << 40
@@ -178,7 +177,6 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
                 prefilling = True
-                admitted += 1
                 demand += s.rate
                 order.append(i)
             else:
@@ -187,7 +185,6 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
                 new_idx.append(i)
             continue
         order.append(i)
-        admitted += 1
         r = s.rate
         demand += r
         b = s.buffer_tokens
@@ -206,21 +203,21 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             else:
                 dr3 += r
                 db3 += b
-            e = b + rem  # tokens read by the end of what it still produces
-            if e < h_last * r:
-                e /= r
+            end = b + rem  # tokens read by the end of what it still produces
+            if end < h_last * r:
+                e = end / r
                 if e < h0:
                     er0 += r
-                    et0 += b + rem
+                    et0 += end
                 elif e < h1:
                     er1 += r
-                    et1 += b + rem
+                    et1 += end
                 elif e < h2:
                     er2 += r
-                    et2 += b + rem
+                    et2 += end
                 else:
                     er3 += r
-                    et3 += b + rem
+                    et3 += end
         if st is _RUNNING:
             if rem * step <= tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
@@ -239,7 +236,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             kind[i] = 1
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
-    return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum,
+    # every request in `order` so far is admitted: the running (prefill included) and the started ones
+    return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, len(order), demand, beta_sum,
                  [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
 
 
