@@ -36,6 +36,7 @@ Pure: no I/O, no clock. State kept between ticks: the last capacity estimate.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -406,24 +407,14 @@ class TokenFlowPolicy:
             r = s.rate
             # its prompt, in decode tokens the engine forgoes, less the stall it may absorb itself
             base = s.prompt_tokens * rec_s * capacity - budget * r
-            add = [0.0] * n_h
-            fits = True
-            for x in range(n_h):
-                a = r * hs[x]
-                a = (a if a < out else out) + base
-                if a > margin[x]:
-                    fits = False
-                    break
-                add[x] = a
-            if not fits and not (force and not admit_new):
-                break
-            if not fits:  # forced: charge it in full
-                add = [base + min(r * h, out) for h in hs]
+            # per horizon: its reading within h (capped at what it produces) plus that base
+            add = [(a if a < out else out) + base for a in [r * h for h in hs]]
+            if not all(map(operator.le, add, margin)) and not (force and not admit_new):
+                break  # does not fit (and is not forced: charged in full then)
             admit_new.append(j)
             room -= 1
             kv_room -= kv
-            for x in range(n_h):
-                margin[x] -= add[x]
+            margin = list(map(operator.sub, margin, add))
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
