@@ -27,7 +27,7 @@ import orjson
 from gateway.control import ControlLoop
 from gateway.engines.client import EngineClient
 from gateway.engines.control_api import CommandResult, EngineState
-from gateway.logs import JsonFormatter
+from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.policy import make_policy
 from gateway.policy.types import EngineStatus, EngineView, Snapshot, StreamView
@@ -162,14 +162,13 @@ def _time_loop(policy: str, snap: Snapshot, warm: Snapshot | None, repeats: int,
     return asyncio.run(ticks())
 
 
-def _json_logs_to_devnull() -> tuple[logging.Handler, list[logging.Handler], int]:
+def _json_logs_to_devnull() -> tuple[logging.StreamHandler[Any], list[logging.Handler], int]:
     """The gateway's logging (gateway.logs.setup_logging: JSON lines at info), written to /dev/null."""
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
-    handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 (closed by the caller)
-    handler.setFormatter(JsonFormatter())
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    setup_logging("info")
+    handler = cast(logging.StreamHandler[Any], root.handlers[0])
+    handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 (closed by the caller)
     return handler, saved, level
 
 
@@ -188,7 +187,7 @@ def tick_cost(policy: str, n: int, repeats: int = 20, knobs: dict[str, Any] | No
     finally:
         root = logging.getLogger()
         root.handlers[:], root.level = saved, level
-        handler.close()
+        handler.stream.close()
     return {"streams": n, "cold_median_ms": 1000 * statistics.median(t_cold), "cold_decisions": d_cold,
             "steady_median_ms": 1000 * statistics.median(t_steady), "steady_max_ms": 1000 * max(t_steady),
             "steady_decisions": d_steady, "loop_median_ms": 1000 * statistics.median(t_loop)}
