@@ -102,7 +102,7 @@ class Samples:
 
     def observe_many(self, values: Sequence[float]) -> None:
         # Buckets by binary search and counting in C: prometheus_client's observe walks the bounds in Python
-        # under a lock, 4-5 us a value, which made sampling 1,000 buffers twice per tick cost 9 ms.
+        # under a lock (about 1 us a value at best), which made sampling 1,000 streams cost 1.7 ms a tick (0.3 here).
         counts = self.counts
         for i, n in Tallies(map(partial(bisect_left, self.bounds), values)).items():
             counts[i] += n
