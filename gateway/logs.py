@@ -31,7 +31,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str = "info") -> None:
     # The JSON lines carry none of the caller's file and line, thread or process, so a record need not look them
-    # up (the logging HOWTO's "Optimization"): it saves about a third of a line's cost, and the control loop logs
+    # up (the logging HOWTO's "Optimization"): it saves about a fifth of a line's cost, and the control loop logs
     # every decision, hundreds a tick under overload.
     logging._srcfile = None
     logging.logThreads = False
