@@ -36,7 +36,6 @@ Pure: no I/O, no clock. State kept between ticks: the last capacity estimate.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -138,7 +137,6 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     kind = bytearray(n)
     new_idx: list[int] = []
     order: list[int] = []
-    n_running = 0
     prefilling = False
     backlog = 0.0
     demand = 0.0
@@ -157,11 +155,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     dr0 = dr1 = dr2 = dr3 = db0 = db1 = db2 = db3 = 0.0
     er0 = er1 = er2 = er3 = et0 = et1 = et2 = et3 = 0.0
     for i, s in enumerate(streams):
-        st = s.status
-        if st is _RUNNING:
-            n_running += 1
-        else:
-            kind[i] = 2
+        st = s.status  # kind is set below per status (0, running, by default)
         gen = s.generated_tokens
         prompt = s.prompt_tokens
         ctx = prompt + gen
@@ -183,6 +177,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             else:
                 waited = now - s.arrival_time - grace
                 keys[i] = -aging * waited if waited > 0 else 0.0
+                kind[i] = 2
                 new_idx.append(i)
             continue
         order.append(i)
@@ -228,8 +223,10 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             back = ctx * rec_s if tail > host_free else (tail * evict_s if tail > 0 else 0.0) + ctx * back_run
             keys[i] = tte - mu * back - mu_tick
         elif st is _PARKED:
+            kind[i] = 2
             keys[i] = tte - mu_tick
         elif st is _LOADING:
+            kind[i] = 2
             miss = ctx - s.kv_device_tokens
             keys[i] = tte - mu * (miss * load_s if miss > 0 else 0.0) - mu_tick
             backlog += s.kv_host_tokens * load_s
@@ -237,6 +234,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             kind[i] = 1
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
+    n_running = kind.count(0)
     # every request in `order` so far is admitted: the running (prefill included) and the started ones
     return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, len(order), demand, beta_sum,
                  [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
@@ -407,14 +405,24 @@ class TokenFlowPolicy:
             r = s.rate
             # its prompt, in decode tokens the engine forgoes, less the stall it may absorb itself
             base = s.prompt_tokens * rec_s * capacity - budget * r
-            # per horizon: its reading within h (capped at what it produces) plus that base
-            add = [(a if a < out else out) + base for a in [r * h for h in hs]]
-            if not all(map(operator.le, add, margin)) and not (force and not admit_new):
-                break  # does not fit (and is not forced: charged in full then)
+            add = [0.0] * n_h
+            fits = True
+            for x in range(n_h):
+                a = r * hs[x]
+                a = (a if a < out else out) + base
+                if a > margin[x]:
+                    fits = False
+                    break
+                add[x] = a
+            if not fits and not (force and not admit_new):
+                break
+            if not fits:  # forced: charge it in full
+                add = [base + min(r * h, out) for h in hs]
             admit_new.append(j)
             room -= 1
             kv_room -= kv
-            margin = list(map(operator.sub, margin, add))
+            for x in range(n_h):
+                margin[x] -= add[x]
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:
