@@ -389,7 +389,10 @@ class TokenFlowPolicy:
             held = sum(map(tick.foot.__getitem__, tick.order))
             kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
         u = k.admit_utilization * capacity
-        margin = [u * hs[x] - need[x] for x in range(n_h)]
+        # What each horizon can still take, in locals: the four horizons are unrolled below, as in `_slack_pass`
+        # (a loop over them per newcomer cost as much as the rest of admission).
+        m0, m1, m2, m3 = [u * hs[x] - need[x] for x in range(n_h)]
+        h0, h1, h2, h3 = hs
         rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
         admit_new: list[int] = []
         force = tick.admitted == 0  # nothing admitted: one request always goes (an estimate too low must not stop all)
@@ -405,24 +408,21 @@ class TokenFlowPolicy:
             r = s.rate
             # its prompt, in decode tokens the engine forgoes, less the stall it may absorb itself
             base = s.prompt_tokens * rec_s * capacity - budget * r
-            add = [0.0] * n_h
-            fits = True
-            for x in range(n_h):
-                a = r * hs[x]
-                a = (a if a < out else out) + base
-                if a > margin[x]:
-                    fits = False
-                    break
-                add[x] = a
-            if not fits and not (force and not admit_new):
-                break
-            if not fits:  # forced: charge it in full
-                add = [base + min(r * h, out) for h in hs]
+            # per horizon: its reading by then, capped at what it produces, plus that base
+            a0, a1, a2, a3 = r * h0, r * h1, r * h2, r * h3
+            a0 = (a0 if a0 < out else out) + base
+            a1 = (a1 if a1 < out else out) + base
+            a2 = (a2 if a2 < out else out) + base
+            a3 = (a3 if a3 < out else out) + base
+            if (a0 > m0 or a1 > m1 or a2 > m2 or a3 > m3) and not (force and not admit_new):
+                break  # it does not fit (one forced is charged in full all the same)
             admit_new.append(j)
             room -= 1
             kv_room -= kv
-            for x in range(n_h):
-                margin[x] -= add[x]
+            m0 -= a0
+            m1 -= a1
+            m2 -= a2
+            m3 -= a3
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick) -> tuple[bytearray, float]:

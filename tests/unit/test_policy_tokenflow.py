@@ -11,12 +11,12 @@ from gateway.policy.knobs import TokenFlowKnobs
 from gateway.policy.tokenflow import TokenFlowPolicy
 from gateway.policy.types import Decision, EngineStatus, EngineView, Snapshot, StreamView
 
-from .tokenflow_cases import RECORDING, SEQUENCES, outcome, runs
+from .tokenflow_cases import BURSTS, RECORDING, SEQUENCES, outcome, runs
 
 R, W, H, P, L = EngineStatus.RUNNING, EngineStatus.WAITING, EngineStatus.HELD, EngineStatus.PARKED, EngineStatus.LOADING
 NOW = 100.0
 # sha256 of the decisions on the tick-cost benchmark's snapshots (see the last test)
-BENCH_DIGEST = "bcda128219edc23aed941f0d3b88aedeba608d1484f6ad82af747b735ad480f4"
+BENCH_DIGEST = "a7f0d8310fd6385df0a61cd8b5bd5f3998582cd6280440446525d072854c5fa0"
 TICK = 0.5
 
 
@@ -273,7 +273,7 @@ def test_decisions_match_the_recording_on_random_snapshots() -> None:
     or not, overload or not, odd knobs), equal what the policy decided when the recording was made: the
     implementation may get faster, never different (tests/unit/tokenflow_cases.py says how to re-record)."""
     recorded = json.loads(RECORDING.read_text())
-    assert len(recorded) == SEQUENCES
+    assert len(recorded) == SEQUENCES + BURSTS
     for (seq, knobs, ticks), want in zip(runs(), recorded, strict=True):
         policy = TokenFlowPolicy(**knobs)
         for t, ((now, snapshot), w) in enumerate(zip(ticks, want, strict=True)):
@@ -294,7 +294,7 @@ def test_the_random_snapshots_cover_every_case() -> None:
     for seq in json.loads(RECORDING.read_text()):
         for t in seq:
             modes.add(t["info"][0])
-            reasons |= {(d[0], d[3]) for d in t["decisions"]}
+            reasons |= {tuple(r.split(":")) for r in t["reasons"]}
     assert statuses == set(EngineStatus)
     assert modes == {"idle", "balance", "overload"}
     assert min(stalled, host_tier, no_host_tier, no_max_tokens, prefilling) >= 20

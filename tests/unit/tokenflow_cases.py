@@ -9,19 +9,22 @@ recording only for an intended change of behaviour, and say so in the commit:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gateway.policy.tokenflow import TokenFlowPolicy
+from gateway.policy.tokenflow import TokenFlowPolicy, _Costs, _slack_pass
 from gateway.policy.types import EngineStatus, EngineView, Snapshot, StreamView
 
 RECORDING = Path(__file__).parent / "data" / "tokenflow_decisions.json"
 SEQUENCES = 160  # each a policy run over TICKS snapshots (the policy keeps its capacity estimate between ticks)
 TICKS = 3
+BURSTS = 80  # sequences of bursts of new requests (after the SEQUENCES)
 
 _R, _W, _L, _H, _P = (EngineStatus.RUNNING, EngineStatus.WAITING, EngineStatus.LOADING, EngineStatus.HELD,
                       EngineStatus.PARKED)
@@ -43,7 +46,8 @@ def _stream(rng: random.Random, i: int, now: float, host_tier: bool) -> StreamVi
         on_dev = rng.randint(0, ctx)
     on_host = rng.choice((0, ctx, rng.randint(0, max(1, ctx)))) if host_tier else 0
     rate = rng.choice((15.0, 20.0, 5.0, 50.0, rng.uniform(0.1, 100.0), 0.0 if rng.random() < 0.03 else 10.0))
-    buf = 0.0 if not started else rng.choice((0.0, rng.uniform(0, 30), rng.uniform(0, 600), rng.uniform(0, 5000)))
+    deep = rng.uniform(20, 90) * max(rate, 1.0)  # seconds of reading that reach the longest admission horizons
+    buf = 0.0 if not started else rng.choice((0.0, rng.uniform(0, 30), rng.uniform(0, 600), rng.uniform(0, 5000), deep))
     return StreamView(
         id=f"r{i}",
         status=status,
@@ -90,6 +94,32 @@ def _snapshot(rng: random.Random, now: float) -> Snapshot:
     return Snapshot(eng, tuple(streams), rng.choice((0.1, 0.25, 0.5)))
 
 
+def _burst(rng: random.Random, now: float) -> Snapshot:
+    """A burst of new requests beside started streams with buffers up to the longest admission horizon, on an
+    engine whose decode capacity runs out part-way through the burst: admission's margins decide."""
+    n = rng.randint(20, 150)
+    host_tier = rng.random() < 0.7
+    streams = []
+    for i in range(n):
+        s = _stream(rng, i, now, host_tier)
+        s = replace(s, rate=max(s.rate, 1.0))  # (the gateway's readers always have a rate > 0)
+        if rng.random() < 0.5:
+            s = replace(s, status=_W, generated_tokens=0, buffer_tokens=0.0, first_token_time=None,
+                        kv_device_tokens=0, kv_host_tokens=0, stalled=False)
+        elif s.first_token_time is not None:
+            s = replace(s, buffer_tokens=rng.uniform(0, 90) * s.rate, stalled=False)
+        streams.append(s)
+    eng = EngineView(
+        name="e", block_size=16, max_num_seqs=256, kv_bytes_per_token=131072,
+        kv_device_capacity_tokens=n * rng.randint(1500, 4000), kv_device_used_tokens=0,
+        kv_host_capacity_tokens=n * 8000 if host_tier else 0, kv_host_used_tokens=0,
+        step_time_s=rng.uniform(0.005, 0.08), decode_tokens_per_s=None,
+        prefill_tokens_per_s=rng.choice((None, 40000.0)),
+        h2d_bytes_per_s=5e10, d2h_bytes_per_s=5e10,
+    )
+    return Snapshot(eng, tuple(streams), 0.5)
+
+
 def replace_status(s: StreamView, status: EngineStatus) -> StreamView:
     return replace(s, status=status, stalled=False)
 
@@ -108,25 +138,36 @@ def _knobs(rng: random.Random) -> dict[str, float]:
 
 
 def runs() -> Iterator[tuple[int, dict[str, float], list[tuple[float, Snapshot]]]]:
-    """(sequence number, knobs, [(now, snapshot) per tick]) for every recorded sequence."""
-    for seq in range(SEQUENCES):
+    """(sequence number, knobs, [(now, snapshot) per tick]) for every recorded sequence: SEQUENCES of assorted
+    snapshots, then BURSTS of bursts."""
+    for seq in range(SEQUENCES + BURSTS):
         rng = random.Random(seq)
         knobs = _knobs(rng)
         now = 100.0 + rng.random() * 100
         ticks = []
         for _ in range(TICKS):
-            ticks.append((now, _snapshot(rng, now)))
+            ticks.append((now, _snapshot(rng, now) if seq < SEQUENCES else _burst(rng, now)))
             now += rng.choice((0.25, 0.5, 7.0))
         yield seq, knobs, ticks
 
 
 def outcome(policy: TokenFlowPolicy, snap: Snapshot, now: float) -> dict[str, Any]:
-    """What a tick decided, as JSON-able values: the decisions in order, and the tick's info."""
+    """What a tick decided, as JSON-able values: the decisions, the tick's info, and a digest of the slack pass over
+    the snapshot (every key, footprint and sum it feeds the rest of the tick, exactly)."""
+    k = policy.knobs
+    t = _slack_pass(snap.streams, _Costs.of(snap, k), now, k.first_token_aging, k.first_token_grace_s)
+    facts = (t.keys, t.tte, t.foot, bytes(t.kind), t.new_idx, t.order, t.n_running, t.prefilling, t.backlog,
+             t.admitted, t.demand, t.beta_sum, t.dry_rate, t.dry_buf, t.end_rate, t.end_tokens)
     ds = policy.decide(snap, now)
     i = policy.info
+    reasons = Counter(f"{d.op}:{d.reason}" for d in ds)
     return {
-        "decisions": [[d.op, d.id, d.priority, d.reason] for d in ds],
+        # the decisions in order, as a digest (the recording stays small), and how many of each kind (a hint of
+        # what changed when the digest does)
+        "decisions": hashlib.sha256(json.dumps([[d.op, d.id, d.priority, d.reason] for d in ds]).encode()).hexdigest(),
+        "reasons": dict(sorted(reasons.items())),
         "info": [i.mode, i.working_set, i.admitted, repr(i.capacity_tps), repr(i.demand_tps), i.selected],
+        "slack_pass": hashlib.sha256(repr(facts).encode()).hexdigest()[:16],
     }
 
 
