@@ -1,4 +1,4 @@
-"""``tokenflow`` command line: ``serve`` (the gateway), ``engine-sim`` (a simulated engine), ``bench``."""
+"""``tokenflow`` command line: ``serve`` (the gateway), ``engine-sim`` (a simulated engine), ``bench``, ``plan``."""
 
 from __future__ import annotations
 
@@ -183,12 +183,13 @@ def _force_exit(limit: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve", "engine-sim", "bench"}
+    commands = {"serve", "engine-sim", "bench", "plan"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: tokenflow {serve,engine-sim,bench} [options]\n")
+        print("usage: tokenflow {serve,engine-sim,bench,plan} [options]\n")
         print("  serve        run the gateway (default: embedded simulated engine)")
         print("  engine-sim   run a simulated engine (OpenAI API + engine control API)")
         print("  bench        benchmark scheduling policies (virtual clock or over HTTP)")
+        print("  plan         engines each policy needs to meet TTFT, stall and throughput targets (virtual clock)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
@@ -197,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backends.sim.server import main as sim_main
 
         return sim_main(rest) or 0
+    if cmd == "plan":
+        from bench.plan_cli import main as plan_main
+
+        return plan_main(rest) or 0
     from bench.cli import main as bench_main
 
     return bench_main(rest) or 0

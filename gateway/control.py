@@ -142,11 +142,9 @@ class ControlLoop:
                 return []  # another replica schedules this engine (it sees our streams' published state)
             sources = self.coordinator.streams_for(name, sources, now)
         snap = build_snapshot(state, sources, now, self.tick_interval_s)
-        buffer_hist, tte_hist = m.buffer.labels(name), m.time_to_empty.labels(name)  # one label lookup per tick
-        for v in snap.streams:
-            buffer_hist.observe(v.buffer_tokens)
-            if v.started:
-                tte_hist.observe(v.time_to_empty)
+        views = snap.streams
+        m.buffer.labels(name).observe_many([v.buffer_tokens for v in views])
+        m.time_to_empty.labels(name).observe_many([v.time_to_empty for v in views if v.first_token_time is not None])
         t0 = time.perf_counter()
         decisions = self.policy.decide(snap, now)
         m.tick_seconds.labels(name).observe(time.perf_counter() - t0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,16 +57,19 @@ class Engines(Mapping[str, "EngineHandle"]):
         """Each model with the first engine that serves it, sorted by model (``GET /v1/models``)."""
         return sorted((m, hs[0]) for m, hs in self._by_model.items())
 
-    def route(self, model: str, live: Iterable[StreamBase], retry_after_s: int) -> EngineHandle:
+    def route(self, model: str, live: Iterable[StreamBase], retry_after_s: int,
+              exclude: Collection[str] = ()) -> EngineHandle:
         """The engine for a new request: with one engine and no stream limit, that one; otherwise the healthy
         engine with the fewest live streams below its limit (429 when every one is at its limit). Engines
-        marked down (gateway/engines/liveness.py) are skipped; none left: 503 with Retry-After, at once."""
+        marked down (gateway/engines/liveness.py) are skipped, and so are those named in ``exclude`` (an engine
+        that just failed a stream, before liveness marks it down); none left: 503 with Retry-After, at once."""
         candidates = self._by_model.get(model)
         if not candidates:  # parse_request already checked the name; this is a guard
             raise ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
-        up = [c for c in candidates if c.client.down is None]
+        up = [c for c in candidates if c.client.down is None and c.name not in exclude]
         if not up:
-            raise ApiError(503, f"no engine serving '{model}' is up ({candidates[0].client.down}); retry shortly",
+            why = candidates[0].client.down or "excluded"
+            raise ApiError(503, f"no engine serving '{model}' is up ({why}); retry shortly",
                            type="server_error", code="engine_unavailable", headers={"Retry-After": str(retry_after_s)})
         candidates = up
         limited = any(c.config.max_streams is not None for c in candidates)

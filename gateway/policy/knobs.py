@@ -46,6 +46,10 @@ class TokenFlowKnobs:
     # Seconds of stall each admitted reader may be asked to absorb so that new requests start sooner: the
     # price, in rebuffering, of a shorter tail TTFT under overload (0: admit only what is stall-free).
     stall_budget_s: float = 0.0
+    # Share of the engine's time (per tick) that recomputing paused requests brought back may take (reloads
+    # from the host tier run on the copy channel and are not counted). Bounds thrashing when device and host
+    # are oversubscribed: past it, paused requests wait for a later tick rather than being recomputed.
+    switch_budget: float = 0.1
     # Half-life (seconds) of the decaying maximum that estimates the engine's decode speed.
     capacity_halflife_s: float = 30.0
     # Prefetch a paused request when its buffer will run dry within (load time + this many ticks)
