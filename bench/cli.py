@@ -3,6 +3,8 @@
     tokenflow bench virtual  [workload options] [--profile P] [--policies fcfs,tokenflow,andes] [--out DIR]
     tokenflow bench http     [workload options] [--gateway-url URL | --profile sim-small] [--policies ...]
                              [--engine vllm-cpu [--vllm-* ...] | --engine-url URL] (real engine behind the gateway)
+                             [--engines N] [--replicas N [--redis-url URL]] (N simulated engine processes, N
+                             gateway replicas sharing Redis)
     tokenflow bench sweep    [workload options] --grid tokenflow.conservativeness=1,2,4 [--grid ...]
     tokenflow bench tick-cost [--streams 100,1000,10000] [--policies tokenflow,andes,fcfs]
     tokenflow bench relay    [--streams 100,500,1000,2000] [--targets direct,nginx,...] (bench/relay.py)
@@ -26,7 +28,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
                    "burst can take longer than the default to answer its state request")
     e.add_argument("--request-timeout", type=float, default=3600.0,
                    help="a request unfinished this many seconds after it was sent counts as not completed")
+    e.add_argument("--engines", type=int, default=1, metavar="N",
+                   help="sim: N simulated engine processes serving the model (`python -m backends.sim`), instead of "
+                   "the gateway's embedded one; the gateway routes between them and fails over when one dies")
+    e.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="N gateway replicas sharing the session store (--redis-url); clients go round-robin")
+    e.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="the replicas' Redis (a key prefix per run)")
     e.add_argument("--side-by-side", action="store_true",
                    help="run the policies at the same time, each with its own engine and gateway, instead of one "
                    "after another: on a machine shared with other work both then meet the same contention")
@@ -275,8 +283,36 @@ def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[lis
         cfg = _vllm_config(args)
         with spawn_vllm(cfg, out / f"vllm-{pol}.log") as url:
             yield [_engine_entry(args, "vllm-0", url, [cfg.served_name])], url
+    elif args.engines > 1:
+        from backends.sim.profile import load_profile
+
+        from .http import spawn_sim
+
+        with ExitStack() as stack:
+            urls = [stack.enter_context(spawn_sim(args.profile, out / f"sim-{pol}-{i}.log"))
+                    for i in range(args.engines)]
+            model = load_profile(args.profile).model_name
+            yield [_engine_entry(args, f"sim-{i}", u, [model]) for i, u in enumerate(urls)], None
     else:
         yield None, None
+
+
+@contextmanager
+def _gateways(args: argparse.Namespace, pol: str, knobs: dict[str, Any] | None,
+              engines: list[dict[str, Any]] | None) -> Iterator[list[str]]:
+    """The gateway replicas for one policy's run (one, or ``--replicas`` sharing a Redis key prefix of their own)."""
+    from .http import spawn_gateway
+
+    with ExitStack() as stack:
+        if args.replicas <= 1:
+            yield [stack.enter_context(spawn_gateway(pol, profile=args.profile, tick_s=args.tick, knobs=knobs,
+                                                     engines=engines))]
+            return
+        prefix = f"bench-{pol}-{os.getpid()}-{int(time.time())}"
+        yield [stack.enter_context(spawn_gateway(
+            pol, profile=args.profile, tick_s=args.tick, knobs=knobs, engines=engines,
+            config={"session": {"store": "redis", "redis_url": args.redis_url, "key_prefix": prefix,
+                                "replica_id": f"r{i}"}})) for i in range(args.replicas)]
 
 
 @contextmanager
@@ -306,7 +342,7 @@ def _dump_engine_state(url: str, path: Path) -> None:
 
 
 def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases
+    from .http import fetch_preemptions, run_clients, ttft_phases
 
     wl = _workload(args)
     specs = generate(wl)
@@ -323,6 +359,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.side_by_side:
         if args.gateway_url or args.engine_url:
             raise SystemExit("tokenflow bench http: --side-by-side starts its own engines and gateways")
+        if args.replicas > 1:
+            raise SystemExit("tokenflow bench http: --side-by-side runs one gateway per policy (no --replicas)")
         results, runs, runs_engine = _side_by_side(args, specs, policies, knobs, extra_body)
         if runs_engine:
             write_json(Path(args.out) / "engine-samples.json", runs_engine)
@@ -345,8 +383,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
             else:
                 with _engine(args, _out_dir(args), pol) as (engines, engine_url):
                     engine_before = _engine_counters(engine_url)
-                    with spawn_gateway(pol, profile=args.profile, tick_s=args.tick, knobs=knobs.get(pol),
-                                       engines=engines) as url:
+                    with _gateways(args, pol, knobs.get(pol), engines) as replicas:
+                        url = replicas[0]
                         before = 0
                         load["loadavg_before"] = os.getloadavg()
                         t0 = time.monotonic()
@@ -355,10 +393,11 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         with _sampler(engine_url) as sampler:
                             recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, salt=salt,
                                                               extra_body=extra_body, timeout_s=args.request_timeout,
-                                                              samples=stream_samples, sample_s=args.tick))
+                                                              samples=stream_samples, sample_s=args.tick,
+                                                              replicas=replicas))
                         load["window_perf_counter"][1] = time.perf_counter()
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
-                        after = asyncio.run(fetch_preemptions(url))
+                        after = sum(asyncio.run(fetch_preemptions(u)) or 0 for u in replicas)
                         if engine_url and any(not r.finished for r in recs):  # evidence for what stopped it
                             _dump_engine_state(engine_url, Path(args.out) / f"engine-state-{pol}.json")
                     engine_after = _engine_counters(engine_url)
@@ -386,8 +425,6 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str], knobs: dict[str, Any],
                   extra_body: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Every policy at once on identical arrivals, each with its own engine and gateway (``--side-by-side``)."""
-    from contextlib import ExitStack
-
     from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases
 
     out = Path(args.out)
@@ -476,11 +513,11 @@ def _tick_cost(args: argparse.Namespace) -> int:
     from .tickcost import run
 
     rows = run([p for p in args.policies.split(",") if p], [int(x) for x in args.streams.split(",") if x], args.repeats)
-    print("| policy | streams | cold tick ms (decisions) | steady tick ms (decisions) |")
-    print("|---|---|---|---|")
+    print("| policy | streams | cold tick ms (decisions) | steady tick ms (decisions) | control tick ms (steady) |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['policy']} | {r['streams']} | {r['cold_median_ms']:.3f} ({r['cold_decisions']}) | "
-              f"{r['steady_median_ms']:.3f} ({r['steady_decisions']}) |")
+              f"{r['steady_median_ms']:.3f} ({r['steady_decisions']}) | {r['loop_median_ms']:.3f} |")
     if args.out:
         write_json(Path(args.out), {"rows": rows})
     return 0

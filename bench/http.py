@@ -23,9 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -131,12 +133,14 @@ def ttft_phases(rec: RequestRecord, samples: list[tuple[float, str, int]]) -> di
 
 async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,
                       timeout_s: float = 3600.0, extra_body: dict[str, Any] | None = None, salt: str = "",
-                      samples: dict[str, list[tuple[float, str, int]]] | None = None, sample_s: float = 0.25
-                      ) -> tuple[list[RequestRecord], float]:
+                      samples: dict[str, list[tuple[float, str, int]]] | None = None, sample_s: float = 0.25,
+                      replicas: list[str] | None = None) -> tuple[list[RequestRecord], float]:
     """Run every client against ``url``; returns the records and the run's end (seconds after start).
     ``extra_body`` adds OpenAI fields the gateway passes to the engine (e.g. ``ignore_eos`` for vLLM);
     ``salt`` varies the prompts' token ids (see :func:`prompt_ids`). With ``samples``, the gateway's live
-    streams are sampled every ``sample_s`` into it meanwhile (:func:`poll_streams`)."""
+    streams are sampled every ``sample_s`` into it meanwhile (:func:`poll_streams`). ``replicas``: gateway
+    replicas the clients go to in turn (``url`` is one of them; only its streams are sampled)."""
+    to = replicas or [url]
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         async with session.get(url + "/v1/models") as resp:
@@ -147,8 +151,8 @@ async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[
         t0 = loop.time() + 0.2
         poller = asyncio.create_task(poll_streams(session, url, t0, sample_s, samples)) if samples is not None else None
         try:
-            recs = await asyncio.gather(*(stream_client(session, url, model, s, t0, on_token, extra_body, salt=salt)
-                                          for s in specs))
+            recs = await asyncio.gather(*(stream_client(session, to[i % len(to)], model, s, t0, on_token, extra_body,
+                                                        salt=salt) for i, s in enumerate(specs)))
         finally:
             if poller is not None:
                 poller.cancel()
@@ -233,6 +237,39 @@ def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, 
             proc.kill()
             proc.wait()
         os.unlink(path)
+
+
+@contextmanager
+def spawn_sim(profile: str, log_path: Path, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """A simulated engine process (``python -m backends.sim``) on a free port; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "backends.sim", "--profile", profile, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"simulated engine exited with {proc.returncode} (log: {log_path})")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"simulated engine did not answer on {url} within {start_timeout_s:.0f}s")
+            time.sleep(0.1)  # polling a condition with a deadline
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def _ready(url: str) -> bool:

@@ -20,6 +20,7 @@ from aiohttp.typedefs import Middleware
 
 from . import auth
 from .api.errors import ApiError
+from .api.responses import expect_continue, no_route
 from .config import Config
 from .control import ControlLoop
 from .engines.client import EngineClient, EngineError
@@ -187,7 +188,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return ApiError(e.status, e.reason or "error", code=str(e.status)).response()
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # (a 405's methods)
+        return ApiError(e.status, e.reason or "error", code=str(e.status), headers=allow).response()
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -205,20 +207,23 @@ async def create_app(cfg: Config) -> web.Application:
     app.on_startup.append(gw.startup)
     app.on_cleanup.append(gw.cleanup)
     h = gw.handlers
-    app.router.add_post("/v1/chat/completions", h.chat_completions)
-    app.router.add_post("/v1/completions", h.completions)
-    app.router.add_get("/v1/models", h.list_models)
-    app.router.add_get("/v1/streams", h.list_streams)
-    app.router.add_get("/v1/streams/{id}", h.get_stream)
-    app.router.add_get("/v1/streams/{id}/events", h.stream_events)  # resume (docs/replicas.md)
-    app.router.add_post("/v1/streams/{id}/progress", h.report_progress)
-    app.router.add_get("/healthz", h.healthz)
-    app.router.add_get("/readyz", h.readyz)
-    app.router.add_get("/metrics", h.metrics)
+    r = app.router
+    x = expect_continue  # every route: an Expect header is answered before any middleware
+    r.add_post("/v1/chat/completions", h.chat_completions, expect_handler=x)
+    r.add_post("/v1/completions", h.completions, expect_handler=x)
+    r.add_get("/v1/models", h.list_models, expect_handler=x)
+    r.add_get("/v1/streams", h.list_streams, expect_handler=x)
+    r.add_get("/v1/streams/{id}", h.get_stream, expect_handler=x)
+    r.add_get("/v1/streams/{id}/events", h.stream_events, expect_handler=x)  # resume (docs/replicas.md)
+    r.add_post("/v1/streams/{id}/progress", h.report_progress, expect_handler=x)
+    r.add_get("/healthz", h.healthz, expect_handler=x)
+    r.add_get("/readyz", h.readyz, expect_handler=x)
+    r.add_get("/metrics", h.metrics, expect_handler=x)
     if cfg.demo.enabled:  # the demo page and its burst control (gateway/web/), off by default
         from .web import register
 
         register(app, gw.services, cfg.demo)
+    r.add_route("*", "/{path:.*}", no_route, expect_handler=x)  # last: what nothing else serves (404, 405)
     return app
 
 

@@ -46,7 +46,9 @@ class ApiKey:
 
 
 def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    # surrogateescape: a header value that is not UTF-8 reaches here with its bytes escaped (aiohttp decodes
+    # headers so); it is hashed as the bytes that were sent, and matches no configured key.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 class KeyStore:

@@ -55,6 +55,13 @@ class StreamsConfig(_Strict):
         "in one read instead of one read each (0: read every token at once)",
     )
 
+    max_failovers: int = Field(
+        2, ge=0, le=16,
+        description="how many times one request moves to another engine of its model when its engine fails mid-answer "
+        "(killed, frozen, stalled, broken stream): the answer continues there from the tokens already produced, nothing "
+        "lost or repeated; beyond this, or with no other engine up, it ends with the engine's error event (0: never)",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> StreamsConfig:
         if self.min_rate > self.max_rate:

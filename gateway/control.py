@@ -157,11 +157,9 @@ class ControlLoop:
             self.view = view_from_snapshot(name, snap, now)
             if self.coordinator is not None:
                 self.coordinator.publish_view(self.view)
-        buffer_hist, tte_hist = m.buffer.labels(name), m.time_to_empty.labels(name)  # one label lookup per tick
-        for v in snap.streams:
-            buffer_hist.observe(v.buffer_tokens)
-            if v.started:
-                tte_hist.observe(v.time_to_empty)
+        views = snap.streams
+        m.buffer.labels(name).observe_many([v.buffer_tokens for v in views])
+        m.time_to_empty.labels(name).observe_many([v.time_to_empty for v in views if v.first_token_time is not None])
         t0 = time.perf_counter()
         decisions = self.policy.decide(snap, now)
         m.tick_seconds.labels(name).observe(time.perf_counter() - t0)

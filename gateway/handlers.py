@@ -54,7 +54,7 @@ class Handlers:
                                param="Last-Event-ID")
         else:
             raw = request.query.get("after", "0")
-            if not raw.isdigit() or len(raw) > 12:
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:  # (isdigit alone takes '²')
                 raise ApiError(400, "'after' must be a non-negative integer (tokens already received)",
                                code="invalid_value", param="after")
             after = int(raw)

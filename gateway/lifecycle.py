@@ -9,6 +9,10 @@
     tear     a stream leaves the registry once both its client writer and its engine reader are done; a client
     down     that leaves mid-answer frees the engine at once (the stream stays resumable from the store)
 
+An engine that fails mid-answer (killed, frozen, stalled, a broken stream) hands the request to another engine of
+its model: the continuation (prompt + what was produced, gateway/resume.py) goes there and the token log goes on at
+the same sequence numbers, so the client sees nothing lost or repeated (``streams.max_failovers`` bounds it).
+
 Resumption across replicas (reconnects, following another replica, take-overs) builds on these steps in
 gateway/relay.py. Everything from the process comes through :class:`~gateway.services.Services`.
 """
@@ -32,6 +36,7 @@ from .api.responses import SSE_HEADERS, json_response
 from .api.sse import DONE, ChunkEncoder
 from .engines.client import EngineDown, EngineError, EngineStalled, EngineStream, EngineTimeout
 from .pump import Pump, TokenSink
+from .resume import NotResumable, continuation_body
 from .routing import placement_request
 from .state import StreamRecord
 from .streams.base import StreamBase, StreamSpec, Upstream
@@ -39,7 +44,7 @@ from .streams.collector import Collector
 from .streams.direct import direct_sender
 from .streams.phrase_stream import stream_class
 from .streams.stream import Stream, Superseded
-from .streams.tokens import Delta, Final
+from .streams.tokens import Delta, Final, tokens_in
 
 if TYPE_CHECKING:
     from .routing import EngineHandle
@@ -63,6 +68,12 @@ class RequestLifecycle:
         self.svc = svc
         self.pumps: dict[str, asyncio.Task[None]] = {}  # engine readers of the streamed answers this replica owns
         self.keys: dict[str, str | None] = {}  # stream -> name of the API key that may resume it
+        # For failover, per request in flight: the engine request as first sent, how often it moved, and the
+        # client's prompt size once an engine reported it (a continuation's own prompt holds the output).
+        self.origins: dict[str, dict[str, Any]] = {}
+        self.moves: dict[str, int] = {}
+        self.prompts: dict[str, int] = {}
+        self.failures: dict[str, tuple[EngineHandle, int, EngineError, int]] = {}  # a Collector's, for _collect
         svc.store.sink = self.on_durable
 
     # ----- open and admit -----
@@ -111,14 +122,41 @@ class RequestLifecycle:
                             arrival_wall=wall, key=self.keys.get(stream.id), body=body)
 
     # ----- submit -----
-    async def submit(self, stream: Stream, engine: EngineHandle, body: dict[str, Any], start: int) -> None:
+    async def submit(self, stream: Stream, engine: EngineHandle, body: dict[str, Any], start: int,
+                     origin: dict[str, Any] | None = None, tried: set[str] | None = None) -> None:
         """Open ``stream``'s engine request (a continuation after ``start`` tokens, if any) and read it into the
-        session store; this replica owns the stream from now on."""
-        upstream = await self._open(stream, engine, body, start)
+        session store; this replica owns the stream from now on. ``origin``: the request as first sent, which a
+        failover continues (by default ``body``); ``tried``: engines not to pass over to (see :meth:`_open_any`)."""
+        self.origins.setdefault(stream.id, body if origin is None else origin)
+        engine, upstream = await self._open_any(stream, engine, body, start, tried)
+        self._read(stream, engine, upstream, start)
+
+    def _read(self, stream: Stream, engine: EngineHandle, upstream: EngineStream, start: int) -> None:
         stream.upstream = Upstream.ENGINE
         task = self._pump(stream, engine, upstream, self.svc.store, start)
+        # Registered at once: a failover in progress (the pump task it replaces) must be cancelled with it.
         self.pumps[stream.id] = task
         task.add_done_callback(partial(self._pump_done, stream))
+
+    async def _open_any(self, s: StreamBase, engine: EngineHandle, body: dict[str, Any], start: int,
+                        tried: set[str] | None = None) -> tuple[EngineHandle, EngineStream]:
+        """The engine stream on ``engine``, or on another of the model when ``engine`` cannot take it (marked down,
+        unreachable or broken: 5xx, for example killed a moment ago and not marked down yet): a failover before
+        the request's first token there. ``tried`` (engines that already failed it) grows with each one tried."""
+        tried = set() if tried is None else tried
+        tried.add(engine.name)
+        while True:
+            try:
+                return engine, await self._open(s, engine, body, start)
+            except ApiError as e:
+                if e.status < 500:
+                    raise
+                failed = engine.name
+                nxt = self._next_engine(s, tried)
+                if isinstance(nxt, str):
+                    raise
+                engine = nxt
+                self.svc.metrics.failovers.labels(failed, "rerouted").inc()
 
     async def _open(self, s: StreamBase, engine: EngineHandle, body: dict[str, Any], start: int) -> EngineStream:
         """The engine stream, retrying a resubmission while the engine still knows the dead request's id."""
@@ -144,22 +182,122 @@ class RequestLifecycle:
               start: int = 0) -> asyncio.Task[None]:
         flow = s.flow if isinstance(s, Stream) else None
         return Pump(engine=engine.name, upstream=upstream, sid=s.id, sink=sink, metrics=self.svc.metrics, flow=flow,
-                    start=start, on_failure=partial(self.engine_failed, s, engine)).start()
+                    start=start, on_failure=partial(self.engine_failed, s, engine, start=start),
+                    prompt_tokens=self.prompts.get(s.id)).start()
 
+    # ----- failover -----
     def engine_failed(self, s: StreamBase, engine: EngineHandle, sink: TokenSink, produced: int,
-                      error: EngineError) -> None:
-        """``s``'s engine stream failed after ``produced`` tokens (all in ``sink``): refused mid-answer, broken,
-        judged down (``EngineDown``) or stalled (``EngineStalled``). It ends with an error event whose code
-        says which; the client may resume it (``Last-Event-ID``) and gets what was produced, nothing twice.
-        (This is where a continuation on another engine of the model would be submitted instead.)"""
-        code = ("engine_down" if isinstance(error, EngineDown) else "engine_stalled" if isinstance(error, EngineStalled)
-                else "engine_timeout" if isinstance(error, EngineTimeout) else "engine_stream_failed")
-        sink.finish(s.id, Final(None, 0, (f"the engine stream failed: {error}", code)))
+                      error: EngineError, *, start: int = 0) -> None:
+        """``s``'s engine stream (opened after ``start`` tokens) failed after ``produced`` tokens (all in ``sink``):
+        refused mid-answer, broken, judged down (``EngineDown``) or stalled (``EngineStalled``). The request moves
+        to another engine of its model when one is up (:meth:`_fail_over`); otherwise it ends with an error event
+        whose code says which, and the client may resume it (``Last-Event-ID``) and gets what was produced,
+        nothing twice."""
+        if start == 0 and s.engine_request is not None and s.id not in self.prompts:
+            self.prompts[s.id] = s.engine_request.prompt_tokens  # the engine saw the client's own prompt
+        if self.svc.cfg.streams.max_failovers == 0:
+            sink.finish(s.id, _failure_final(error))
+        elif isinstance(s, Stream):
+            # Stands in for the pump until the continuation's reader replaces it: a client leaving meanwhile
+            # cancels it (stop_reading), and the stream is not torn down as readerless.
+            task = asyncio.ensure_future(self._fail_over_stream(s, engine, sink, produced, error))
+            self.pumps[s.id] = task
+            task.add_done_callback(partial(self._pump_done, s))
+        else:
+            self.failures[s.id] = (engine, produced, error, start)  # _collect goes on with it
+
+    async def _fail_over_stream(self, s: Stream, failed: EngineHandle, sink: TokenSink, produced: int,
+                                error: EngineError) -> None:
+        await self._fail_over(s, failed, sink, produced, error)  # (the continuation's reader registers itself)
+
+    async def _fail_over(self, s: StreamBase, failed: EngineHandle, sink: TokenSink, produced: int,
+                         error: EngineError) -> asyncio.Task[None] | None:
+        """Continue ``s`` on another engine of its model after ``produced`` tokens: the reader of the continuation,
+        or None when none could take it (then ``s`` ended with the failed engine's error)."""
+        svc = self.svc
+        svc.free_engine(failed, s.id)  # best effort: a dead or frozen engine does not answer
+        log_ = self._produced(s)
+        origin = self.origins.get(s.id)
+        why = "no other engine of the model is up"
+        body: dict[str, Any] | None = None
+        if origin is None or tokens_in(log_) != produced:  # (a guard: the log is whole by construction)
+            why = "what was produced is not known whole"
+        else:
+            try:
+                body = continuation_body(s.kind, origin, log_)
+            except NotResumable as e:
+                why = str(e)
+            else:
+                if body is None:  # the engine failed after the last token it owed: the answer is complete
+                    sink.finish(s.id, Final("length", self.prompts.get(s.id, 0)))
+                    return None
+        tried = {failed.name}
+        while body is not None:
+            target = self._next_engine(s, tried)
+            if isinstance(target, str):
+                why = target
+                break
+            try:
+                if isinstance(s, Stream):
+                    await self.submit(s, target, body, produced, tried=tried)
+                    task = self.pumps[s.id]
+                else:
+                    target, upstream = await self._open_any(s, target, body, produced, tried)
+                    task = self._pump(s, target, upstream, sink, produced)
+            except ApiError as e:
+                why = e.message
+                continue
+            svc.metrics.failovers.labels(failed.name, "continued").inc()
+            log.warning("request moved to another engine", extra={
+                "stream_id": s.id, "engine": s.engine, "from": failed.name, "tokens": produced, "error": str(error)})
+            return task
+        svc.metrics.failovers.labels(failed.name, "ended").inc()
+        log.warning("request ended with its engine", extra={"stream_id": s.id, "engine": failed.name, "why": why})
+        sink.finish(s.id, _failure_final(error))
+        return None
+
+    def _next_engine(self, s: StreamBase, tried: set[str]) -> EngineHandle | str:
+        """Another engine of ``s``'s model, serving ``s`` from now on: up, not in ``tried`` (which it joins), within
+        ``streams.max_failovers``; or why there is none."""
+        svc = self.svc
+        moves = self.moves.get(s.id, 0)
+        if moves >= svc.cfg.streams.max_failovers:
+            return f"it moved {moves} times already (streams.max_failovers)"
+        try:
+            target = svc.engines.route(s.model, svc.streams.values(), svc.cfg.auth.retry_after_s, exclude=tried)
+        except ApiError as e:
+            return e.message
+        self.moves[s.id] = moves + 1
+        tried.add(target.name)
+        self._move(s, target)
+        return target
+
+    def _produced(self, s: StreamBase) -> list[Delta]:
+        """Every token ``s`` got so far, as its log: a Stream's durable deltas and those still being written; a
+        Collector's text as one entry."""
+        if isinstance(s, Stream):
+            return list(s.deltas) + self.svc.store.pending(s.id)
+        if isinstance(s, Collector) and s.generated:
+            return [(s.generated, "".join(s.parts), None)]
+        return []
+
+    def _move(self, s: StreamBase, target: EngineHandle) -> None:
+        """``s`` is served by ``target`` from now on: its engine label (metrics, listings, routing load) and the
+        old engine's scheduling state for it."""
+        svc = self.svc
+        old = svc.engines.get(s.engine)
+        if old is not None:
+            old.control.policy.forget(s.id)
+        if svc.streams.get(s.id) is s:
+            svc.metrics.streams_active.labels(s.engine).dec()
+            svc.metrics.streams_active.labels(target.name).inc()
+        s.engine = target.name
+        s.engine_request = None  # the old engine's view; the new engine's control loop reports its own
 
     def _pump_done(self, stream: Stream, task: asyncio.Task[None]) -> None:
         if self.pumps.get(stream.id) is task:
             del self.pumps[stream.id]
-        if not stream.attached and self.svc.streams.get(stream.id) is stream:
+        if not stream.attached and self.svc.streams.get(stream.id) is stream and stream.id not in self.pumps:
             self.remove(stream)
 
     # ----- deliver: a streamed answer -----
@@ -169,8 +307,10 @@ class RequestLifecycle:
         sid = stream.id
         self.svc.store.create(self.record(stream, body))
         self.register(stream)
+        self.origins[sid] = body
         try:
-            await self.submit(stream, engine, body, 0)
+            engine, upstream = await self._open_any(stream, engine, body, 0)
+            self._read(stream, engine, upstream, 0)
         except BaseException as e:
             if isinstance(e, ApiError):
                 self.svc.store.finish(sid, Final(None, 0, (e.message, e.code or "engine_error")))
@@ -248,7 +388,8 @@ class RequestLifecycle:
                 stream.direct = None
             svc.metrics.requests.labels(stream.kind, outcome).inc()
             delivered = stream.generated - stream.base if stream.pacing == "none" else stream.reader.consumed
-            svc.metrics.tokens_out.labels(name).inc(delivered)
+            # (a client that resumed after more tokens than exist yet was delivered none)
+            svc.metrics.tokens_out.labels(stream.engine).inc(max(0, delivered))  # (the engine it ended on)
             svc.drain.detach(stream, drain)
         return resp
 
@@ -283,10 +424,18 @@ class RequestLifecycle:
         """Not paced: returned whole when the engine finishes."""
         svc = self.svc
         self.register(c)
+        self.origins[c.id] = body
         pump: asyncio.Task[None] | None = None
         try:
-            pump = self._pump(c, engine, await self._open(c, engine, body, 0), c)
+            engine, upstream = await self._open_any(c, engine, body, 0)
+            pump = self._pump(c, engine, upstream, c)
             await pump
+            while (failure := self.failures.pop(c.id, None)) is not None:  # its engine failed: try another
+                failed, produced, error, _ = failure
+                pump = await self._fail_over(c, failed, c, produced, error)
+                if pump is None:
+                    break
+                await pump
             if c.error is not None:
                 svc.metrics.requests.labels(c.kind, "error").inc()
                 if c.error[1] == "engine_down":  # nothing was sent yet: the client may retry (another engine)
@@ -302,7 +451,9 @@ class RequestLifecycle:
             if pump is not None and not pump.done():
                 pump.cancel()
             if not c.ended:  # client gone (or gateway error) before the engine finished: free the engine now
-                svc.free_engine(engine, c.id)
+                current = svc.engines.get(c.engine)
+                if current is not None:
+                    svc.free_engine(current, c.id)
             self.remove(c)
 
     # ----- the registry -----
@@ -317,6 +468,10 @@ class RequestLifecycle:
             return
         del svc.streams[s.id]
         self.keys.pop(s.id, None)
+        self.origins.pop(s.id, None)
+        self.moves.pop(s.id, None)
+        self.prompts.pop(s.id, None)
+        self.failures.pop(s.id, None)
         svc.store.forget(s.id)
         engine = svc.engines.get(s.engine)
         if engine is not None:
@@ -327,3 +482,10 @@ class RequestLifecycle:
     def close(self) -> None:
         for t in list(self.pumps.values()):
             t.cancel()
+
+
+def _failure_final(error: EngineError) -> Final:
+    """How a request ends when its engine failed and no other took it: an error event whose code says why."""
+    code = ("engine_down" if isinstance(error, EngineDown) else "engine_stalled" if isinstance(error, EngineStalled)
+            else "engine_timeout" if isinstance(error, EngineTimeout) else "engine_stream_failed")
+    return Final(None, 0, (f"the engine stream failed: {error}", code))

@@ -30,6 +30,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info") -> None:
+    # The JSON lines carry none of the caller's file and line, thread or process, so a record need not look them
+    # up (the logging HOWTO's "Optimization"): it saves about a fifth of a line's cost, and the control loop logs
+    # every decision, hundreds a tick under overload.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -44,6 +44,7 @@ class Pump:
         "metrics",
         "on_failure",
         "produced",
+        "prompt_tokens",
         "reason",
         "sid",
         "sink",
@@ -54,7 +55,8 @@ class Pump:
 
     def __init__(self, *, engine: str, upstream: EngineStream, sid: str, sink: TokenSink, metrics: Metrics,
                  flow: ReadAhead | None = None, start: int = 0,
-                 on_failure: Callable[[TokenSink, int, EngineError], None] | None = None) -> None:
+                 on_failure: Callable[[TokenSink, int, EngineError], None] | None = None,
+                 prompt_tokens: int | None = None) -> None:
         self.engine = engine
         self.upstream = upstream
         self.sid = sid
@@ -65,6 +67,9 @@ class Pump:
         # Told (sink, tokens produced, error) when the engine stream fails; by default the sink ends in error.
         self.on_failure = on_failure
         self.produced = start
+        # The client's prompt size when known (an engine reported it before failing): a continuation's own prompt
+        # holds the output so far, retokenized, so subtracting ``start`` from it is only an estimate.
+        self.prompt_tokens = prompt_tokens
         self.reason: str | None = None
         self.usage: dict[str, int] | None = None
         self._tokens_in = metrics.tokens_in.labels(engine)
@@ -100,7 +105,8 @@ class Pump:
             await self.upstream.wait()
             usage = self.usage or {}
             # A continuation's prompt holds the output so far.
-            prompt = max(0, int(usage.get("prompt_tokens", 0)) - self.start_tokens)
+            prompt = (self.prompt_tokens if self.prompt_tokens is not None
+                      else max(0, int(usage.get("prompt_tokens", 0)) - self.start_tokens))
             completion = usage.get("completion_tokens")
             if completion is not None and self.start_tokens + completion > self.produced:  # tokens that carried no text
                 self.produced = self.start_tokens + completion

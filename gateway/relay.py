@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import auth
-from .api.errors import ApiError, not_found
+from .api.errors import ApiError, invalid, not_found
 from .api.sse import ChunkEncoder
 from .placement import EngineView
 from .policy.snapshot import BufferSource
@@ -80,8 +80,16 @@ class Relay:
             raise not_found(f"no stream with id '{sid}' (unknown, or expired after it ended)")
         if not isinstance(s, Stream):
             raise ApiError(409, "a non-streaming request cannot be resumed", code="not_resumable")
+        refused: ApiError | None = None
         if s.engine not in svc.engines:
-            raise not_found(f"stream '{sid}' belongs to engine '{s.engine}', unknown to this replica")
+            refused = not_found(f"stream '{sid}' belongs to engine '{s.engine}', unknown to this replica")
+        elif s.ended and after > s.generated:  # (a running stream may still get there: served from there on)
+            refused = invalid(f"stream '{sid}' ended after {s.generated} tokens; cannot resume after {after}",
+                              code="resume_beyond_end")
+        if refused is not None:
+            if not s.attached and sid not in self.requests.pumps:
+                self.requests.remove(s)  # rebuilt for this request alone: nobody else holds it
+            raise refused
         seq = s.reattach(after, svc.clock())
         return await self.requests.deliver(request, s, seq)
 

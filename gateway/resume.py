@@ -24,7 +24,7 @@ class NotResumable(Exception):
 def parse_event_id(value: str) -> tuple[str, int]:
     """``<stream id>:<tokens delivered>`` (the SSE ``id:`` the gateway sends) -> (stream id, tokens)."""
     sid, sep, n = value.strip().rpartition(":")
-    if not sep or not sid or not n.isdigit() or len(n) > 12:
+    if not sep or not sid or not (n.isascii() and n.isdigit()) or len(n) > 12:  # (isdigit alone takes '²')
         raise ValueError(f"Last-Event-ID must be '<stream id>:<tokens>', got {value[:80]!r}")
     return sid, int(n)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,16 +116,18 @@ class Engines(Mapping[str, "EngineHandle"]):
         return sorted((m, hs[0]) for m, hs in self._by_model.items())
 
     def route(self, model: str, live: Iterable[StreamBase], retry_after_s: int,
-              request: PlacementRequest | None = None) -> EngineHandle:
+              request: PlacementRequest | None = None, exclude: Collection[str] = ()) -> EngineHandle:
         """The engine for a new request: with one engine and no stream limit, that one; otherwise the placement's
         choice among the engines up and below their stream limit (429 when every one is at its limit). Engines
-        marked down (gateway/engines/liveness.py) are skipped; none left: 503 with Retry-After, at once."""
+        marked down (gateway/engines/liveness.py) are skipped, and so are those named in ``exclude`` (an engine
+        that just failed a stream, before liveness marks it down); none left: 503 with Retry-After, at once."""
         candidates = self._by_model.get(model)
         if not candidates:  # parse_request already checked the name; this is a guard
             raise ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
-        up = [c for c in candidates if c.client.down is None]
+        up = [c for c in candidates if c.client.down is None and c.name not in exclude]
         if not up:
-            raise ApiError(503, f"no engine serving '{model}' is up ({candidates[0].client.down}); retry shortly",
+            why = candidates[0].client.down or "excluded"
+            raise ApiError(503, f"no engine serving '{model}' is up ({why}); retry shortly",
                            type="server_error", code="engine_unavailable", headers={"Retry-After": str(retry_after_s)})
         candidates = up
         limited = any(c.config.max_streams is not None for c in candidates)

@@ -38,6 +38,8 @@ class EngineStatus(StrEnum):
 
 STATUSES = frozenset(s.value for s in EngineStatus)
 _STATUS = {s.value: s for s in EngineStatus}
+# An enum member read through its class is a Python-level descriptor call (3.11); parsing reads it per request.
+_WAITING = EngineStatus.WAITING
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,10 @@ class EngineView:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# RequestState and CommandResult are read-only by contract but not ``frozen``: a frozen dataclass's __init__ sets
+# each field through object.__setattr__ (about 6x slower), and every control tick parses one per request and
+# one per command (docs/benchmarks.md, "Scheduler cost").
+@dataclass(slots=True)
 class RequestState:
     """One request as the engine reports it (the fields the gateway uses)."""
 
@@ -91,14 +96,15 @@ class RequestState:
 
     @classmethod
     def from_json(cls, r: Mapping[str, Any]) -> RequestState:
+        # positional, in field order: keywords make the constructor about 3x slower (one per request per tick)
         return cls(
-            id=str(r["id"]),
-            status=_STATUS.get(r.get("status", "waiting"), EngineStatus.WAITING),
-            priority=int(r.get("priority") or 0),
-            prompt_tokens=int(r.get("prompt_tokens") or 0),
-            kv_device_tokens=int(r.get("kv_device_tokens") or 0),
-            kv_host_tokens=int(r.get("kv_host_tokens") or 0),
-            preemptions=int(r.get("preemptions") or 0),
+            str(r["id"]),
+            _STATUS.get(r.get("status", "waiting"), _WAITING),
+            int(r.get("priority") or 0),
+            int(r.get("prompt_tokens") or 0),
+            int(r.get("kv_device_tokens") or 0),
+            int(r.get("kv_host_tokens") or 0),
+            int(r.get("preemptions") or 0),
         )
 
 
@@ -119,7 +125,7 @@ class EngineState:
         return cls(engine=EngineView.from_json(eng), requests={r.id: r for r in reqs}, counters=counters)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # read-only: see RequestState
 class CommandResult:
     """One command's result from ``POST /control/v1/commands``."""
 

@@ -51,30 +51,32 @@ def build_snapshot(
     requests that no stream owns (another client of the engine) are left out: the gateway does not drive them.
     """
     requests = engine_state.requests
+    waiting = EngineStatus.WAITING  # read once: an enum member read through its class is a descriptor call (3.11)
     views: list[StreamView] = []
+    append = views.append
     for s in streams:
         r = requests.get(s.id)
         if r is not None:
             status, prompt, kv_dev, kv_host = r.status, r.prompt_tokens, r.kv_device_tokens, r.kv_host_tokens
             prio, preemptions = r.priority, r.preemptions
         else:
-            status, prompt, kv_dev, kv_host, prio, preemptions = EngineStatus.WAITING, 0, 0, 0, 0, 0
-        views.append(
-            StreamView(
-                id=s.id,
-                status=status,
-                arrival_time=s.arrival_time,
-                rate=s.rate,
-                prompt_tokens=prompt,
-                generated_tokens=s.generated_tokens,
-                buffer_tokens=s.buffer_tokens(now),
-                first_token_time=s.first_token_time,
-                max_tokens=s.max_tokens,
-                kv_device_tokens=kv_dev,
-                kv_host_tokens=kv_host,
-                priority=prio,
-                preemptions=preemptions,
-                stalled=bool(getattr(s, "stalled", False)),
-            )
-        )
+            status, prompt, kv_dev, kv_host, prio, preemptions = waiting, 0, 0, 0, 0, 0
+        # Positional, in field order: keyword arguments make this constructor about 3x slower, and it runs for
+        # every stream on every tick (tests/unit/test_snapshot.py checks each field).
+        append(StreamView(
+            s.id,
+            status,
+            s.arrival_time,
+            s.rate,
+            prompt,  # prompt_tokens
+            s.generated_tokens,
+            s.buffer_tokens(now),
+            s.first_token_time,
+            s.max_tokens,
+            kv_dev,  # kv_device_tokens
+            kv_host,  # kv_host_tokens
+            prio,  # priority
+            preemptions,
+            bool(getattr(s, "stalled", False)),
+        ))
     return Snapshot(engine=engine_state.engine, streams=tuple(views), tick_interval_s=tick_interval_s)

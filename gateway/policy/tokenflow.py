@@ -137,10 +137,8 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     kind = bytearray(n)
     new_idx: list[int] = []
     order: list[int] = []
-    n_running = 0
     prefilling = False
     backlog = 0.0
-    admitted = 0
     demand = 0.0
     beta_sum = 0.0
     big = 1 << 40
@@ -157,11 +155,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     dr0 = dr1 = dr2 = dr3 = db0 = db1 = db2 = db3 = 0.0
     er0 = er1 = er2 = er3 = et0 = et1 = et2 = et3 = 0.0
     for i, s in enumerate(streams):
-        st = s.status
-        if st is _RUNNING:
-            n_running += 1
-        else:
-            kind[i] = 2
+        st = s.status  # kind is set below per status (0, running, by default)
         gen = s.generated_tokens
         prompt = s.prompt_tokens
         ctx = prompt + gen
@@ -178,16 +172,15 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
                 prefilling = True
-                admitted += 1
                 demand += s.rate
                 order.append(i)
             else:
                 waited = now - s.arrival_time - grace
                 keys[i] = -aging * waited if waited > 0 else 0.0
+                kind[i] = 2
                 new_idx.append(i)
             continue
         order.append(i)
-        admitted += 1
         r = s.rate
         demand += r
         b = s.buffer_tokens
@@ -206,21 +199,21 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             else:
                 dr3 += r
                 db3 += b
-            e = b + rem  # tokens read by the end of what it still produces
-            if e < h_last * r:
-                e /= r
+            end = b + rem  # tokens read by the end of what it still produces
+            if end < h_last * r:
+                e = end / r
                 if e < h0:
                     er0 += r
-                    et0 += b + rem
+                    et0 += end
                 elif e < h1:
                     er1 += r
-                    et1 += b + rem
+                    et1 += end
                 elif e < h2:
                     er2 += r
-                    et2 += b + rem
+                    et2 += end
                 else:
                     er3 += r
-                    et3 += b + rem
+                    et3 += end
         if st is _RUNNING:
             if rem * step <= tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
@@ -230,8 +223,10 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             back = ctx * rec_s if tail > host_free else (tail * evict_s if tail > 0 else 0.0) + ctx * back_run
             keys[i] = tte - mu * back - mu_tick
         elif st is _PARKED:
+            kind[i] = 2
             keys[i] = tte - mu_tick
         elif st is _LOADING:
+            kind[i] = 2
             miss = ctx - s.kv_device_tokens
             keys[i] = tte - mu * (miss * load_s if miss > 0 else 0.0) - mu_tick
             backlog += s.kv_host_tokens * load_s
@@ -239,7 +234,9 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             kind[i] = 1
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
-    return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, admitted, demand, beta_sum,
+    n_running = kind.count(0)
+    # every request in `order` so far is admitted: the running (prefill included) and the started ones
+    return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, len(order), demand, beta_sum,
                  [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
 
 
@@ -392,7 +389,10 @@ class TokenFlowPolicy:
             held = sum(map(tick.foot.__getitem__, tick.order))
             kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
         u = k.admit_utilization * capacity
-        margin = [u * hs[x] - need[x] for x in range(n_h)]
+        # What each horizon can still take, in locals: the four horizons are unrolled below, as in `_slack_pass`
+        # (a loop over them per newcomer cost as much as the rest of admission).
+        m0, m1, m2, m3 = [u * hs[x] - need[x] for x in range(n_h)]
+        h0, h1, h2, h3 = hs
         rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
         admit_new: list[int] = []
         force = tick.admitted == 0  # nothing admitted: one request always goes (an estimate too low must not stop all)
@@ -408,24 +408,21 @@ class TokenFlowPolicy:
             r = s.rate
             # its prompt, in decode tokens the engine forgoes, less the stall it may absorb itself
             base = s.prompt_tokens * rec_s * capacity - budget * r
-            add = [0.0] * n_h
-            fits = True
-            for x in range(n_h):
-                a = r * hs[x]
-                a = (a if a < out else out) + base
-                if a > margin[x]:
-                    fits = False
-                    break
-                add[x] = a
-            if not fits and not (force and not admit_new):
-                break
-            if not fits:  # forced: charge it in full
-                add = [base + min(r * h, out) for h in hs]
+            # per horizon: its reading by then, capped at what it produces, plus that base
+            a0, a1, a2, a3 = r * h0, r * h1, r * h2, r * h3
+            a0 = (a0 if a0 < out else out) + base
+            a1 = (a1 if a1 < out else out) + base
+            a2 = (a2 if a2 < out else out) + base
+            a3 = (a3 if a3 < out else out) + base
+            if (a0 > m0 or a1 > m1 or a2 > m2 or a3 > m3) and not (force and not admit_new):
+                break  # it does not fit (one forced is charged in full all the same)
             admit_new.append(j)
             room -= 1
             kv_room -= kv
-            for x in range(n_h):
-                margin[x] -= add[x]
+            m0 -= a0
+            m1 -= a1
+            m2 -= a2
+            m3 -= a3
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs) -> tuple[bytearray, bytearray, float, float]:

@@ -117,6 +117,11 @@ class SessionStore(ABC):
     @abstractmethod
     def finish(self, sid: str, final: Final) -> None: ...
 
+    def pending(self, sid: str) -> list[Delta]:
+        """``sid``'s deltas written by this owner and not yet handed to ``sink`` (a write in flight); with what
+        the sink had, the whole log so far."""
+        return []
+
     @abstractmethod
     def release(self, sid: str) -> None:
         """The owner stops reading the engine (its client left): the stream may be resumed and resubmitted."""

@@ -238,6 +238,10 @@ class RedisStore(SessionStore):
         if new or final is not None:
             self.sink(sid, new, final)
 
+    def pending(self, sid: str) -> list[Delta]:
+        ob = self._out.get(sid)
+        return ob.deltas[ob.sunk:] if ob is not None else []
+
     def finish(self, sid: str, final: Final) -> None:
         self._end(sid, final, "finished")
 

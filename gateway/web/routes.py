@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import mimetypes
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
-from ..api.errors import ApiError, invalid
+from ..api.errors import ApiError, invalid, not_found
 from ..api.requests import parse_json
+from ..api.responses import expect_continue
 
 if TYPE_CHECKING:
     from ..config import DemoConfig
@@ -36,16 +38,38 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
+def _bundle() -> dict[str, tuple[bytes, str]]:
+    """The page's files (a few KB), read once: each name's bytes and content type."""
+    out = {}
+    for path in sorted(STATIC.iterdir()):
+        if path.is_file():
+            ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            out[path.name] = (path.read_bytes(), ctype)
+    return out
+
+
 class DemoPage:
     def __init__(self, svc: Services, cfg: DemoConfig) -> None:
         self.svc = svc
         self.cfg = cfg
         self.burst: Burst | None = None
         self._task: asyncio.Task[None] | None = None
+        # Served from memory by name rather than by aiohttp's static route, whose 404 and 416 (a Range beyond
+        # the file) are empty bodies made after any middleware has run: every error here is OpenAI's JSON.
+        self.files = _bundle()
 
-    async def index(self, request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC / "index.html",
-                                headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"})
+    def _file(self, name: str, headers: dict[str, str] | None = None) -> web.Response:
+        found = self.files.get(name)
+        if found is None:
+            raise not_found(f"no file '{name[:100]}' in the demo page")
+        body, ctype = found
+        return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-cache", **(headers or {})})
+
+    async def index(self, request: web.Request) -> web.Response:
+        return self._file("index.html", {"Content-Security-Policy": _CSP})
+
+    async def static(self, request: web.Request) -> web.Response:
+        return self._file(request.match_info["name"])
 
     def lanes(self) -> list[dict[str, Any]]:
         """Every engine with the policy that schedules it and the model that reaches it."""
@@ -113,9 +137,10 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int, *, default: int | No
 
 def register(app: web.Application, svc: Services, cfg: DemoConfig) -> None:
     page = DemoPage(svc, cfg)
-    app.router.add_get("/", page.index)
-    app.router.add_static("/demo/static/", STATIC, append_version=False)
-    app.router.add_get("/demo/info", page.info)
-    app.router.add_post("/demo/burst", page.start_burst)
-    app.router.add_get("/demo/burst", page.burst_status)
+    r, x = app.router, expect_continue
+    r.add_get("/", page.index, expect_handler=x)
+    r.add_get("/demo/static/{name}", page.static, expect_handler=x)
+    r.add_get("/demo/info", page.info, expect_handler=x)
+    r.add_post("/demo/burst", page.start_burst, expect_handler=x)
+    r.add_get("/demo/burst", page.burst_status, expect_handler=x)
     app.on_shutdown.append(page.close)

@@ -136,6 +136,9 @@ class Client:
     reconnects: int = 0
     errors: list[str] = field(default_factory=list)
     error_codes: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    usage: dict[str, int] | None = None  # the last usage chunk (stream_options.include_usage)
+    stamps: list[float] = field(default_factory=list)  # monotonic arrival time of each text chunk
 
     async def read(self, resp: aiohttp.ClientResponse, stop_after: int | None = None) -> None:
         """Consume events until [DONE] (sets done), the connection ends, or ``stop_after`` tokens."""
@@ -154,10 +157,15 @@ class Client:
                     self.errors.append(obj["error"]["message"])
                     self.error_codes.append(str(obj["error"].get("code")))
                     continue
+                if obj.get("usage"):
+                    self.usage = obj["usage"]
                 for c in obj.get("choices") or ():
                     t = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
                     if t:
                         self.texts.append(t)
+                        self.stamps.append(time.monotonic())
+                    if c.get("finish_reason"):
+                        self.finish_reasons.append(c["finish_reason"])
                 if stop_after is not None and len(self.tokens()) >= stop_after:
                     return
 

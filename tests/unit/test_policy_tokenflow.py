@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
+from bench.tickcost import apply, stressed_snapshot
 from gateway.policy import make_policy
 from gateway.policy.knobs import TokenFlowKnobs
 from gateway.policy.tokenflow import TokenFlowPolicy
 from gateway.policy.types import Decision, EngineStatus, EngineView, Snapshot, StreamView
 
+from .tokenflow_cases import BURSTS, RECORDING, SEQUENCES, outcome, runs
+
 R, W, H, P, L = EngineStatus.RUNNING, EngineStatus.WAITING, EngineStatus.HELD, EngineStatus.PARKED, EngineStatus.LOADING
 NOW = 100.0
+# sha256 of the decisions on the tick-cost benchmark's snapshots (see the last test)
+BENCH_DIGEST = "a7f0d8310fd6385df0a61cd8b5bd5f3998582cd6280440446525d072854c5fa0"
 TICK = 0.5
 
 
@@ -276,3 +284,50 @@ def test_two_empty_streams_are_not_swapped_every_tick() -> None:
     assert "r" not in empty.get("preempt", set()) and "p" not in empty.get("resume", set())
     ahead = ops(TokenFlowPolicy().decide(snap(sv("r", R, buf=25.0), paused, eng=eng), NOW))  # 2.5 s of buffer
     assert "r" in ahead["preempt"] and "p" in ahead["resume"]
+
+
+def test_decisions_match_the_recording_on_random_snapshots() -> None:
+    """Every decision and the tick's info, on seeded random snapshots (every status, stalled clients, host tier
+    or not, overload or not, odd knobs), equal what the policy decided when the recording was made: the
+    implementation may get faster, never different (tests/unit/tokenflow_cases.py says how to re-record)."""
+    recorded = json.loads(RECORDING.read_text())
+    assert len(recorded) == SEQUENCES + BURSTS
+    for (seq, knobs, ticks), want in zip(runs(), recorded, strict=True):
+        policy = TokenFlowPolicy(**knobs)
+        for t, ((now, snapshot), w) in enumerate(zip(ticks, want, strict=True)):
+            assert outcome(policy, snapshot, now) == w, f"sequence {seq}, tick {t}"
+
+
+def test_the_random_snapshots_cover_every_case() -> None:
+    statuses, modes, reasons = set(), set(), set()
+    stalled = host_tier = no_host_tier = no_max_tokens = prefilling = 0
+    for _, _, ticks in runs():
+        for _, s in ticks:
+            statuses |= {v.status for v in s.streams}
+            stalled += any(v.stalled for v in s.streams)
+            no_max_tokens += any(v.max_tokens is None for v in s.streams)
+            prefilling += any(v.status is EngineStatus.RUNNING and v.first_token_time is None for v in s.streams)
+            host_tier += s.engine.kv_host_capacity_tokens > 0
+            no_host_tier += s.engine.kv_host_capacity_tokens == 0
+    for seq in json.loads(RECORDING.read_text()):
+        for t in seq:
+            modes.add(t["info"][0])
+            reasons |= {tuple(r.split(":")) for r in t["reasons"]}
+    assert statuses == set(EngineStatus)
+    assert modes == {"idle", "balance", "overload"}
+    assert min(stalled, host_tier, no_host_tier, no_max_tokens, prefilling) >= 20
+    assert {("preempt", r) for r in ("buffered", "overload", "defer", "working_set", "stalled", "unpark")} <= reasons
+    assert {("resume", r) for r in ("fill", "urgent", "recompute", "run_after_load")} <= reasons
+    assert {("prefetch", "prefetch"), ("prefetch", "reload")} <= reasons
+    assert {("priority", "admit"), ("priority", "victim_order")} <= reasons
+
+
+def test_decisions_on_the_tick_cost_benchmark_snapshots_are_unchanged() -> None:
+    """The snapshots `tokenflow bench tick-cost` times (1,000 streams, cold and steady): a digest of the decisions
+    recorded with the recording above, so that a faster tick is the same tick."""
+    cold = stressed_snapshot(1000)
+    policy = TokenFlowPolicy()
+    first = outcome(policy, cold, 99.5)
+    steady = apply(cold, policy.decide(cold, 99.5), 0.5)
+    digest = hashlib.sha256(json.dumps([first, outcome(policy, steady, 100.0)]).encode()).hexdigest()
+    assert digest == BENCH_DIGEST

@@ -12,6 +12,9 @@ import aiohttp
 from tests.contract.client import poll as _poll
 
 TIMEOUT = 60.0  # generous: a shared, loaded 2-core machine
+# A whole answer of several hundred tokens, several at once: on a 2-core machine loaded by other work the tiny
+# model's CPU engine has run at a few tokens/s per stream. A bound against hangs, not a speed check.
+ANSWER_TIMEOUT = 300.0
 
 
 async def poll(pred: Callable[[], Awaitable[Any]], timeout: float = TIMEOUT, what: str = "condition") -> Any:
@@ -63,7 +66,7 @@ class Gen:
         await poll(ok, what=f"{n} tokens of {self.rid}")
 
     async def done(self) -> list[int]:
-        await asyncio.wait_for(self.task, TIMEOUT)
+        await asyncio.wait_for(self.task, ANSWER_TIMEOUT)
         return self.tokens
 
     def disconnect(self) -> None:
