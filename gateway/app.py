@@ -122,7 +122,7 @@ class Gateway:
             models = list(ec.models) or await self._discover_models(client)
             svc.engines.add(EngineHandle(ec, client, control, models, embedded))
             control.start()
-        for h in svc.engines.values():  # an engine alone on its models needs no placement view
+        for h in svc.engines.values():  # placement chooses only between engines that share a model
             h.control.placing = svc.engines.shares_a_model(h)
         svc.metrics.registry.register(SessionCollector(svc.store, self.relay.stats, lambda: list(svc.engines)))
         svc.metrics.registry.register(LatenessCollector(svc.pacer.lateness))  # pacing lateness histogram

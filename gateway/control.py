@@ -67,7 +67,8 @@ class ControlLoop:
         self.stall_timeout_s = stall_timeout_s
         self.driving = coordinator is None  # this replica runs the policy for the engine
         self.view: EngineView | None = None  # placement's view of the engine, from this replica's last snapshot
-        self.placing = True  # build that view each tick (the app turns it off when no other engine serves its models)
+        # Build that view each tick: the app turns it on for engines that share a model with another.
+        self.placing = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
