@@ -16,7 +16,7 @@ arguments with defaults.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,11 +99,13 @@ def run_cluster(
     max_time_s: float | None = None,
     idle_limit_s: float = 300.0,
     progress: Callable[[int], None] | None = None,
+    pinned: Mapping[str, int] | None = None,
 ) -> ClusterResult:
     """Serve ``workload`` (a config, generated with ``seed``, or the requests themselves) on ``n_engines``
     identical simulated engines of ``profile``, each under its own ``policy``, with ``placement`` choosing the
     engine of each request at its arrival. Runs until every request finished (or no engine stepped for
-    ``idle_limit_s`` after the last arrival, or ``max_time_s``)."""
+    ``idle_limit_s`` after the last arrival, or ``max_time_s``). ``pinned``: requests (by id) that go to a given
+    engine (by index) whatever the placement: load that something else put there, to make engines uneven."""
     if n_engines < 1:
         raise ValueError("n_engines must be >= 1")
     prof = load_profile(profile) if isinstance(profile, str) else profile
@@ -148,7 +150,9 @@ def run_cluster(
         while nxt < len(specs) and specs[nxt].arrival_s < now + tick_s:
             spec = specs[nxt]
             req = PlacementRequest(spec.prompt_tokens, spec.output_tokens, spec.rate)
-            name = place.choose(list(views.values()), req, max(now, spec.arrival_s))
+            pin = pinned.get(spec.id) if pinned else None
+            name = engines[pin].name if pin is not None else place.choose(list(views.values()), req,
+                                                                           max(now, spec.arrival_s))
             if name is None:  # no stream limits in the simulation: every engine is always open
                 raise RuntimeError("placement chose no engine")
             e = by_name[name]

@@ -10,6 +10,10 @@ policy serves exactly the same requests. Load scales with the cluster: ``per_eng
 * ``poisson``: Poisson arrivals at ``rps_per_engine`` x N per second for ``duration_s``.
 * ``burst-on-load``: the Poisson load, and after ``burst_at_s`` a burst on top of it: the engines are then
   unevenly loaded (different mixes of long and short answers, running or done, buffered or not).
+* ``uneven``: ``preload_per_engine`` long answers already on every engine (pinned there, as by another router or
+  an earlier deployment: the same count everywhere), read by listeners (``preload_slow_rate``) on the first
+  half of the engines and by readers (``preload_fast_rate``) on the rest; then the burst at ``burst_at_s``.
+  Counts are even, what the readers need from each engine is not.
 
 Prints a Markdown table and writes ``report.json``: per case, cluster size and policy, each placement's metrics
 and its ratios against least-outstanding and round-robin.
@@ -33,7 +37,7 @@ from .cluster import run_cluster
 from .report import write_json
 from .workload import RequestSpec, WorkloadConfig, generate, parse_rates
 
-CASES = ("burst", "poisson", "burst-on-load")
+CASES = ("burst", "poisson", "burst-on-load", "uneven")
 PLACEMENTS = "tokenflow,least-outstanding,round-robin,kv-free-first"
 
 
@@ -49,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rps-per-engine", type=float, default=4.0)
     p.add_argument("--duration-s", type=float, default=60.0)
     p.add_argument("--burst-at-s", type=float, default=30.0)
+    p.add_argument("--preload-per-engine", type=int, default=200, help="uneven: long answers pinned per engine")
+    p.add_argument("--preload-slow-rate", type=float, default=3.5, help="uneven: readers' rate, first half")
+    p.add_argument("--preload-fast-rate", type=float, default=20.0, help="uneven: readers' rate, second half")
     p.add_argument("--input-mean", type=float, default=512)
     p.add_argument("--long-mean", type=float, default=2048)
     p.add_argument("--short-mean", type=float, default=256)
@@ -90,21 +97,40 @@ def mixed(specs: list[RequestSpec], long_mean: float, long_share: float, seed: i
 
 def case_specs(case: str, n_engines: int, args: argparse.Namespace) -> list[RequestSpec]:
     """The requests of one case for a cluster of ``n_engines`` (identical for every placement and policy)."""
+    return case_workload(case, n_engines, args)[0]
+
+
+def case_workload(case: str, n_engines: int, args: argparse.Namespace) -> tuple[list[RequestSpec], dict[str, int]]:
+    """The requests of one case and those pinned to an engine (by index) whatever the placement."""
     base = WorkloadConfig(input_mean=args.input_mean, output_mean=args.short_mean, rates=parse_rates(args.rates),
                           seed=args.seed)
     parts: list[RequestSpec] = []
     if case in ("poisson", "burst-on-load"):
         rps = args.rps_per_engine * n_engines
         parts += generate(base.with_(kind="poisson", n=max(1, round(rps * args.duration_s)), rate_rps=rps))
-    if case in ("burst", "burst-on-load"):
-        at = args.burst_at_s if case == "burst-on-load" else 0.0
+    pinned: dict[str, int] = {}
+    if case == "uneven":
+        for e in range(n_engines):
+            rate = args.preload_slow_rate if e < n_engines // 2 else args.preload_fast_rate
+            # arriving over the first 60 % of the time before the burst: started, buffers built by then
+            pre = generate(base.with_(kind="poisson", n=args.preload_per_engine, output_mean=args.long_mean,
+                                      rate_rps=args.preload_per_engine / (0.6 * args.burst_at_s),
+                                      rates=((rate, 1.0),), seed=args.seed + 100 + e))
+            for k, s in enumerate(pre):
+                pid = f"pre-{e}-{k:05d}"
+                pinned[pid] = e
+                parts.append(replace(s, id=pid))
+    if case in ("burst", "burst-on-load", "uneven"):
+        at = args.burst_at_s if case in ("burst-on-load", "uneven") else 0.0
         burst = generate(base.with_(kind="burst", n=args.burst_per_engine * n_engines, seed=args.seed + 1))
         parts += [replace(s, arrival_s=at) for s in burst]
     if not parts:
         raise ValueError(f"unknown case {case!r}; known: {', '.join(CASES)}")
     parts.sort(key=lambda s: s.arrival_s)
-    specs = [replace(s, id=f"req-{k:06d}") for k, s in enumerate(parts)]
-    return mixed(specs, args.long_mean, args.long_share, args.seed)
+    specs = [s if s.id in pinned else replace(s, id=f"req-{k:06d}") for k, s in enumerate(parts)]
+    specs = [s for s in specs if s.id in pinned] + mixed([s for s in specs if s.id not in pinned], args.long_mean,
+                                                         args.long_share, args.seed)
+    return sorted(specs, key=lambda s: s.arrival_s), pinned
 
 
 def ttft_p99_floor(specs: list[RequestSpec], n_engines: int, profile: str) -> float:
@@ -126,13 +152,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for case in [c for c in args.cases.split(",") if c]:
         for n in [int(x) for x in str(args.engines).split(",") if x]:
-            specs = case_specs(case, n, args)
+            specs, pinned = case_workload(case, n, args)
             floor = ttft_p99_floor(specs, n, args.profile) if case == "burst" else None
             for policy in [p for p in args.policies.split(",") if p]:
                 for placement in [p for p in args.placements.split(",") if p]:
                     t0 = time.process_time()
                     r = run_cluster(specs, n, placement, policy, args.seed, profile=args.profile, tick_s=args.tick,
-                                    engine_preempt=args.engine_preempt)
+                                    engine_preempt=args.engine_preempt, pinned=pinned)
                     row = {"case": case, "engines": n, "policy": policy, "placement": placement,
                            **{k: r.metrics.get(k) for k in KEYS}, "ttft_p99_floor_s": floor, "placed": r.placed,
                            "cpu_s": round(time.process_time() - t0, 1)}

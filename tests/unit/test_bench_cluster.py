@@ -68,3 +68,20 @@ def test_placement_bench_cases_are_identical_per_size_and_the_burst_floor_is_a_p
     prompts = sorted(s.prompt_tokens for s in burst)[:99]
     assert ttft_p99_floor(burst, 1, "sim-small") == load_profile("sim-small").chunked_prefill_time(sum(prompts))
     assert ttft_p99_floor(burst, 2, "sim-small") < ttft_p99_floor(burst, 1, "sim-small")
+
+
+def test_pinned_requests_go_where_they_are_pinned_and_the_uneven_case_pins_its_preload() -> None:
+    from bench.placement import case_workload, parse
+
+    specs = _specs()
+    pinned = {s.id: 2 for s in specs[:20]}
+    r = run_cluster(specs, 3, "round-robin", "tokenflow", 1, profile="sim-small", pinned=pinned)
+    assert all(r.assignment[sid] == "engine-2" for sid in pinned)
+    assert r.metrics["completed"] == len(specs)
+    args = parse(["--burst-per-engine", "5", "--preload-per-engine", "4", "--burst-at-s", "10"])
+    specs2, pins = case_workload("uneven", 4, args)
+    assert sorted(pins.values()) == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    rate = {s.id: s.rate for s in specs2}
+    assert {rate[i] for i, e in pins.items() if e < 2} == {3.5}
+    assert {rate[i] for i, e in pins.items() if e >= 2} == {20.0}
+    assert len(specs2) == 16 + 20 and all(s.arrival_s == 10.0 for s in specs2 if s.id not in pins)
