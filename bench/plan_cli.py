@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
+from gateway.placement import make_placement
 from gateway.policy import make_policy
 
 from .plan import TARGET_METRICS, Metrics, PolicyPlan, Row, Target, make_targets, search
-from .plan_eval import PLACEMENT, PlanWorkload, evaluate
+from .plan_eval import DEFAULT_PLACEMENT, PlanWorkload, evaluate
 from .plan_report import render, report_json, write
 from .workload import WorkloadConfig, generate, parse_rates
 
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=1, help="engine count the doubling starts from")
     p.add_argument("--tick", type=float, default=0.5, help="policy tick interval (s)")
     p.add_argument("--engine-preempt", choices=("recompute", "offload"), default="recompute")
+    p.add_argument("--placement", default=DEFAULT_PLACEMENT,
+                   help="how the simulated gateway places requests on the engines (placement.strategy)")
     p.add_argument("--knob", action="append", default=[], metavar="POLICY.NAME=VALUE", help="override a policy knob")
     w = p.add_argument_group("arrivals")
     w.add_argument("--workload", choices=("burst", "poisson", "gamma", "trace"), default="poisson")
@@ -98,6 +101,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             raise ValueError("--policies names no policy")
         for pol in args.policy_list:
             make_policy(pol, **_knobs(args.knob).get(pol, {}))  # unknown policy or knob: refused now
+        make_placement(args.placement)  # unknown placement: refused now
         args.targets = make_targets({k: getattr(args, k) for k in TARGET_METRICS if getattr(args, k) is not None})
         args.rates_mix = parse_rates(str(args.rates))
         generate(plan_workload(args).workload)  # bad sizes, rates or trace: refused before any run
@@ -122,7 +126,7 @@ def plan_workload(args: argparse.Namespace) -> PlanWorkload:
                         input_mean=args.input_mean, input_std=args.input_std, output_mean=args.output_mean,
                         output_std=args.output_std, rates=args.rates_mix, trace=args.trace, seed=args.seed)
     return PlanWorkload(args.profile, wl, tick_s=args.tick, engine_preempt=args.engine_preempt,
-                        knobs=_knobs(args.knob))
+                        knobs=_knobs(args.knob), placement=args.placement)
 
 
 def _workload_text(wl: WorkloadConfig) -> str:
@@ -141,7 +145,7 @@ def header(args: argparse.Namespace, argv: Sequence[str], pw: PlanWorkload) -> d
     return {
         "command": "tokenflow plan " + " ".join(shlex.quote(a) for a in argv),
         "profile": pw.profile,
-        "placement": PLACEMENT,
+        "placement": pw.placement,
         "seed": args.seed,
         "tick_s": pw.tick_s,
         "engine_preempt": pw.engine_preempt,

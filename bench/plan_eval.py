@@ -1,13 +1,9 @@
 """One evaluation for the capacity planner: a workload served by N engines under one policy -> Metrics.
 
-Placement is round-robin: arrival ``k`` (in arrival order) goes to engine ``k mod N``, and each engine is an
-independent single-engine virtual-clock run (bench/virtual.py) over its share. The engines share nothing, so
-N runs on one clock are N runs on their own clocks with the same arrival times; the per-request records are
-then merged into one report: percentiles over all requests, throughput over the span from the first
-arrival to the last token of any engine (the engines' throughputs summed over that span).
-
-``evaluate`` is the only place the planner touches the simulator: a multi-engine run with another placement
-(one virtual clock, a placement decision per arrival) replaces its body and nothing else.
+The N engines run on one virtual clock (bench/cluster.py ``run_cluster``), each under its own copy of the policy,
+with a placement choosing the engine of each arrival as the gateway does (default ``least-outstanding``, the
+gateway's default; ``placement.strategy`` names the others). ``evaluate`` is the only place the planner touches
+the simulator.
 """
 
 from __future__ import annotations
@@ -17,9 +13,9 @@ from typing import Any
 
 from .metrics import RequestRecord, summarize
 from .plan import Metrics
-from .workload import RequestSpec, WorkloadConfig, generate
+from .workload import WorkloadConfig, generate
 
-PLACEMENT = "round-robin"
+DEFAULT_PLACEMENT = "least-outstanding"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,32 +27,18 @@ class PlanWorkload:
     tick_s: float = 0.5
     engine_preempt: str = "recompute"
     knobs: dict[str, dict[str, float]] = field(default_factory=dict)  # policy -> knob -> value
-
-
-def split_round_robin(specs: list[RequestSpec], n_engines: int) -> list[list[RequestSpec]]:
-    order = sorted(specs, key=lambda s: (s.arrival_s, s.id))
-    return [order[i::n_engines] for i in range(n_engines)]
+    placement: str = DEFAULT_PLACEMENT
 
 
 def evaluate(wl: PlanWorkload, n_engines: int, policy: str, seed: int) -> Metrics:
-    from backends.sim.profile import load_profile
-
-    from .virtual import run_virtual
+    from .cluster import run_cluster
 
     if n_engines < 1:
         raise ValueError("n_engines must be >= 1")
     specs = generate(wl.workload.with_(seed=seed))
-    prof = load_profile(wl.profile)
-    records: list[RequestRecord] = []
-    preemptions = 0
-    for share in split_round_robin(specs, n_engines):
-        if not share:  # more engines than requests: an idle engine adds capacity, no records
-            continue
-        r = run_virtual(prof, share, policy, tick_s=wl.tick_s, engine_preempt=wl.engine_preempt,
-                        policy_knobs=wl.knobs.get(policy))
-        records.extend(r.records)
-        preemptions += r.preemptions
-    return metrics_of(records, n_engines, preemptions)
+    r = run_cluster(specs, n_engines, wl.placement, policy, seed, profile=wl.profile, tick_s=wl.tick_s,
+                    engine_preempt=wl.engine_preempt, policy_knobs=wl.knobs.get(policy))
+    return metrics_of(r.records, n_engines, r.preemptions)
 
 
 def metrics_of(records: list[RequestRecord], n_engines: int, preemptions: int = 0) -> Metrics:

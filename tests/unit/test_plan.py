@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench.plan import COMPLETED, Metrics, PolicyPlan, make_targets, search
-from bench.plan_eval import PLACEMENT, split_round_robin
+from bench.plan_eval import DEFAULT_PLACEMENT, PlanWorkload, evaluate
 from bench.plan_report import policy_table, render
-from bench.workload import WorkloadConfig, generate
+from bench.workload import WorkloadConfig
 from gateway.cli import main as cli_main
 
 TTFT = make_targets({"ttft_p99_s": 1.0})
@@ -99,11 +100,14 @@ def test_throughput_targets_are_floors_and_nan_misses() -> None:
         make_targets({"ttft_p50_s": 1.0})
 
 
-def test_round_robin_gives_arrival_k_to_engine_k_mod_n() -> None:
-    specs = generate(WorkloadConfig(kind="poisson", n=7, rate_rps=5.0, seed=3))
-    shares = split_round_robin(list(reversed(specs)), 3)
-    assert [[s.id for s in share] for share in shares] == [
-        [specs[0].id, specs[3].id, specs[6].id], [specs[1].id, specs[4].id], [specs[2].id, specs[5].id]]
+def test_evaluate_places_with_the_chosen_placement_on_one_clock() -> None:
+    wl = WorkloadConfig(kind="poisson", n=30, rate_rps=10.0, input_mean=100, output_mean=60, seed=3)
+    base = PlanWorkload("sim-small", wl)
+    assert base.placement == "least-outstanding"
+    m = {p: evaluate(replace(base, placement=p), 3, "tokenflow", 1) for p in ("least-outstanding", "round-robin")}
+    assert all(x.completed == 30 and x.n_engines == 3 for x in m.values())
+    with pytest.raises(ValueError, match="unknown placement"):
+        evaluate(replace(base, placement="random"), 2, "tokenflow", 1)
 
 
 TINY = ["plan", "--profile", "vllm-cpu-tiny", "--workload", "poisson", "--n", "40",
@@ -119,12 +123,12 @@ def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[str, str]
 
 def test_cli_end_to_end_on_a_tiny_workload(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out, err = _run(capsys, [*TINY, "--seed", "1", "--out", str(tmp_path)])
-    assert f"placement: {PLACEMENT}" in out
+    assert f"placement: {DEFAULT_PLACEMENT}" in out
     # one progress line per run on stderr: policy, N, seconds, verdict
     runs = [ln for ln in err.splitlines() if ln.startswith("plan: ") and " N=" in ln]
     assert runs and all(ln.split()[1] in ("fcfs", "tokenflow") and (" met " in ln or " missed " in ln) for ln in runs)
     data = json.loads((tmp_path / "plan.json").read_text())
-    assert data["placement"] == "round-robin" and data["targets"] == ["ttft_p99_s <= 1", "rebuffer_mean_s <= 0.2"]
+    assert data["placement"] == "least-outstanding" and data["targets"] == ["ttft_p99_s <= 1", "rebuffer_mean_s <= 0.2"]
     assert len(runs) == sum(len(p["rows"]) for p in data["policies"].values())
     for pol in ("fcfs", "tokenflow"):
         p = data["policies"][pol]
@@ -175,10 +179,10 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
 
 def test_render_names_the_search_assumption() -> None:
     plan: PolicyPlan = search("fcfs", fake(3), TTFT, max_n=8)
-    head = {"command": "tokenflow plan", "profile": "p", "placement": PLACEMENT, "seed": 1, "tick_s": 0.5,
+    head = {"command": "tokenflow plan", "profile": "p", "placement": DEFAULT_PLACEMENT, "seed": 1, "tick_s": 0.5,
             "workload_text": "w", "targets": ["ttft_p99_s <= 1"]}
     text = render(head, [plan])
-    assert "monotone in N" in text and "placement: round-robin" in text
+    assert "monotone in N" in text and "placement: least-outstanding" in text
 
 
 def test_text_plot_without_matplotlib_marks_the_bound_and_the_answer() -> None:
