@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from gateway.policy.knobs import parse_overrides
+
 from .metrics import summarize
 from .report import build_report, plot, table, write_json
 from .workload import WorkloadConfig, generate, parse_rates
@@ -149,14 +151,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _knobs(items: list[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        pol, _, knob = name.partition(".")
-        if not (pol and knob and value):
-            raise SystemExit(f"tokenflow bench: --knob wants POLICY.NAME=VALUE, got {item!r}")
-        out.setdefault(pol, {})[knob] = float(value)
-    return out
+    try:
+        return parse_overrides(items)
+    except ValueError as e:
+        raise SystemExit(f"tokenflow bench: {e}") from None
 
 
 def _workload(args: argparse.Namespace) -> WorkloadConfig:

@@ -230,12 +230,7 @@ def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, 
             time.sleep(0.1)  # polling a condition with a deadline
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         os.unlink(path)
 
 
@@ -264,12 +259,17 @@ def spawn_sim(profile: str, log_path: Path, start_timeout_s: float = 30.0) -> It
             time.sleep(0.1)  # polling a condition with a deadline
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited 15 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def _ready(url: str) -> bool:

@@ -23,6 +23,7 @@ import yaml
 
 from gateway.placement import make_placement
 from gateway.policy import make_policy
+from gateway.policy.knobs import parse_overrides
 
 from .plan import TARGET_METRICS, Metrics, PolicyPlan, Row, Target, make_targets, search
 from .plan_eval import DEFAULT_PLACEMENT, PlanWorkload, evaluate
@@ -111,14 +112,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _knobs(items: list[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        pol, _, knob = name.partition(".")
-        if not (pol and knob and value):
-            raise SystemExit(f"tokenflow plan: --knob wants POLICY.NAME=VALUE, got {item!r}")
-        out.setdefault(pol, {})[knob] = float(value)
-    return out
+    try:
+        return parse_overrides(items)
+    except ValueError as e:
+        raise SystemExit(f"tokenflow plan: {e}") from None
 
 
 def plan_workload(args: argparse.Namespace) -> PlanWorkload:

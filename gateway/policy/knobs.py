@@ -98,3 +98,18 @@ def _from_mapping(cls: type[K], values: Mapping[str, Any] | None) -> K:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} knob(s): {', '.join(unknown)}; known: {', '.join(names)}")
     return cls(**{k: float(v) for k, v in values.items()})
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, float]]:
+    """``POLICY.NAME=VALUE`` strings (a command line's ``--knob``) as {policy: {knob: value}}."""
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        pol, _, knob = name.partition(".")
+        if not (pol and knob and value):
+            raise ValueError(f"--knob wants POLICY.NAME=VALUE, got {item!r}")
+        try:
+            out.setdefault(pol, {})[knob] = float(value)
+        except ValueError:
+            raise ValueError(f"--knob {item!r}: the value is not a number") from None
+    return out
