@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from .cluster import run_cluster
-from .report import write_json
+from .report import cell, write_json
 from .workload import RequestSpec, WorkloadConfig, generate, parse_rates
 
 CASES = ("burst", "poisson", "burst-on-load", "uneven")
@@ -193,14 +193,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("p99 / RR", "ttft_p99_vs_rr"), ("eff / RR", "eff_vs_rr"), ("done", "completed")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = []
-        for _, k in cols:
-            v = r.get(k)
-            if isinstance(v, float):
-                cells.append(f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}")
-            else:
-                cells.append("-" if v is None else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell(r.get(k)) for _, k in cols) + " |")
     return "\n".join(lines)
 
 

@@ -90,15 +90,15 @@ def table(report: dict[str, Any]) -> str:
             ("preemptions", "preemptions"), ("done", "completed")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for name, m in report["policies"].items():
-        cells = [name]
-        for _, key in cols[1:]:
-            v = m.get(key)
-            if isinstance(v, float):
-                cells.append(f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}")
-            else:
-                cells.append("-" if v is None else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([name] + [cell(m.get(key)) for _, key in cols[1:]]) + " |")
     return "\n".join(lines)
+
+
+def cell(v: Any) -> str:
+    """A table cell: whole numbers from 100 up, two decimals below, "-" for none."""
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+    return "-" if v is None else str(v)
 
 
 def plot(out_dir: Path, runs: dict[str, list[RequestRecord]], *, bin_s: float = 5.0, samples: int = 3) -> list[Path]:
