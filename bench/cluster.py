@@ -62,6 +62,9 @@ class _Engine:
         self.live: dict[str, SimStream] = {}
         self.arriving: list[SimStream] = []  # placed, arriving during the current tick
         self.done: list[str] = []
+        # Generated in full, still being read: the gateway keeps such a stream (it paces it out to its reader),
+        # so the live-stream counts a replica places with include it; engine state does not.
+        self.reading: list[SimStream] = []
 
         def on_tokens(now: float, emitted: list[Any]) -> None:
             for e in emitted:
@@ -134,10 +137,13 @@ def run_cluster(
         snaps: dict[str, Snapshot] = {}
         for e in engines:
             for rid in e.done:
-                e.live.pop(rid, None)
+                st = e.live.pop(rid, None)
+                if st is not None:
+                    e.reading.append(st)
                 e.policy.forget(rid)
                 remaining -= 1
             e.done.clear()
+            e.reading = [st for st in e.reading if st.buffer_tokens(now) > 0]
             for st in e.arriving:
                 e.live[st.id] = st
             e.arriving.clear()
@@ -146,7 +152,10 @@ def run_cluster(
             break
         # Arrivals of this tick, placed with the tick's views plus what was placed since (the gateway's
         # published view is a tick old at most, and each replica adds what it placed itself).
-        views: dict[str, EngineView] = {e.name: view_from_snapshot(e.name, snaps[e.name], now) for e in engines}
+        views: dict[str, EngineView] = {}
+        for e in engines:
+            v = view_from_snapshot(e.name, snaps[e.name], now)
+            views[e.name] = v.with_counts(v.live_streams + len(e.reading), None, True)
         while nxt < len(specs) and specs[nxt].arrival_s < now + tick_s:
             spec = specs[nxt]
             req = PlacementRequest(spec.prompt_tokens, spec.output_tokens, spec.rate)
