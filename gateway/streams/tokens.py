@@ -48,6 +48,7 @@ class TokenLog(Sequence[Delta]):
     delta rather than ~170 (a tuple, its text object, an int and a list slot each).
 
     Texts are kept UTF-8 encoded in one growing buffer with the end offset of each; token counts in an array.
+    (Texts come from JSON parsed by orjson, which admits no lone surrogates, so every one encodes.)
     Token ids get their own arrays only once a delta carries them (engines give them only when asked). It reads
     as a sequence of ``(end, text, ids)`` tuples, made on access: the hot path only appends, and readers (a
     resumed client's replay, a continuation, a takeover's write) walk it rarely. :meth:`since` replays from a
@@ -67,7 +68,7 @@ class TokenLog(Sequence[Delta]):
     def append(self, delta: Delta) -> None:
         end, text, ids = delta
         buf = self._text
-        buf += text.encode("utf-8", "surrogatepass")
+        buf += text.encode()
         self._offs.append(len(buf))
         self._ends.append(end)
         if ids is not None or self._id_offs is not None:
@@ -76,7 +77,7 @@ class TokenLog(Sequence[Delta]):
     def extend(self, deltas: Iterable[Delta]) -> None:
         buf, offs, ends = self._text, self._offs.append, self._ends.append
         for end, text, ids in deltas:
-            buf += text.encode("utf-8", "surrogatepass")
+            buf += text.encode()
             offs(len(buf))
             ends(end)
             if ids is not None or self._id_offs is not None:
@@ -102,7 +103,7 @@ class TokenLog(Sequence[Delta]):
 
     def _delta(self, i: int) -> Delta:
         offs = self._offs
-        text = self._text[offs[i - 1] if i else 0:offs[i]].decode("utf-8", "surrogatepass")
+        text = self._text[offs[i - 1] if i else 0:offs[i]].decode()
         ids: list[int] | None = None
         id_offs, all_ids = self._id_offs, self._ids
         if id_offs is not None and all_ids is not None:
@@ -145,7 +146,7 @@ class TokenLog(Sequence[Delta]):
 
     def text(self) -> str:
         """All the text so far."""
-        return self._text.decode("utf-8", "surrogatepass")
+        return self._text.decode()
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TokenLog | list):
