@@ -123,7 +123,7 @@ class Stream(StreamBase):
         """``n`` tokens whose text is ``text`` arrived from the engine."""
         start = self.generated
         self.generated += n
-        self.deltas.append((self.generated, text, ids))
+        self.deltas.add(self.generated, text, ids)
         if self.generated <= self.base:
             return  # the attached client already has these (it resumed past them)
         self._emit(text, self.generated, self.generated - max(start, self.base), now)

@@ -65,8 +65,8 @@ class TokenLog(Sequence[Delta]):
         self._id_offs: array[int] | None = None  # per delta: offset in _ids after it; -1 - offset when it had none
         self.extend(deltas)
 
-    def append(self, delta: Delta) -> None:
-        end, text, ids = delta
+    def add(self, end: int, text: str, ids: list[int] | None = None) -> None:
+        """Append the delta ``(end, text, ids)`` (without making its tuple: the hot path's call)."""
         buf = self._text
         buf += text.encode()
         self._offs.append(len(buf))
@@ -74,12 +74,15 @@ class TokenLog(Sequence[Delta]):
         if ids is not None or self._id_offs is not None:
             self._add_ids(ids)
 
+    def append(self, delta: Delta) -> None:
+        self.add(*delta)
+
     def extend(self, deltas: Iterable[Delta]) -> None:
-        buf, offs, ends = self._text, self._offs.append, self._ends.append
+        buf = self._text
         for end, text, ids in deltas:
             buf += text.encode()
-            offs(len(buf))
-            ends(end)
+            self._offs.append(len(buf))
+            self._ends.append(end)
             if ids is not None or self._id_offs is not None:
                 self._add_ids(ids)
 
