@@ -10,6 +10,7 @@ appended and continued (``continue_final_message: true, add_generation_prompt: f
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from .streams.tokens import Delta, tokens_in
@@ -29,7 +30,7 @@ def parse_event_id(value: str) -> tuple[str, int]:
     return sid, int(n)
 
 
-def continuation_body(kind: str, body: dict[str, Any], deltas: list[Delta]) -> dict[str, Any] | None:
+def continuation_body(kind: str, body: dict[str, Any], deltas: Sequence[Delta]) -> dict[str, Any] | None:
     """The engine request that continues ``body`` after ``deltas``; None when nothing is left to generate."""
     produced = tokens_in(deltas)
     out = copy.deepcopy(body)

@@ -136,6 +136,41 @@ class ConnectionPool:
 class EngineStream:
     """One streaming request to an engine: its response head, then deltas as they arrive."""
 
+    # Slots: one per open engine request, ~35 attributes (an instance __dict__ costs ~1.6 KB).
+    __slots__ = (
+        "_body_done",
+        "_cbuf",
+        "_chat",
+        "_conn",
+        "_cstate",
+        "_done",
+        "_finished",
+        "_got_bytes",
+        "_head",
+        "_head_done",
+        "_head_fut",
+        "_head_timer",
+        "_keep_alive",
+        "_loop",
+        "_mode",
+        "_on_batch",
+        "_pending",
+        "_remaining",
+        "_rest",
+        "_sse_done",
+        "_timer",
+        "_waiter",
+        "_was_reused",
+        "engine",
+        "error_body",
+        "got_deltas",
+        "kind",
+        "last_data_at",
+        "reading",
+        "request_id",
+        "status",
+    )
+
     def __init__(self, engine: str, kind: str, loop: asyncio.AbstractEventLoop, request_id: str | None = None) -> None:
         self.engine = engine
         self.request_id = request_id  # the gateway's id for the request (the control API's), when it has one

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ class SessionStore(ABC):
 
     # --- owner side: queued, delivered to ``sink`` once durable (or at once when degraded) ---
     @abstractmethod
-    def create(self, rec: StreamRecord, deltas: list[Delta] | None = None) -> None: ...
+    def create(self, rec: StreamRecord, deltas: Sequence[Delta] | None = None) -> None: ...
 
     @abstractmethod
     def extend(self, sid: str, deltas: list[Delta]) -> None:
@@ -146,7 +146,7 @@ class SessionStore(ABC):
     def forget(self, sid: str) -> None:
         """This replica no longer reads or follows ``sid``."""
 
-    def rewrite(self, rec: StreamRecord, deltas: list[Delta], final: Final) -> None:
+    def rewrite(self, rec: StreamRecord, deltas: Sequence[Delta], final: Final) -> None:
         """Write an ended stream again, whole, after the store lost it (a store that cannot lose data need not)."""
 
     # --- scheduling ---

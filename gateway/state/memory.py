@@ -6,10 +6,11 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..streams.tokens import Delta, Final
+from ..streams.tokens import Delta, Final, TokenLog
 from .base import Loaded, SessionStore, StreamRecord
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def default_replica_id() -> str:
 class _Entry:
     record: StreamRecord
     state: str = "running"
-    deltas: list[Delta] = field(default_factory=list)
+    deltas: TokenLog = field(default_factory=TokenLog)  # compact: kept until the record expires
     final: Final | None = None
     expires_at: float | None = None  # set when the stream ends or is released
 
@@ -59,12 +60,12 @@ class MemoryStore(SessionStore):
         for _, k in ended[:excess]:
             del self._entries[k]
 
-    def create(self, rec: StreamRecord, deltas: list[Delta] | None = None) -> None:
+    def create(self, rec: StreamRecord, deltas: Sequence[Delta] | None = None) -> None:
         self._sweep()
         e = self._entries.get(rec.id)
         if e is None:
             self._bound()
-            self._entries[rec.id] = _Entry(rec, deltas=list(deltas or ()))
+            self._entries[rec.id] = _Entry(rec, deltas=TokenLog(deltas or ()))
         else:  # resubmission of a known stream: keep its tokens
             e.state, e.expires_at = "running", None
 

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -201,7 +201,7 @@ class RedisStore(SessionStore):
                 raise r
 
     # ----- owner side -----
-    def create(self, rec: StreamRecord, deltas: list[Delta] | None = None) -> None:
+    def create(self, rec: StreamRecord, deltas: Sequence[Delta] | None = None) -> None:
         sid = valid_id(rec.id)
         ob = _Outbox(rec)
         if deltas:  # a takeover: the log already holds these
@@ -467,7 +467,7 @@ class RedisStore(SessionStore):
         self._ok()
         return True
 
-    def rewrite(self, rec: StreamRecord, deltas: list[Delta], final: Final) -> None:
+    def rewrite(self, rec: StreamRecord, deltas: Sequence[Delta], final: Final) -> None:
         """Write an ended stream again, whole (after Redis lost it), so clients can still resume it anywhere."""
         sid = valid_id(rec.id)
         if sid in self._out:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .base import ENDED, StreamBase, StreamSpec, Upstream
 from .flow import ReadAhead
 from .reader import ReaderModel
-from .tokens import Delta, Final, tokens_in
+from .tokens import Delta, Final, TokenLog
 
 if TYPE_CHECKING:
     from ..api.sse import ChunkEncoder
@@ -81,9 +81,9 @@ class Stream(StreamBase):
         self._on_clock = False  # the pacing clock will call release_due (or a release is in progress)
         self._clock_seq = -1  # the pacing clock's live entry for this stream (older entries are stale)
         self._max_pending = max_pending
-        # Resumption: every delta so far (bounded by max_tokens), the index the attached client resumed
-        # from, and the attached writer (``attach_seq`` tells a superseded one it is).
-        self.deltas: list[Delta] = []
+        # Resumption: every delta so far (bounded by max_tokens; compact, a few bytes per token), the index the
+        # attached client resumed from, and the attached writer (``attach_seq`` tells a superseded one it is).
+        self.deltas = TokenLog()
         self.base = 0
         self.delivery = _DETACHED
         self.attach_seq = 0
@@ -123,7 +123,7 @@ class Stream(StreamBase):
         """``n`` tokens whose text is ``text`` arrived from the engine."""
         start = self.generated
         self.generated += n
-        self.deltas.append((self.generated, text, ids))
+        self.deltas.add(self.generated, text, ids)
         if self.generated <= self.base:
             return  # the attached client already has these (it resumed past them)
         self._emit(text, self.generated, self.generated - max(start, self.base), now)
@@ -140,11 +140,11 @@ class Stream(StreamBase):
                 if end > self.generated:
                     self.on_tokens(text, end - self.generated, now, ids)
             return
-        base, queue, log = self.base, self._pending.append, self.deltas.append
+        self.deltas.extend(deltas)
+        base, queue = self.base, self._pending.append
         end = gen
         for d in deltas:
             end = d[0]
-            log(d)
             queue((end - base, d[1]))
         self.generated = end
         self.reader.on_tokens(end - gen, now)
@@ -209,8 +209,8 @@ class Stream(StreamBase):
     def restore(self, deltas: list[Delta], final: Final | None) -> None:
         """Load what another replica produced (no client attached yet): its deltas and, if it ended, how.
         Until it ended, this replica follows that replica's token log."""
-        self.deltas = list(deltas)
-        self.generated = tokens_in(deltas)
+        self.deltas = TokenLog(deltas)
+        self.generated = self.deltas.tokens
         self.base = self.generated
         if final is None:
             self.upstream = Upstream.REPLICA
@@ -248,11 +248,8 @@ class Stream(StreamBase):
         # whether it is the last), then schedule afresh on the new reader's clock (older entries go stale).
         self._on_clock = True
         self.encoder.resumed(after > 0)
-        prev = 0
-        for end, text, _ in self.deltas:
-            if end > after:
-                self._emit(text, end, end - max(prev, after), now)
-            prev = end
+        for prev, (end, text, _) in self.deltas.since(after):
+            self._emit(text, end, end - max(prev, after), now)
         if self.upstream is ENDED:
             self.reader.finished = True
             self._queue_tail(self._tail(), now)
