@@ -70,6 +70,9 @@ export class ChatStream {
 
   render(text, n) {
     const { answer, log } = this.view;
+    // Follow only from the bottom, judged now: the scroll event of a reader who just scrolled up may not have
+    // run yet, and following on the stale flag would pull the log back down under them.
+    this.follow = this.follow && log.scrollHeight - log.scrollTop - log.clientHeight < 8;
     const span = document.createElement("span");
     span.textContent = text;
     answer.appendChild(span);
