@@ -16,14 +16,12 @@ import asyncio
 import gc
 import linecache
 import os
-import socket
 import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
 
 import aiohttp
-import orjson
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,22 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.net import free_port  # noqa: E402
 from gateway.app import start_gateway  # noqa: E402
 from gateway.config import load_config  # noqa: E402
-
-
-def stalled_readers(url: str, n: int) -> list[socket.socket]:
-    host, port = url.split("//", 1)[1].split(":")
-    body = orjson.dumps({"model": "sim-small", "messages": [{"role": "user", "content": "tell me"}], "stream": True,
-                         "max_tokens": 2000})
-    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    out = []
-    for _ in range(n):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect((host, int(port)))
-        s.sendall(req)
-        out.append(s)
-    return out
+from tests.support.stalled import stalled_readers  # noqa: E402
 
 
 def rss() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ import pytest
 
 from tests.integration.replicas import Client, Cluster, Proc, RedisServer, lost_and_duplicated, poll, readyz
 from tests.support.procs import free_port
+from tests.support.stalled import stalled_readers
 
 pytestmark = pytest.mark.redis
 
@@ -258,23 +258,6 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _stalled_readers(url: str, n: int) -> list[socket.socket]:
-    """``n`` streams whose clients never read: a 4 KB receive buffer, so each stalls within a few seconds."""
-    host, port = url.split("//", 1)[1].split(":")
-    body = orjson.dumps({"model": "sim-small", "messages": [{"role": "user", "content": "tell me"}], "stream": True,
-                         "max_tokens": 2000})  # the default pacing and rate, as a new user's request
-    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    out = []
-    for _ in range(n):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect((host, int(port)))
-        s.sendall(req)
-        out.append(s)
-    return out
-
-
 async def _streams_info(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
     async with http.get(url + "/v1/streams", timeout=_SHORT) as r:
         data: list[dict[str, Any]] = (await r.json())["data"]
@@ -299,13 +282,13 @@ async def test_stalled_readers_cost_bounded_memory_and_no_engine_time(cluster: C
             return not await _streams_info(http, url)
 
         # Warm up (imports, first-request paths, allocator arenas) with a smaller batch of the same.
-        warm = _stalled_readers(url, 50)
+        warm = stalled_readers(url, 50)
         await poll(lambda: all_stalled(50), 60, "the warm-up streams stalled")
         for s in warm:
             s.close()
         await poll(empty, 30, "the warm-up streams gone")
         before = _rss(pid)
-        socks = _stalled_readers(url, n)
+        socks = stalled_readers(url, n)
         try:
             took = await poll(lambda: all_stalled(n), 90, f"{n} stalled streams")
 
