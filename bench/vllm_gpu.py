@@ -339,6 +339,8 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "bench", "http", "--config", a.burst_config, "--engine-url", url,
                "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", pol, "--out", str(out / f"burst-{pol}"),
                "--no-progress", "--no-plots", "--engine-down-after-s", str(a.engine_down_after_s)]  # fmt: skip
+        # Requests still unfinished when the command's time runs out count as not completed: a report either way.
+        cmd += ["--request-timeout", str(round(max(60.0, left - 90.0)))]
         if not done:
             cmd += ["--warmup", str(a.warmup)]
         if a.n:
@@ -347,18 +349,23 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             cmd += ["--output-mean", str(a.output_mean)]
         log("burst: " + shlex.join(cmd))
         t0 = time.monotonic()
+        # Its own process group: at the deadline the bench and the gateway it spawned go together (a gateway left
+        # behind would keep streaming from the engine into the next policy's run).
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
         try:  # never past the deadline: what ran is kept, and the engine stays up for a --continue call
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, left - 20.0))
-        except subprocess.TimeoutExpired as e:
-            text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            (out / f"burst-{pol}.log").write_text(text + "\n[stopped at the command's deadline]\n")
+            stdout, stderr = p.communicate(timeout=max(30.0, left - 20.0))
+        except subprocess.TimeoutExpired:
+            stop_pid(p.pid, p)
+            stdout, stderr = p.communicate()
+            (out / f"burst-{pol}.log").write_text(stdout + stderr + "\n[stopped at the command's deadline]\n")
             log(f"{pol} did not finish before the deadline ({time.monotonic() - t0:.0f} s); done: {done}")
             return {"done": done, "url": url, "continued_later": True, "unfinished": pol}
         slowest_s = max(slowest_s, time.monotonic() - t0)
-        (out / f"burst-{pol}.log").write_text(p.stdout + p.stderr)
-        print(p.stdout[-3000:], flush=True)
+        (out / f"burst-{pol}.log").write_text(stdout + stderr)
+        print(stdout[-3000:], flush=True)
         if p.returncode != 0:
-            print(p.stderr[-4000:], flush=True)
+            print(stderr[-4000:], flush=True)
             raise RuntimeError(f"bench http for {pol} failed")
         done.append(pol)
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
@@ -369,7 +376,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"done": done, "continued_later": False}
 
 
-def stop_pid(pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+def stop_pid(pid: int, proc: subprocess.Popen[Any] | None = None) -> None:
     """SIGTERM the process group ``pid`` (vLLM's API server and engine), SIGKILL after 60 s. ``proc``: our own
     child, whose exit we reap; without it (an engine a previous call started) the group is polled."""
 
