@@ -86,6 +86,8 @@ async def stream_client(session: aiohttp.ClientSession, url: str, model: str, sp
                         count = idx
                 elif line.startswith(b"data: ") and b'"finish_reason":"' in line:
                     rec.finished = b'"finish_reason":"length"' in line or b'"finish_reason":"stop"' in line
+                elif line.startswith(b'data: {"error"'):  # the gateway ended the stream (engine down, stalled...)
+                    rec.error = line[6:].decode(errors="replace").strip()[:300]
                 elif line.startswith(b"data: [DONE]"):
                     break
     except (TimeoutError, aiohttp.ClientError) as e:

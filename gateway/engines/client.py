@@ -105,8 +105,11 @@ class EngineClient:
         return dead
 
     def fail_stalled(self, state: EngineState, now: float, stall_s: float) -> list[EngineStream]:
-        """End the streams of requests the engine reports running that sent nothing for ``stall_s``."""
-        dead = liveness.stalled(self.open_streams(), state.requests, now, stall_s)
+        """End the streams of requests the engine reports running that sent nothing for ``stall_s`` while it kept
+        them running (one call per answered state request: it also notes what the engine did with each)."""
+        streams = self.open_streams()
+        liveness.observe(streams, state.requests, now)
+        dead = liveness.stalled(streams, state.requests, now, stall_s)
         for s in dead:
             s.fail(EngineStalled(f"engine '{self.name}' reports the request running but sent nothing on its "
                                  f"stream for {stall_s:g} s"))

@@ -162,12 +162,14 @@ class EngineStream:
         "_waiter",
         "_was_reused",
         "engine",
+        "engine_preemptions",
         "error_body",
         "got_deltas",
         "kind",
         "last_data_at",
         "reading",
         "request_id",
+        "running_since",
         "status",
     )
 
@@ -179,6 +181,8 @@ class EngineStream:
         self.last_data_at = loop.time()
         self.reading = True
         self.got_deltas = False
+        self.engine_preemptions = 0  # the engine's count for the request, and since when it runs without one more
+        self.running_since = self.last_data_at
         self.kind = kind
         self._chat = kind == "chat"
         self._loop = loop

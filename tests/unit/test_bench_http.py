@@ -21,3 +21,37 @@ def test_clients_record_every_token_through_a_spawned_gateway() -> None:
     m = summarize(recs, preemptions=pre)
     assert m["completed"] == 6 and m["tokens"] == sum(s.output_tokens for s in specs)
     assert pre is not None and pre >= 0 and end > 0
+
+
+async def test_a_stream_the_gateway_ends_with_an_error_event_is_recorded_as_failed() -> None:
+    """A report must say why requests did not complete: an SSE error event (engine down, stalled) is the
+    request's error, not a silent unfinished stream."""
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'id: s:1\ndata: {"choices":[{"text":"a","index":0,"finish_reason":null}]}\n\n')
+        await resp.write(b'data: {"error":{"message":"stalled","type":"server_error","param":null,'
+                         b'"code":"engine_stalled"}}\n\n')
+        return resp
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        specs = generate(WorkloadConfig(kind="burst", n=2, input_mean=8, output_mean=4, seed=1))
+        recs, _ = await run_clients(f"http://127.0.0.1:{port}", specs, timeout_s=30)
+    finally:
+        await runner.cleanup()
+    assert [len(r.token_times) for r in recs] == [1, 1]
+    assert not any(r.finished for r in recs)
+    assert all(r.error is not None and "engine_stalled" in r.error for r in recs)

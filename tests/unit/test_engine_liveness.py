@@ -236,6 +236,8 @@ class _Act:
     last_data_at: float
     reading: bool = True
     got_deltas: bool = True
+    engine_preemptions: int = 0
+    running_since: float = 0.0
 
 
 def test_silent_streams_of_a_down_engine() -> None:
@@ -279,3 +281,34 @@ async def test_held_silent_streams_survive_one_missed_heartbeat_and_end_after_tw
     assert upstream.ended
     with pytest.raises(EngineDown):
         await upstream.wait()
+
+
+def _running(rid: str, preemptions: int = 0, status: EngineStatus = EngineStatus.RUNNING) -> dict[str, RequestState]:
+    return {rid: RequestState(id=rid, status=status, preemptions=preemptions)}
+
+
+def _tick(act: _Act, reqs: dict[str, RequestState], now: float) -> list[str | None]:
+    liveness.observe([act], reqs, now)
+    return [a.request_id for a in liveness.stalled([act], reqs, now, stall_s=5.0)]
+
+
+def test_a_request_the_engine_keeps_preempting_is_not_stalled() -> None:
+    """An engine short of KV preempts and re-admits a request by itself between ticks (vLLM under a plain
+    FCFS burst): every tick shows it running, but with one more preemption; it produces nothing for a long
+    time and is not a broken data path."""
+    act = _Act("a", last_data_at=0.0)
+    for t in range(1, 30):
+        assert _tick(act, _running("a", preemptions=t), float(t)) == []
+    # it then runs without another preemption and still sends nothing: that is a stall, after stall_s
+    assert _tick(act, _running("a", preemptions=29), 33.0) == []
+    assert _tick(act, _running("a", preemptions=29), 34.0) == ["a"]
+
+
+def test_silence_counts_from_when_the_engine_runs_the_request_again() -> None:
+    """A request that waited in the engine's queue for a minute is not stalled the moment it runs again."""
+    act = _Act("a", last_data_at=0.0)
+    for t in range(1, 60):
+        assert _tick(act, _running("a", status=EngineStatus.WAITING), float(t)) == []
+    assert _tick(act, _running("a"), 60.0) == []
+    assert _tick(act, _running("a"), 63.0) == []
+    assert _tick(act, _running("a"), 64.0) == ["a"]
