@@ -108,7 +108,9 @@ class _Tick:
     keys: list[float]  # slack: seconds until it must run (lower = more urgent; _MUST_RUN = cannot pause)
     tte: list[float]  # seconds its buffer lasts (started requests; 0 for the others)
     foot: list[int]  # device KV tokens it needs for the next tick
-    kind: bytearray  # 0 running, 1 paused after starting (held / waiting), 2 other
+    # 0 running, 1 paused after starting (held / waiting), 2 other. Flags per stream are lists, not bytearrays,
+    # here and in the passes below: CPython 3.11 specializes list subscripts only (half the cost per access).
+    kind: list[int]
     new_idx: list[int]  # not started, not running: new requests, admitted or not
     order: list[int]  # candidates for the device: all but new requests not yet admitted
     n_running: int
@@ -134,7 +136,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     keys = [0.0] * n
     ttes = [0.0] * n
     foot = [0] * n
-    kind = bytearray(n)
+    kind = [0] * n
     new_idx: list[int] = []
     order: list[int] = []
     prefilling = False
@@ -325,10 +327,11 @@ class TokenFlowPolicy:
         admit_new = self._admit_new(snapshot, tick, w_sched, admit_cap)
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
-        selected, reload, mem, backlog = self._fill(snapshot, tick, costs)
-        mem = self._swap(tick, selected, mem)
+        selected, reload, mem, backlog, out, inc = self._fill(snapshot, tick, costs)
+        mem = self._swap(tick, selected, mem, out, inc)
         decisions = self._decisions(snapshot, tick, costs, selected, reload, mem, backlog)
-        self._gate(snapshot.streams, tick.new_idx, set(admit_new), decisions)
+        # admission takes a prefix of the new requests (oldest first, up to the first that does not fit)
+        self._gate(snapshot.streams, tick.new_idx[len(admit_new):], decisions)
         return decisions
 
     def _working_set(self, snapshot: Snapshot, tick: _Tick, now: float) -> tuple[int, float]:
@@ -425,7 +428,8 @@ class TokenFlowPolicy:
             m3 -= a3
         return admit_new
 
-    def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs) -> tuple[bytearray, bytearray, float, float]:
+    def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs
+              ) -> tuple[list[int], list[int], float, float, list[int], list[int]]:
         """Step 2: batch slots and device memory, greedily in slack order, and Step 3's choice for each paused
         request brought back: reload its host copy or recompute it. Reloads share one host-to-device channel:
         a reload queued behind others is worth it while queueing + copy beats recomputing, or while the
@@ -434,18 +438,21 @@ class TokenFlowPolicy:
         goes to it (one request always may), the rest stay paused for a later tick. Without that bound an
         oversubscribed engine recomputes more than it decodes and every reader stalls (the simulator with the
         measured H200 profile: 10 M tokens recomputed for 0.8 M generated).
-        Returns the chosen requests, which of them reload, the device memory left and the copy backlog."""
+        Returns the chosen requests, which of them reload, the device memory left, the copy backlog and `_swap`'s
+        candidates (collected here: a pass of their own over the order cost as much as the swap pass itself)."""
         streams = snapshot.streams
         keys, foot, kind, tte = tick.keys, tick.foot, tick.kind, tick.tte
         n = len(keys)
-        selected = bytearray(n)
-        reload = bytearray(n)
+        selected = [0] * n
+        reload = [0] * n
         slots = snapshot.engine.max_num_seqs
         mem = self.knobs.memory_target * snapshot.engine.kv_device_capacity_tokens
         backlog = tick.backlog
         load_s, rec_s = c.load_s, c.rec_s
         budget = self.knobs.switch_budget * c.tick
         spent = 0.0
+        out: list[int] = []  # running, not chosen (in slack order)
+        inc: list[int] = []  # paused after starting, chosen (in slack order)
         for i in tick.order:
             f = foot[i]
             if slots > 0 and f <= mem:
@@ -465,26 +472,28 @@ class TokenFlowPolicy:
                         if spent > 0.0 and spent + work > budget:
                             continue
                     spent += work
-                selected[i] = 1
-                slots -= 1
-                mem -= f
-            elif keys[i] == _MUST_RUN:
-                # Mid-prefill or about to finish: keep it even if the engine must find the room itself.
-                # Any other runner left out here is paused by us (its KV to the host) rather than left
-                # for the engine to preempt by recomputation when its KV runs out.
-                selected[i] = 1
-                slots -= 1
-                mem -= f
-        return selected, reload, mem, backlog
+            elif keys[i] != _MUST_RUN:
+                if kind[i] == 0:
+                    out.append(i)
+                continue
+            # Chosen. A request with no room left is chosen all the same when it must run (mid-prefill or about
+            # to finish), even if the engine must find the room itself. Any other runner left out above is paused
+            # by us (its KV to the host) rather than left for the engine to preempt by recomputation when its KV
+            # runs out.
+            selected[i] = 1
+            slots -= 1
+            mem -= f
+            if kind[i] == 1:
+                inc.append(i)
+        inc.reverse()  # least urgent first
+        return selected, reload, mem, backlog, out, inc
 
-    def _swap(self, tick: _Tick, selected: bytearray, mem: float) -> float:
+    def _swap(self, tick: _Tick, selected: list[int], mem: float, out: list[int], inc: list[int]) -> float:
         """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent.
-        Outgoing = running, not chosen; incoming = paused, chosen, least urgent first. Returns the device memory
-        left."""
-        keys, tte, foot, kind, order = tick.keys, tick.tte, tick.foot, tick.kind, tick.order
+        Outgoing (``out``) = running, not chosen, most urgent first; incoming (``inc``) = paused after starting,
+        chosen, least urgent first. Returns the device memory left."""
+        keys, tte, foot = tick.keys, tick.tte, tick.foot
         tol = self.knobs.swap_tolerance_s
-        out = [i for i in order if kind[i] == 0 and not selected[i]]
-        inc = [i for i in reversed(order) if kind[i] == 1 and selected[i]]
         a = b = 0
         while a < len(out) and b < len(inc):
             o, p = out[a], inc[b]
@@ -507,7 +516,7 @@ class TokenFlowPolicy:
             a += 1
         return mem
 
-    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: bytearray, reload: bytearray,
+    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: list[int], reload: list[int],
                    mem: float, backlog: float) -> list[Decision]:
         """The commands that carry out the choice (``reload``: `_fill`'s Step 3 choice). Step 4: prefetch paused
         requests whose buffers will soon run dry, while the copy channel's queue and device memory allow."""
@@ -515,13 +524,12 @@ class TokenFlowPolicy:
         load_s, rec_s, mu = c.load_s, c.rec_s, c.mu
         prefetch_window = mu * self.knobs.prefetch_ticks * c.tick
         relaxed = self.knobs.swap_tolerance_s
-        info = self.info
+        self.info.selected = selected.count(1)  # every chosen one is in the order
         decisions: list[Decision] = []
         for i in tick.order:
             s = streams[i]
             st = s.status
             if selected[i]:
-                info.selected += 1
                 if st is _RUNNING:
                     # Mark comfortably buffered runners as the engine's first victims should it run out
                     # of KV blocks on its own between ticks.
@@ -569,10 +577,9 @@ class TokenFlowPolicy:
         return decisions
 
     @staticmethod
-    def _gate(streams: tuple[StreamView, ...], new_idx: list[int], admitted: set[int], decisions: list[Decision]
-              ) -> None:
-        """Keep new requests outside the working set out of the engine's queue (held, no KV): the engine
-        admits whatever waits as soon as blocks free up, which would over-commit device memory."""
-        for j in new_idx:
-            if j not in admitted and streams[j].status is _WAITING:
+    def _gate(streams: tuple[StreamView, ...], left_out: list[int], decisions: list[Decision]) -> None:
+        """Keep new requests outside the working set (``left_out``) out of the engine's queue (held, no KV): the
+        engine admits whatever waits as soon as blocks free up, which would over-commit device memory."""
+        for j in left_out:
+            if streams[j].status is _WAITING:
                 decisions.append(Decision("preempt", streams[j].id, None, "working_set"))
