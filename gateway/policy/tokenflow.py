@@ -453,7 +453,8 @@ class TokenFlowPolicy:
         spent = 0.0
         out: list[int] = []  # running, not chosen (in slack order)
         inc: list[int] = []  # paused after starting, chosen (in slack order)
-        for i in tick.order:
+        order = tick.order
+        for pos, i in enumerate(order):
             f = foot[i]
             if slots > 0 and f <= mem:
                 if kind[i] == 1 and streams[i].status is _HELD:
@@ -473,6 +474,11 @@ class TokenFlowPolicy:
                             continue
                     spent += work
             elif keys[i] != _MUST_RUN:
+                if slots <= 0:
+                    # No slot left, and past the requests that must run (at -inf, they sort first; no key is NaN):
+                    # nothing later is chosen. Most of the order under stress: its runners are all `out`.
+                    out += [j for j in order[pos:] if kind[j] == 0]
+                    break
                 if kind[i] == 0:
                     out.append(i)
                 continue
@@ -551,20 +557,21 @@ class TokenFlowPolicy:
                 elif st is _LOADING:
                     decisions.append(Decision("resume", s.id, None, "run_after_load"))
                 continue
-            if st is _RUNNING:
+            if st is _HELD:  # the most common case under stress: tested first, and its cheapest tests first
+                host = s.kv_host_tokens
+                if host > 0:
+                    io = backlog + host * load_s
+                    if s.buffer_tokens <= s.rate * (mu * io + prefetch_window) and foot[i] <= mem:
+                        ctx = s.prompt_tokens + s.generated_tokens
+                        if io + (ctx - host) * rec_s < ctx * rec_s:  # the copy beats recomputing
+                            mem -= foot[i]
+                            backlog = io
+                            decisions.append(Decision("prefetch", s.id, None, "prefetch"))
+            elif st is _RUNNING:
                 # "overload": it was about to run dry too, but a more urgent request needs its slot or blocks.
                 decisions.append(Decision("preempt", s.id, None, "buffered" if keys[i] >= 0 else "overload"))
             elif st is _WAITING:
                 decisions.append(Decision("preempt", s.id, None, "defer"))  # keep it out of the engine queue
-            elif st is _HELD:
-                ctx = s.prompt_tokens + s.generated_tokens
-                host = s.kv_host_tokens
-                io = backlog + host * load_s
-                if (host > 0 and io + (ctx - host) * rec_s < ctx * rec_s
-                        and s.buffer_tokens <= s.rate * (mu * io + prefetch_window) and foot[i] <= mem):
-                    mem -= foot[i]
-                    backlog = io
-                    decisions.append(Decision("prefetch", s.id, None, "prefetch"))
             elif st is _PARKED or st is _LOADING:
                 # Not chosen to run, yet holding (or about to hold) device blocks: it keeps them only
                 # while they fit beside the chosen requests, most urgent first. Otherwise urgent requests
