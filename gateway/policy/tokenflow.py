@@ -146,11 +146,12 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     big = 1 << 40
     tick, mu, step, load_s, evict_s, rec_s = c.tick, c.mu, c.step, c.load_s, c.evict_s, c.rec_s
     g_int = int(tick / step) + 1  # tokens a running request adds in one tick (and the step in flight)
-    bs = c.block
+    bs, bs1 = c.block, c.block - 1
     host_free = c.host_free
     back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
     mu_tick = mu * tick
-    host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
+    host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed (when cheaper)
+    host_gap = host_gap if host_gap > 0 else 0.0
     inf = math.inf
     h0, h1, h2, h_last = _HORIZONS_S
     # per-horizon bucket sums in locals (list subscripts cost more in this loop)
@@ -169,7 +170,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             rem = mt - gen
             beta_sum += prompt + 0.5 * mt
         f = ctx + (rem if rem < g_int else g_int)
-        foot[i] = -(-f // bs) * bs  # whole blocks: what the engine will allocate
+        foot[i] = (f + bs1) // bs * bs  # whole blocks: what the engine will allocate
         if s.first_token_time is None:
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
@@ -235,7 +236,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         else:  # held, or resumed and waiting for admission: reload what the host has if cheaper
             kind[i] = 1
             host = s.kv_host_tokens
-            keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
+            keys[i] = tte - mu * (ctx * rec_s - host * host_gap) - mu_tick
     n_running = kind.count(0)
     # every request in `order` so far is admitted: the running (prefill included) and the started ones
     return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, len(order), demand, beta_sum,
@@ -389,7 +390,8 @@ class TokenFlowPolicy:
             need[x] = (r_dry * h - b_dry) - (r_end * h - t_end) - budget * tick.demand
         kv_room = math.inf
         if eng.kv_host_capacity_tokens > 0:
-            held = sum(map(tick.foot.__getitem__, tick.order))
+            # what the order holds (so far: every request but the new ones), summed in C
+            held = sum(tick.foot) - sum(map(tick.foot.__getitem__, new_idx))
             kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
         u = k.admit_utilization * capacity
         # What each horizon can still take, in locals: the four horizons are unrolled below, as in `_slack_pass`
