@@ -36,7 +36,9 @@ Pure: no I/O, no clock. State kept between ticks: the last capacity estimate.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any
 
 from .knobs import TokenFlowKnobs
@@ -431,7 +433,7 @@ class TokenFlowPolicy:
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs
-              ) -> tuple[list[int], list[int], float, float, list[int], list[int]]:
+              ) -> tuple[list[int], list[int], float, float, Iterable[int], list[int]]:
         """Step 2: batch slots and device memory, greedily in slack order, and Step 3's choice for each paused
         request brought back: reload its host copy or recompute it. Reloads share one host-to-device channel:
         a reload queued behind others is worth it while queueing + copy beats recomputing, or while the
@@ -441,7 +443,8 @@ class TokenFlowPolicy:
         oversubscribed engine recomputes more than it decodes and every reader stalls (the simulator with the
         measured H200 profile: 10 M tokens recomputed for 0.8 M generated).
         Returns the chosen requests, which of them reload, the device memory left, the copy backlog and `_swap`'s
-        candidates (collected here: a pass of their own over the order cost as much as the swap pass itself)."""
+        candidates (collected here: a pass of their own over the order cost as much as the swap pass itself; the
+        outgoing ones past the last chosen request as the swap asks for them, as it looks at a few only)."""
         streams = snapshot.streams
         keys, foot, kind, tte = tick.keys, tick.foot, tick.kind, tick.tte
         n = len(keys)
@@ -454,6 +457,7 @@ class TokenFlowPolicy:
         budget = self.knobs.switch_budget * c.tick
         spent = 0.0
         out: list[int] = []  # running, not chosen (in slack order)
+        rest: Iterable[int] = ()  # the same past the last chosen request, lazily
         inc: list[int] = []  # paused after starting, chosen (in slack order)
         order = tick.order
         for pos, i in enumerate(order):
@@ -478,8 +482,8 @@ class TokenFlowPolicy:
             elif keys[i] != _MUST_RUN:
                 if slots <= 0:
                     # No slot left, and past the requests that must run (at -inf, they sort first; no key is NaN):
-                    # nothing later is chosen. Most of the order under stress: its runners are all `out`.
-                    out += [j for j in order[pos:] if kind[j] == 0]
+                    # nothing later is chosen. Most of the order under stress: its runners are all outgoing.
+                    rest = (j for j in order[pos:] if kind[j] == 0)
                     break
                 if kind[i] == 0:
                     out.append(i)
@@ -494,17 +498,19 @@ class TokenFlowPolicy:
             if kind[i] == 1:
                 inc.append(i)
         inc.reverse()  # least urgent first
-        return selected, reload, mem, backlog, out, inc
+        return selected, reload, mem, backlog, chain(out, rest), inc
 
-    def _swap(self, tick: _Tick, selected: list[int], mem: float, out: list[int], inc: list[int]) -> float:
+    def _swap(self, tick: _Tick, selected: list[int], mem: float, out: Iterable[int], inc: list[int]) -> float:
         """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent.
         Outgoing (``out``) = running, not chosen, most urgent first; incoming (``inc``) = paused after starting,
         chosen, least urgent first. Returns the device memory left."""
         keys, tte, foot = tick.keys, tick.tte, tick.foot
         tol = self.knobs.swap_tolerance_s
-        a = b = 0
-        while a < len(out) and b < len(inc):
-            o, p = out[a], inc[b]
+        b, n_inc = 0, len(inc)
+        for o in out:
+            if b == n_inc:
+                break
+            p = inc[b]
             if keys[p] <= 0 < keys[o]:
                 break  # p must run now and o can wait
             if keys[p] <= 0 and keys[o] <= 0:
@@ -521,7 +527,6 @@ class TokenFlowPolicy:
                 selected[o], selected[p] = 1, 0
                 mem -= foot[o] - foot[p]
                 b += 1
-            a += 1
         return mem
 
     def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: list[int], reload: list[int],
