@@ -141,6 +141,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     kind = [0] * n
     new_idx: list[int] = []
     order: list[int] = []
+    n_running = 0  # counted here: list.count costs 7 us a thousand
     prefilling = False
     backlog = 0.0
     demand = 0.0
@@ -176,6 +177,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         if s.first_token_time is None:
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
+                n_running += 1
                 prefilling = True
                 demand += s.rate
                 order.append(i)
@@ -220,6 +222,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
                     er3 += r
                     et3 += end
         if st is _RUNNING:
+            n_running += 1
             if rem * step <= tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
                 continue
@@ -239,7 +242,6 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
             kind[i] = 1
             host = s.kv_host_tokens
             keys[i] = tte - mu * (ctx * rec_s - host * host_gap) - mu_tick
-    n_running = kind.count(0)
     # every request in `order` so far is admitted: the running (prefill included) and the started ones
     return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, len(order), demand, beta_sum,
                  [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
@@ -498,6 +500,7 @@ class TokenFlowPolicy:
             if kind[i] == 1:
                 inc.append(i)
         inc.reverse()  # least urgent first
+        self.info.selected = snapshot.engine.max_num_seqs - slots  # (swaps keep the count)
         return selected, reload, mem, backlog, chain(out, rest), inc
 
     def _swap(self, tick: _Tick, selected: list[int], mem: float, out: Iterable[int], inc: list[int]) -> float:
@@ -537,7 +540,6 @@ class TokenFlowPolicy:
         load_s, rec_s, mu = c.load_s, c.rec_s, c.mu
         prefetch_window = mu * self.knobs.prefetch_ticks * c.tick
         relaxed = self.knobs.swap_tolerance_s
-        self.info.selected = selected.count(1)  # every chosen one is in the order
         decisions: list[Decision] = []
         for i in tick.order:
             s = streams[i]
