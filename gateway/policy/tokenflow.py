@@ -435,7 +435,7 @@ class TokenFlowPolicy:
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs
-              ) -> tuple[list[int], list[int], float, float, Iterable[int], list[int]]:
+              ) -> tuple[list[bool], list[bool], float, float, Iterable[int], list[int]]:
         """Step 2: batch slots and device memory, greedily in slack order, and Step 3's choice for each paused
         request brought back: reload its host copy or recompute it. Reloads share one host-to-device channel:
         a reload queued behind others is worth it while queueing + copy beats recomputing, or while the
@@ -450,8 +450,8 @@ class TokenFlowPolicy:
         streams = snapshot.streams
         keys, foot, kind, tte = tick.keys, tick.foot, tick.kind, tick.tte
         n = len(keys)
-        selected = [0] * n
-        reload = [0] * n
+        selected = [False] * n  # (bools: a branch on one skips the truth test an int needs)
+        reload = [False] * n
         slots = snapshot.engine.max_num_seqs
         mem = self.knobs.memory_target * snapshot.engine.kv_device_capacity_tokens
         backlog = tick.backlog
@@ -474,7 +474,7 @@ class TokenFlowPolicy:
                         work = (ctx - host) * rec_s if ctx > host else 0.0
                         if work > 0.0 and spent > 0.0 and spent + work > budget:
                             continue
-                        reload[i] = 1
+                        reload[i] = True
                         backlog = io
                     else:
                         work = ctx * rec_s
@@ -494,7 +494,7 @@ class TokenFlowPolicy:
             # to finish), even if the engine must find the room itself. Any other runner left out above is paused
             # by us (its KV to the host) rather than left for the engine to preempt by recomputation when its KV
             # runs out.
-            selected[i] = 1
+            selected[i] = True
             slots -= 1
             mem -= f
             if kind[i] == 1:
@@ -503,7 +503,7 @@ class TokenFlowPolicy:
         self.info.selected = snapshot.engine.max_num_seqs - slots  # (swaps keep the count)
         return selected, reload, mem, backlog, chain(out, rest), inc
 
-    def _swap(self, tick: _Tick, selected: list[int], mem: float, out: Iterable[int], inc: list[int]) -> float:
+    def _swap(self, tick: _Tick, selected: list[bool], mem: float, out: Iterable[int], inc: list[int]) -> float:
         """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent.
         Outgoing (``out``) = running, not chosen, most urgent first; incoming (``inc``) = paused after starting,
         chosen, least urgent first. Returns the device memory left."""
@@ -527,12 +527,12 @@ class TokenFlowPolicy:
                 break  # o is clearly less urgent
             # Otherwise a switch is not worth its I/O for less than swap_tolerance_s of urgency.
             if foot[o] - foot[p] <= mem:
-                selected[o], selected[p] = 1, 0
+                selected[o], selected[p] = True, False
                 mem -= foot[o] - foot[p]
                 b += 1
         return mem
 
-    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: list[int], reload: list[int],
+    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: list[bool], reload: list[bool],
                    mem: float, backlog: float) -> list[Decision]:
         """The commands that carry out the choice (``reload``: `_fill`'s Step 3 choice). Step 4: prefetch paused
         requests whose buffers will soon run dry, while the copy channel's queue and device memory allow."""
