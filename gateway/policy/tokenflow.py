@@ -183,7 +183,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
                 order.append(i)
             else:
                 waited = now - s.arrival_time - grace
-                keys[i] = -aging * waited if waited > 0 else 0.0
+                keys[i] = -aging * waited if waited > 0.0 else 0.0
                 kind[i] = 2
                 new_idx.append(i)
             continue
@@ -191,7 +191,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         r = s.rate
         demand += r
         b = s.buffer_tokens
-        tte = b / r if r > 0 else inf
+        tte = b / r if r > 0.0 else inf  # (floats compared with a float: an int 0 takes CPython's slow path)
         ttes[i] = tte
         if tte < h_last:
             if tte < h0:
@@ -514,9 +514,9 @@ class TokenFlowPolicy:
             if b == n_inc:
                 break
             p = inc[b]
-            if keys[p] <= 0 < keys[o]:
+            if keys[p] <= 0.0 < keys[o]:
                 break  # p must run now and o can wait
-            if keys[p] <= 0 and keys[o] <= 0:
+            if keys[p] <= 0.0 and keys[o] <= 0.0:
                 # Both about to run dry (overload): the paused one's slack is lower by its own switch cost
                 # alone, and swapping two empty streams every tick helps neither. Only buffers count: the
                 # runner goes once it holds swap_tolerance_s more than the paused one (round robin with a
@@ -558,11 +558,11 @@ class TokenFlowPolicy:
                         # prefetch always copies (resume may recompute when the channel is busy);
                         # resume right after makes it run as soon as the copy lands.
                         decisions.append(Decision("prefetch", s.id, None, "reload"))
-                        decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0 else "fill"))
+                        decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0.0 else "fill"))
                     else:
                         decisions.append(Decision("resume", s.id, None, "recompute"))
                 elif st is _PARKED:
-                    decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0 else "fill"))
+                    decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0.0 else "fill"))
                 elif st is _LOADING:
                     decisions.append(Decision("resume", s.id, None, "run_after_load"))
                 continue
@@ -578,7 +578,7 @@ class TokenFlowPolicy:
                             decisions.append(Decision("prefetch", s.id, None, "prefetch"))
             elif st is _RUNNING:
                 # "overload": it was about to run dry too, but a more urgent request needs its slot or blocks.
-                decisions.append(Decision("preempt", s.id, None, "buffered" if keys[i] >= 0 else "overload"))
+                decisions.append(Decision("preempt", s.id, None, "buffered" if keys[i] >= 0.0 else "overload"))
             elif st is _WAITING:
                 decisions.append(Decision("preempt", s.id, None, "defer"))  # keep it out of the engine queue
             elif st is _PARKED or st is _LOADING:
