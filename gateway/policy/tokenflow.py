@@ -150,6 +150,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     tick, mu, step, load_s, evict_s, rec_s = c.tick, c.mu, c.step, c.load_s, c.evict_s, c.rec_s
     g_int = int(tick / step) + 1  # tokens a running request adds in one tick (and the step in flight)
     bs, bs1 = c.block, c.block - 1
+    g_up = g_int + bs1  # (rounding up to whole blocks folded in: one int operation less per stream)
     host_free = c.host_free
     back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
     mu_tick = mu * tick
@@ -172,8 +173,9 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         else:
             rem = mt - gen
             beta_sum += prompt + 0.5 * mt
-        f = ctx + (rem if rem < g_int else g_int)
-        foot[i] = (f + bs1) // bs * bs  # whole blocks: what the engine will allocate
+        # its context and one tick of growth (at most what it still produces), in whole blocks: what the engine
+        # will allocate
+        foot[i] = (ctx + (rem + bs1 if rem < g_int else g_up)) // bs * bs
         if s.first_token_time is None:
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
