@@ -36,7 +36,9 @@ Pure: no I/O, no clock. State kept between ticks: the last capacity estimate.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any
 
 from .knobs import TokenFlowKnobs
@@ -108,7 +110,9 @@ class _Tick:
     keys: list[float]  # slack: seconds until it must run (lower = more urgent; _MUST_RUN = cannot pause)
     tte: list[float]  # seconds its buffer lasts (started requests; 0 for the others)
     foot: list[int]  # device KV tokens it needs for the next tick
-    kind: bytearray  # 0 running, 1 paused after starting (held / waiting), 2 other
+    # 0 running, 1 paused after starting (held / waiting), 2 other. Flags per stream are lists, not bytearrays,
+    # here and in the passes below: CPython 3.11 specializes list subscripts only (half the cost per access).
+    kind: list[int]
     new_idx: list[int]  # not started, not running: new requests, admitted or not
     order: list[int]  # candidates for the device: all but new requests not yet admitted
     n_running: int
@@ -134,9 +138,10 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     keys = [0.0] * n
     ttes = [0.0] * n
     foot = [0] * n
-    kind = bytearray(n)
+    kind = [0] * n
     new_idx: list[int] = []
     order: list[int] = []
+    n_running = 0  # counted here: list.count costs 7 us a thousand
     prefilling = False
     backlog = 0.0
     demand = 0.0
@@ -144,11 +149,13 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
     big = 1 << 40
     tick, mu, step, load_s, evict_s, rec_s = c.tick, c.mu, c.step, c.load_s, c.evict_s, c.rec_s
     g_int = int(tick / step) + 1  # tokens a running request adds in one tick (and the step in flight)
-    bs = c.block
+    bs, bs1 = c.block, c.block - 1
+    g_up = g_int + bs1  # (rounding up to whole blocks folded in: one int operation less per stream)
     host_free = c.host_free
     back_run = load_s if load_s < rec_s else rec_s  # per token, once its KV is all on the host
     mu_tick = mu * tick
-    host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed
+    host_gap = rec_s - load_s  # a host-resident token reloads instead of being recomputed (when cheaper)
+    host_gap = host_gap if host_gap > 0 else 0.0
     inf = math.inf
     h0, h1, h2, h_last = _HORIZONS_S
     # per-horizon bucket sums in locals (list subscripts cost more in this loop)
@@ -166,17 +173,19 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         else:
             rem = mt - gen
             beta_sum += prompt + 0.5 * mt
-        f = ctx + (rem if rem < g_int else g_int)
-        foot[i] = -(-f // bs) * bs  # whole blocks: what the engine will allocate
+        # its context and one tick of growth (at most what it still produces), in whole blocks: what the engine
+        # will allocate
+        foot[i] = (ctx + (rem + bs1 if rem < g_int else g_up)) // bs * bs
         if s.first_token_time is None:
             if st is _RUNNING:
                 keys[i] = _MUST_RUN  # mid-prefill: pausing it wastes the prompt work
+                n_running += 1
                 prefilling = True
                 demand += s.rate
                 order.append(i)
             else:
                 waited = now - s.arrival_time - grace
-                keys[i] = -aging * waited if waited > 0 else 0.0
+                keys[i] = -aging * waited if waited > 0.0 else 0.0
                 kind[i] = 2
                 new_idx.append(i)
             continue
@@ -184,7 +193,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         r = s.rate
         demand += r
         b = s.buffer_tokens
-        tte = b / r if r > 0 else inf
+        tte = b / r if r > 0.0 else inf  # (floats compared with a float: an int 0 takes CPython's slow path)
         ttes[i] = tte
         if tte < h_last:
             if tte < h0:
@@ -215,6 +224,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
                     er3 += r
                     et3 += end
         if st is _RUNNING:
+            n_running += 1
             if rem * step <= tick:
                 keys[i] = _MUST_RUN  # finishes within the tick: pausing it only costs I/O
                 continue
@@ -233,8 +243,7 @@ def _slack_pass(streams: tuple[StreamView, ...], c: _Costs, now: float, aging: f
         else:  # held, or resumed and waiting for admission: reload what the host has if cheaper
             kind[i] = 1
             host = s.kv_host_tokens
-            keys[i] = tte - mu * (ctx * rec_s - (host * host_gap if host_gap > 0 else 0.0)) - mu_tick
-    n_running = kind.count(0)
+            keys[i] = tte - mu * (ctx * rec_s - host * host_gap) - mu_tick
     # every request in `order` so far is admitted: the running (prefill included) and the started ones
     return _Tick(keys, ttes, foot, kind, new_idx, order, n_running, prefilling, backlog, len(order), demand, beta_sum,
                  [dr0, dr1, dr2, dr3], [db0, db1, db2, db3], [er0, er1, er2, er3], [et0, et1, et2, et3])
@@ -300,7 +309,7 @@ class TokenFlowPolicy:
         # (its KV stays on the host) and leave it out of the balancing below, so it is never resumed to
         # fill free slots. When it drains again it is an ordinary paused request.
         stalled: list[Decision] = []
-        if any(s.stalled for s in snapshot.streams):
+        if [s for s in snapshot.streams if s.stalled]:  # (a third of the cost of any() over a generator)
             keep = []
             for s in snapshot.streams:
                 if s.stalled and s.first_token_time is not None:
@@ -325,10 +334,11 @@ class TokenFlowPolicy:
         admit_new = self._admit_new(snapshot, tick, w_sched, admit_cap)
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
-        selected, reload, mem, backlog = self._fill(snapshot, tick, costs)
-        mem = self._swap(tick, selected, mem)
+        selected, reload, mem, backlog, out, inc = self._fill(snapshot, tick, costs)
+        mem = self._swap(tick, selected, mem, out, inc)
         decisions = self._decisions(snapshot, tick, costs, selected, reload, mem, backlog)
-        self._gate(snapshot.streams, tick.new_idx, set(admit_new), decisions)
+        # admission takes a prefix of the new requests (oldest first, up to the first that does not fit)
+        self._gate(snapshot.streams, tick.new_idx[len(admit_new):], decisions)
         return decisions
 
     def _working_set(self, snapshot: Snapshot, tick: _Tick, now: float) -> tuple[int, float]:
@@ -386,7 +396,8 @@ class TokenFlowPolicy:
             need[x] = (r_dry * h - b_dry) - (r_end * h - t_end) - budget * tick.demand
         kv_room = math.inf
         if eng.kv_host_capacity_tokens > 0:
-            held = sum(map(tick.foot.__getitem__, tick.order))
+            # what the order holds (so far: every request but the new ones), summed in C
+            held = sum(tick.foot) - sum(map(tick.foot.__getitem__, new_idx))
             kv_room = k.memory_target * eng.kv_device_capacity_tokens + eng.kv_host_capacity_tokens - held
         u = k.admit_utilization * capacity
         # What each horizon can still take, in locals: the four horizons are unrolled below, as in `_slack_pass`
@@ -425,7 +436,8 @@ class TokenFlowPolicy:
             m3 -= a3
         return admit_new
 
-    def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs) -> tuple[bytearray, bytearray, float, float]:
+    def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs
+              ) -> tuple[list[bool], list[bool], float, float, Iterable[int], list[int]]:
         """Step 2: batch slots and device memory, greedily in slack order, and Step 3's choice for each paused
         request brought back: reload its host copy or recompute it. Reloads share one host-to-device channel:
         a reload queued behind others is worth it while queueing + copy beats recomputing, or while the
@@ -434,19 +446,25 @@ class TokenFlowPolicy:
         goes to it (one request always may), the rest stay paused for a later tick. Without that bound an
         oversubscribed engine recomputes more than it decodes and every reader stalls (the simulator with the
         measured H200 profile: 10 M tokens recomputed for 0.8 M generated).
-        Returns the chosen requests, which of them reload, the device memory left and the copy backlog."""
+        Returns the chosen requests, which of them reload, the device memory left, the copy backlog and `_swap`'s
+        candidates (collected here: a pass of their own over the order cost as much as the swap pass itself; the
+        outgoing ones past the last chosen request as the swap asks for them, as it looks at a few only)."""
         streams = snapshot.streams
         keys, foot, kind, tte = tick.keys, tick.foot, tick.kind, tick.tte
         n = len(keys)
-        selected = bytearray(n)
-        reload = bytearray(n)
+        selected = [False] * n  # (bools: a branch on one skips the truth test an int needs)
+        reload = [False] * n
         slots = snapshot.engine.max_num_seqs
         mem = self.knobs.memory_target * snapshot.engine.kv_device_capacity_tokens
         backlog = tick.backlog
         load_s, rec_s = c.load_s, c.rec_s
         budget = self.knobs.switch_budget * c.tick
         spent = 0.0
-        for i in tick.order:
+        out: list[int] = []  # running, not chosen (in slack order)
+        rest: Iterable[int] = ()  # the same past the last chosen request, lazily
+        inc: list[int] = []  # paused after starting, chosen (in slack order)
+        order = tick.order
+        for pos, i in enumerate(order):
             f = foot[i]
             if slots > 0 and f <= mem:
                 if kind[i] == 1 and streams[i].status is _HELD:
@@ -458,39 +476,49 @@ class TokenFlowPolicy:
                         work = (ctx - host) * rec_s if ctx > host else 0.0
                         if work > 0.0 and spent > 0.0 and spent + work > budget:
                             continue
-                        reload[i] = 1
+                        reload[i] = True
                         backlog = io
                     else:
                         work = ctx * rec_s
                         if spent > 0.0 and spent + work > budget:
                             continue
                     spent += work
-                selected[i] = 1
-                slots -= 1
-                mem -= f
-            elif keys[i] == _MUST_RUN:
-                # Mid-prefill or about to finish: keep it even if the engine must find the room itself.
-                # Any other runner left out here is paused by us (its KV to the host) rather than left
-                # for the engine to preempt by recomputation when its KV runs out.
-                selected[i] = 1
-                slots -= 1
-                mem -= f
-        return selected, reload, mem, backlog
+            elif keys[i] != _MUST_RUN:
+                if slots <= 0:
+                    # No slot left, and past the requests that must run (at -inf, they sort first; no key is NaN):
+                    # nothing later is chosen. Most of the order under stress: its runners are all outgoing.
+                    rest = (j for j in order[pos:] if kind[j] == 0)
+                    break
+                if kind[i] == 0:
+                    out.append(i)
+                continue
+            # Chosen. A request with no room left is chosen all the same when it must run (mid-prefill or about
+            # to finish), even if the engine must find the room itself. Any other runner left out above is paused
+            # by us (its KV to the host) rather than left for the engine to preempt by recomputation when its KV
+            # runs out.
+            selected[i] = True
+            slots -= 1
+            mem -= f
+            if kind[i] == 1:
+                inc.append(i)
+        inc.reverse()  # least urgent first
+        self.info.selected = snapshot.engine.max_num_seqs - slots  # (swaps keep the count)
+        return selected, reload, mem, backlog, chain(out, rest), inc
 
-    def _swap(self, tick: _Tick, selected: bytearray, mem: float) -> float:
+    def _swap(self, tick: _Tick, selected: list[bool], mem: float, out: Iterable[int], inc: list[int]) -> float:
         """Local swaps: keep a running request rather than switch to a paused one that is barely more urgent.
-        Outgoing = running, not chosen; incoming = paused, chosen, least urgent first. Returns the device memory
-        left."""
-        keys, tte, foot, kind, order = tick.keys, tick.tte, tick.foot, tick.kind, tick.order
+        Outgoing (``out``) = running, not chosen, most urgent first; incoming (``inc``) = paused after starting,
+        chosen, least urgent first. Returns the device memory left."""
+        keys, tte, foot = tick.keys, tick.tte, tick.foot
         tol = self.knobs.swap_tolerance_s
-        out = [i for i in order if kind[i] == 0 and not selected[i]]
-        inc = [i for i in reversed(order) if kind[i] == 1 and selected[i]]
-        a = b = 0
-        while a < len(out) and b < len(inc):
-            o, p = out[a], inc[b]
-            if keys[p] <= 0 < keys[o]:
+        b, n_inc = 0, len(inc)
+        for o in out:
+            if b == n_inc:
+                break
+            p = inc[b]
+            if keys[p] <= 0.0 < keys[o]:
                 break  # p must run now and o can wait
-            if keys[p] <= 0 and keys[o] <= 0:
+            if keys[p] <= 0.0 and keys[o] <= 0.0:
                 # Both about to run dry (overload): the paused one's slack is lower by its own switch cost
                 # alone, and swapping two empty streams every tick helps neither. Only buffers count: the
                 # runner goes once it holds swap_tolerance_s more than the paused one (round robin with a
@@ -501,13 +529,12 @@ class TokenFlowPolicy:
                 break  # o is clearly less urgent
             # Otherwise a switch is not worth its I/O for less than swap_tolerance_s of urgency.
             if foot[o] - foot[p] <= mem:
-                selected[o], selected[p] = 1, 0
+                selected[o], selected[p] = True, False
                 mem -= foot[o] - foot[p]
                 b += 1
-            a += 1
         return mem
 
-    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: bytearray, reload: bytearray,
+    def _decisions(self, snapshot: Snapshot, tick: _Tick, c: _Costs, selected: list[bool], reload: list[bool],
                    mem: float, backlog: float) -> list[Decision]:
         """The commands that carry out the choice (``reload``: `_fill`'s Step 3 choice). Step 4: prefetch paused
         requests whose buffers will soon run dry, while the copy channel's queue and device memory allow."""
@@ -515,13 +542,11 @@ class TokenFlowPolicy:
         load_s, rec_s, mu = c.load_s, c.rec_s, c.mu
         prefetch_window = mu * self.knobs.prefetch_ticks * c.tick
         relaxed = self.knobs.swap_tolerance_s
-        info = self.info
         decisions: list[Decision] = []
         for i in tick.order:
             s = streams[i]
             st = s.status
             if selected[i]:
-                info.selected += 1
                 if st is _RUNNING:
                     # Mark comfortably buffered runners as the engine's first victims should it run out
                     # of KV blocks on its own between ticks.
@@ -535,28 +560,29 @@ class TokenFlowPolicy:
                         # prefetch always copies (resume may recompute when the channel is busy);
                         # resume right after makes it run as soon as the copy lands.
                         decisions.append(Decision("prefetch", s.id, None, "reload"))
-                        decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0 else "fill"))
+                        decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0.0 else "fill"))
                     else:
                         decisions.append(Decision("resume", s.id, None, "recompute"))
                 elif st is _PARKED:
-                    decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0 else "fill"))
+                    decisions.append(Decision("resume", s.id, None, "urgent" if keys[i] < 0.0 else "fill"))
                 elif st is _LOADING:
                     decisions.append(Decision("resume", s.id, None, "run_after_load"))
                 continue
-            if st is _RUNNING:
+            if st is _HELD:  # the most common case under stress: tested first, and its cheapest tests first
+                host = s.kv_host_tokens
+                if host > 0:
+                    io = backlog + host * load_s
+                    if s.buffer_tokens <= s.rate * (mu * io + prefetch_window) and foot[i] <= mem:
+                        ctx = s.prompt_tokens + s.generated_tokens
+                        if io + (ctx - host) * rec_s < ctx * rec_s:  # the copy beats recomputing
+                            mem -= foot[i]
+                            backlog = io
+                            decisions.append(Decision("prefetch", s.id, None, "prefetch"))
+            elif st is _RUNNING:
                 # "overload": it was about to run dry too, but a more urgent request needs its slot or blocks.
-                decisions.append(Decision("preempt", s.id, None, "buffered" if keys[i] >= 0 else "overload"))
+                decisions.append(Decision("preempt", s.id, None, "buffered" if keys[i] >= 0.0 else "overload"))
             elif st is _WAITING:
                 decisions.append(Decision("preempt", s.id, None, "defer"))  # keep it out of the engine queue
-            elif st is _HELD:
-                ctx = s.prompt_tokens + s.generated_tokens
-                host = s.kv_host_tokens
-                io = backlog + host * load_s
-                if (host > 0 and io + (ctx - host) * rec_s < ctx * rec_s
-                        and s.buffer_tokens <= s.rate * (mu * io + prefetch_window) and foot[i] <= mem):
-                    mem -= foot[i]
-                    backlog = io
-                    decisions.append(Decision("prefetch", s.id, None, "prefetch"))
             elif st is _PARKED or st is _LOADING:
                 # Not chosen to run, yet holding (or about to hold) device blocks: it keeps them only
                 # while they fit beside the chosen requests, most urgent first. Otherwise urgent requests
@@ -569,10 +595,9 @@ class TokenFlowPolicy:
         return decisions
 
     @staticmethod
-    def _gate(streams: tuple[StreamView, ...], new_idx: list[int], admitted: set[int], decisions: list[Decision]
-              ) -> None:
-        """Keep new requests outside the working set out of the engine's queue (held, no KV): the engine
-        admits whatever waits as soon as blocks free up, which would over-commit device memory."""
-        for j in new_idx:
-            if j not in admitted and streams[j].status is _WAITING:
+    def _gate(streams: tuple[StreamView, ...], left_out: list[int], decisions: list[Decision]) -> None:
+        """Keep new requests outside the working set (``left_out``) out of the engine's queue (held, no KV): the
+        engine admits whatever waits as soon as blocks free up, which would over-commit device memory."""
+        for j in left_out:
+            if streams[j].status is _WAITING:
                 decisions.append(Decision("preempt", streams[j].id, None, "working_set"))
