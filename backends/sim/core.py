@@ -78,6 +78,7 @@ class _Req:
         "host",
         "id",
         "limit",
+        "load_base",
         "load_finish",
         "load_tokens",
         "max_tokens",
@@ -115,6 +116,7 @@ class _Req:
         self.qver = 0  # waiting-heap entry version (lazy deletion)
         self.after_load = RUNNING  # RUNNING (resume) or PARKED (prefetch)
         self.load_tokens = 0
+        self.load_base = 0  # tokens of load_tokens already on the device (a prefix cache hit), not copied
         self.load_finish = 0.0
         self.flush_done = 0.0
         self.cached = 0  # blocks of its prefix left on the device after a preemption (prefix cache), reusable
@@ -179,9 +181,12 @@ def _victim_key(r: _Req) -> tuple[int, int]:
     return (r.priority, r.seq)
 
 
-def _queue_key(r: _Req) -> tuple[int, int, int]:
+def _queue_key(r: _Req, loaded_first: bool = True) -> tuple[int, int, int]:
     """Waiting order: requests already holding device KV (reloaded) first, as vLLM drains its
-    kv-holding queue first; then priority; then requests that ran before ahead of new arrivals."""
+    kv-holding queue first; then priority; then requests that ran before ahead of new arrivals.
+    Without ``loaded_first`` (vLLM 0.26: one priority queue) only priority, then arrival."""
+    if not loaded_first:
+        return (1, r.priority, 1)
     return (0 if r.slots else 1, r.priority, 0 if r.started else 1)
 
 
@@ -232,6 +237,7 @@ class EngineCore:
         # engine preemption modes (profile section ``engine:``, docs/sim-cost-model.md)
         self.cascade = profile.preempt_cascade
         self.pcache = profile.prefix_cache
+        self.loaded_first = profile.loaded_first
         self.frozen = 0  # blocks freed by this step's preemptions, usable from the next step on (cascade)
         self.cached_blocks = 0  # free blocks still holding a preempted request's prefix (a subset of free_blocks)
         # the free-block queue in vLLM's order, as segments [owner or None, blocks]: allocation takes from the
@@ -375,15 +381,24 @@ class EngineCore:
                     heapq.heappop(heap)
                     continue
                 if req.cached:
-                    if req.cached * bs + bs >= req.host:
+                    k = req.cached
+                    if k * bs + bs >= req.host:
                         # the device still holds its prefix (prefix cache hit): take those blocks back
-                        k = req.cached
                         need = req.num_tokens - k * bs
                         n = need if need < budget else budget
                         nb = -(-(k * bs + n) // bs) - k
                         if k + nb > self.free_blocks:
                             break
                         self._reclaim(req)
+                    elif self._prefer_load(req, now, k * bs):
+                        # part on the device, the rest on host: take the blocks back, load the rest
+                        if -(-req.host // bs) > self.free_blocks:
+                            break
+                        heapq.heappop(heap)
+                        self.n_waiting -= 1
+                        self._reclaim(req)
+                        self._start_load(req, now, RUNNING)
+                        continue
                     else:
                         self._drop_cache(req)
                 if req.slots == 0 and req.host > 0 and self._prefer_load(req, now):
@@ -591,7 +606,7 @@ class EngineCore:
         req.priority = priority
         if req.status is WAITING:
             req.qver += 1
-            heapq.heappush(self.waiting, (_queue_key(req), req.seq, req.qver, req))
+            heapq.heappush(self.waiting, (_queue_key(req, self.loaded_first), req.seq, req.qver, req))
 
     # ------------------------------------------------------------------ KV helpers
 
@@ -599,7 +614,7 @@ class EngineCore:
         req.status = WAITING
         req.qver += 1
         self.n_waiting += 1
-        heapq.heappush(self.waiting, (_queue_key(req), req.seq, req.qver, req))
+        heapq.heappush(self.waiting, (_queue_key(req, self.loaded_first), req.seq, req.qver, req))
 
     def _free_device(self, req: _Req, cache: bool = False) -> None:
         """Free a request's device KV; with ``cache`` (a preemption) and the prefix cache on, its full
@@ -722,21 +737,26 @@ class EngineCore:
         req.started = True
         self._push_waiting(req)
 
-    def _prefer_load(self, req: _Req, now: float) -> bool:
-        """Reload the host copy if that is quicker than recomputing the same tokens in the batch."""
+    def _prefer_load(self, req: _Req, now: float, have: int = 0) -> bool:
+        """Reload the host copy (beyond ``have`` tokens already on the device) if that is quicker than
+        recomputing the same tokens in the batch."""
         backlog = self.h2d_free_at - now if self.h2d_free_at > now else 0.0
-        return backlog + self.profile.load_time(req.host) <= self.profile.per_token_s * req.host
+        n = req.host - have
+        return backlog + self.profile.load_time(n) <= self.profile.per_token_s * n
 
     def _start_load(self, req: _Req, now: float, then: str) -> None:
+        """Load the host copy; blocks the request already holds (a reclaimed prefix) are not copied."""
         self._drop_cache(req)
         n = req.host
-        nb = -(-n // self.bs)
+        have = req.slots
+        nb = -(-n // self.bs) - have // self.bs
         self._take(nb)
-        req.slots = nb * self.bs
+        req.slots = have + nb * self.bs
         req.computed = 0
         start = max(now, self.h2d_free_at, req.flush_done)
-        req.load_finish = start + self.profile.load_time(n)
+        req.load_finish = start + self.profile.load_time(n - have)
         req.load_tokens = n
+        req.load_base = have
         self.h2d_free_at = req.load_finish
         req.after_load = then
         req.status = LOADING
@@ -753,7 +773,7 @@ class EngineCore:
         while loads and loads[0].load_finish <= now:
             req = loads.popleft()
             req.computed = req.load_tokens
-            self.counters.host_restored_tokens += req.load_tokens
+            self.counters.host_restored_tokens += req.load_tokens - req.load_base
             if req.after_load is RUNNING:
                 self._push_waiting(req)
             else:

@@ -69,6 +69,8 @@ class Profile:
     preempt_cascade: bool = False  # freed blocks usable only after the step: a failed allocation preempts
     #   every running request behind the one that failed (in victim order), itself included (vLLM 0.26, async)
     prefix_cache: bool = False  # a preempted request's freed blocks keep its KV until reused (LRU)
+    loaded_first: bool = True  # requests holding reloaded KV are admitted first (vLLM's kv-holding queue);
+    #   false: one queue by priority, then arrival, as vLLM 0.26
     preempt_s: float = 0.0  # engine time per preempted request (scheduler work, tail store), added to the step
 
     # --- the cost model: every step price goes through step_seconds ---
@@ -133,7 +135,8 @@ _FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
 
 _OPTIONAL = frozenset({"compute_per_token_s", "preempt_s"})
 _OPTIONAL_SECTIONS = frozenset({"engine"})
-_FLAGS = (("engine", "preempt_cascade", "preempt_cascade"), ("engine", "prefix_cache", "prefix_cache"))
+_FLAGS = (("engine", "preempt_cascade", "preempt_cascade"), ("engine", "prefix_cache", "prefix_cache"),
+          ("engine", "loaded_first", "loaded_first"))
 
 
 def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
