@@ -632,3 +632,41 @@ def test_preempt_s_is_added_to_the_next_step() -> None:
     core.command("preempt", "a", d.now)
     s = core.next_step(d.now)
     assert s is not None and s.duration == pytest.approx(SMALL.step_time(1, 17) + 0.5)
+
+
+def test_partly_cached_prefix_is_taken_back_and_the_rest_loaded_from_host() -> None:
+    core = EngineCore(prof(device_tokens=160, prefix_cache=True))
+    core.add("a", 64, 10, now=0.0)
+    d = Driver(core)
+    d.step()
+    assert core.reqs["a"].host == 64  # written through during the prefill
+    core.command("preempt", "a", d.now)
+    core.add("b", 116, 10, now=d.now)  # 8 blocks: the 6 plain free ones, then 2 of a's 4 cached blocks
+    d.step()
+    assert core.reqs["a"].cached == 2
+    core.command("resume", "a", d.now)
+    d.run()
+    c = core.counters
+    assert c.host_restored_tokens == 32 and c.recomputed_tokens == 0  # only the evicted half came from host
+    assert_complete(d, "a", 10)
+
+
+def test_one_waiting_queue_by_priority_then_arrival_without_loaded_first() -> None:
+    # "b" (newer) holds reloaded KV; with loaded_first it is admitted before "a", without it after
+    def order(loaded_first: bool) -> list[str]:
+        core = EngineCore(prof(loaded_first=loaded_first))
+        core.add("a", 16, 4, now=0.0)
+        core.add("b", 16, 4, now=0.0)
+        core.command("preempt", "a", 0.0)
+        core.command("preempt", "b", 0.0)
+        core._push_waiting(core.reqs["a"])
+        b = core.reqs["b"]
+        b.slots, b.computed = 16, 15  # as if its copy had been loaded back
+        core.free_blocks -= 1
+        core._push_waiting(b)
+        s = core.next_step(0.0)
+        assert s is not None
+        return s.ids
+
+    assert order(True) == ["b", "a"]
+    assert order(False) == ["a", "b"]
