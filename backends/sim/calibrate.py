@@ -1006,6 +1006,7 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
     windows, runs = [], []
+    preemptions = 0
     for rep in args.report:
         with open(rep) as f:
             doc = json.load(f)
@@ -1014,6 +1015,7 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
             if w and w[1]:
                 windows.append((float(w[0]), float(w[1])))
                 runs.append(f"{pol} ({rep})")
+                preemptions += int(m.get("engine_counters", {}).get("preemptions", 0))
     pts = trace_points(args.trace, windows)
     if len(pts) < 16:
         raise SystemExit(f"fit-trace: only {len(pts)} steps inside the runs' windows")
@@ -1029,6 +1031,14 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
                f"p90 {np.percentile(rel, 90):.1%}; summed, the model gives {pred.sum() / y.sum():.2f}x the real "
                f"steps' time (the rest: steps stalled by preemption flushes and host copies, priced apart by the "
                f"simulator)")
+    if preemptions:
+        # the engine's own preemptions are where the rest goes (docs/sim-cost-model.md, "Engine preemption modes")
+        summary += (f"; {y.sum() - pred.sum():.1f} s beyond the model over {preemptions} engine preemptions: "
+                    f"{(y.sum() - pred.sum()) / preemptions:.4g} s each (engine.preempt_s)")
+    engine_section = None
+    if os.path.exists(args.profile):  # a refit keeps the engine's preemption model, written by hand
+        with open(args.profile) as f:
+            engine_section = (yaml.safe_load(f) or {}).get("engine")
     profile = {
         "name": args.name,
         "description": args.description,
@@ -1043,6 +1053,8 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
         "transfer": {"h2d_bytes_per_s": float(f"{args.h2d:.4g}"), "d2h_bytes_per_s": float(f"{args.d2h:.4g}")},
         "measurements": {"trace": args.trace, "reports": args.report, "engine": args.engine, "fit": summary},
     }
+    if engine_section:
+        profile["engine"] = engine_section
     header = (f"# Hardware profile for the simulated engine, MEASURED: fitted to a real engine's steps by\n"
               f"#   python3 -m backends.sim.calibrate {shlex.join(args.argv)}\n# {summary}\n")
     with open(args.profile, "w") as fh:
