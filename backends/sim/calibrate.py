@@ -1020,14 +1020,22 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
     if len(pts) < 16:
         raise SystemExit(f"fit-trace: only {len(pts)} steps inside the runs' windows")
     fit = fit_two_regime(pts, "t_real_s", minimax=False)
+    c = {k: fit[k] for k in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s")}
+    # The least-squares fit follows the many decode steps and underprices full prefill chunks (on the H200 run
+    # they took 1.38x its price); when the trace has enough of them, the compute line is their median price.
+    full = [p for p in pts if p["scheduled_tokens"] >= 0.85 * args.max_num_batched_tokens]
+    chunk_note = ""
+    if len(full) >= 16:
+        c["compute_per_token_s"] = float(np.median(
+            [(p["t_real_s"] - c["per_kv_token_s"] * p["attended_kv_tokens"]) / p["scheduled_tokens"] for p in full]))
+        chunk_note = f"; compute_per_token_s the median of {len(full)} full prefill chunks"
     y = np.array([p["t_real_s"] for p in pts])
-    pred = np.array(fit["predicted_s"])
+    pred = np.array([predict_step(c, int(p["scheduled_tokens"]), int(p["attended_kv_tokens"])) for p in pts])
     rel = np.abs(pred / y - 1)
     with open(args.engine) as f:
         eng = json.load(f)
     eng = eng.get("engine", eng)
-    c = {k: fit[k] for k in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s")}
-    summary = (f"{len(pts)} steps of {', '.join(runs)}; per-step relative error median {np.median(rel):.1%}, "
+    summary = (f"{len(pts)} steps of {', '.join(runs)}{chunk_note}; per-step relative error median {np.median(rel):.1%}, "
                f"p90 {np.percentile(rel, 90):.1%}; summed, the model gives {pred.sum() / y.sum():.2f}x the real "
                f"steps' time (the rest: steps stalled by preemption flushes and host copies, priced apart by the "
                f"simulator)")
