@@ -30,6 +30,10 @@ Run from the repository root:
 ``TOKENFLOW_STEP_TRACE`` (one line per engine step: its duration, decoding requests, their summed context,
 prompt tokens), restricted to the time windows of chosen benchmark runs, and takes the device and host KV sizes,
 block size and batch limits from the engine's state report; the copy bandwidths are the plugin's measurements.
+When the trace has 16 or more full prefill chunks, the compute line is their median price (the least-squares
+fit follows the many decode steps and underprices them). The summary gives the steps' time beyond the model per
+engine preemption of the runs (the profile's ``engine.preempt_s``); an ``engine:`` section already in the output
+profile is kept (docs/sim-cost-model.md, "Engine preemption modes").
 """
 
 from __future__ import annotations
