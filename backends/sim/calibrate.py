@@ -30,6 +30,10 @@ Run from the repository root:
 ``TOKENFLOW_STEP_TRACE`` (one line per engine step: its duration, decoding requests, their summed context,
 prompt tokens), restricted to the time windows of chosen benchmark runs, and takes the device and host KV sizes,
 block size and batch limits from the engine's state report; the copy bandwidths are the plugin's measurements.
+When the trace has 16 or more full prefill chunks, the compute line is their median price (the least-squares
+fit follows the many decode steps and underprices them). The summary gives the steps' time beyond the model per
+engine preemption of the runs (the profile's ``engine.preempt_s``); an ``engine:`` section already in the output
+profile is kept (docs/sim-cost-model.md, "Engine preemption modes").
 """
 
 from __future__ import annotations
@@ -1006,6 +1010,7 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
     windows, runs = [], []
+    preemptions = 0
     for rep in args.report:
         with open(rep) as f:
             doc = json.load(f)
@@ -1014,21 +1019,38 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
             if w and w[1]:
                 windows.append((float(w[0]), float(w[1])))
                 runs.append(f"{pol} ({rep})")
+                preemptions += int(m.get("engine_counters", {}).get("preemptions", 0))
     pts = trace_points(args.trace, windows)
     if len(pts) < 16:
         raise SystemExit(f"fit-trace: only {len(pts)} steps inside the runs' windows")
     fit = fit_two_regime(pts, "t_real_s", minimax=False)
+    c = {k: fit[k] for k in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s")}
+    # The least-squares fit follows the many decode steps and underprices full prefill chunks (on the H200 run
+    # they took 1.38x its price); when the trace has enough of them, the compute line is their median price.
+    full = [p for p in pts if p["scheduled_tokens"] >= 0.85 * args.max_num_batched_tokens]
+    chunk_note = ""
+    if len(full) >= 16:
+        c["compute_per_token_s"] = float(np.median(
+            [(p["t_real_s"] - c["per_kv_token_s"] * p["attended_kv_tokens"]) / p["scheduled_tokens"] for p in full]))
+        chunk_note = f"; compute_per_token_s the median of {len(full)} full prefill chunks"
     y = np.array([p["t_real_s"] for p in pts])
-    pred = np.array(fit["predicted_s"])
+    pred = np.array([predict_step(c, int(p["scheduled_tokens"]), int(p["attended_kv_tokens"])) for p in pts])
     rel = np.abs(pred / y - 1)
     with open(args.engine) as f:
         eng = json.load(f)
     eng = eng.get("engine", eng)
-    c = {k: fit[k] for k in ("base_s", "per_token_s", "compute_per_token_s", "per_kv_token_s")}
-    summary = (f"{len(pts)} steps of {', '.join(runs)}; per-step relative error median {np.median(rel):.1%}, "
+    summary = (f"{len(pts)} steps of {', '.join(runs)}{chunk_note}; per-step relative error median {np.median(rel):.1%}, "
                f"p90 {np.percentile(rel, 90):.1%}; summed, the model gives {pred.sum() / y.sum():.2f}x the real "
                f"steps' time (the rest: steps stalled by preemption flushes and host copies, priced apart by the "
                f"simulator)")
+    if preemptions:
+        # the engine's own preemptions are where the rest goes (docs/sim-cost-model.md, "Engine preemption modes")
+        summary += (f"; {y.sum() - pred.sum():.1f} s beyond the model over {preemptions} engine preemptions: "
+                    f"{(y.sum() - pred.sum()) / preemptions:.4g} s each (engine.preempt_s)")
+    engine_section = None
+    if os.path.exists(args.profile):  # a refit keeps the engine's preemption model, written by hand
+        with open(args.profile) as f:
+            engine_section = (yaml.safe_load(f) or {}).get("engine")
     profile = {
         "name": args.name,
         "description": args.description,
@@ -1043,6 +1065,8 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
         "transfer": {"h2d_bytes_per_s": float(f"{args.h2d:.4g}"), "d2h_bytes_per_s": float(f"{args.d2h:.4g}")},
         "measurements": {"trace": args.trace, "reports": args.report, "engine": args.engine, "fit": summary},
     }
+    if engine_section:
+        profile["engine"] = engine_section
     header = (f"# Hardware profile for the simulated engine, MEASURED: fitted to a real engine's steps by\n"
               f"#   python3 -m backends.sim.calibrate {shlex.join(args.argv)}\n# {summary}\n")
     with open(args.profile, "w") as fh:

@@ -70,12 +70,15 @@ class _Req:
     __slots__ = (
         "after_load",
         "arrival",
+        "cached",
+        "centry",
         "computed",
         "flush_done",
         "high",
         "host",
         "id",
         "limit",
+        "load_base",
         "load_finish",
         "load_tokens",
         "max_tokens",
@@ -113,8 +116,11 @@ class _Req:
         self.qver = 0  # waiting-heap entry version (lazy deletion)
         self.after_load = RUNNING  # RUNNING (resume) or PARKED (prefetch)
         self.load_tokens = 0
+        self.load_base = 0  # tokens of load_tokens already on the device (a prefix cache hit), not copied
         self.load_finish = 0.0
         self.flush_done = 0.0
+        self.cached = 0  # blocks of its prefix left on the device after a preemption (prefix cache), reusable
+        self.centry: list[Any] | None = None  # its segment of the free-block queue while cached
 
 
 @dataclass(slots=True)
@@ -175,9 +181,12 @@ def _victim_key(r: _Req) -> tuple[int, int]:
     return (r.priority, r.seq)
 
 
-def _queue_key(r: _Req) -> tuple[int, int, int]:
+def _queue_key(r: _Req, loaded_first: bool = True) -> tuple[int, int, int]:
     """Waiting order: requests already holding device KV (reloaded) first, as vLLM drains its
-    kv-holding queue first; then priority; then requests that ran before ahead of new arrivals."""
+    kv-holding queue first; then priority; then requests that ran before ahead of new arrivals.
+    Without ``loaded_first`` (vLLM 0.26: one priority queue) only priority, then arrival."""
+    if not loaded_first:
+        return (1, r.priority, 1)
     return (0 if r.slots else 1, r.priority, 0 if r.started else 1)
 
 
@@ -225,6 +234,16 @@ class EngineCore:
         self.lru: OrderedDict[str, _Req] = OrderedDict()  # evictable host copies (running requests)
         self.h2d_free_at = 0.0
         self.stall_until = 0.0  # a synchronous flush blocks the engine until then
+        # engine preemption modes (profile section ``engine:``, docs/sim-cost-model.md)
+        self.cascade = profile.preempt_cascade
+        self.pcache = profile.prefix_cache
+        self.loaded_first = profile.loaded_first
+        self.frozen = 0  # blocks freed by this step's preemptions, usable from the next step on (cascade)
+        self.cached_blocks = 0  # free blocks still holding a preempted request's prefix (a subset of free_blocks)
+        # the free-block queue in vLLM's order, as segments [owner or None, blocks]: allocation takes from the
+        # front (oldest freed first), so a preempted request's prefix survives until the queue reaches it
+        self.free_queue: deque[list[Any]] = deque([[None, self.total_blocks]])
+        self.preempt_stall = 0.0  # engine time owed by preemptions since the last step (profile.preempt_s each)
         self.counters = Counters()
         self.window = _Window(stats_window)
         self.steps = 0
@@ -289,6 +308,7 @@ class EngineCore:
             raise StepInFlight("complete the step in flight first")
         if self.loads or self.load_pending:
             self._poll_loads(now)
+        self.frozen = 0
         if not self.running and self.n_waiting == 0:
             return None
         bs = self.bs
@@ -309,10 +329,10 @@ class EngineCore:
             target = req.computed + n
             if target > req.slots:
                 nb = (target - req.slots + bs - 1) // bs
-                if nb > self.free_blocks:
+                if nb > self.free_blocks - self.frozen:
                     preempted = True
                     self_victim = False
-                    while nb > self.free_blocks:
+                    while nb > self.free_blocks - self.frozen:
                         victim = max(running, key=_victim_key)
                         vi = running.index(victim)
                         if vi < i:  # already scheduled this step: take back its tokens
@@ -334,9 +354,11 @@ class EngineCore:
                             self_victim = True
                             break
                     if self_victim:
+                        if self.cascade:
+                            break  # as vLLM: the request that could not be scheduled ends the running pass
                         continue
                     # budget may have grown (a scheduled victim gave tokens back); keep n as computed
-                self.free_blocks -= nb
+                self._take(nb)
                 req.slots += nb * bs
             reqs.append(req)
             ns.append(n)
@@ -358,6 +380,27 @@ class EngineCore:
                 if req.status is not WAITING or entry[2] != req.qver:
                     heapq.heappop(heap)
                     continue
+                if req.cached:
+                    k = req.cached
+                    if k * bs + bs >= req.host:
+                        # the device still holds its prefix (prefix cache hit): take those blocks back
+                        need = req.num_tokens - k * bs
+                        n = need if need < budget else budget
+                        nb = -(-(k * bs + n) // bs) - k
+                        if k + nb > self.free_blocks:
+                            break
+                        self._reclaim(req)
+                    elif self._prefer_load(req, now, k * bs):
+                        # part on the device, the rest on host: take the blocks back, load the rest
+                        if -(-req.host // bs) > self.free_blocks:
+                            break
+                        heapq.heappop(heap)
+                        self.n_waiting -= 1
+                        self._reclaim(req)
+                        self._start_load(req, now, RUNNING)
+                        continue
+                    else:
+                        self._drop_cache(req)
                 if req.slots == 0 and req.host > 0 and self._prefer_load(req, now):
                     if -(-req.host // bs) > self.free_blocks:
                         break
@@ -381,7 +424,7 @@ class EngineCore:
                     break
                 heapq.heappop(heap)
                 self.n_waiting -= 1
-                self.free_blocks -= nb
+                self._take(nb)
                 req.slots += nb * bs
                 if req.high > req.computed:
                     self.counters.recomputed_tokens += req.high - req.computed
@@ -402,6 +445,9 @@ class EngineCore:
         if not reqs:
             return None
         stall = self.stall_until - now if self.stall_until > now else 0.0
+        if self.preempt_stall:
+            stall += self.preempt_stall
+            self.preempt_stall = 0.0
         duration = self.profile.step_time(sched, attended) + stall
         step = Step(now, duration, reqs, ns, sched, prefill, decode, attended, stall)
         self._inflight = step
@@ -513,12 +559,13 @@ class EngineCore:
         if st is RUNNING:
             self.running.remove(req)
             self._flush(req, now)
+            self.preempt_stall += self.profile.preempt_s
         elif st is WAITING:
             req.qver += 1
             self.n_waiting -= 1
         elif st is LOADING:
             self._drop_load(req)
-        self._free_device(req)
+        self._free_device(req, cache=st is RUNNING or st is WAITING)
         self.lru.pop(req.id, None)  # held copies are pinned
         req.status = HELD
         req.started = True
@@ -529,7 +576,8 @@ class EngineCore:
         st = req.status
         if st is HELD:
             self.counters.resumes += 1
-            if req.host > 0 and self._prefer_load(req, now) and -(-req.host // self.bs) <= self.free_blocks:
+            hit = req.cached > 0 and req.cached * self.bs + self.bs >= req.host  # prefix cache holds the host copy
+            if not hit and req.host > 0 and self._prefer_load(req, now) and -(-req.host // self.bs) <= self.free_blocks:
                 self._start_load(req, now, RUNNING)
             else:
                 self._push_waiting(req)
@@ -558,7 +606,7 @@ class EngineCore:
         req.priority = priority
         if req.status is WAITING:
             req.qver += 1
-            heapq.heappush(self.waiting, (_queue_key(req), req.seq, req.qver, req))
+            heapq.heappush(self.waiting, (_queue_key(req, self.loaded_first), req.seq, req.qver, req))
 
     # ------------------------------------------------------------------ KV helpers
 
@@ -566,16 +614,80 @@ class EngineCore:
         req.status = WAITING
         req.qver += 1
         self.n_waiting += 1
-        heapq.heappush(self.waiting, (_queue_key(req), req.seq, req.qver, req))
+        heapq.heappush(self.waiting, (_queue_key(req, self.loaded_first), req.seq, req.qver, req))
 
-    def _free_device(self, req: _Req) -> None:
-        self.free_blocks += req.slots // self.bs
+    def _free_device(self, req: _Req, cache: bool = False) -> None:
+        """Free a request's device KV; with ``cache`` (a preemption) and the prefix cache on, its full
+        computed blocks keep their KV until another request needs the blocks."""
+        nb = req.slots // self.bs
+        k = min(req.computed // self.bs, nb) if cache and self.pcache and nb else 0
+        if k:
+            self._drop_cache(req)
+        self._give(nb - k)  # vLLM queues a request's blocks tail first: the uncomputed tail goes first
+        if k:
+            entry = [req, k]
+            self.free_queue.append(entry)
+            self.free_blocks += k
+            req.cached = k
+            req.centry = entry
+            self.cached_blocks += k
         req.slots = 0
         req.computed = 0
 
+    def _give(self, nb: int) -> None:
+        if nb > 0:
+            self.free_blocks += nb
+            if self.pcache:
+                self.free_queue.append([None, nb])
+
+    def _take(self, nb: int) -> None:
+        """Allocate ``nb`` free blocks from the front of the free queue; a cached request loses its prefix
+        from the tail (its tail blocks were queued first)."""
+        self.free_blocks -= nb
+        if not self.pcache:
+            return
+        q = self.free_queue
+        while nb > 0:
+            entry = q[0]
+            k = entry[1] if entry[1] < nb else nb
+            entry[1] -= k
+            nb -= k
+            owner = entry[0]
+            if owner is not None:
+                owner.cached -= k
+                self.cached_blocks -= k
+                if owner.cached == 0:
+                    owner.centry = None
+            if entry[1] == 0:
+                q.popleft()
+
+    def _reclaim(self, req: _Req) -> None:
+        """A re-admitted request takes its cached prefix back (no load, no recomputation)."""
+        k = req.cached
+        entry = req.centry
+        assert entry is not None
+        entry[1] = 0  # out of the free queue (the empty segment is dropped when the front reaches it)
+        entry[0] = None
+        req.centry = None
+        req.cached = 0
+        self.cached_blocks -= k
+        self.free_blocks -= k
+        req.slots = k * self.bs
+        req.computed = k * self.bs
+
+    def _drop_cache(self, req: _Req) -> None:
+        """Forget a request's cached prefix (its blocks stay free, where they are in the queue)."""
+        if req.cached:
+            assert req.centry is not None
+            req.centry[0] = None
+            req.centry = None
+            self.cached_blocks -= req.cached
+            req.cached = 0
+
     def _release(self, req: _Req) -> None:
         """Free everything a finished request holds and forget it."""
-        self.free_blocks += req.slots // self.bs
+        self._drop_cache(req)
+        self._give(req.slots // self.bs)
         req.slots = 0
         self.host_used -= req.host
         req.host = 0
@@ -618,24 +730,33 @@ class EngineCore:
         else:
             self.host_used -= req.host
             req.host = 0
-        self._free_device(req)
+        if self.cascade:  # the blocks free only once the step in flight is done
+            self.frozen += req.slots // self.bs
+        self.preempt_stall += self.profile.preempt_s
+        self._free_device(req, cache=True)
         req.started = True
         self._push_waiting(req)
 
-    def _prefer_load(self, req: _Req, now: float) -> bool:
-        """Reload the host copy if that is quicker than recomputing the same tokens in the batch."""
+    def _prefer_load(self, req: _Req, now: float, have: int = 0) -> bool:
+        """Reload the host copy (beyond ``have`` tokens already on the device) if that is quicker than
+        recomputing the same tokens in the batch."""
         backlog = self.h2d_free_at - now if self.h2d_free_at > now else 0.0
-        return backlog + self.profile.load_time(req.host) <= self.profile.per_token_s * req.host
+        n = req.host - have
+        return backlog + self.profile.load_time(n) <= self.profile.per_token_s * n
 
     def _start_load(self, req: _Req, now: float, then: str) -> None:
+        """Load the host copy; blocks the request already holds (a reclaimed prefix) are not copied."""
+        self._drop_cache(req)
         n = req.host
-        nb = -(-n // self.bs)
-        self.free_blocks -= nb
-        req.slots = nb * self.bs
+        have = req.slots
+        nb = -(-n // self.bs) - have // self.bs
+        self._take(nb)
+        req.slots = have + nb * self.bs
         req.computed = 0
         start = max(now, self.h2d_free_at, req.flush_done)
-        req.load_finish = start + self.profile.load_time(n)
+        req.load_finish = start + self.profile.load_time(n - have)
         req.load_tokens = n
+        req.load_base = have
         self.h2d_free_at = req.load_finish
         req.after_load = then
         req.status = LOADING
@@ -652,7 +773,7 @@ class EngineCore:
         while loads and loads[0].load_finish <= now:
             req = loads.popleft()
             req.computed = req.load_tokens
-            self.counters.host_restored_tokens += req.load_tokens
+            self.counters.host_restored_tokens += req.load_tokens - req.load_base
             if req.after_load is RUNNING:
                 self._push_waiting(req)
             else:
@@ -736,6 +857,9 @@ class EngineCore:
     def check_invariants(self) -> None:
         """Assert the KV accounting is consistent (tests and debugging)."""
         assert self.free_blocks + sum(r.slots for r in self.reqs.values()) // self.bs == self.total_blocks
+        assert self.cached_blocks == sum(r.cached for r in self.reqs.values()) <= self.free_blocks
+        if self.pcache:
+            assert sum(e[1] for e in self.free_queue) == self.free_blocks
         assert self.host_used == sum(r.host for r in self.reqs.values())
         assert 0 <= self.host_used <= max(self.host_cap, 0)
         assert self.n_waiting == sum(1 for r in self.reqs.values() if r.status is WAITING)

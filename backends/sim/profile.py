@@ -64,6 +64,14 @@ class Profile:
     h2d_bytes_per_s: float
     d2h_bytes_per_s: float
     compute_per_token_s: float = 0.0  # optional compute-bound regime; 0 keeps the linear form
+    # How the engine's own preemption behaves (section ``engine:``, all optional; the defaults keep the
+    # plain model, docs/sim-cost-model.md "Engine preemption modes"):
+    preempt_cascade: bool = False  # freed blocks usable only after the step: a failed allocation preempts
+    #   every running request behind the one that failed (in victim order), itself included (vLLM 0.26, async)
+    prefix_cache: bool = False  # a preempted request's freed blocks keep its KV until reused (LRU)
+    loaded_first: bool = True  # requests holding reloaded KV are admitted first (vLLM's kv-holding queue);
+    #   false: one queue by priority, then arrival, as vLLM 0.26
+    preempt_s: float = 0.0  # engine time per preempted request (scheduler work, tail store), added to the step
 
     # --- the cost model: every step price goes through step_seconds ---
 
@@ -122,9 +130,13 @@ _FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
     ("kv", "host_tokens", "host_tokens", int, False),
     ("transfer", "h2d_bytes_per_s", "h2d_bytes_per_s", float, True),
     ("transfer", "d2h_bytes_per_s", "d2h_bytes_per_s", float, True),
+    ("engine", "preempt_s", "preempt_s", float, False),
 )
 
-_OPTIONAL = frozenset({"compute_per_token_s"})
+_OPTIONAL = frozenset({"compute_per_token_s", "preempt_s"})
+_OPTIONAL_SECTIONS = frozenset({"engine"})
+_FLAGS = (("engine", "preempt_cascade", "preempt_cascade"), ("engine", "prefix_cache", "prefix_cache"),
+          ("engine", "loaded_first", "loaded_first"))
 
 
 def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
@@ -134,6 +146,8 @@ def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
     values: dict[str, Any] = {}
     for section, key, fieldname, typ, positive in _FIELDS:
         sec = data.get(section)
+        if sec is None and section in _OPTIONAL_SECTIONS:
+            continue
         if not isinstance(sec, dict):
             raise ProfileError(f"{origin}: missing section '{section}'")
         if key not in sec:
@@ -158,6 +172,12 @@ def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
         if not math.isfinite(val) or val < 0 or (positive and val <= 0):
             raise ProfileError(f"{origin}: '{section}.{key}' must be {'> 0' if positive else '>= 0'}")
         values[fieldname] = val
+    for section, key, fieldname in _FLAGS:
+        sec = data.get(section) or {}
+        if key in sec:
+            if not isinstance(sec[key], bool):
+                raise ProfileError(f"{origin}: '{section}.{key}' must be true or false, got {sec[key]!r}")
+            values[fieldname] = sec[key]
     if values["device_tokens"] < values["block_size"]:
         raise ProfileError(f"{origin}: 'kv.device_tokens' must hold at least one block")
     if values["base_s"] + values["per_token_s"] <= 0 and values.get("compute_per_token_s", 0.0) <= 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,24 @@ def test_offload_copy_path_was_bit_exact_on_cuda() -> None:
     assert {(c["layout"], c["with_compute"]) for c in res["bit_exact"]} == {
         ("block", False), ("block", True), ("layer", False), ("layer", True)}
     assert all(c["ok"] and c["host_bit_exact"] and c["device_bit_exact"] for c in res["bit_exact"])
+
+
+def test_fit_trace_reproduces_the_vllm026_profile_and_keeps_its_engine_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the H200 profile's header names the command that wrote it; rerun it on the stored trace into a copy of
+    # the profile (so the hand-written engine section is there to keep) and compare the fitted numbers
+    src = ROOT / "configs" / "profiles" / "h200-llama3-8b-vllm026.yaml"
+    out = tmp_path / "p.yaml"
+    out.write_text(src.read_text())
+    argv = shlex.split(src.read_text().splitlines()[1].split("calibrate ", 1)[1])
+    argv[argv.index("--profile") + 1] = str(out)
+    monkeypatch.chdir(ROOT)  # the command's paths are relative to the repository
+    assert calibrate.main(argv) == 0
+    new, old = yaml.safe_load(out.read_text()), yaml.safe_load(src.read_text())
+    assert new["step"] == old["step"]
+    assert new["engine"] == old["engine"]
+    # the compute line is the full prefill chunks' median price, dearer than the least-squares line (14.4 us)
+    assert 1.9e-5 < new["step"]["compute_per_token_s"] < 2.1e-5
+    assert "engine.preempt_s" in new["measurements"]["fit"]
+    assert old["engine"]["preempt_s"] == pytest.approx(float(new["measurements"]["fit"].split(": ")[-1].split(" s")[0]))

@@ -558,3 +558,115 @@ def test_many_requests_under_pressure_all_complete_exactly() -> None:
         assert_complete(d, f"r{i}", 30 + (i % 5) * 11)
     assert core.free_blocks == core.total_blocks and core.host_used == 0
     assert core.counters.preemptions > 0
+
+
+# ------------------------------------------------------------------ engine preemption modes (profile ``engine:``)
+
+
+def _three_growing(core: EngineCore) -> Driver:
+    # 9 blocks of 16: three requests of 32-token prompts each need a third block after 16 tokens of output
+    for i in range(3):
+        core.add(f"r{i}", 32, 40, now=0.001 * i)
+    d = Driver(core)
+    d.until(lambda: core.counters.preemptions > 0)
+    return d
+
+
+def test_cascade_preempts_every_request_behind_the_one_that_failed() -> None:
+    # one extra free block: r0 takes it, r1 finds none. Plain: r2 (newest) is preempted and r1 goes on.
+    # Cascade: r2's blocks free only after the step, so r1 preempts itself too and only r0 runs the step.
+    plain = EngineCore(prof(device_tokens=160))
+    d = _three_growing(plain)
+    assert [s.ids for s in d.steps[-1:]] == [["r0", "r1"]]
+    assert plain.counters.preemptions == 1
+    cas = EngineCore(prof(device_tokens=160, preempt_cascade=True))
+    d = _three_growing(cas)
+    assert d.steps[-1].ids == ["r0"]
+    assert cas.counters.preemptions == 2 and cas.status("r1") == "waiting" and cas.status("r2") == "waiting"
+    d.run()
+    for i in range(3):
+        assert_complete(d, f"r{i}", 40)
+
+
+def test_prefix_cache_readmits_a_preempted_request_without_recomputing_its_blocks() -> None:
+    # no host tier: without the cache a resumed request recomputes its 64 tokens; with it, its 4 full blocks
+    # are still on the device and only the token after them is computed
+    def run(cache: bool) -> EngineCore:
+        core = EngineCore(prof(device_tokens=160, prefix_cache=cache), write_through=False)
+        core.add("a", 64, 10, now=0.0)
+        d = Driver(core)
+        d.step()
+        core.command("preempt", "a", d.now)
+        core.command("resume", "a", d.now)
+        d.run()
+        assert_complete(d, "a", 10)
+        return core
+
+    assert run(False).counters.recomputed_tokens == 64
+    assert run(True).counters.recomputed_tokens == 0
+
+
+def test_cached_prefix_is_evicted_tail_first_when_blocks_are_needed() -> None:
+    core = EngineCore(prof(device_tokens=160, prefix_cache=True), write_through=False)
+    core.add("a", 64, 10, now=0.0)  # 4 full blocks + 1 for the token after them
+    d = Driver(core)
+    d.step()
+    core.command("preempt", "a", d.now)
+    assert core.reqs["a"].cached == 4
+    core.add("b", 100, 10, now=d.now)  # 7 of the 10 blocks: the 6 plain free ones first, then 1 of a's
+    d.step()
+    assert core.reqs["a"].cached == 3
+    core.check_invariants()
+    core.command("resume", "a", d.now)
+    d.run()
+    assert core.counters.recomputed_tokens == 16  # the evicted (last) block only
+    assert_complete(d, "a", 10)
+
+
+def test_preempt_s_is_added_to_the_next_step() -> None:
+    core = EngineCore(prof(preempt_s=0.5))
+    core.add("a", 16, 10, now=0.0)
+    core.add("b", 16, 10, now=0.0)
+    d = Driver(core)
+    d.step()
+    core.command("preempt", "a", d.now)
+    s = core.next_step(d.now)
+    assert s is not None and s.duration == pytest.approx(SMALL.step_time(1, 17) + 0.5)
+
+
+def test_partly_cached_prefix_is_taken_back_and_the_rest_loaded_from_host() -> None:
+    core = EngineCore(prof(device_tokens=160, prefix_cache=True))
+    core.add("a", 64, 10, now=0.0)
+    d = Driver(core)
+    d.step()
+    assert core.reqs["a"].host == 64  # written through during the prefill
+    core.command("preempt", "a", d.now)
+    core.add("b", 116, 10, now=d.now)  # 8 blocks: the 6 plain free ones, then 2 of a's 4 cached blocks
+    d.step()
+    assert core.reqs["a"].cached == 2
+    core.command("resume", "a", d.now)
+    d.run()
+    c = core.counters
+    assert c.host_restored_tokens == 32 and c.recomputed_tokens == 0  # only the evicted half came from host
+    assert_complete(d, "a", 10)
+
+
+def test_one_waiting_queue_by_priority_then_arrival_without_loaded_first() -> None:
+    # "b" (newer) holds reloaded KV; with loaded_first it is admitted before "a", without it after
+    def order(loaded_first: bool) -> list[str]:
+        core = EngineCore(prof(loaded_first=loaded_first))
+        core.add("a", 16, 4, now=0.0)
+        core.add("b", 16, 4, now=0.0)
+        core.command("preempt", "a", 0.0)
+        core.command("preempt", "b", 0.0)
+        core._push_waiting(core.reqs["a"])
+        b = core.reqs["b"]
+        b.slots, b.computed = 16, 15  # as if its copy had been loaded back
+        core.free_blocks -= 1
+        core._push_waiting(b)
+        s = core.next_step(0.0)
+        assert s is not None
+        return s.ids
+
+    assert order(True) == ["b", "a"]
+    assert order(False) == ["a", "b"]
