@@ -144,6 +144,7 @@ def run_virtual(
             for s in specs
         ) + 60.0
 
+    lag = profile.control_lag_steps
     arrived = 0
     tick_total = 0.0
     tick_max = 0.0
@@ -170,7 +171,7 @@ def run_virtual(
             for st in live.values():
                 if st.drain is not None:  # measured drain: one sample per tick, as the gateway's sampler
                     st.drain.sample(now)
-            snap = build_snapshot(EngineState.from_json(eng.state()), live.values(), now, tick_s)
+            snap = build_snapshot(EngineState.from_json(eng.control_state()), live.values(), now, tick_s)
             for v in snap.streams:
                 if v.first_token_time is None:  # this tick's interval counts to the status it starts in
                     ph = phases.setdefault(v.id, {})
@@ -182,12 +183,15 @@ def run_virtual(
             tick_max = max(tick_max, dt)
             ticks += 1
             if ds:
+                if lag:  # the engine runs on while the commands travel (profile engine.control_lag_steps)
+                    eng.run_steps(lag)
                 eng.commands([d.to_command() for d in ds])
                 for d in ds:
                     decisions[d.op] = decisions.get(d.op, 0) + 1
         if remaining <= 0:
             break
-        now = eng.run_until(now + tick_s)
+        # the next tick is due tick_s after this one's read, as the gateway schedules it (later if a step runs on)
+        now = eng.run_until(max(now + tick_s, eng.now))
     c = eng.core.counters
     counters = {
         "preemptions": c.preemptions,

@@ -39,6 +39,7 @@ profile is kept (docs/sim-cost-model.md, "Engine preemption modes").
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -1075,6 +1076,70 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
     return profile
 
 
+SLOW_S = 0.015  # a step this much beyond the cost model (with nothing admitted or preempted) was held up
+
+
+def fit_control(args: argparse.Namespace) -> dict[str, Any]:
+    """``engine.state_s_per_held`` and ``engine.control_lag_steps`` from real runs' step traces (docs/sim-cost-model.md,
+    "Control rounds"). Each run: TRACE REPORT SAMPLES (the step trace, the bench report whose window selects the
+    steps, the engine samples of that run)."""
+    import numpy as np
+
+    from .profile import load_profile
+
+    prof = load_profile(args.profile)
+    rows_x: list[list[float]] = []
+    rows_y: list[float] = []
+    lags: list[int] = []
+    for trace, rep, samples_path in args.run:
+        with open(rep) as f:
+            pol, m = next(iter(json.load(f)["policies"].items()))
+        a, b = (float(x) for x in m["machine"]["window_perf_counter"])
+        opener: Any = gzip.open if trace.endswith(".gz") else open
+        with opener(trace, "rt") as fh:
+            steps = [st for st in (json.loads(line) for line in fh) if a <= st["t"] - st["dt"] and st["t"] <= b]
+        with open(samples_path) as f:
+            samples = json.load(f)[pol]
+        # a quiet step: nothing admitted, nothing preempted, no prefill; its time beyond the model is the engine's
+        # time spent outside the forward pass (control calls served between steps)
+        slow = [0.0] * len(steps)
+        for i in range(1, len(steps)):
+            st, prev = steps[i], steps[i - 1]
+            if st["prefill"] == 0 and st["running"] == prev["running"]:
+                e = st["dt"] - prof.step_time(st["decode"], st["decode_kv"])
+                slow[i] = e if e > SLOW_S else 0.0
+        k = 0
+        for s0, s1 in zip(samples, samples[1:]):
+            t0, t1 = a + s0["t"], a + s1["t"]
+            ex = 0.0
+            while k < len(steps) and steps[k]["t"] < t1:
+                if steps[k]["t"] >= t0:
+                    ex += slow[k]
+                k += 1
+            rows_x.append([1.0, float(s1["num_held"] + s1["num_parked"])])
+            rows_y.append(ex / (t1 - t0))
+        # the control lag: a batch of the policy's preemptions lands in the step after the command call's (slow)
+        # step, itself after the state read's (slow) step; count the steps from the read to the landing
+        slow_idx = [i for i, e in enumerate(slow) if e > 2 * SLOW_S]
+        for i in range(1, len(steps)):
+            if steps[i]["running"] < steps[i - 1]["running"] - 3:
+                prior = [j for j in slow_idx if i - 8 <= j < i]
+                if len(prior) >= 2:
+                    lags.append(i - prior[-2])
+    coef, *_ = np.linalg.lstsq(np.array(rows_x), np.array(rows_y), rcond=None)
+    per_held_s = float(coef[1]) / args.rounds_per_s
+    lag = int(np.median(lags)) if lags else 0
+    out = {"base_s_per_s": float(coef[0]), "per_held_s_per_s": float(coef[1]), "state_s_per_held": per_held_s,
+           "intervals": len(rows_y), "landings": len(lags), "control_lag_steps": lag,
+           "lag_counts": {str(n): lags.count(n) for n in sorted(set(lags))}}
+    print(f"engine time in quiet steps beyond the model: {coef[0]:.4f} s/s + {coef[1] * 1000:.4f} ms/s per held or "
+          f"parked request ({len(rows_y)} sample intervals); at {args.rounds_per_s:g} control rounds/s: "
+          f"engine.state_s_per_held {per_held_s:.4g}")
+    print(f"control lag: steps from the state read to the step with the preemptions, over {len(lags)} landings: "
+          f"{out['lag_counts']}; median {lag} (engine.control_lag_steps)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1110,8 +1175,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-num-batched-tokens", type=int, default=8192)
     t.add_argument("--h2d", type=float, required=True, help="host -> device bytes/s (the plugin's measurement)")
     t.add_argument("--d2h", type=float, required=True, help="device -> host bytes/s")
+    c = sub.add_parser("fit-control", help="engine time per control round and the control lag, from step traces")
+    c.add_argument("--run", nargs=3, action="append", required=True, metavar=("TRACE", "REPORT", "SAMPLES"))
+    c.add_argument("--profile", required=True, help="the profile whose step model prices the steps")
+    c.add_argument("--rounds-per-s", type=float, default=2.0, help="the gateway's control rounds a second (1/tick)")
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.cmd == "fit-control":
+        fit_control(args)
+        return 0
     if args.cmd == "fit-trace":
         fit_trace(args)
         return 0

@@ -243,7 +243,8 @@ class EngineCore:
         # the free-block queue in vLLM's order, as segments [owner or None, blocks]: allocation takes from the
         # front (oldest freed first), so a preempted request's prefix survives until the queue reaches it
         self.free_queue: deque[list[Any]] = deque([[None, self.total_blocks]])
-        self.preempt_stall = 0.0  # engine time owed by preemptions since the last step (profile.preempt_s each)
+        self.preempt_stall = 0.0  # engine time owed since the last step: preemptions (profile.preempt_s each) and
+        #   control reads (read_state)
         self.counters = Counters()
         self.window = _Window(stats_window)
         self.steps = 0
@@ -844,6 +845,16 @@ class EngineCore:
             },
             "requests": requests,
         }
+
+    def read_state(self, now: float) -> dict[str, Any]:
+        """state() as a control round reads it: with ``engine.state_s_per_held`` the round costs the engine
+        that much per held or parked request, paid by the next step (the vLLM plugin serves the read and the
+        commands after it on the scheduler thread, between steps; docs/sim-cost-model.md)."""
+        per = self.profile.state_s_per_held
+        if per > 0.0:
+            n = sum(1 for r in self.reqs.values() if r.status is HELD or r.status is PARKED)
+            self.preempt_stall += per * n
+        return self.state(now)
 
     def request_state(self, req_id: str, now: float) -> dict[str, Any] | None:
         """One request object of state(), or None if unknown."""

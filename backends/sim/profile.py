@@ -72,6 +72,10 @@ class Profile:
     loaded_first: bool = True  # requests holding reloaded KV are admitted first (vLLM's kv-holding queue);
     #   false: one queue by priority, then arrival, as vLLM 0.26
     preempt_s: float = 0.0  # engine time per preempted request (scheduler work, tail store), added to the step
+    state_s_per_held: float = 0.0  # engine time a control round (state read, then its commands) costs per held
+    #   or parked request: both run on the scheduler thread between steps (vLLM plugin), added to the next step
+    control_lag_steps: int = 0  # engine steps between a control state read and the first step that sees the
+    #   commands decided on it (vLLM: the command call waits for a step boundary, async scheduling adds one)
 
     # --- the cost model: every step price goes through step_seconds ---
 
@@ -131,9 +135,11 @@ _FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
     ("transfer", "h2d_bytes_per_s", "h2d_bytes_per_s", float, True),
     ("transfer", "d2h_bytes_per_s", "d2h_bytes_per_s", float, True),
     ("engine", "preempt_s", "preempt_s", float, False),
+    ("engine", "state_s_per_held", "state_s_per_held", float, False),
+    ("engine", "control_lag_steps", "control_lag_steps", int, False),
 )
 
-_OPTIONAL = frozenset({"compute_per_token_s", "preempt_s"})
+_OPTIONAL = frozenset({"compute_per_token_s", "preempt_s", "state_s_per_held", "control_lag_steps"})
 _OPTIONAL_SECTIONS = frozenset({"engine"})
 _FLAGS = (("engine", "preempt_cascade", "preempt_cascade"), ("engine", "prefix_cache", "prefix_cache"),
           ("engine", "loaded_first", "loaded_first"))

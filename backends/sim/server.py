@@ -600,7 +600,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _state(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    return _json(engine.core.state(engine.now()), headers=CONTROL_HEADERS)
+    # a control read: with the profile's engine.state_s_per_held it costs the engine's next step time
+    return _json(engine.core.read_state(engine.now()), headers=CONTROL_HEADERS)
 
 
 async def _request_state(request: web.Request) -> web.Response:

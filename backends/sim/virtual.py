@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .core import OPS, DuplicateId, Emitted, EngineCore
+from .core import OPS, DuplicateId, Emitted, EngineCore, Step
 from .profile import Profile
 
 TokenCallback = Callable[[float, list[Emitted]], None]
@@ -95,6 +95,10 @@ class VirtualEngine:
     def state(self) -> dict[str, Any]:
         return self.core.state(self.now)
 
+    def control_state(self) -> dict[str, Any]:
+        """The state as a control round reads it (may cost the engine time: EngineCore.read_state)."""
+        return self.core.read_state(self.now)
+
     @property
     def pending_arrivals(self) -> int:
         return len(self._arrivals)
@@ -106,31 +110,48 @@ class VirtualEngine:
         self._run(t)
         return self.now
 
+    def run_steps(self, n: int) -> float:
+        """Run up to ``n`` more engine steps, stopping early when nothing can be computed now (an idle engine
+        does not advance the clock here); returns ``now``."""
+        for _ in range(n):
+            self._admit_arrivals()
+            step = self.core.next_step(self.now)
+            if step is None:
+                break
+            self._do_step(step)
+        return self.now
+
     def run_until_idle(self, limit: float = math.inf) -> float:
         """Run until no request is live and no arrival is pending (or ``limit``); returns ``now``."""
         self._run(limit, stop_when_idle=True)
         return self.now
 
+    def _admit_arrivals(self) -> None:
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] <= self.now:
+            _, _, rid, p, m, pr = heapq.heappop(arrivals)
+            self._pending_ids.discard(rid)
+            self.core.add(rid, p, m, pr, self.now)
+
+    def _do_step(self, step: Step) -> None:
+        end = self.now + step.duration
+        emitted = self.core.complete_step(step, end)
+        self.now = end
+        self.steps += 1
+        self.busy_s += step.duration
+        if self.on_tokens is not None and emitted:
+            self.on_tokens(end, emitted)
+
     def _run(self, t: float, stop_when_idle: bool = False) -> None:
         core = self.core
         arrivals = self._arrivals
-        cb = self.on_tokens
         while True:
-            while arrivals and arrivals[0][0] <= self.now:
-                _, _, rid, p, m, pr = heapq.heappop(arrivals)
-                self._pending_ids.discard(rid)
-                core.add(rid, p, m, pr, self.now)
+            self._admit_arrivals()
             if self.now >= t:
                 return
             step = core.next_step(self.now)
             if step is not None:
-                end = self.now + step.duration
-                emitted = core.complete_step(step, end)
-                self.now = end
-                self.steps += 1
-                self.busy_s += step.duration
-                if cb is not None and emitted:
-                    cb(end, emitted)
+                self._do_step(step)
                 continue
             # idle: jump to the next thing that can change the engine
             nxt = t

@@ -255,3 +255,41 @@ def test_fit_trace_reproduces_the_vllm026_profile_and_keeps_its_engine_section(
     assert 1.9e-5 < new["step"]["compute_per_token_s"] < 2.1e-5
     assert "engine.preempt_s" in new["measurements"]["fit"]
     assert old["engine"]["preempt_s"] == pytest.approx(float(new["measurements"]["fit"].split(": ")[-1].split(" s")[0]))
+
+
+def test_fit_control_recovers_the_per_held_cost_and_the_lag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A synthetic trace: decode steps priced by the profile, every 0.5 s a state read's step costs 2 ms per held
+    request, then (one normal step later) a command call's step, after which 10 requests are preempted."""
+    prof = load_profile("h200-llama3-8b-vllm026")
+    steps, samples = [], []
+    t, running, held = 100.0, 200, 0
+    normal = prof.step_time(running, running * 1000)
+    for tick in range(40):
+        held = 20 + 5 * (tick % 8)  # varies, so the slope is identifiable
+        tick_start = t
+        seq = [("read", 0.002 * held), ("plain", 0.0), ("cmd", 0.04), ("drop", 0.0)]
+        for kind, extra in seq:
+            n = running - 10 if kind == "drop" else running
+            dt = prof.step_time(n, n * 1000) + extra
+            t += dt
+            steps.append({"t": t, "dt": dt, "decode": n, "decode_kv": n * 1000, "prefill": 0, "running": n})
+        steps.append({"t": t + normal, "dt": normal, "decode": running, "decode_kv": running * 1000, "prefill": 0,
+                      "running": running})  # the batch refills (nothing else in it)
+        t += normal
+        while t < tick_start + 0.5:
+            t += normal
+            steps.append({"t": t, "dt": normal, "decode": running, "decode_kv": running * 1000, "prefill": 0,
+                          "running": running})
+        samples.append({"t": round(t - 100.0, 3), "num_held": held, "num_parked": 0})
+    trace = tmp_path / "steps.jsonl"
+    trace.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    rep = tmp_path / "report.json"
+    rep.write_text(json.dumps({"policies": {"tokenflow": {"machine": {"window_perf_counter": [100.0, t + 1]}}}}))
+    smp = tmp_path / "samples.json"
+    smp.write_text(json.dumps({"tokenflow": samples}))
+    out = calibrate.fit_control(calibrate.argparse.Namespace(
+        run=[[str(trace), str(rep), str(smp)]], profile="h200-llama3-8b-vllm026", rounds_per_s=2.0))
+    assert out["control_lag_steps"] == 3  # read, plain, command: the preemptions show in the third step after
+    # each sample interval holds one read (the held count of that interval) plus command calls: the per-held
+    # slope is the read's 2 ms per round
+    assert out["state_s_per_held"] == pytest.approx(0.002, rel=0.15)

@@ -670,3 +670,74 @@ def test_one_waiting_queue_by_priority_then_arrival_without_loaded_first() -> No
 
     assert order(True) == ["b", "a"]
     assert order(False) == ["a", "b"]
+
+
+def test_a_control_read_costs_the_next_step_per_held_or_parked_request() -> None:
+    def next_duration(per: float, read: bool) -> float:
+        core = EngineCore(prof(state_s_per_held=per), write_through=False)  # no host copy: prefetch parks
+        for rid in ("a", "b", "c", "d"):
+            core.add(rid, 16, 10, now=0.0)
+        d = Driver(core)
+        d.step()
+        core.command("preempt", "a", d.now)  # held
+        core.command("preempt", "b", d.now)
+        core.command("prefetch", "b", d.now)  # parked
+        assert {core.status("a"), core.status("b")} == {"held", "parked"}
+        if read:
+            st = core.read_state(d.now)
+            assert st == core.state(d.now)  # the same body; only the engine's time differs
+        s = core.next_step(d.now)
+        assert s is not None
+        return s.duration
+
+    plain = next_duration(0.0, read=False)
+    assert next_duration(0.0, read=True) == plain  # without the field a read is free
+    assert next_duration(0.25, read=False) == plain  # state() itself never costs
+    assert next_duration(0.25, read=True) == pytest.approx(plain + 2 * 0.25)  # one held, one parked
+
+
+def test_run_steps_runs_that_many_steps_and_never_idles_the_clock_forward() -> None:
+    from backends.sim.virtual import VirtualEngine
+
+    eng = VirtualEngine(SMALL)
+    eng.add("a", 16, 10, at=0.0)
+    eng.run_steps(3)
+    assert eng.steps == 3 and eng.core.output_tokens("a") == 3
+    eng.command("preempt", "a")
+    t = eng.now
+    assert eng.run_steps(5) == t and eng.steps == 3  # nothing to compute: no step, no time passes
+
+
+def test_control_lag_applies_a_tick_s_commands_that_many_steps_after_its_read() -> None:
+    from bench.virtual import run_virtual
+    from bench.workload import RequestSpec
+    from gateway.policy.types import Decision, EngineStatus
+
+    class PreemptOnce:
+        """Preempts 'a' at the first tick that sees it decoding, resumes it at the next."""
+
+        name = "probe"
+
+        def __init__(self) -> None:
+            self.read_at: float | None = None
+
+        def forget(self, stream_id: str) -> None:
+            pass
+
+        def decide(self, snap, now):  # type: ignore[no-untyped-def]
+            a = snap.streams[0]
+            if self.read_at is None and a.status is EngineStatus.RUNNING and a.generated_tokens > 0:
+                self.read_at = now
+                return [Decision("preempt", "a")]
+            return [Decision("resume", "a")] if a.status is EngineStatus.HELD else []
+
+    def tokens_after_read(lag: int) -> int:
+        pol = PreemptOnce()
+        tick = 0.1  # ~10 sim-small steps: the lag fits inside one tick
+        res = run_virtual(prof(control_lag_steps=lag), [RequestSpec("a", 0.0, 16, 200, 20.0)], pol, tick_s=tick)
+        times = res.records[0].token_times
+        assert len(times) == 200 and pol.read_at is not None  # preempted and resumed, it still completes
+        return sum(1 for t in times if pol.read_at < t < pol.read_at + tick)
+
+    assert tokens_after_read(0) == 0  # applied at the read's step boundary
+    assert tokens_after_read(3) == 3  # the engine ran three more steps before the preemption

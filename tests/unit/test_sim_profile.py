@@ -143,3 +143,16 @@ def test_engine_core_steps_use_the_profile_cost_model() -> None:
     nxt = core.next_step(step.duration)
     assert nxt is not None and (nxt.scheduled_tokens, nxt.attended_kv_tokens) == (51, 1001)
     assert nxt.duration == p.step_time(51, 1001) == pytest.approx(0.006 + 51 * 1e-5 + 1001 * 5e-8)
+
+
+def test_control_round_fields_are_optional_and_validated() -> None:
+    p = profile_from_dict(_doc())
+    assert p.state_s_per_held == 0.0 and p.control_lag_steps == 0  # absent: free, instantaneous rounds
+    d = _doc()
+    d["engine"] = {"state_s_per_held": 0.0005, "control_lag_steps": 3}
+    p = profile_from_dict(d)
+    assert p.state_s_per_held == 0.0005 and p.control_lag_steps == 3
+    for bad in ({"control_lag_steps": 1.5}, {"control_lag_steps": -1}, {"state_s_per_held": -0.1}):
+        d["engine"] = bad
+        with pytest.raises(ProfileError):
+            profile_from_dict(d)
