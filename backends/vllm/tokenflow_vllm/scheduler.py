@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from tokenflow_vllm import commands as cmds
 from tokenflow_vllm import compat
+from tokenflow_vllm.host_prefix import HostPrefixes
 from tokenflow_vllm.offload import pins
 from tokenflow_vllm.rates import StepRates, StepTrace
 
@@ -80,7 +82,6 @@ class Tracked:
     # Where the time from the last resume to its next token went (seconds after the resume), filled as the
     # request passes each point: back in vLLM's queue, host->device load started and landed, first scheduled.
     resume_timeline: dict[str, float] = field(default_factory=dict)
-    host_keys: list = field(default_factory=list)  # leading chunks verified present on host
 
 
 class TokenFlowMixin:
@@ -108,9 +109,8 @@ class TokenFlowMixin:
             for g in self.kv_cache_config.kv_cache_groups
         )
         self._tf_offload = self._find_offload_scheduler()
-        # Host-copy accounting, kept incremental: chunks referenced by live requests' verified prefixes.
-        self._host_refs: Counter = Counter()
-        self._host_epoch: int | None = None  # pins.removals() the verified prefixes are valid for
+        # Host-copy accounting, kept incremental: each live request's leading chunks verified on the host tier.
+        self._host = HostPrefixes()
         if self.connector is not None:
             self._wrap_connector(self.connector)
         log.info(
@@ -153,55 +153,51 @@ class TokenFlowMixin:
         conn.update_state_after_alloc = update_state_after_alloc
         conn.update_connector_output = update_connector_output
 
-    def _host_chunk_keys(self, req: Request, start: int = 0) -> list:
-        """Offload keys of the request's full chunks from chunk ``start`` on (first KV group)."""
+    def _host_chunk_keys(self, req: Request, start: int = 0) -> Iterator[Any]:
+        """Offload keys of the request's full chunks from chunk ``start`` on (first KV group), lazily: the
+        host-copy check stops at the first chunk the tier lacks."""
         from vllm.v1.kv_offload.base import make_offload_key
 
         g = self._tf_offload.config.kv_group_configs[0]
-        hpc = g.hashes_per_chunk
-        return [make_offload_key(h, g.group_idx) for h in req.block_hashes[hpc - 1 + start * hpc :: hpc]]
+        hpc, group = g.hashes_per_chunk, g.group_idx
+        hashes = req.block_hashes
+        return (make_offload_key(hashes[i], group) for i in range(hpc - 1 + start * hpc, len(hashes), hpc))
 
     def _host_policy(self) -> Any:
         return getattr(self._tf_offload.manager, "_policy", None) if self._tf_offload else None
 
     def _sync_host(self) -> None:
-        """Forget every verified host prefix if chunks may have left the host tier since the last look.
+        """Cut the verified host prefixes at the chunks that left the host tier since the last look.
 
-        Chunks only leave through the eviction policy; PinnedLRU counts them. With another policy nothing
+        Chunks only leave through the eviction policy; PinnedLRU reports them. With another policy nothing
         is kept between state reports.
         """
         policy = self._host_policy()
-        epoch = pins.removals() if type(policy).__name__ == "PinnedLRU" else None
-        if epoch is None or epoch != self._host_epoch:
-            self._host_refs.clear()
-            for t in self._tf.values():
-                t.host_keys = []
-            self._host_epoch = epoch
+        removed = pins.take_removed() if type(policy).__name__ == "PinnedLRU" else None
+        if removed is None:
+            self._host.clear()
+        else:
+            self._host.removed(removed)
 
     def _refresh_host(self, t: Tracked) -> None:
         """Extend the request's verified host prefix with chunks stored since the last look."""
         policy = self._host_policy()
         if policy is None:
             return
-        for key in self._host_chunk_keys(t.req, len(t.host_keys)):
+
+        def present(key: Any) -> bool:
             chunk = policy.get(key)
-            if chunk is None or not chunk.is_ready:
-                break
-            t.host_keys.append(key)
-            self._host_refs[key] += 1
+            return chunk is not None and chunk.is_ready
+
+        rid = t.req.request_id
+        self._host.extend(rid, self._host_chunk_keys(t.req, self._host.length(rid)), present)
 
     def _drop_host(self, t: Tracked) -> None:
-        for key in t.host_keys:
-            n = self._host_refs[key] - 1
-            if n > 0:
-                self._host_refs[key] = n
-            else:
-                del self._host_refs[key]
-        t.host_keys = []
+        self._host.drop(t.req.request_id)
 
     def _host_tokens(self, t: Tracked) -> int:
         per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk if self._tf_offload else 0
-        return min(len(t.host_keys) * per_chunk, t.req.num_tokens)
+        return min(self._host.length(t.req.request_id) * per_chunk, t.req.num_tokens)
 
     def _pin(self, t: Tracked) -> None:
         if self._tf_offload is not None and not t.pinned:
@@ -605,7 +601,7 @@ class TokenFlowMixin:
         if self._tf_offload is not None:
             m = self._tf_offload.manager
             per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk
-            host_used = len(self._host_refs) * per_chunk  # distinct chunks: shared prefixes count once
+            host_used = self._host.distinct() * per_chunk  # distinct chunks: shared prefixes count once
             chunks = compat.host_tier_chunks(m)
             if chunks is not None:
                 host_cap, host_cached = (n * per_chunk for n in chunks)

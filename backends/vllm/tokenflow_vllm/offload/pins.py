@@ -20,8 +20,13 @@ class PinAware(Protocol):
 
 
 _pins: Counter = Counter()
-_removals = 0  # chunks that left the host tier through PinnedLRU (evicted or dropped), ever
 _policies: list[PinAware] = []
+# Chunks that left the host tier through PinnedLRU (evicted or dropped) since the scheduler last took them
+# (take_removed), so that its host-copy accounting stays incremental. Bounded: past _REMOVED_MAX keys (nobody
+# asked for a long time) or on a clear, only "everything may have gone" is kept.
+_REMOVED_MAX = 1 << 20
+_removed: list[Hashable] = []
+_removed_all = False
 
 
 def attach(policy: PinAware) -> None:
@@ -62,11 +67,29 @@ def count() -> int:
     return len(_pins)
 
 
-def note_removed(n: int) -> None:
-    """Called by PinnedLRU when chunks leave the host tier: cached presence checks are then stale."""
-    global _removals
-    _removals += n
+def note_removed(keys: Iterable[Hashable]) -> None:
+    """Called by PinnedLRU when chunks leave the host tier: presence checks of these keys are then stale."""
+    global _removed_all
+    if not _removed_all:
+        _removed.extend(keys)
+        if len(_removed) > _REMOVED_MAX:
+            note_cleared()
 
 
-def removals() -> int:
-    return _removals
+def note_cleared() -> None:
+    """Called by PinnedLRU when the whole tier is dropped: every presence check is stale."""
+    global _removed_all
+    _removed_all = True
+    _removed.clear()
+
+
+def take_removed() -> list[Hashable] | None:
+    """The keys removed since the last call, or None if every presence check is stale (cleared, or too many
+    removals to keep); then starts afresh."""
+    global _removed_all
+    if _removed_all:
+        _removed_all = False
+        return None
+    out = _removed[:]
+    _removed.clear()
+    return out

@@ -11,8 +11,8 @@ recently used, when unpinned. Skipping pinned chunks at eviction time instead co
 on every store once the tier is full: 4 ms per eviction with 13,000 pinned chunks, which on an H200 made
 decode steps twice as long while the gateway held ~100 requests.
 
-It also counts chunks leaving the tier, so the scheduler can keep its per-request host-copy accounting
-incremental (it re-checks everything only after a removal).
+It also reports the chunks leaving the tier (``pins.note_removed``), so the scheduler's per-request host-copy
+accounting stays incremental (tokenflow_vllm/host_prefix.py).
 """
 from __future__ import annotations
 
@@ -68,15 +68,15 @@ class PinnedLRU(LRUCachePolicy):
     def evict(self, n, protected):
         out = super().evict(n, protected)
         if out:
-            pins.note_removed(len(out))
+            pins.note_removed(key for key, _ in out)
         return out
 
     def remove(self, key) -> None:
         self._hidden.discard(key)
         super().remove(key)
-        pins.note_removed(1)
+        pins.note_removed((key,))
 
     def clear(self) -> None:
         self._hidden.clear()
         super().clear()
-        pins.note_removed(1)
+        pins.note_cleared()
