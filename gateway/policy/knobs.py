@@ -44,8 +44,11 @@ class TokenFlowKnobs:
     # each look-ahead horizon (what their buffers hold counts; the rest absorbs estimation error).
     admit_utilization: float = 0.9
     # Seconds of stall each admitted reader may be asked to absorb so that new requests start sooner: the
-    # price, in rebuffering, of a shorter tail TTFT under overload (0: admit only what is stall-free).
-    stall_budget_s: float = 0.0
+    # price, in rebuffering, of a shorter tail TTFT under overload (0: admit only what is stall-free). 3 s: a
+    # request that has produced nothing is worth more than a few seconds of someone else's buffer; it halves
+    # the simulated headline burst's P99 TTFT with less rebuffering, and at twice the engine's capacity it takes
+    # the tail TTFT from 0.5-0.7x fcfs to 0.2x, for 8 s of stalls instead of 5-7 (docs/benchmarks.md).
+    stall_budget_s: float = 3.0
     # Share of the engine's time (per tick) that recomputing paused requests brought back may take (reloads
     # from the host tier run on the copy channel and are not counted). Bounds thrashing when device and host
     # are oversubscribed: past it, paused requests wait for a later tick rather than being recomputed.
