@@ -121,7 +121,10 @@ async def test_stalled_client_is_paused_and_resumes_without_loss(slow_engine_con
     from gateway.app import start_gateway
     from gateway.config import load_config
 
-    gw = await start_gateway(load_config(None, **slow_engine_config), port=0)
+    # Stall-free admission (no stall budget): c is not let in at the readers' expense, so its first token shows
+    # that pausing the stalled client is what freed the engine for it.
+    cfg = dict(slow_engine_config, **{"scheduler.knobs": {"stall_budget_s": 0.0}})
+    gw = await start_gateway(load_config(None, **cfg), port=0)
     try:
         model = sorted(gw.gateway.models)[0]
 
