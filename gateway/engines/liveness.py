@@ -1,4 +1,5 @@
-"""Is an engine alive, and which of its streams are dead: pure decisions (activity and clock in, ids out).
+"""Is an engine alive, and which of its streams are dead: decisions from activity and clock (pure, but for
+:func:`observe`, which notes on each stream what the engine reported of its request).
 
 The engine's liveness is judged by its control API, not by gaps between tokens. The policy holds streams on
 purpose (preempted, parked, waiting behind new arrivals) for seconds or minutes, and a paced stream stops
