@@ -47,7 +47,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -990,18 +990,21 @@ def print_tables(doc: dict[str, Any]) -> None:
                   f" step slowdown {s['compute_slowdown_pct']:.1f}% overlap {s['overlap_fraction']:.2f}")
 
 
-def trace_points(trace: str, windows: list[tuple[float, float]]) -> list[Point]:
-    """Steps of a plugin step trace (gzip or plain JSON lines) inside any of the windows (perf_counter)."""
-    import gzip
-
-    opener = gzip.open if trace.endswith(".gz") else open
-    pts: list[Point] = []
+def trace_steps(trace: str) -> Iterator[dict[str, Any]]:
+    """The steps of a plugin step trace (gzip or plain JSON lines), in order."""
+    opener: Any = gzip.open if trace.endswith(".gz") else open
     with opener(trace, "rt") as fh:
         for line in fh:
-            st = json.loads(line)
-            if st["dt"] > 0 and any(a <= st["t"] <= b for a, b in windows):
-                pts.append({"scheduled_tokens": st["decode"] + st["prefill"], "attended_kv_tokens": st["decode_kv"],
-                            "decode_tokens": st["decode"], "prefill_tokens": st["prefill"], "t_real_s": st["dt"]})
+            yield json.loads(line)
+
+
+def trace_points(trace: str, windows: list[tuple[float, float]]) -> list[Point]:
+    """Steps of a plugin step trace inside any of the windows (perf_counter)."""
+    pts: list[Point] = []
+    for st in trace_steps(trace):
+        if st["dt"] > 0 and any(a <= st["t"] <= b for a, b in windows):
+            pts.append({"scheduled_tokens": st["decode"] + st["prefill"], "attended_kv_tokens": st["decode_kv"],
+                        "decode_tokens": st["decode"], "prefill_tokens": st["prefill"], "t_real_s": st["dt"]})
     return pts
 
 
@@ -1095,9 +1098,7 @@ def fit_control(args: argparse.Namespace) -> dict[str, Any]:
         with open(rep) as f:
             pol, m = next(iter(json.load(f)["policies"].items()))
         a, b = (float(x) for x in m["machine"]["window_perf_counter"])
-        opener: Any = gzip.open if trace.endswith(".gz") else open
-        with opener(trace, "rt") as fh:
-            steps = [st for st in (json.loads(line) for line in fh) if a <= st["t"] - st["dt"] and st["t"] <= b]
+        steps = [st for st in trace_steps(trace) if a <= st["t"] - st["dt"] and st["t"] <= b]
         with open(samples_path) as f:
             samples = json.load(f)[pol]
         # a quiet step: nothing admitted, nothing preempted, no prefill; its time beyond the model is the engine's

@@ -383,7 +383,7 @@ class EngineCore:
                     continue
                 if req.cached:
                     k = req.cached
-                    if k * bs + bs >= req.host:
+                    if self._cache_covers_host(req):
                         # the device still holds its prefix (prefix cache hit): take those blocks back
                         need = req.num_tokens - k * bs
                         n = need if need < budget else budget
@@ -577,9 +577,9 @@ class EngineCore:
         st = req.status
         if st is HELD:
             self.counters.resumes += 1
-            hit = req.cached > 0 and req.cached * self.bs + self.bs >= req.host  # prefix cache holds the host copy
-            if not hit and req.host > 0 and self._prefer_load(req, now) and -(-req.host // self.bs) <= self.free_blocks:
-                self._start_load(req, now, RUNNING)
+            if (req.host > 0 and not self._cache_covers_host(req) and self._prefer_load(req, now)
+                    and -(-req.host // self.bs) <= self.free_blocks):
+                self._start_load(req, now, RUNNING)  # else: the prefix cache, or recomputation, in the queue
             else:
                 self._push_waiting(req)
         elif st is PARKED:
@@ -675,6 +675,10 @@ class EngineCore:
         self.free_blocks -= k
         req.slots = k * self.bs
         req.computed = k * self.bs
+
+    def _cache_covers_host(self, req: _Req) -> bool:
+        """The device's prefix cache still holds the request's host copy (up to the last, partial block)."""
+        return req.cached > 0 and req.cached * self.bs + self.bs >= req.host
 
     def _drop_cache(self, req: _Req) -> None:
         """Forget a request's cached prefix (its blocks stay free, where they are in the queue)."""
