@@ -162,8 +162,14 @@ class _Window:
     decode: int = 0
     prefill: int = 0
     prefill_dur: float = 0.0
+    # Steps without prompt work, as the vLLM plugin reports them (an average weighting the newest step 0.1,
+    # kept across windows of prefill-only steps): a burst's prefill steps are no decode-speed sample.
+    decode_step: float | None = None
 
     def add(self, dur: float, decode: int, prefill: int, pdur: float) -> None:
+        if not prefill:
+            ds = self.decode_step
+            self.decode_step = dur if ds is None else ds + 0.1 * (dur - ds)
         self.items.append((dur, decode, prefill, pdur))
         self.dur += dur
         self.decode += decode
@@ -834,6 +840,7 @@ class EngineCore:
                 "num_loading": counts[LOADING],
                 "num_parked": counts[PARKED],
                 "step_time_s": w.dur / len(w.items) if w.items else None,
+                "decode_step_time_s": w.decode_step,
                 "decode_tokens_per_s": w.decode / w.dur if w.dur > 0 else None,
                 "prefill_tokens_per_s": w.prefill / w.prefill_dur if w.prefill_dur > 0 else None,
                 "h2d_bytes_per_s": p.h2d_bytes_per_s,

@@ -59,6 +59,8 @@ class EngineView:
     prefill_tokens_per_s: float | None
     h2d_bytes_per_s: float | None
     d2h_bytes_per_s: float | None
+    # Recent steps without prompt work (null where the engine does not report it: step_time_s then).
+    decode_step_time_s: float | None = None
 
     @classmethod
     def from_json(cls, e: Mapping[str, Any]) -> EngineView:
@@ -76,6 +78,7 @@ class EngineView:
             prefill_tokens_per_s=_opt_float(e.get("prefill_tokens_per_s")),
             h2d_bytes_per_s=_opt_float(e.get("h2d_bytes_per_s")),
             d2h_bytes_per_s=_opt_float(e.get("d2h_bytes_per_s")),
+            decode_step_time_s=_opt_float(e.get("decode_step_time_s")),
         )
 
 

@@ -278,8 +278,9 @@ class TokenFlowPolicy:
         est = self._per_seq_tps
         if est is not None and self._cap_time is not None and now > self._cap_time:
             est *= 0.5 ** ((now - self._cap_time) / self.knobs.capacity_halflife_s)
-        if not prefilling and eng.step_time_s:
-            obs = 1.0 / eng.step_time_s
+        step = eng.decode_step_time_s or (None if prefilling else eng.step_time_s)
+        if step:
+            obs = 1.0 / step
             est = obs if est is None or obs > est else est
         self._per_seq_tps, self._cap_time = est, now
         if est is None:
@@ -297,7 +298,7 @@ class TokenFlowPolicy:
             return gamma
         # No decode sample yet (a fresh engine at a burst's start): the steps as measured, or the knob's default,
         # rather than no limit at all.
-        step = eng.step_time_s or self.knobs.default_step_time_s
+        step = eng.decode_step_time_s or eng.step_time_s or self.knobs.default_step_time_s
         beta = beta_sum / max(1, len(snap.streams))
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
         now_cap = max(fit, 1.0) / step

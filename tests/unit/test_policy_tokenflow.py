@@ -204,6 +204,25 @@ def test_admission_paces_a_burst_to_what_the_engine_can_feed() -> None:
     assert stall_free < admitted() < 100
 
 
+def test_prefill_steps_do_not_read_as_lost_decode_capacity() -> None:
+    # Mid-burst: 8 readers started, 60 new requests wait. The engine's recent steps average 0.2 s because
+    # they computed the burst's prompts; its decode-only steps take 0.02 s. Admission must count the latter
+    # (the prompts' cost is charged per newcomer already): else admitting a burst slows the steps, which
+    # stops admission, which leaves the tail of the burst waiting (found on the H200).
+    started = [sv(f"s{i}", R, buf=5.0, prompt=100, gen=10, max_tokens=200) for i in range(8)]
+    burst = [sv(f"n{i:03d}", W, started=False, prompt=100, max_tokens=200) for i in range(60)]
+
+    def admitted(step: float, decode_step: float | None) -> int:
+        eng = EngineView("e", 16, 8, 1024, 100_000, 0, 1_000_000, 0, step, 1000.0, 10_000.0, 1e9, 1e9, decode_step)
+        ds = TokenFlowPolicy().decide(snap(*started, *burst, eng=eng), NOW)
+        return 60 - sum(1 for d in ds if d.op == "preempt" and d.reason == "working_set")
+
+    decode_paced = admitted(0.02, None)
+    assert 0 < decode_paced < 60
+    assert admitted(0.2, 0.02) == decode_paced
+    assert admitted(0.2, None) < decode_paced  # an engine that reports no decode-only steps: the mean it gives
+
+
 def test_chosen_requests_fit_the_device_in_whole_blocks() -> None:
     # KV headroom: what the policy lets run (contexts rounded up to 16-token blocks, plus a tick of growth)
     # fits memory_target of the device, so the engine never has to preempt by recomputation on its own.

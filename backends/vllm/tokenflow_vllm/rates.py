@@ -22,6 +22,9 @@ class StepRates:
         self._inflight: deque[tuple[float, int, int]] = deque()  # (scheduled at, decode, prefill tokens)
         self._last_output: float = 0.0
         self.step_time: float | None = None
+        # Steps with no prompt work only: what a decoding request waits per token. A burst's prefill steps are
+        # ten times longer and would read as a collapse of decode capacity, right when new requests arrive.
+        self.decode_step_time: float | None = None
         self.decode_rate: float | None = None
         self.prefill_rate: float | None = None
 
@@ -48,6 +51,8 @@ class StepRates:
         if dt <= 0:
             return
         self.step_time = _ema(self.step_time, dt)
+        if not prefill:
+            self.decode_step_time = _ema(self.decode_step_time, dt)
         if decode:
             self.decode_rate = _ema(self.decode_rate, decode / dt)
         if prefill:
@@ -56,6 +61,7 @@ class StepRates:
     def report(self) -> dict[str, float | None]:
         return {
             "step_time_s": self.step_time,
+            "decode_step_time_s": self.decode_step_time,
             "decode_tokens_per_s": self.decode_rate,
             "prefill_tokens_per_s": self.prefill_rate,
         }

@@ -1,0 +1,64 @@
+"""The vLLM plugin's step rates (backends/vllm/tokenflow_vllm/rates.py): the state report's ``step_time_s`` averages
+every step, ``decode_step_time_s`` only steps that computed no prompt, so that a burst's long prefill steps do
+not read as lost decode capacity. Pure Python on a fake clock, loaded by path (the plugin's package is installed in
+vLLM's environment, not this one)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rates() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("tf_rates", ROOT / "backends/vllm/tokenflow_vllm/rates.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def step(n_decode: int, prefill_chunk: int = 0) -> SimpleNamespace:
+    """A scheduler output: ``n_decode`` requests with one token each, one with a prompt chunk if given."""
+    tokens = {f"d{i}": 1 for i in range(n_decode)}
+    if prefill_chunk:
+        tokens["p"] = prefill_chunk
+    return SimpleNamespace(num_scheduled_tokens=tokens, scheduled_spec_decode_tokens={})
+
+
+def test_decode_step_time_leaves_out_prefill_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    rates = _rates()
+    clock = Clock()
+    monkeypatch.setattr(rates.time, "perf_counter", clock)
+    r = rates.StepRates()
+
+    def run(out: SimpleNamespace, seconds: float) -> None:
+        r.on_schedule(out)
+        clock.t += seconds
+        r.on_output(out)
+
+    assert r.report()["decode_step_time_s"] is None
+    for _ in range(20):
+        run(step(8), 0.02)
+    before = r.report()
+    assert before["decode_step_time_s"] == pytest.approx(0.02)
+    for _ in range(20):  # a burst: every step computes a prompt chunk beside the decodes, ten times longer
+        run(step(8, prefill_chunk=2048), 0.2)
+    during = r.report()
+    assert during["decode_step_time_s"] == pytest.approx(0.02)  # unchanged: no decode-only step ran
+    assert during["step_time_s"] > 0.15  # the all-steps average follows the burst
+    for _ in range(3):  # decode-only steps that really are slower move it
+        run(step(8), 0.04)
+    assert 0.02 < r.report()["decode_step_time_s"] < 0.04
