@@ -30,14 +30,21 @@ class StepRates:
 
     def on_schedule(self, out: Any) -> None:
         decode = prefill = 0
-        for rid, n in out.num_scheduled_tokens.items():
-            spec = len(out.scheduled_spec_decode_tokens.get(rid, ()))
-            # A decoding request schedules its one sampled token (plus draft tokens); more is prefill
-            # (a prompt chunk, or context recomputed after a preemption).
-            if n <= 1 + spec:
-                decode += 1
-            else:
-                prefill += n
+        spec_tokens = out.scheduled_spec_decode_tokens
+        # A decoding request schedules its one sampled token (plus draft tokens); more is prefill (a prompt
+        # chunk, or context recomputed after a preemption). Runs every step over every running request.
+        if not spec_tokens:
+            for n in out.num_scheduled_tokens.values():
+                if n <= 1:
+                    decode += 1
+                else:
+                    prefill += n
+        else:
+            for rid, n in out.num_scheduled_tokens.items():
+                if n <= 1 + len(spec_tokens.get(rid, ())):
+                    decode += 1
+                else:
+                    prefill += n
         if decode or prefill:
             self._inflight.append((time.perf_counter(), decode, prefill))
 

@@ -275,15 +275,18 @@ class TokenFlowMixin:
         for t in self._tf_resuming.values():  # loads started by this schedule(), for the resume time line
             if t.req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
                 self._mark(t, "load_started")
-        for rid in out.num_scheduled_tokens:
-            t = self._tf.get(rid)
+        tracked = self._tf
+        for rid in out.num_scheduled_tokens:  # every running request, every step: no calls in the common case
+            t = tracked.get(rid)
             if t is not None:
-                self._mark(t, "scheduled")
+                if t.resumed_at is not None:
+                    self._mark(t, "scheduled")
                 # Computing again: its host copy no longer needs protection, and a prefetched request that
                 # was admitted to compute (nothing left to load) is simply running.
                 if t.park:
                     self._move(t, t.phase, park=False)
-                self._unpin(t)
+                if t.pinned:
+                    self._unpin(t)
         self._tf_rates.on_schedule(out)
         if self._tf_trace is not None:
             self._tf_trace.on_schedule(out, self.requests)
