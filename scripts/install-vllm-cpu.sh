@@ -90,8 +90,12 @@ PYEOF
   : > "$ALIAS/RECORD"
   # Verify before writing the marker: vLLM's compiled ops load against this torch, on the CPU platform.
   "$VENV/bin/python" - <<PYEOF
-import torch, vllm, vllm._C, importlib.metadata as md
+import torch, vllm, importlib.metadata as md
 from vllm.platforms import current_platform
+# vLLM's own choice of kernel library for this CPU (AVX-512 with or without bf16, or AVX2): importing vllm._C
+# directly loads the AVX-512 one, which dies with SIGILL on an AVX2-only machine.
+current_platform.import_kernels()
+assert hasattr(torch.ops._C, "rms_norm"), "vLLM's CPU kernels did not load"
 assert torch.__version__.startswith("$TORCH"), f"torch is {torch.__version__}, expected $TORCH"
 assert current_platform.is_cpu(), f"platform is {current_platform.device_type}, expected cpu"
 v = md.version("vllm")
