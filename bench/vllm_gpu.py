@@ -250,7 +250,8 @@ def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     for plugin in (False, True):
         name = "plugin" if plugin else "plain"
         args = serve_args(a, model, free_port(), plugin=plugin, prefix=False, max_num_seqs=max(batches),
-                          host_offload_bytes=a.host_gib << 30, kv_cache_bytes=kv)
+                          host_offload_bytes=a.host_gib << 30, kv_cache_bytes=kv,
+                          **({} if a.cpu else {"gpu_memory_utilization": 0.45}))
         servers.append((name, plugin, Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu)))
     try:
         urls = {name: srv.__enter__() for name, _, srv in servers}  # one after the other (start-up is heavy)
@@ -314,6 +315,12 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     if getattr(a, "continue_", False) and BURST_STATE.exists():
         st = json.loads(BURST_STATE.read_text())
         url, pid, done = st["url"], st["pid"], st["done"]
+        try:  # a machine may stop what a call leaves running when the call ends: say so at once
+            urllib.request.urlopen(url + "/health", timeout=5).read()
+        except OSError as e:
+            BURST_STATE.unlink(missing_ok=True)
+            raise RuntimeError(f"the engine of the previous call ({url}, pid {pid}) is gone ({e}): start a new "
+                               "burst without --continue") from e
         log(f"continuing on the engine at {url} (pid {pid}); done: {done}")
     else:
         port = free_port()
@@ -369,6 +376,8 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             raise RuntimeError(f"bench http for {pol} failed")
         done.append(pol)
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
+        if trace.exists() and trace.parent != out:  # the step trace so far: kept even if the engine is lost later
+            subprocess.run(["cp", str(trace), str(out / "steps.jsonl")], check=False)
     stop_pid(pid)
     BURST_STATE.unlink(missing_ok=True)
     if trace.exists() and trace.parent != out:

@@ -99,6 +99,7 @@ def gpu_serve_args(
     plugin: bool = True,
     host_offload_bytes: int | None = 64 << 30,
     kv_cache_bytes: int | None = None,
+    gpu_memory_utilization: float | None = None,
     dtype: str = "bfloat16",
     max_model_len: int = 8192,
     max_num_seqs: int = 256,
@@ -120,6 +121,10 @@ def gpu_serve_args(
         args += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
     if kv_cache_bytes:
         args += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    if gpu_memory_utilization:
+        # vLLM 0.26 checks at start-up that this share of the device is free even with a fixed KV size: two
+        # servers on one device need it lowered.
+        args += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     if plugin:
         args += ["--scheduling-policy", "priority", "--scheduler-cls", SCHEDULER_ASYNC]
         if host_offload_bytes:
