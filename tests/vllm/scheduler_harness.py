@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "vllm"
 
 import torch
 from tokenflow_vllm.scheduler import Phase, TokenFlowAsyncScheduler, TokenFlowScheduler
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
@@ -47,27 +47,29 @@ def token_at(prompt_seed: int, position: int) -> int:
     return 4 + (prompt_seed * 7919 + position * 104729) % VOCAB
 
 
-def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int):
+def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int, *, cls: Any = None,
+                   policy: str = "priority", max_num_batched_tokens: int = 256, kv_transfer: str | None = None):
+    """A scheduler over a KV pool of ``num_blocks`` (no model, no device): the TokenFlow subclass unless ``cls``
+    (e.g. vLLM's own, to compare); ``kv_transfer``: a ``--kv-transfer-config`` JSON (its scheduler side only)."""
     vllm_config = VllmConfig(
         model_config=ModelConfig(model=model, dtype="float32", max_model_len=2048, skip_tokenizer_init=True),
         scheduler_config=SchedulerConfig(
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=256,  # prompt chunks: prefills span several steps
+            max_num_batched_tokens=max_num_batched_tokens,  # 256: prompt chunks, prefills span several steps
             max_model_len=2048,
             enable_chunked_prefill=True,
             is_encoder_decoder=False,
-            policy="priority",
+            policy=policy,
         ),
         cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
+        kv_transfer_config=KVTransferConfig(**json.loads(kv_transfer)) if kv_transfer else None,
     )
-    cls = TokenFlowAsyncScheduler if async_ else TokenFlowScheduler
+    cls = cls or (TokenFlowAsyncScheduler if async_ else TokenFlowScheduler)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8, dtype=torch.float32)
     kv = KVCacheConfig(
         num_blocks=num_blocks,
-        kv_cache_tensors=[],
-        kv_cache_groups=[
-            KVCacheGroupSpec(["layer"],
-                             FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8, dtype=torch.float32))
-        ],
+        kv_cache_tensors=_tensors(spec.page_size_bytes * num_blocks),
+        kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
     )
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     return cls(
@@ -77,6 +79,15 @@ def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int)
         structured_output_manager=StructuredOutputManager(vllm_config),
         block_size=BLOCK,
     )
+
+
+def _tensors(size: int) -> list[Any]:
+    """The KV tensor a worker would allocate: the offloading connector sizes its host tier per device block from it
+    (0.26 reads only the tensors; 0.32 changed the tensor's fields and falls back to the groups' specs)."""
+    try:
+        return [KVCacheTensor(size=size, shared_by=["layer"])]
+    except TypeError:
+        return []
 
 
 class Engine:

@@ -33,3 +33,20 @@ def test_random_commands_between_overlapping_steps_keep_every_output_exact(vllm_
         # The run really exercised the gateway's commands and the engine's own preemption.
         assert x["counters"]["preemptions"] >= 20 and x["counters"]["resumes"] >= 10
         assert x["counters"]["prefetches"] >= 5 and x["statuses"].get("parked", 0) > 0
+
+
+def test_step_cost_bench_runs_every_variant(vllm_venv: Path, tiny_model: Path, tmp_path: Path) -> None:
+    # backends/vllm/bench_step_cost.py (the scheduler thread's time per decode step, vLLM's own scheduler against
+    # the plugin's, piece by piece) on a few streams: every variant builds and decodes, and the offloading
+    # variants really have a host tier (a zero-sized one logs a failed store per request per step).
+    out = tmp_path / "cost.json"
+    p = subprocess.run(
+        [str(vllm_venv / "bin" / "python"), str(ROOT / "backends/vllm/bench_step_cost.py"), str(tiny_model),
+         "--streams", "8", "--rounds", "2", "--steps", "5", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "cannot store chunks" not in p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    assert set(res["variants"]) == {"plain", "priority", "offload", "plugin"}
+    assert all(len(v["rounds_us"]) == 2 and min(v["rounds_us"]) > 0 for v in res["variants"].values())
