@@ -93,7 +93,8 @@ def main() -> int:
         for v in order:
             per_round[v].append(timed_steps(engines[v], v, a.steps, r * a.steps))
     base = statistics.median(per_round[variants[0]])
-    res: dict[str, Any] = {"vllm": vllm.__version__, "streams": a.streams, "steps": a.steps, "rounds": a.rounds, "variants": {}}
+    res: dict[str, Any] = {"vllm": vllm.__version__, "streams": a.streams, "steps": a.steps, "rounds": a.rounds,
+                           "variants": {}}
     print(f"{a.streams} decoding streams, {a.rounds} rounds of {a.steps} steps; scheduler time per step, median "
           f"of the rounds' means (vLLM {vllm.__version__})")
     print("| variant | per step µs | vs plain |")

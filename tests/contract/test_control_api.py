@@ -21,7 +21,10 @@ ENGINE_FIELDS = {
     "kv_host_used_tokens": int, "num_running": int, "num_waiting": int, "num_held": int, "num_loading": int,
     "num_parked": int,
 }
-RATE_FIELDS = ("step_time_s", "decode_step_time_s", "decode_tokens_per_s", "prefill_tokens_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s")
+RATE_FIELDS = (
+    "step_time_s", "decode_step_time_s", "decode_tokens_per_s", "prefill_tokens_per_s", "h2d_bytes_per_s",
+    "d2h_bytes_per_s",
+)
 COUNTERS = ("preemptions", "resumes", "prefetches", "aborts", "host_restored_tokens", "recomputed_tokens")
 REQUEST_FIELDS = {
     "id": str, "status": str, "priority": int, "arrival_time": (int, float), "prompt_tokens": int,

@@ -507,8 +507,8 @@ def test_state_has_exactly_the_contract_fields() -> None:
     assert set(st["engine"]) == {
         "name", "kind", "block_size", "max_num_seqs", "kv_bytes_per_token", "kv_device_capacity_tokens",
         "kv_device_used_tokens", "kv_host_capacity_tokens", "kv_host_used_tokens", "num_running", "num_waiting",
-        "num_held", "num_loading", "num_parked", "step_time_s", "decode_step_time_s", "decode_tokens_per_s", "prefill_tokens_per_s",
-        "h2d_bytes_per_s", "d2h_bytes_per_s", "counters",
+        "num_held", "num_loading", "num_parked", "step_time_s", "decode_step_time_s", "decode_tokens_per_s",
+        "prefill_tokens_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s", "counters",
     }
     assert set(st["engine"]["counters"]) == {
         "preemptions", "resumes", "prefetches", "aborts", "host_restored_tokens", "recomputed_tokens"}
