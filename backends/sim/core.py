@@ -165,6 +165,9 @@ class _Window:
     # Steps without prompt work, as the vLLM plugin reports them (an average weighting the newest step 0.1,
     # kept across windows of prefill-only steps): a burst's prefill steps are no decode-speed sample.
     decode_step: float | None = None
+    # The prefill rate over the last window that had prefill work: a window of decode-only steps keeps it, as the
+    # plugin's average does (null there read as "unknown" and priced every prompt at the policy's default rate).
+    prefill_rate: float | None = None
 
     def add(self, dur: float, decode: int, prefill: int, pdur: float) -> None:
         if not prefill:
@@ -181,6 +184,8 @@ class _Window:
             self.decode -= dc
             self.prefill -= pf
             self.prefill_dur -= pd
+        if self.prefill > 0 and self.prefill_dur > 0:
+            self.prefill_rate = self.prefill / self.prefill_dur
 
 
 def _victim_key(r: _Req) -> tuple[int, int]:
@@ -842,7 +847,7 @@ class EngineCore:
                 "step_time_s": w.dur / len(w.items) if w.items else None,
                 "decode_step_time_s": w.decode_step,
                 "decode_tokens_per_s": w.decode / w.dur if w.dur > 0 else None,
-                "prefill_tokens_per_s": w.prefill / w.prefill_dur if w.prefill_dur > 0 else None,
+                "prefill_tokens_per_s": w.prefill_rate,
                 "h2d_bytes_per_s": p.h2d_bytes_per_s,
                 "d2h_bytes_per_s": p.d2h_bytes_per_s,
                 "counters": {

@@ -94,6 +94,24 @@ def test_prefill_then_decode_timings_follow_the_cost_model() -> None:
     assert st["kv_device_used_tokens"] == 0 and st["kv_host_used_tokens"] == 0 and not core.reqs
 
 
+def test_measured_rates_persist_through_windows_without_their_kind_of_step() -> None:
+    # The state's rates as the vLLM plugin reports them: the prefill rate stays known through a window of decode-only
+    # steps (null would read as "unknown" and price every prompt at the policy's default rate), and the decode-only
+    # step time leaves out steps that computed a prompt.
+    core = EngineCore(SMALL)
+    core.add("a", prompt_tokens=100, max_tokens=200, now=0.0)
+    d = Driver(core)
+    d.step()  # the prompt
+    after_prefill = core.state(d.now)["engine"]
+    assert after_prefill["prefill_tokens_per_s"] > 0 and after_prefill["decode_step_time_s"] is None
+    for _ in range(100):  # more decode-only steps than the 32-step window
+        d.step()
+    st = core.state(d.now)["engine"]
+    assert st["prefill_tokens_per_s"] == pytest.approx(after_prefill["prefill_tokens_per_s"])
+    decode_step = SMALL.base_s + SMALL.per_token_s + 200 * SMALL.per_kv_token_s
+    assert 0 < st["decode_step_time_s"] <= decode_step
+
+
 def test_long_prompt_is_prefilled_in_chunks_of_the_token_budget() -> None:
     p = SMALL
     core = EngineCore(prof(max_model_len=8192))
