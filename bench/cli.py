@@ -371,7 +371,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         engine_before = engine_after = sampler = None
         stream_samples: dict[str, list[tuple[float, str, int]]] = {}
         # One engine for every policy: keep their prompts apart (TOKENFLOW_BENCH_SALT: a policy run again on it too).
-        salt = os.environ.get("TOKENFLOW_BENCH_SALT", "") + f"{pol}/" if args.engine_url else ""
+        salt = (os.environ.get("TOKENFLOW_BENCH_SALT", "") + f"{pol}/") if args.engine_url else ""
         load: dict[str, Any] = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
             if args.gateway_url:

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -376,13 +377,17 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             raise RuntimeError(f"bench http for {pol} failed")
         done.append(pol)
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
-        if trace.exists() and trace.parent != out:  # the step trace so far: kept even if the engine is lost later
-            subprocess.run(["cp", str(trace), str(out / "steps.jsonl")], check=False)
+        _keep_trace(trace, out)  # the step trace so far: kept even if the engine is lost later
     stop_pid(pid)
     BURST_STATE.unlink(missing_ok=True)
-    if trace.exists() and trace.parent != out:
-        subprocess.run(["cp", str(trace), str(out / "steps.jsonl")], check=False)
+    _keep_trace(trace, out)  # the whole trace: the engine wrote its last lines as it stopped
     return {"done": done, "continued_later": False}
+
+
+def _keep_trace(trace: Path, out: Path) -> None:
+    """Copy the engine's step trace into the results (on a GPU machine it is written outside them)."""
+    if trace.exists() and trace.parent != out:
+        shutil.copyfile(trace, out / "steps.jsonl")
 
 
 def stop_pid(pid: int, proc: subprocess.Popen[Any] | None = None) -> None:

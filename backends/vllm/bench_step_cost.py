@@ -97,7 +97,7 @@ def main() -> int:
                            "variants": {}}
     print(f"{a.streams} decoding streams, {a.rounds} rounds of {a.steps} steps; scheduler time per step, median "
           f"of the rounds' means (vLLM {vllm.__version__})")
-    print("| variant | per step µs | vs plain |")
+    print(f"| variant | per step µs | vs {variants[0]} |")
     print("|---|---|---|")
     for v in variants:
         med = statistics.median(per_round[v])

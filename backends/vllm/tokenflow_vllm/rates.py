@@ -86,10 +86,11 @@ class StepTrace:
     def __init__(self, path: str) -> None:
         import atexit
 
-        self._f = open(path, "a", buffering=1 << 16)
+        # Open for the engine process's whole life (no block to scope it to): closed, hence flushed, at exit.
+        self._f = open(path, "a", buffering=1 << 16)  # noqa: SIM115
         self._inflight: deque[tuple[float, int, int, int, int]] = deque()
         self._last_output = 0.0
-        atexit.register(self._f.flush)
+        atexit.register(self._f.close)
 
     def on_schedule(self, out: Any, requests: dict[str, Any]) -> None:
         decode = decode_kv = prefill = 0
