@@ -11,7 +11,12 @@ Run with the vLLM venv's python (tests/vllm/test_scheduler_async.py does):
 
     python tests/vllm/scheduler_harness.py MODEL_DIR [--seeds 1,2,3]
 
-Runs each seed with async scheduling (a batch queue of two steps) and with synchronous scheduling. Prints
+Host KV is played by ``HostTier``, a connector whose worker side is the stand-in engine: it "stores" every full
+block a request computes and "loads" a re-admitted request's stored blocks asynchronously (the load lands with the
+step after it starts), so preempt / prefetch / resume take the same paths as with vLLM's offloading connector.
+
+Runs each seed with async scheduling (a batch queue of two steps) and with synchronous scheduling, each with
+the device prefix cache on and off. Prints
 one JSON line per run (the commands sent, the statuses they produced, the plugin's counters), and exits
 non-zero with a JSON line naming the violation at the first one.
 """
@@ -30,11 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "backends" / "vllm"
 import torch
 from tokenflow_vllm.scheduler import Phase, TokenFlowAsyncScheduler, TokenFlowScheduler
 from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
@@ -47,8 +57,60 @@ def token_at(prompt_seed: int, position: int) -> int:
     return 4 + (prompt_seed * 7919 + position * 104729) % VOCAB
 
 
+class HostTierMeta(KVConnectorMetadata):
+    def __init__(self, loads: set[str]) -> None:
+        self.loads = loads
+
+
+class HostTier(KVConnectorBase_V1):
+    """A host KV tier for the stand-in model (scheduler side; ``Engine`` plays the worker): the KV's content does
+    not matter there, only how many leading tokens of each request the tier holds, in whole blocks."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.stored: dict[str, int] = {}  # request id -> leading tokens on the host
+        self.loading: set[str] = set()  # loads started since the last step's metadata
+        self.loads = 0  # started, in all
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        # like a prefix hit, short of the last known token (vLLM computes at least one)
+        hit = min(self.stored.get(request.request_id, 0), (request.num_tokens - 1) // BLOCK * BLOCK)
+        return (hit - num_computed_tokens, True) if hit > num_computed_tokens else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        if num_external_tokens:
+            self.loading.add(request.request_id)
+            self.loads += 1
+
+    def build_connector_meta(self, scheduler_output: Any) -> HostTierMeta:
+        # written through: what this step computes, in full blocks (num_computed_tokens is advanced afterwards,
+        # so count the scheduled tokens too)
+        for rid, n in scheduler_output.num_scheduled_tokens.items():
+            req = self._requests[rid]
+            full = (req.num_computed_tokens + n) // BLOCK * BLOCK
+            if full > self.stored.get(rid, 0):
+                self.stored[rid] = full
+        meta, self.loading = HostTierMeta(self.loading), set()
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        self.stored.pop(request.request_id, None)
+        return False, None
+
+    # the worker side is Engine's
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None: ...
+    def wait_for_layer_load(self, layer_name: str) -> None: ...
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None: ...
+    def wait_for_save(self) -> None: ...
+
+
+HOST_TIER = json.dumps({"kv_connector": "HostTier", "kv_role": "kv_both",
+                        "kv_connector_module_path": "scheduler_harness"})
+
+
 def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int, *, cls: Any = None,
-                   policy: str = "priority", max_num_batched_tokens: int = 256, kv_transfer: str | None = None):
+                   policy: str = "priority", max_num_batched_tokens: int = 256, kv_transfer: str | None = None,
+                   prefix_caching: bool = True):
     """A scheduler over a KV pool of ``num_blocks`` (no model, no device): the TokenFlow subclass unless ``cls``
     (e.g. vLLM's own, to compare); ``kv_transfer``: a ``--kv-transfer-config`` JSON (its scheduler side only)."""
     vllm_config = VllmConfig(
@@ -61,7 +123,7 @@ def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int,
             is_encoder_decoder=False,
             policy=policy,
         ),
-        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
+        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
         kv_transfer_config=KVTransferConfig(**json.loads(kv_transfer)) if kv_transfer else None,
     )
     cls = cls or (TokenFlowAsyncScheduler if async_ else TokenFlowScheduler)
@@ -72,13 +134,16 @@ def make_scheduler(model: str, async_: bool, num_blocks: int, max_num_seqs: int,
         kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
     )
     vllm_config.cache_config.num_gpu_blocks = num_blocks
-    return cls(
+    sched = cls(
         vllm_config=vllm_config,
         kv_cache_config=kv,
         log_stats=False,
         structured_output_manager=StructuredOutputManager(vllm_config),
         block_size=BLOCK,
     )
+    if type(sched.connector).__name__ == "HostTier":  # (loaded by vLLM from the module, not this script)
+        sched.connector._requests = sched.requests
+    return sched
 
 
 def _tensors(size: int) -> list[Any]:
@@ -99,6 +164,7 @@ class Engine:
         self.outputs: dict[str, list[int]] = {}
         self.seeds: dict[str, int] = {}
         self.finished: set[str] = set()
+        self.decode_resumes = 0  # requests taken back after a preemption with one token left to compute
 
     def add(self, rid: str, prompt_len: int, max_tokens: int, seed: int) -> None:
         hasher = get_request_block_hasher(BLOCK, sha256)
@@ -119,6 +185,8 @@ class Engine:
         sched = self.sched
         if sched.has_requests():
             out = sched.schedule()
+            resumed = out.scheduled_cached_reqs.resumed_req_ids
+            self.decode_resumes += sum(out.num_scheduled_tokens[r] == 1 for r in resumed)
             # What the model computes: each request that is not mid-prompt samples the token at the position
             # after everything scheduled so far (placeholders included).
             samples = {}
@@ -133,10 +201,14 @@ class Engine:
             return
         out, samples = self.queue.pop()
         rids = list(out.num_scheduled_tokens)
+        meta = out.kv_connector_metadata
         mro = ModelRunnerOutput(
             req_ids=rids,
             req_id_to_index={r: i for i, r in enumerate(rids)},
             sampled_token_ids=[[samples[r]] if r in samples else [] for r in rids],
+            # the host tier's loads started by this step land with its output
+            kv_connector_output=KVConnectorOutput(finished_recving=meta.loads)
+            if type(meta).__name__ == "HostTierMeta" and meta.loads else None,
         )
         for outs in sched.update_from_output(out, mro).values():
             for o in outs.outputs:
@@ -159,11 +231,14 @@ def check(cond: bool, what: str) -> None:
         sys.exit(1)
 
 
-def run(model: str, async_: bool, seed: int) -> dict[str, Any]:
+def run(model: str, async_: bool, seed: int, prefix_caching: bool) -> dict[str, Any]:
     init_none_hash(sha256)
     rng = random.Random(seed)
-    # Few blocks, so the engine's own preemption (KV exhausted) mixes with the gateway's commands.
-    sched = make_scheduler(model, async_, num_blocks=160, max_num_seqs=6)
+    # Few blocks, so the engine's own preemption (KV exhausted) mixes with the gateway's commands. Without prefix
+    # caching every re-admission loads from the host tier or recomputes; with it, most find their blocks still on
+    # the device.
+    sched = make_scheduler(model, async_, num_blocks=160, max_num_seqs=6, kv_transfer=HOST_TIER,
+                           prefix_caching=prefix_caching)
     eng = Engine(sched, depth=2 if async_ else 1)
     n_req = 12
     want = {}
@@ -174,6 +249,7 @@ def run(model: str, async_: bool, seed: int) -> dict[str, Any]:
         want[rid] = [token_at(i + 1, plen + k) for k in range(mt)]
     ops = ("preempt", "resume", "prefetch", "priority")
     n_cmds = 0
+    ready_parked = 0  # parked requests seen with their KV loaded
     statuses: dict[str, int] = {}
     for step in range(20000):
         if len(eng.finished) == n_req:
@@ -208,6 +284,12 @@ def run(model: str, async_: bool, seed: int) -> dict[str, Any]:
             for r in st["requests"]:
                 if r["status"] == "held":
                     check(r["kv_device_tokens"] == 0 and r["computed_tokens"] == 0, f"held request with KV: {r}")
+                if r["status"] == "parked" and r["computed_tokens"] and not prefix_caching:
+                    # KV on the device again (loaded: no prefix cache to claim from), up to its last token, so
+                    # that resume is one decode step
+                    check(r["computed_tokens"] == r["prompt_tokens"] + r["output_tokens"] - 1,
+                          f"parked request not ready to decode: {r}")
+                    ready_parked += 1
     check(len(eng.finished) == n_req, f"only {len(eng.finished)} of {n_req} finished")
     for rid, toks in want.items():
         got = eng.outputs[rid]
@@ -220,8 +302,10 @@ def run(model: str, async_: bool, seed: int) -> dict[str, Any]:
     check(pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "device blocks leaked")
     check(not sched._tf and not sched.requests, "requests left in the scheduler")
     c = eng.state()["engine"]["counters"]
-    return {"ok": True, "async": async_, "seed": seed, "commands": n_cmds, "statuses": statuses, "counters": c,
-            "steps": step}
+    return {"ok": True, "async": async_, "prefix_caching": prefix_caching, "seed": seed, "commands": n_cmds,
+            "statuses": statuses, "counters": c,
+            "host_loads": sched.connector.loads, "decode_resumes": eng.decode_resumes,
+            "ready_parked": ready_parked, "steps": step}
 
 
 def main() -> None:
@@ -231,7 +315,8 @@ def main() -> None:
     a = ap.parse_args()
     for seed in (int(x) for x in a.seeds.split(",")):
         for async_ in (True, False):
-            print(json.dumps(run(a.model, async_, seed)), flush=True)
+            for prefix_caching in (True, False):
+                print(json.dumps(run(a.model, async_, seed, prefix_caching)), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vllm.client import Client, poll
+from tests.vllm.client import Client, Gen, poll
 from tests.vllm.conftest import MEASUREMENTS, Server
 
 pytestmark = pytest.mark.vllm
@@ -90,9 +90,9 @@ async def test_greedy_output_identical_across_preemptions(client: Client) -> Non
     assert c1["recomputed_tokens"] - c0["recomputed_tokens"] >= 6 * 200  # the copy-less one, every time
 
 
-async def _resume_latency(client: Client, rid: str, p: list[int], n_before: int, **extra) -> tuple[float, dict, dict]:
-    """Hold a long-context request, wait until its write-through copy is complete, resume it; return the
-    seconds from resume to its next token, its held state, and the counter deltas."""
+async def _hold_settled(client: Client, rid: str, p: list[int], n_before: int, **extra) -> tuple[Gen, dict]:
+    """Start a long-context request, hold it after ``n_before`` tokens and wait until its write-through copy is
+    complete (or, without one, known empty); return its stream and its held state."""
     g = await client.gen(rid, p, n_before + 400, **extra)  # ample room: aborted once measured
     await wait_output(client, rid, n_before)
     await hold(client, rid)
@@ -103,7 +103,13 @@ async def _resume_latency(client: Client, rid: str, p: list[int], n_before: int,
         full = (r["prompt_tokens"] + r["output_tokens"] - 1) // block * block
         return r if (not extra and r["kv_host_tokens"] >= full) or (extra and r["kv_host_tokens"] == 0) else None
 
-    held = await poll(settled, what="the held request's host copy to settle")
+    return g, await poll(settled, what="the held request's host copy to settle")
+
+
+async def _resume_latency(client: Client, rid: str, p: list[int], n_before: int, **extra) -> tuple[float, dict, dict]:
+    """Hold a long-context request, wait until its write-through copy is complete, resume it; return the
+    seconds from resume to its next token, its held state, and the counter deltas."""
+    g, held = await _hold_settled(client, rid, p, n_before, **extra)
     c0 = await client.counters()
     n = held["output_tokens"]
     await g.wait_tokens(n)  # everything computed before the hold has reached the client
@@ -132,6 +138,28 @@ async def test_resume_restores_from_host_instead_of_recomputing(client: Client) 
     MEASUREMENTS["resume -> next token, 1.5k context, recompute"] = f"{t_re * 1000:.1f} ms"
 
 
+async def test_a_prefetched_request_resumes_with_one_decode_step(client: Client) -> None:
+    """Prefetch loads the host copy and computes the rest of the context (the unstored last block) up to the
+    next token, so that the resume itself computes one token and recomputes nothing."""
+    g, held = await _hold_settled(client, "prefetch-ready", prompt(1000, 6), 10)
+    c0 = await client.counters()
+    await client.cmd("prefetch", "prefetch-ready")
+    parked = await client.wait_status("prefetch-ready", "parked")
+    c1 = await client.counters()
+    assert c1["host_restored_tokens"] - c0["host_restored_tokens"] >= held["kv_host_tokens"]
+    assert parked["output_tokens"] == held["output_tokens"] + 1
+    # everything but the last token on the device: resume computes just that one
+    assert parked["computed_tokens"] == parked["prompt_tokens"] + parked["output_tokens"] - 1
+    await g.wait_tokens(parked["output_tokens"])
+    await client.cmd("resume", "prefetch-ready")
+    await g.wait_tokens(parked["output_tokens"] + 1)
+    c2 = await client.counters()
+    assert c2["recomputed_tokens"] == c1["recomputed_tokens"], "the resume recomputed tokens"
+    assert c2["host_restored_tokens"] == c1["host_restored_tokens"], "the resume loaded again"
+    await client.cmd("abort", "prefetch-ready")
+    await g.done()
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -154,7 +182,8 @@ async def test_held_and_parked_requests_make_no_tokens_and_let_the_engine_idle(
     for status in ("held", "parked"):
         if status == "parked":
             await client.cmd("prefetch", "idle-held")
-            await client.wait_status("idle-held", "parked")
+            r = await client.wait_status("idle-held", "parked")
+            await g.wait_tokens(r["output_tokens"])  # the token computed before parking, if any
         n = len(g.tokens)
         await asyncio.sleep(0.3)  # let in-flight stores finish
         cpu0 = cpu_seconds(pids)

@@ -2,7 +2,8 @@
 
 tests/vllm/scheduler_harness.py drives the real ``TokenFlowAsyncScheduler`` (and ``TokenFlowScheduler``)
 of each installed vLLM release with random preempt / resume / prefetch / priority batches between steps,
-a small KV pool (so vLLM's own preemptions mix in) and prefix caching on; every request must end with the
+a small KV pool (so vLLM's own preemptions mix in), a host KV tier, and the device prefix cache on and off;
+every request must end with the
 tokens of an uninterrupted run, held requests must hold no device KV, and nothing may be left behind.
 """
 from __future__ import annotations
@@ -27,12 +28,20 @@ def test_random_commands_between_overlapping_steps_keep_every_output_exact(vllm_
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     failed = [x for x in lines if not x["ok"]]
     assert p.returncode == 0 and not failed, (failed, p.stderr[-3000:])
-    assert [(x["seed"], x["async"]) for x in lines] == [(s, a) for s in (1, 2, 3) for a in (True, False)]
+    assert [(x["seed"], x["async"], x["prefix_caching"]) for x in lines] == [
+        (s, a, c) for s in (1, 2, 3) for a in (True, False) for c in (True, False)
+    ]
     for x in lines:
-        print(f"seed {x['seed']} {'async' if x['async'] else 'sync'}: {x['commands']} commands, {x['counters']}")
+        print(f"seed {x['seed']} {'async' if x['async'] else 'sync'} prefix cache {x['prefix_caching']}: "
+              f"{x['commands']} commands, {x['host_loads']} host loads, {x['decode_resumes']} one-token resumes, "
+              f"{x['counters']}")
         # The run really exercised the gateway's commands and the engine's own preemption.
         assert x["counters"]["preemptions"] >= 20 and x["counters"]["resumes"] >= 10
         assert x["counters"]["prefetches"] >= 5 and x["statuses"].get("parked", 0) > 0
+        if not x["prefix_caching"]:
+            # re-admissions load from the host tier, and prefetched ones resume with a single decode step
+            assert x["host_loads"] >= 10 and x["counters"]["host_restored_tokens"] > 0
+            assert x["ready_parked"] >= 1 and x["decode_resumes"] >= 1
 
 
 def test_step_cost_bench_runs_every_variant(vllm_venv: Path, tiny_model: Path, tmp_path: Path) -> None:

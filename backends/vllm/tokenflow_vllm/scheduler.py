@@ -19,8 +19,14 @@ move it through phases of its own, in which it sits in no vLLM queue:
   must see the preemption first), and once the output of a step computed before the preemption has
   landed (async scheduling; vLLM copes either way, but before then a re-admitted prefill cannot sample
   and costs a step for nothing, and 0.32+ hold such a request back themselves).
-- ``PARKED``: prefetched and loaded (or nothing to load): holds whatever device KV it has, computes
-  nothing, until ``resume``.
+- ``PARKING``: prefetched, loaded, and scheduled to compute the rest of its context and its next token; out
+  of vLLM's running list (so no further step takes it) until that step's output lands (async scheduling keeps
+  one step in flight), then ``PARKED``.
+- ``PARKED``: prefetched: holds its device KV and computes nothing until ``resume``. One whose host copy was
+  loaded parks only after computing up to its next token (delivered like any other), so that ``resume`` is a
+  single decode step, not a prefill of the last partial block; to vLLM it is then a preempted request that
+  kept its blocks (the model runner drops its state, and takes it back with every block on resume). One with
+  nothing to load parks with whatever of its prefix the device cache still held.
 
 vLLM version differences (queue names, call signatures) go through ``tokenflow_vllm.compat``.
 """
@@ -58,10 +64,12 @@ class Phase(enum.Enum):
     HELD = "held"
     HOLD_ON_LOAD = "hold_on_load"
     REQUEUE = "requeue"
+    PARKING = "parking"
     PARKED = "parked"
 
 
-OUT_OF_QUEUE = (Phase.HELD, Phase.REQUEUE, Phase.PARKED)
+OUT_OF_QUEUE = (Phase.HELD, Phase.REQUEUE, Phase.PARKING, Phase.PARKED)
+_AT_BOUNDARY = (Phase.HOLD_ON_LOAD, Phase.REQUEUE, Phase.PARKING)  # phases _at_step_boundary moves on
 
 
 @dataclass
@@ -71,7 +79,8 @@ class Tracked:
     tf_id: str
     req: Request
     phase: Phase = Phase.ACTIVE
-    park: bool = False  # prefetched: once its KV is on device, keep it from computing (-> PARKED)
+    park: bool = False  # prefetched: once its KV is on device (and its next token computed), keep it from computing
+    warm: bool = False  # prefetched and scheduled up to its next token: parks at the next step boundary
     kv_at_preempt: int = 0  # tokens with valid device KV when last preempted
     restore_pending: bool = False  # count restored/recomputed tokens at the next admission
     restore_external: int = 0  # tokens the connector loads from host for that admission
@@ -244,9 +253,11 @@ class TokenFlowMixin:
         t.phase = phase
         if park is not None:
             t.park = park
+        if not t.park or phase is not Phase.ACTIVE:
+            t.warm = False
         self._tf_in_phase[phase] += 1
         rid = t.req.request_id
-        if phase is Phase.HOLD_ON_LOAD or phase is Phase.REQUEUE or (phase is Phase.ACTIVE and t.park):
+        if phase in _AT_BOUNDARY or (phase is Phase.ACTIVE and t.park):
             self._tf_boundary[rid] = t
         else:
             self._tf_boundary.pop(rid, None)
@@ -255,8 +266,8 @@ class TokenFlowMixin:
         return sum(self._tf_in_phase[p] for p in OUT_OF_QUEUE)
 
     def get_num_unfinished_requests(self) -> int:
-        # A request waiting to re-enter a queue needs the engine to step (that is where it re-enters).
-        return super().get_num_unfinished_requests() + self._tf_in_phase[Phase.REQUEUE]
+        # A request waiting to re-enter a queue, or to park once its last step returns, needs the engine to step.
+        return super().get_num_unfinished_requests() + self._tf_in_phase[Phase.REQUEUE] + self._tf_in_phase[Phase.PARKING]
 
     def has_finished_requests(self) -> bool:
         # vLLM infers "finished, waiting on a delayed connector free" from requests that are in
@@ -281,11 +292,13 @@ class TokenFlowMixin:
             if t is not None:
                 if t.resumed_at is not None:
                     self._mark(t, "scheduled")
-                # Computing again: its host copy no longer needs protection, and a prefetched request that
-                # was admitted to compute (nothing left to load) is simply running.
                 if t.park:
-                    self._move(t, t.phase, park=False)
-                if t.pinned:
+                    # Prefetched and admitted: it computes the rest of its context (the part the host copy
+                    # lacks) and parks once this step samples its next token. Its host copy stays pinned.
+                    if t.req.num_computed_tokens >= t.req.num_tokens:
+                        t.warm = True
+                    continue
+                if t.pinned:  # computing again: its host copy no longer needs protection
                     self._unpin(t)
         self._tf_rates.on_schedule(out)
         if self._tf_trace is not None:
@@ -300,13 +313,28 @@ class TokenFlowMixin:
                 self._release_device_kv(t)
                 self._move(t, Phase.HELD)
                 self._pin(t)
-            elif t.phase is Phase.ACTIVE and t.park and self._promote_loaded(req):
-                compat.dequeue(self, req)
-                self._move(t, Phase.PARKED)
+            elif t.phase is Phase.ACTIVE and t.warm:
+                # Its next token is computed (or in flight): no further step may take it.
+                self.running.remove(req)
+                self.prev_step_scheduled_req_ids.discard(req.request_id)
+                self._move(t, Phase.PARKING)
+                # (the PARKING branch below parks it now if that step's output is in: synchronous scheduling)
+            if t.phase is Phase.PARKING and not compat.output_in_flight(req):
+                self._park_with_kv(t)
             elif t.phase is Phase.REQUEUE and self._may_requeue(req):
                 compat.enqueue_front(self, req)
                 self._move(t, Phase.ACTIVE)
                 self._mark(t, "queued")
+
+    def _park_with_kv(self, t: Tracked) -> None:
+        """Park a request whose next token has landed, keeping its device KV: to vLLM, a preemption that kept
+        every block (the model runner drops the request's state and gets it back, blocks and tokens, when it
+        is scheduled again; the offloading connector finishes its stores), so ``resume`` schedules one token."""
+        req = t.req
+        req.status = RequestStatus.PREEMPTED
+        self._inflight_prefills.discard(req)
+        self.reset_preempted_req_ids.add(req.request_id)
+        self._move(t, Phase.PARKED)
 
     def _mark(self, t: Tracked, point: str) -> None:
         if t.resumed_at is not None and point not in t.resume_timeline:
@@ -377,6 +405,7 @@ class TokenFlowMixin:
             t.kv_at_preempt = request.num_computed_tokens
             t.restore_pending = True
             t.restore_external = 0
+            t.warm = False  # (a prefetched request the engine itself preempted is queued again, not parked)
         self._tf_counters["preemptions"] += 1
         super()._preempt_request(request, timestamp, *args, **kwargs)
 
@@ -396,10 +425,12 @@ class TokenFlowMixin:
             return "parked"
         if phase is Phase.REQUEUE:
             return "loading" if t.park else "waiting"
+        if phase is Phase.PARKING or t.park:  # being made ready: loading, or computing up to its next token
+            return "loading"
         st = t.req.status
         if st == RequestStatus.RUNNING:
             return "running"
-        if st == RequestStatus.WAITING_FOR_REMOTE_KVS or t.park:
+        if st == RequestStatus.WAITING_FOR_REMOTE_KVS:
             return "loading"
         return "waiting"
 
@@ -408,6 +439,9 @@ class TokenFlowMixin:
         phase = t.phase
         if phase is Phase.HELD or phase is Phase.HOLD_ON_LOAD:
             return
+        if phase is Phase.PARKING:  # its last step may still be in flight: vLLM's preemption copes with that
+            self.running.append(req)
+            phase = Phase.ACTIVE
         if phase is Phase.ACTIVE and req.status == RequestStatus.RUNNING:
             self._preempt_running(t)  # counted by _preempt_request, like the engine's own preemptions
         elif phase is Phase.ACTIVE and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
@@ -444,10 +478,16 @@ class TokenFlowMixin:
     def _resume(self, t: Tracked) -> None:
         phase = t.phase
         if phase is Phase.ACTIVE or phase is Phase.REQUEUE:
-            if t.park:  # prefetched, not parked yet: run as soon as its load lands
+            if t.park:  # prefetched, not parked yet: run as soon as its load lands (or simply go on running)
                 self._tf_counters["resumes"] += 1
                 self._move(t, phase, park=False)
                 self._mark_resume(t)
+            return
+        if phase is Phase.PARKING:  # still vLLM's running request: it only left the running list
+            self._tf_counters["resumes"] += 1
+            self._mark_resume(t)
+            self.running.append(t.req)
+            self._move(t, Phase.ACTIVE, park=False)
             return
         self._tf_counters["resumes"] += 1
         self._mark_resume(t)
