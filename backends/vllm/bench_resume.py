@@ -105,6 +105,8 @@ async def trial(s: aiohttp.ClientSession, url: str, mode: str, context: int, see
     if mode == "prefetch":
         await call(s, url, {"op": "prefetch", "id": rid})
         await until(lambda: _status_is(s, url, rid, "parked"))
+        n = (await req_state(s, url, rid) or held)["output_tokens"]  # vLLM parks after computing the next token
+        await until(lambda: asyncio.sleep(0, result=len(arrivals) >= n))
     t0 = time.perf_counter()
     await call(s, url, {"op": "resume", "id": rid})
     await until(lambda: asyncio.sleep(0, result=len(arrivals) > n))
