@@ -165,6 +165,9 @@ class Engine:
         self.seeds: dict[str, int] = {}
         self.finished: set[str] = set()
         self.decode_resumes = 0  # requests taken back after a preemption with one token left to compute
+        # Requests the model runner holds state for: vLLM's V2 runner (the CUDA default) has max_num_seqs slots,
+        # taken by a new or resumed request, freed when the scheduler reports it finished or preempted.
+        self.runner_slots: set[str] = set()
 
     def add(self, rid: str, prompt_len: int, max_tokens: int, seed: int) -> None:
         hasher = get_request_block_hasher(BLOCK, sha256)
@@ -187,6 +190,12 @@ class Engine:
             out = sched.schedule()
             resumed = out.scheduled_cached_reqs.resumed_req_ids
             self.decode_resumes += sum(out.num_scheduled_tokens[r] == 1 for r in resumed)
+            slots = self.runner_slots
+            slots.difference_update(out.finished_req_ids, out.preempted_req_ids or ())
+            slots.update(r.req_id for r in out.scheduled_new_reqs)
+            slots.update(resumed)
+            check(len(slots) <= sched.max_num_running_reqs,
+                  f"the model runner would hold {len(slots)} requests, more than max_num_seqs")
             # What the model computes: each request that is not mid-prompt samples the token at the position
             # after everything scheduled so far (placeholders included).
             samples = {}

@@ -19,14 +19,13 @@ move it through phases of its own, in which it sits in no vLLM queue:
   must see the preemption first), and once the output of a step computed before the preemption has
   landed (async scheduling; vLLM copes either way, but before then a re-admitted prefill cannot sample
   and costs a step for nothing, and 0.32+ hold such a request back themselves).
-- ``PARKING``: prefetched, loaded, and scheduled to compute the rest of its context and its next token; out
-  of vLLM's running list (so no further step takes it) until that step's output lands (async scheduling keeps
-  one step in flight), then ``PARKED``.
 - ``PARKED``: prefetched: holds its device KV and computes nothing until ``resume``. One whose host copy was
-  loaded parks only after computing up to its next token (delivered like any other), so that ``resume`` is a
-  single decode step, not a prefill of the last partial block; to vLLM it is then a preempted request that
-  kept its blocks (the model runner drops its state, and takes it back with every block on resume). One with
-  nothing to load parks with whatever of its prefix the device cache still held.
+  loaded parks only once a step computes up to its next token (delivered like any other), so that ``resume``
+  is a single decode step, not a prefill of the last partial block; it leaves vLLM's running list at the next
+  step boundary as a preemption that keeps its blocks (the model runner frees its slot at once, and gets it
+  back with every block on resume; under async scheduling that step's output may still be on its way: it is
+  ``loading`` until the token lands). One with nothing to load parks with whatever of its prefix the device
+  cache still held.
 
 vLLM version differences (queue names, call signatures) go through ``tokenflow_vllm.compat``.
 """
@@ -64,12 +63,10 @@ class Phase(enum.Enum):
     HELD = "held"
     HOLD_ON_LOAD = "hold_on_load"
     REQUEUE = "requeue"
-    PARKING = "parking"
     PARKED = "parked"
 
 
-OUT_OF_QUEUE = (Phase.HELD, Phase.REQUEUE, Phase.PARKING, Phase.PARKED)
-_AT_BOUNDARY = (Phase.HOLD_ON_LOAD, Phase.REQUEUE, Phase.PARKING)  # phases _at_step_boundary moves on
+OUT_OF_QUEUE = (Phase.HELD, Phase.REQUEUE, Phase.PARKED)
 
 
 @dataclass
@@ -257,7 +254,7 @@ class TokenFlowMixin:
             t.warm = False
         self._tf_in_phase[phase] += 1
         rid = t.req.request_id
-        if phase in _AT_BOUNDARY or (phase is Phase.ACTIVE and t.park):
+        if phase is Phase.HOLD_ON_LOAD or phase is Phase.REQUEUE or (phase is Phase.ACTIVE and t.park):
             self._tf_boundary[rid] = t
         else:
             self._tf_boundary.pop(rid, None)
@@ -266,8 +263,8 @@ class TokenFlowMixin:
         return sum(self._tf_in_phase[p] for p in OUT_OF_QUEUE)
 
     def get_num_unfinished_requests(self) -> int:
-        # A request waiting to re-enter a queue, or to park once its last step returns, needs the engine to step.
-        return super().get_num_unfinished_requests() + self._tf_in_phase[Phase.REQUEUE] + self._tf_in_phase[Phase.PARKING]
+        # A request waiting to re-enter a queue needs the engine to step (that is where it re-enters).
+        return super().get_num_unfinished_requests() + self._tf_in_phase[Phase.REQUEUE]
 
     def has_finished_requests(self) -> bool:
         # vLLM infers "finished, waiting on a delayed connector free" from requests that are in
@@ -314,23 +311,20 @@ class TokenFlowMixin:
                 self._move(t, Phase.HELD)
                 self._pin(t)
             elif t.phase is Phase.ACTIVE and t.warm:
-                # Its next token is computed (or in flight): no further step may take it.
-                self.running.remove(req)
-                self.prev_step_scheduled_req_ids.discard(req.request_id)
-                self._move(t, Phase.PARKING)
-                # (the PARKING branch below parks it now if that step's output is in: synchronous scheduling)
-            if t.phase is Phase.PARKING and not compat.output_in_flight(req):
-                self._park_with_kv(t)
+                self._park_with_kv(t)  # its next token is computed (or on its way): no further step may take it
             elif t.phase is Phase.REQUEUE and self._may_requeue(req):
                 compat.enqueue_front(self, req)
                 self._move(t, Phase.ACTIVE)
                 self._mark(t, "queued")
 
     def _park_with_kv(self, t: Tracked) -> None:
-        """Park a request whose next token has landed, keeping its device KV: to vLLM, a preemption that kept
-        every block (the model runner drops the request's state and gets it back, blocks and tokens, when it
-        is scheduled again; the offloading connector finishes its stores), so ``resume`` schedules one token."""
+        """Take a running request out of the running list keeping its device KV: to vLLM, a preemption that kept
+        every block (reported as one, so the model runner frees the request's slot at once and gets it back,
+        blocks and tokens, when it is scheduled again; the offloading connector flushes its stores; a step still
+        in flight delivers its token as for any preemption), so ``resume`` schedules one token."""
         req = t.req
+        self.running.remove(req)
+        self.prev_step_scheduled_req_ids.discard(req.request_id)
         req.status = RequestStatus.PREEMPTED
         self._inflight_prefills.discard(req)
         self.reset_preempted_req_ids.add(req.request_id)
@@ -421,11 +415,11 @@ class TokenFlowMixin:
         phase = t.phase
         if phase is Phase.HELD or phase is Phase.HOLD_ON_LOAD:
             return "held"
-        if phase is Phase.PARKED:
-            return "parked"
+        if phase is Phase.PARKED:  # ready once the token computed before it parked has landed
+            return "loading" if compat.output_in_flight(t.req) else "parked"
         if phase is Phase.REQUEUE:
             return "loading" if t.park else "waiting"
-        if phase is Phase.PARKING or t.park:  # being made ready: loading, or computing up to its next token
+        if t.park:  # being made ready: loading, or computing up to its next token
             return "loading"
         st = t.req.status
         if st == RequestStatus.RUNNING:
@@ -439,9 +433,6 @@ class TokenFlowMixin:
         phase = t.phase
         if phase is Phase.HELD or phase is Phase.HOLD_ON_LOAD:
             return
-        if phase is Phase.PARKING:  # its last step may still be in flight: vLLM's preemption copes with that
-            self.running.append(req)
-            phase = Phase.ACTIVE
         if phase is Phase.ACTIVE and req.status == RequestStatus.RUNNING:
             self._preempt_running(t)  # counted by _preempt_request, like the engine's own preemptions
         elif phase is Phase.ACTIVE and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
@@ -482,12 +473,6 @@ class TokenFlowMixin:
                 self._tf_counters["resumes"] += 1
                 self._move(t, phase, park=False)
                 self._mark_resume(t)
-            return
-        if phase is Phase.PARKING:  # still vLLM's running request: it only left the running list
-            self._tf_counters["resumes"] += 1
-            self._mark_resume(t)
-            self.running.append(t.req)
-            self._move(t, Phase.ACTIVE, park=False)
             return
         self._tf_counters["resumes"] += 1
         self._mark_resume(t)
