@@ -211,29 +211,34 @@ def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, 
         yaml.safe_dump(cfg, f)
         path = f.name
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFLOW_")}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path, *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"gateway exited with {proc.returncode}: {err[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+    # Its log goes to a file, never to a pipe nobody reads while it runs: once a pipe's buffer is full (an engine
+    # that died mid-burst makes a few hundred stream errors) the gateway blocks on its next log line, and so
+    # does every client of it.
+    with tempfile.TemporaryFile() as err_log:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path, *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err_log)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    err_log.seek(0)
+                    err = err_log.read().decode(errors="replace")
+                    raise RuntimeError(f"gateway exited with {proc.returncode}: {err[-2000:]}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        pass
+                    if asyncio.run(_ready(url)):
+                        break
+                except OSError:
                     pass
-                if asyncio.run(_ready(url)):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not become ready on {url} within {start_timeout_s:.0f}s")
-            time.sleep(0.1)  # polling a condition with a deadline
-        yield url
-    finally:
-        _stop(proc)
-        os.unlink(path)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway did not become ready on {url} within {start_timeout_s:.0f}s")
+                time.sleep(0.1)  # polling a condition with a deadline
+            yield url
+        finally:
+            _stop(proc)
+            os.unlink(path)
 
 
 @contextmanager

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
+from pathlib import Path
 
 from bench.http import fetch_preemptions, run_clients, spawn_gateway
-from bench.metrics import summarize
+from bench.metrics import RequestRecord, summarize
 from bench.workload import WorkloadConfig, generate
+from tests.support.procs import Proc, free_port, poll
 
 
 def test_clients_record_every_token_through_a_spawned_gateway() -> None:
@@ -55,3 +59,40 @@ async def test_a_stream_the_gateway_ends_with_an_error_event_is_recorded_as_fail
     assert [len(r.token_times) for r in recs] == [1, 1]
     assert not any(r.finished for r in recs)
     assert all(r.error is not None and "engine_stalled" in r.error for r in recs)
+
+
+def test_a_burst_whose_engine_dies_ends_at_once_with_every_request_failed(tmp_path: Path) -> None:
+    """The spawned gateway writes a log line for every stream its dead engine ended, hundreds in a burst: that must
+    never block it (it did: its log went to a pipe nobody read until it exited, the gateway stopped at the first
+    line past the pipe's buffer, and the run hung until its requests timed out)."""
+    port = free_port()
+    engine = Proc("engine", [sys.executable, "-m", "backends.sim", "--profile", "sim-small", "--port", str(port)],
+                  tmp_path, url=f"http://127.0.0.1:{port}")
+    specs = generate(WorkloadConfig(kind="burst", n=200, input_mean=64, output_mean=4000, seed=3))
+    tokens = 0
+
+    def on_token(n: int) -> None:
+        nonlocal tokens
+        tokens += n
+
+    async def streaming() -> bool:
+        return tokens >= 200
+
+    async def burst(url: str) -> list[RequestRecord]:
+        run = asyncio.create_task(run_clients(url, specs, on_token=on_token, timeout_s=600))
+        await poll(streaming, 60, "the burst streaming")
+        engine.kill(signal.SIGKILL)
+        recs, _ = await asyncio.wait_for(run, 60)
+        assert await fetch_preemptions(url) is not None  # the gateway still answers
+        return recs
+
+    try:
+        engine.wait_http("/health")
+        with spawn_gateway("tokenflow", profile="sim-small", tick_s=0.25,
+                           engines=[{"name": "e", "url": engine.url, "models": ["sim-small"], "down_after_s": 1.0}],
+                           ) as url:  # fmt: skip
+            recs = asyncio.run(burst(url))
+    finally:
+        engine.stop()
+    assert not any(r.finished for r in recs)
+    assert all(r.error is not None for r in recs), [r.error for r in recs if r.error is None][:3]
