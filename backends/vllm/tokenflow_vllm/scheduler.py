@@ -49,7 +49,7 @@ from vllm.v1.request import Request, RequestStatus
 from tokenflow_vllm import commands as cmds
 from tokenflow_vllm import compat
 from tokenflow_vllm.host_prefix import HostPrefixes
-from tokenflow_vllm.offload import pins
+from tokenflow_vllm.offload import pins, store_scan
 from tokenflow_vllm.rates import StepRates, StepTrace
 
 log = logging.getLogger("tokenflow_vllm.scheduler")
@@ -115,6 +115,8 @@ class TokenFlowMixin:
             for g in self.kv_cache_config.kv_cache_groups
         )
         self._tf_offload = self._find_offload_scheduler()
+        if self._tf_offload is not None:
+            store_scan.install(self._tf_offload)
         # Host-copy accounting, kept incremental: each live request's leading chunks verified on the host tier.
         self._host = HostPrefixes()
         if self.connector is not None:
