@@ -59,3 +59,16 @@ def test_step_cost_bench_runs_every_variant(vllm_venv: Path, tiny_model: Path, t
     res = json.loads(out.read_text())
     assert set(res["variants"]) == {"plain", "priority", "offload", "plugin"}
     assert all(len(v["rounds_us"]) == 2 and min(v["rounds_us"]) > 0 for v in res["variants"].values())
+
+
+def test_filtered_write_through_scan_stores_exactly_what_vllms_own_scan_stores(vllm_venv: Path, tiny_model: Path
+                                                                              ) -> None:
+    # tests/vllm/store_scan_check.py: two schedulers with the offloading connector, one with the plugin's filtered
+    # scan (tokenflow_vllm.offload.store_scan), the same requests and steps; every step's store jobs must match.
+    p = subprocess.run(
+        [str(vllm_venv / "bin" / "python"), str(ROOT / "tests/vllm/store_scan_check.py"), str(tiny_model)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert p.returncode == 0 and lines and lines[-1]["ok"], (lines[-1:], p.stderr[-3000:])
+    assert lines[-1]["store_jobs"] > 100 and lines[-1]["aborted"] > 0
