@@ -22,8 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,7 +32,7 @@ import aiohttp
 import yaml
 
 from .metrics import RequestRecord
-from .net import free_port
+from .net import free_port, healthy, wait_started
 from .workload import RequestSpec
 
 
@@ -218,23 +216,21 @@ def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, 
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path, *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=err_log)
         url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + start_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    err_log.seek(0)
-                    err = err_log.read().decode(errors="replace")
-                    raise RuntimeError(f"gateway exited with {proc.returncode}: {err[-2000:]}")
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                        pass
-                    if asyncio.run(_ready(url)):
-                        break
-                except OSError:
+
+        def ready() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"gateway did not become ready on {url} within {start_timeout_s:.0f}s")
-                time.sleep(0.1)  # polling a condition with a deadline
+                return asyncio.run(_ready(url))
+            except OSError:
+                return False
+
+        def log_tail() -> str:
+            err_log.seek(0)
+            return ": " + err_log.read().decode(errors="replace")[-2000:]
+
+        try:
+            wait_started(proc, ready, what="gateway", url=url, timeout_s=start_timeout_s, detail=log_tail)
             yield url
         finally:
             _stop(proc)
@@ -251,19 +247,8 @@ def spawn_sim(profile: str, log_path: Path, start_timeout_s: float = 30.0) -> It
         proc = subprocess.Popen([sys.executable, "-m", "backends.sim", "--profile", profile, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"simulated engine exited with {proc.returncode} (log: {log_path})")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"simulated engine did not answer on {url} within {start_timeout_s:.0f}s")
-            time.sleep(0.1)  # polling a condition with a deadline
+        wait_started(proc, lambda: healthy(url), what="simulated engine", url=url, timeout_s=start_timeout_s,
+                     detail=lambda: f" (log: {log_path})")
         yield url
     finally:
         _stop(proc)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 
 def free_port() -> int:
@@ -27,3 +30,25 @@ def wait_http(url: str, deadline_s: float = 30.0, ok: tuple[int, ...] = (200,)) 
             last = e
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up: {last}")
+
+
+def healthy(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether ``url + "/health"`` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout_s) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def wait_started(proc: subprocess.Popen[Any], ready: Callable[[], bool], *, what: str, url: str, timeout_s: float,
+                 interval_s: float = 0.1, detail: Callable[[], str] = lambda: "") -> None:
+    """Until ``ready()`` (a probe that is False while the process is not up yet); RuntimeError, with ``detail()``
+    appended (where its log is, its last lines), if the process exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} during start-up{detail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer on {url} within {timeout_s:.0f}s{detail()}")
+        time.sleep(interval_s)  # polling a condition with a deadline

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.net import free_port
+from bench.net import free_port, healthy, wait_started
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TOKENFLOW_CACHE", Path.home() / ".cache" / "tokenflow"))
@@ -92,14 +92,6 @@ def wait_for_other_servers(timeout_s: float = 1800.0) -> None:
         time.sleep(2.0)  # polling a condition with a deadline
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
         return
@@ -131,13 +123,8 @@ def spawn_vllm(cfg: VllmConfig, log: Path, start_timeout_s: float = 300.0) -> It
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     STARTED.add(proc.pid)
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while not _healthy(url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode} during start-up; see {log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve not healthy within {start_timeout_s:.0f}s; see {log}")
-            time.sleep(0.5)  # polling a condition with a deadline
+        wait_started(proc, lambda: healthy(url), what="vllm serve", url=url, timeout_s=start_timeout_s,
+                     interval_s=0.5, detail=lambda: f"; see {log}")
         yield url
     finally:
         _stop(proc)

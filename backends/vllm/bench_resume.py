@@ -104,8 +104,8 @@ async def trial(s: aiohttp.ClientSession, url: str, mode: str, context: int, see
     await until(lambda: asyncio.sleep(0, result=len(arrivals) >= n))
     if mode == "prefetch":
         await call(s, url, {"op": "prefetch", "id": rid})
-        await until(lambda: _status_is(s, url, rid, "parked"))
-        n = (await req_state(s, url, rid) or held)["output_tokens"]  # vLLM parks after computing the next token
+        parked = await until(lambda: _in_status(s, url, rid, "parked"))
+        n = parked["output_tokens"]  # vLLM parks after computing the next token
         await until(lambda: asyncio.sleep(0, result=len(arrivals) >= n))
     t0 = time.perf_counter()
     await call(s, url, {"op": "resume", "id": rid})
@@ -118,9 +118,9 @@ async def trial(s: aiohttp.ClientSession, url: str, mode: str, context: int, see
             "timeline_s": timeline}
 
 
-async def _status_is(s, url, rid, status) -> bool:
+async def _in_status(s, url, rid, status) -> dict | None:
     r = await req_state(s, url, rid)
-    return r is not None and r["status"] == status
+    return r if r is not None and r["status"] == status else None
 
 
 async def _engine_latency(s, url, rid) -> float | None:

@@ -169,13 +169,17 @@ class Engine:
         # taken by a new or resumed request, freed when the scheduler reports it finished or preempted.
         self.runner_slots: set[str] = set()
 
-    def add(self, rid: str, prompt_len: int, max_tokens: int, seed: int) -> None:
+    def add(self, rid: str, prompt_len: int, max_tokens: int, seed: int,
+            kv_transfer_params: dict[str, Any] | None = None) -> None:
         hasher = get_request_block_hasher(BLOCK, sha256)
         prompt = [token_at(seed, p) for p in range(prompt_len)]
+        xargs: dict[str, Any] = {"tokenflow_id": rid}
+        if kv_transfer_params is not None:  # (where vLLM's API server puts a request's kv_transfer_params)
+            xargs["kv_transfer_params"] = kv_transfer_params
         req = Request(
             request_id=rid,
             prompt_token_ids=prompt,
-            sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args={"tokenflow_id": rid}),
+            sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=xargs),
             pooling_params=None,
             block_hasher=hasher,
         )

@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scheduler_harness as harness
 from tokenflow_vllm.launch import kv_transfer_config
 from tokenflow_vllm.offload import store_scan
-from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.kv_cache_utils import init_none_hash
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.request import Request, RequestStatus
+from vllm.v1.request import RequestStatus
 
 
 def build(model: str, filtered: bool) -> tuple[harness.Engine, list[list[str]]]:
@@ -50,19 +49,6 @@ def build(model: str, filtered: bool) -> tuple[harness.Engine, list[list[str]]]:
     return harness.Engine(sched, depth=2), seen
 
 
-def add(eng: harness.Engine, rid: str, prompt_len: int, max_tokens: int, seed: int, cap: int | None) -> None:
-    prompt = [harness.token_at(seed, p) for p in range(prompt_len)]
-    xargs: dict[str, Any] = {"tokenflow_id": rid}
-    if cap is not None:  # (where vLLM's API server puts a request's kv_transfer_params)
-        xargs["kv_transfer_params"] = {"max_offload_tokens": cap}
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
-    req = Request(request_id=rid, prompt_token_ids=prompt, sampling_params=params, pooling_params=None,
-                  block_hasher=get_request_block_hasher(harness.BLOCK, sha256))
-    eng.seeds[rid] = seed
-    eng.outputs[rid] = []
-    eng.sched.add_request(req)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -76,7 +62,7 @@ def main() -> None:
         plen = rng.randint(1, 300)
         cap = 100 if i == 5 else None
         for eng in (plain, filt):
-            add(eng, f"r{i}", plen, 1500, i + 1, cap)
+            eng.add(f"r{i}", plen, 1500, i + 1, {"max_offload_tokens": cap} if cap is not None else None)
     aborts = {rng.randrange(20, 300): f"r{i}" for i in range(0, n, 4)}
     steps = 300
     for step in range(steps):
