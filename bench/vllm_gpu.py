@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -311,7 +312,11 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     the engine running (its own process session) and records the policies done in ``BURST_STATE``; the same
     phase run again (``--continue``) goes on from there and stops the engine at the end."""
     t_phase = time.monotonic()
+    # A run is a policy, or a policy with knob overrides (``tokenflow:first_token_grace_s=2;stall_budget_s=5``):
+    # its label names its results and salts its prompts (a variant must not find the first run's prompts cached).
     policies = [p for p in a.policies.split(",") if p]
+    for spec in policies:
+        run_spec(spec)  # a typo fails here, not after the engine's start
     trace = Path("/tmp/tokenflow-steps.jsonl") if not a.cpu else out / "steps.jsonl"
     if getattr(a, "continue_", False) and BURST_STATE.exists():
         st = json.loads(BURST_STATE.read_text())
@@ -344,9 +349,13 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             log(f"{left:.0f} s left, a policy takes up to ~{slowest_s:.0f} s: the engine stays up for the next call "
                 f"(--continue); done: {done}")
             return {"done": done, "url": url, "continued_later": True}
+        name, knobs = run_spec(pol)
+        label = run_label(pol)
         cmd = [sys.executable, "-m", "bench", "http", "--config", a.burst_config, "--engine-url", url,
-               "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", pol, "--out", str(out / f"burst-{pol}"),
+               "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", name,
+               "--out", str(out / f"burst-{label}"),
                "--no-progress", "--no-plots", "--engine-down-after-s", str(a.engine_down_after_s)]  # fmt: skip
+        cmd += [arg for k in knobs for arg in ("--knob", f"{name}.{k}")]
         # Requests still unfinished when the command's time runs out count as not completed: a report either way.
         cmd += ["--request-timeout", str(round(max(60.0, left - 90.0)))]
         if not done:
@@ -359,18 +368,19 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         # Its own process group: at the deadline the bench and the gateway it spawned go together (a gateway left
         # behind would keep streaming from the engine into the next policy's run).
+        env = {**os.environ, "TOKENFLOW_BENCH_SALT": os.environ.get("TOKENFLOW_BENCH_SALT", "") + label}
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True, env=env)
         try:  # never past the deadline: what ran is kept, and the engine stays up for a --continue call
             stdout, stderr = p.communicate(timeout=max(30.0, left - 20.0))
         except subprocess.TimeoutExpired:
             stop_pid(p.pid, p)
             stdout, stderr = p.communicate()
-            (out / f"burst-{pol}.log").write_text(stdout + stderr + "\n[stopped at the command's deadline]\n")
+            (out / f"burst-{label}.log").write_text(stdout + stderr + "\n[stopped at the command's deadline]\n")
             log(f"{pol} did not finish before the deadline ({time.monotonic() - t0:.0f} s); done: {done}")
             return {"done": done, "url": url, "continued_later": True, "unfinished": pol}
         slowest_s = max(slowest_s, time.monotonic() - t0)
-        (out / f"burst-{pol}.log").write_text(stdout + stderr)
+        (out / f"burst-{label}.log").write_text(stdout + stderr)
         print(stdout[-3000:], flush=True)
         if p.returncode != 0:
             print(stderr[-4000:], flush=True)
@@ -382,6 +392,21 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     BURST_STATE.unlink(missing_ok=True)
     _keep_trace(trace, out)  # the whole trace: the engine wrote its last lines as it stopped
     return {"done": done, "continued_later": False}
+
+
+def run_spec(spec: str) -> tuple[str, list[str]]:
+    """``POLICY[:KNOB=VALUE;...]`` as the policy and its ``KNOB=VALUE`` overrides."""
+    name, _, rest = spec.partition(":")
+    knobs = [k for k in rest.split(";") if k]
+    bad = [k for k in knobs if "=" not in k]
+    if not name or bad:
+        raise ValueError(f"--policies: {spec!r} is not POLICY[:KNOB=VALUE;...]")
+    return name, knobs
+
+
+def run_label(spec: str) -> str:
+    """A run's name in file names: ``tokenflow:first_token_grace_s=2`` -> ``tokenflow-first_token_grace_s2``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", spec.replace(":", "-").replace(";", "-"))
 
 
 def _keep_trace(trace: Path, out: Path) -> None:
@@ -439,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, help="burst: override the config's request count")
     ap.add_argument("--output-mean", type=int, help="burst: override the config's mean output")
     ap.add_argument("--warmup", type=int, default=32)
-    ap.add_argument("--policies", default="fcfs,tokenflow,andes", help="burst: in this order")
+    ap.add_argument("--policies", default="fcfs,tokenflow,andes",
+                    help="burst: in this order; POLICY:KNOB=VALUE;... runs a policy with knob overrides")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="burst: leave the rest for a --continue call")
     ap.add_argument("--engine-down-after-s", type=float, default=30.0,
                     help="burst: the gateway's liveness bound for the engine (a loaded 8B engine answers its state "
