@@ -38,8 +38,11 @@ class TokenFlowKnobs:
     # started streams instead of a long wait before the first token.
     first_token_aging: float = 1.0
     # ... after this grace: until then a new request sits at slack 0, behind started streams about to run
-    # dry but ahead of every one that holds more than its switch margin (a few seconds at most).
-    first_token_grace_s: float = 4.0
+    # dry but ahead of every one that holds more than its switch margin. 2 s: on the H200 burst (vLLM 0.26,
+    # docs/vllm-backend.md, sixth sitting) 4 s kept the burst's last requests out for the ~4.5 s the engine
+    # took to prefill its first 256: P99 TTFT 6.1 s against 5.3-5.4 s with 2 s, for 5.5 s of mean rebuffering
+    # instead of 2.0 s and higher effective throughput.
+    first_token_grace_s: float = 2.0
     # Admission: share of the engine's current decode capacity the admitted readers may be promised over
     # each look-ahead horizon (what their buffers hold counts; the rest absorbs estimation error).
     admit_utilization: float = 0.9

@@ -144,16 +144,19 @@ def test_prefetch_timing() -> None:
 
 def test_a_new_request_that_waited_overtakes_runners_about_to_run_dry() -> None:
     # Overload: two slots, both runners nearly empty (negative slack), a new request waits. Just arrived,
-    # or within its grace (4 s), it waits (the runners are more urgent); once it has waited longer than the
+    # or within its grace, it waits (the runners are more urgent); once it has waited longer than the
     # grace plus their switch margin, a runner gives way (the one with more buffer), instead of the new
     # request waiting for a whole answer.
     eng = engine(capacity=100_000, seqs=2)
+    g = TokenFlowKnobs().first_token_grace_s
     runners = (sv("a", R, buf=2.0), sv("b", R, buf=4.0))
     fresh = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False), eng=eng), NOW))
     assert not fresh.get("preempt", set()) & {"a", "b"}
-    grace = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - 3.9), eng=eng), NOW))
+    grace = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - g + 0.1), eng=eng),
+                                         NOW))
     assert not grace.get("preempt", set()) & {"a", "b"}
-    late = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - 7.0), eng=eng), NOW))
+    late = ops(TokenFlowPolicy().decide(snap(*runners, sv("new", W, started=False, arrival=NOW - g - 3.0), eng=eng),
+                                        NOW))
     assert late.get("preempt", set()) & {"a", "b"} == {"b"}
     assert "new" not in late.get("preempt", set())
 
@@ -352,7 +355,7 @@ def test_decisions_on_the_tick_cost_benchmark_snapshots_are_unchanged() -> None:
     """The snapshots `tokenflow bench tick-cost` times (1,000 streams, cold and steady): a digest of the decisions
     recorded with the recording above, so that a faster tick is the same tick."""
     cold = stressed_snapshot(1000)
-    policy = TokenFlowPolicy()
+    policy = TokenFlowPolicy(first_token_grace_s=4.0)  # the default when the digest was recorded
     first = outcome(policy, cold, 99.5)
     steady = apply(cold, policy.decide(cold, 99.5), 0.5)
     digest = hashlib.sha256(json.dumps([first, outcome(policy, steady, 100.0)]).encode()).hexdigest()

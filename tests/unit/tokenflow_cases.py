@@ -126,7 +126,8 @@ def replace_status(s: StreamView, status: EngineStatus) -> StreamView:
 
 def _knobs(rng: random.Random) -> dict[str, float]:
     if rng.random() < 0.6:
-        return {}
+        # the defaults of the recording (first_token_grace_s was 4 s then; its default has changed since)
+        return {"first_token_grace_s": 4.0}
     return {
         "conservativeness": rng.choice((1.0, 2.0, 3.0)),
         "shrink_rate": rng.choice((0.0, 0.5, 1.0)),
