@@ -320,7 +320,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     trace = Path("/tmp/tokenflow-steps.jsonl") if not a.cpu else out / "steps.jsonl"
     if getattr(a, "continue_", False) and BURST_STATE.exists():
         st = json.loads(BURST_STATE.read_text())
-        url, pid, done = st["url"], st["pid"], st["done"]
+        url, pid, done, proc = st["url"], st["pid"], st["done"], None
         try:  # a machine may stop what a call leaves running when the call ends: say so at once
             urllib.request.urlopen(url + "/health", timeout=5).read()
         except OSError as e:
@@ -336,7 +336,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         srv = Server(args, out / "vllm-burst.log", plugin=True, cpu=a.cpu,
                      extra_env={"TOKENFLOW_STEP_TRACE": str(trace)}, detach=True)
         url = srv.__enter__()
-        pid, done = srv.pid, []
+        pid, done, proc = srv.pid, [], srv.proc
         state = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
         (out / "engine.json").write_text(json.dumps(state, indent=1))
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
@@ -388,7 +388,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         done.append(pol)
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
         _keep_trace(trace, out)  # the step trace so far: kept even if the engine is lost later
-    stop_pid(pid)
+    stop_pid(pid, proc)
     BURST_STATE.unlink(missing_ok=True)
     _keep_trace(trace, out)  # the whole trace: the engine wrote its last lines as it stopped
     return {"done": done, "continued_later": False}
@@ -417,7 +417,7 @@ def _keep_trace(trace: Path, out: Path) -> None:
 
 def stop_pid(pid: int, proc: subprocess.Popen[Any] | None = None) -> None:
     """SIGTERM the process group ``pid`` (vLLM's API server and engine), SIGKILL after 60 s. ``proc``: our own
-    child, whose exit we reap; without it (an engine a previous call started) the group is polled."""
+    child, whose exit we wait for; without it the group is polled until it is empty."""
 
     def gone(timeout: float) -> bool:
         if proc is not None:
@@ -428,6 +428,10 @@ def stop_pid(pid: int, proc: subprocess.Popen[Any] | None = None) -> None:
                 return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            try:  # a child of ours that exited stays in its group as a zombie until reaped
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass  # not ours (an engine a previous call started)
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
