@@ -34,3 +34,4 @@ def test_stopping_an_engine_started_detached_does_not_wait_for_its_zombie() -> N
     assert not t.is_alive(), "stop_pid kept polling a process group that only held a zombie"
     with pytest.raises(ProcessLookupError):
         os.kill(p.pid, 0)  # stopped and reaped: no zombie left behind either
+    p.wait(timeout=5)  # (settles the Popen object: its child was reaped by stop_pid)
