@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         make_models(a)
         return 0
     fn = {"tiny": phase_tiny, "decode-cost": phase_decode_cost, "burst": phase_burst}[a.phase]
+    # A phase stopped from outside (scripts/gpu/device.sh's TF_PHASE_LIMIT_S) unwinds: the servers it started in
+    # `with` blocks are stopped on the way out instead of outliving it in their own sessions.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     t0 = time.monotonic()
     res = fn(a, a.out)
     res["phase_seconds"] = round(time.monotonic() - t0, 1)

@@ -7,6 +7,9 @@
 #   scripts/gpu/device.sh install           # verify and install the kit into /tmp/site; build the models
 #   scripts/gpu/device.sh PHASE [ARGS...]   # python3 -m bench.vllm_gpu PHASE ARGS, packed as $OUT/PHASE-*.tgz
 #
+# TF_PHASE_LIMIT_S=N stops the phase after N seconds and still packs what it wrote: set it below the call's own
+# limit, or a phase that runs long returns nothing (the machine keeps no files once the call is over).
+#
 # Installed packages go to /tmp/site (on PYTHONPATH), not into the machine's environment. The plugin and the
 # gateway run from this checkout (first on PYTHONPATH), so a kit built from an older commit still runs the
 # current code.
@@ -33,7 +36,9 @@ case "${1:-}" in
   *)
     phase="$1"; shift
     dir="/tmp/tf-runs/$phase-$stamp"
-    python3 -m bench.vllm_gpu "$phase" --out "$dir" "$@" 2>&1 | tee "$dir.log"
+    limit=()
+    [ -n "${TF_PHASE_LIMIT_S:-}" ] && limit=(timeout -k 15 "$TF_PHASE_LIMIT_S")
+    "${limit[@]}" python3 -m bench.vllm_gpu "$phase" --out "$dir" "$@" 2>&1 | tee "$dir.log"
     rc=${PIPESTATUS[0]}
     tar czf "$OUT/$phase-$stamp.tgz" -C /tmp/tf-runs "$phase-$stamp" "$phase-$stamp.log"
     exit "$rc"
