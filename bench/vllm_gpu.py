@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.net import free_port
+from bench.net import free_port, healthy, wait_started
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backends" / "vllm"))
@@ -92,13 +92,8 @@ class Server:
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=f, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         try:
-            while not self._healthy():
-                if self.proc.poll() is not None:
-                    tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
-                    raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n" + "\n".join(tail))
-                if time.monotonic() - t0 > self.timeout_s:
-                    raise RuntimeError(f"vllm serve not healthy within {self.timeout_s:.0f} s")
-                time.sleep(1.0)  # polling a condition with a deadline
+            wait_started(self.proc, lambda: healthy(self.url), what="vllm serve", url=self.url,
+                         timeout_s=self.timeout_s, interval_s=1.0, detail=self._log_tail)
         except BaseException:
             stop_pid(self.proc.pid, self.proc)
             raise
@@ -109,12 +104,8 @@ class Server:
         if self.proc is not None and not self.detach:
             stop_pid(self.proc.pid, self.proc)
 
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+    def _log_tail(self) -> str:
+        return ":\n" + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
 
 
 def serve_args(a: argparse.Namespace, model: Path, port: int, *, plugin: bool, prefix: bool,
