@@ -63,6 +63,7 @@ class Stream:
         assert self.resp is not None
         try:
             async for raw in self.resp.content:
+                await asyncio.sleep(0)  # a buffered line does not yield: let the test's control calls in between
                 line = raw.strip()
                 if not line.startswith(b"data:"):
                     continue

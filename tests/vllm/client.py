@@ -47,6 +47,10 @@ class Gen:
 
     async def _read(self) -> None:
         async for raw in self.resp.content:
+            # A line already buffered is returned without a pass through the event loop: once this reader falls
+            # behind a fast engine it would read the whole answer before the test's control calls got a turn,
+            # and the request would be over before the test could preempt it.
+            await asyncio.sleep(0)
             line = raw.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
@@ -79,7 +83,17 @@ class Client:
         self.url, self.s = url, session
 
     async def gen(self, rid: str | None, prompt: str | list[int], max_tokens: int, **extra: Any) -> Gen:
-        return await Gen(self, rid, prompt, max_tokens, **extra).start()
+        """A started stream; with ``rid``, returned once the engine lists the request (or its answer has ended):
+        vLLM's server sends the response's headers before the engine has taken the request in, and a state read
+        in between would not find it."""
+        g = await Gen(self, rid, prompt, max_tokens, **extra).start()
+        if rid is not None:
+
+            async def known() -> bool:
+                return g.task.done() or await self.req(rid) is not None
+
+            await poll(known, what=f"the engine to list {rid}")
+        return g
 
     async def run(self, prompt: str | list[int], max_tokens: int, **extra: Any) -> list[int]:
         """An uninterrupted reference run."""

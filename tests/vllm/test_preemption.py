@@ -65,7 +65,9 @@ async def test_greedy_output_identical_across_preemptions(client: Client) -> Non
     """One request preempted 6 times (two holds with a prefetch) next to an uninterrupted one, and a
     third without any host copy (every resume recomputes): all three match uninterrupted runs."""
     p_host, p_none, p_other = prompt(300, 1), prompt(200, 2), prompt(150, 3)
-    n = 400  # far past the last preemption point (130), so a state poll slowed by a loaded machine cannot miss it
+    # Far past the last preemption point (130): on a loaded machine a control call can take seconds while the
+    # engine goes on (the CPU build runs it in the API server's process), and a request must not end meanwhile.
+    n = 1700
     # References without write-through: the host tier is content-addressed, so a reference run that stored
     # its KV would hand the preempted runs a host copy they did not write themselves.
     refs = await asyncio.gather(*(client.run(p, n, **NO_HOST_COPY) for p in (p_host, p_none, p_other)))
