@@ -183,12 +183,16 @@ async def _stream(session: Any, url: str, body: dict[str, Any]) -> list[float]:
     return times
 
 
-async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: int, tf: bool) -> dict[str, Any]:
-    """``batch`` streams started together; the median gap between tokens once every stream decodes."""
+async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: int, tf: bool,
+                        poll: bool | None = None) -> dict[str, Any]:
+    """``batch`` streams started together; the median gap between tokens once every stream decodes. ``tf``: the
+    requests carry TokenFlow ids (the plugin tracks them) and, unless ``poll`` is False, the engine's state is read
+    four times a second as the gateway does."""
     import aiohttp
 
     rng = random.Random(batch)
     stop = asyncio.Event()
+    poll = tf if poll is None else poll
 
     async def control_loop(session: Any) -> int:  # what the gateway's control loop asks each tick
         n = 0
@@ -211,7 +215,7 @@ async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: i
             if tf:
                 b["vllm_xargs"] = {"tokenflow_id": f"dc-{batch}-{i}-{rng.random():.6f}"}
             bodies.append(b)
-        poller = asyncio.create_task(control_loop(s)) if tf else None
+        poller = asyncio.create_task(control_loop(s)) if poll else None
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(_stream(s, url, b) for b in bodies))
         wall = time.perf_counter() - t0
@@ -230,54 +234,117 @@ async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: i
             "state_polls": polls}  # fmt: skip
 
 
+# decode-cost's runs: (name, server, requests tracked by the plugin, state read at 4 Hz)
+DECODE_MODES = (("plain", "plain", False, False), ("plugin", "plugin", True, True),
+                ("plugin-no-poll", "plugin", True, False))  # fmt: skip
+
+
 def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Plain vLLM and vLLM + plugin side by side: both servers up at once (each with half the device's KV
-    room), the same batches sent to one then the other in alternation, so that drift of the machine between
-    runs falls on both; the cost is the median over repeats of each pair's ratio. Then, on the plugin server,
-    resume to next token and the contract suite."""
+    room), the same batches sent to one then the other in rotation, so that drift of the machine between runs
+    falls on all; the cost is the median over repeats of each repeat's ratio. The plugin server runs the batch
+    twice per repeat, with and without the gateway's state reads, to tell their share. Then, optionally, a
+    py-spy profile of each engine's process under the largest batch; on the plugin server, resume to next token
+    and the contract suite."""
     batches = [int(x) for x in a.batches.split(",")]
-    res: dict[str, Any] = {"batches": batches, "plain": [], "plugin": []}
+    modes = [m for m in DECODE_MODES if m[0] in a.decode_modes.split(",")]
+    res: dict[str, Any] = {"batches": batches, **{m[0]: [] for m in modes}}
     model = LLAMA3_8B
     kv = (a.decode_kv_gib << 30) if not a.cpu else (256 << 20)
-    servers = []
-    for plugin in (False, True):
-        name = "plugin" if plugin else "plain"
+    servers: dict[str, Server] = {}
+    for name in dict.fromkeys(m[1] for m in modes):
+        plugin = name == "plugin"
         args = serve_args(a, model, free_port(), plugin=plugin, prefix=False, max_num_seqs=max(batches),
                           host_offload_bytes=a.host_gib << 30, kv_cache_bytes=kv,
                           **({} if a.cpu else {"gpu_memory_utilization": 0.45}))
-        servers.append((name, plugin, Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu)))
+        servers[name] = Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu)
     try:
-        urls = {name: srv.__enter__() for name, _, srv in servers}  # one after the other (start-up is heavy)
-        for name, plugin, _ in servers:
+        urls = {name: srv.__enter__() for name, srv in servers.items()}  # one after the other (start-up is heavy)
+        for name in servers:
             # Not measured: the first batches after start pay for kernel selection and allocations.
-            asyncio.run(_decode_batch(urls[name], model.name, max(batches), a.prompt, 32, plugin))
+            asyncio.run(_decode_batch(urls[name], model.name, max(batches), a.prompt, 32, name == "plugin"))
         for rep in range(a.repeats):
             for b in batches:
-                pair = [(n, p) for n, p, _ in servers]
-                for name, plugin in pair if rep % 2 == 0 else pair[::-1]:  # alternate which goes first
-                    r = asyncio.run(_decode_batch(urls[name], model.name, b, a.prompt, a.decode_tokens, plugin))
+                k = rep % len(modes)
+                for name, on, tf, poll in modes[k:] + modes[:k]:  # rotate which goes first
+                    r = asyncio.run(_decode_batch(urls[on], model.name, b, a.prompt, a.decode_tokens, tf, poll))
                     r["repeat"] = rep
                     res[name].append(r)
                     log(f"{name} batch {b}: step {r['step_ms_median']} ms (p90 {r['step_ms_p90']}), "
                         f"{r['tokens_per_s']} tok/s")
-        url = urls["plugin"]
-        res["resume"] = resume_bench(url, a)
-        res["contract"] = pytest(out, "contract-8b", ["tests/contract"], {"TOKENFLOW_CONTRACT_URL": url})
-        res["engine_state"] = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
+        if a.profile_s > 0:
+            res["profiles"] = {name: profile_engine(servers[name], out / f"pyspy-{name}.txt", a.profile_s,
+                                                    _decode_batch(urls[name], model.name, max(batches), a.prompt,
+                                                                  a.decode_tokens, name == "plugin"))
+                               for name in servers}  # fmt: skip
+        if "plugin" in urls and not a.no_resume:
+            url = urls["plugin"]
+            res["resume"] = resume_bench(url, a)
+            res["contract"] = pytest(out, "contract-8b", ["tests/contract"], {"TOKENFLOW_CONTRACT_URL": url})
+            res["engine_state"] = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
     finally:
-        for _, _, srv in servers:
+        for srv in servers.values():
             srv.__exit__(None, None, None)
-    res["cost"] = {}
+    res["cost"] = decode_costs(res, batches, [m[0] for m in modes])
+    for b, by_mode in res["cost"].items():
+        for name, c in by_mode.items():
+            log(f"batch {b}: plain {c['plain_ms']:.3f} ms, {name} {c['ms']:.3f} ms, paired {c['added_pct']:+.2f} % "
+                f"({c['added_pct_range']})")
+    return res
+
+
+def decode_costs(res: dict[str, Any], batches: list[int], names: list[str]) -> dict[int, dict[str, Any]]:
+    """Per batch and per mode other than plain: the median step time and the median over repeats of the ratio to
+    plain's step time in the same repeat."""
+    cost: dict[int, dict[str, Any]] = {}
     for b in batches:
-        runs = {n: {r["repeat"]: r["step_ms_median"] for r in res[n] if r["batch"] == b} for n in ("plain", "plugin")}
-        ratios = [runs["plugin"][k] / runs["plain"][k] for k in runs["plain"] if k in runs["plugin"]]
-        med = {n: statistics.median(v.values()) for n, v in runs.items()}
-        res["cost"][b] = {"plain_ms": med["plain"], "plugin_ms": med["plugin"],
+        runs = {n: {r["repeat"]: r["step_ms_median"] for r in res[n] if r["batch"] == b} for n in names}
+        cost[b] = {}
+        for n in names:
+            if n == "plain":
+                continue
+            ratios = [runs[n][k] / runs["plain"][k] for k in runs["plain"] if k in runs[n]]
+            if not ratios:
+                continue
+            cost[b][n] = {"plain_ms": statistics.median(runs["plain"].values()),
+                          "ms": statistics.median(runs[n].values()),
                           "added_pct": round(100 * (statistics.median(ratios) - 1), 2),
                           "added_pct_range": [round(100 * (min(ratios) - 1), 2), round(100 * (max(ratios) - 1), 2)]}
-        log(f"batch {b}: plain {med['plain']:.3f} ms, plugin {med['plugin']:.3f} ms, paired "
-            f"{res['cost'][b]['added_pct']:+.2f} % ({res['cost'][b]['added_pct_range']})")
-    return res
+    return cost
+
+
+def engine_pid(server: Server) -> int | None:
+    """The engine core's process: the child of vLLM's API server process that is not a resource tracker."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == server.pid and b"resource_tracker" not in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
+def profile_engine(server: Server, path: Path, seconds: float, batch: Any) -> dict[str, Any]:
+    """Sample the engine core's Python stacks with py-spy (if installed) while ``batch`` runs; collapsed stacks go
+    to ``path``. Returns what happened (py-spy may be missing, or not allowed to attach)."""
+    spy, pid = shutil.which("py-spy"), engine_pid(server)
+    if spy is None or pid is None:
+        batch.close()
+        return {"skipped": "py-spy not installed" if spy is None else "engine process not found"}
+    cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--format", "raw",
+           "--output", str(path), "--nonblocking"]  # fmt: skip
+    log(f"profiling engine pid {pid} for {seconds:.0f} s: {shlex.join(cmd)}")
+    prof = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(1.0)  # (py-spy attaches before the batch starts; its samples are read from the file)
+    r = asyncio.run(batch)
+    try:
+        text = prof.communicate(timeout=seconds + 30)[0].decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        prof.kill()
+        text = "py-spy did not finish"
+    return {"rc": prof.returncode, "py_spy": text[-2000:], "batch": r, "file": path.name if path.exists() else None}
 
 
 def resume_bench(url: str, a: argparse.Namespace) -> dict[str, Any]:
@@ -450,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--decode-kv-gib", type=int, default=40, help="decode-cost: device KV of each of the two servers")
+    ap.add_argument("--decode-modes", default=",".join(m[0] for m in DECODE_MODES),
+                    help="decode-cost: the runs of each repeat (plain must be one)")
+    ap.add_argument("--profile-s", type=float, default=0.0,
+                    help="decode-cost: py-spy the engine of each server for this long under the largest batch")
+    ap.add_argument("--no-resume", action="store_true", help="decode-cost: skip resume and the contract suite")
     ap.add_argument("--context", type=int, default=2000, help="resume: context tokens")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--host-gib", type=int, default=64, help="host KV tier (cpu_bytes_to_use)")

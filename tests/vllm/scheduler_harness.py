@@ -219,9 +219,7 @@ class Engine:
             req_ids=rids,
             req_id_to_index={r: i for i, r in enumerate(rids)},
             sampled_token_ids=[[samples[r]] if r in samples else [] for r in rids],
-            # the host tier's loads started by this step land with its output
-            kv_connector_output=KVConnectorOutput(finished_recving=meta.loads)
-            if type(meta).__name__ == "HostTierMeta" and meta.loads else None,
+            kv_connector_output=connector_output(meta),
         )
         for outs in sched.update_from_output(out, mro).values():
             for o in outs.outputs:
@@ -236,6 +234,22 @@ class Engine:
 
     def state(self) -> dict:
         return json.loads(self.sched.tokenflow_call(json.dumps({"kind": "state"})))
+
+
+def connector_output(meta: Any) -> KVConnectorOutput | None:
+    """What the worker side reports with a step's output: every transfer the step's connector metadata started has
+    landed (the host tier's loads; the offloading connector's stores and loads, so that its scheduler side
+    completes them as on a GPU, where a store of a few blocks takes well under a step)."""
+    kind = type(meta).__name__
+    if kind == "HostTierMeta" and meta.loads:
+        return KVConnectorOutput(finished_recving=meta.loads)
+    if kind == "OffloadingConnectorMetadata" and (meta.store_jobs or meta.load_jobs):
+        from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import OffloadingWorkerMetadata
+
+        done = OffloadingWorkerMetadata(completed_jobs=dict.fromkeys((*meta.store_jobs, *meta.load_jobs), 1))
+        loaded = {job.req_id for job in meta.load_jobs.values()}
+        return KVConnectorOutput(finished_recving=loaded or None, kv_connector_worker_meta=done)
+    return None
 
 
 def check(cond: bool, what: str) -> None:

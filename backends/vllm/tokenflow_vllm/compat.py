@@ -105,6 +105,12 @@ def local_prefix_hit(sched: Any, req: Any) -> tuple[Any, int]:
     return blocks, n_local
 
 
+def device_blocks(sched: Any) -> Any:
+    """Request id -> its device blocks in the first KV cache group, read without copying (a mapping with
+    ``get``): the block lists vLLM's ``get_blocks`` would wrap in new objects."""
+    return sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
+
+
 def host_tier_chunks(manager: Any) -> tuple[int, int] | None:
     """(capacity, allocated-but-not-free) chunks of vLLM's CPU offloading manager, or None if unknown."""
     for cap, used in (("_num_chunks", "_num_allocated_chunks"), ("_num_blocks", "_num_allocated_blocks")):

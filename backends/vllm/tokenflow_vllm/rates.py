@@ -33,12 +33,11 @@ class StepRates:
         spec_tokens = out.scheduled_spec_decode_tokens
         # A decoding request schedules its one sampled token (plus draft tokens); more is prefill (a prompt
         # chunk, or context recomputed after a preemption). Runs every step over every running request.
-        if not spec_tokens:
-            for n in out.num_scheduled_tokens.values():
-                if n <= 1:
-                    decode += 1
-                else:
-                    prefill += n
+        if not spec_tokens:  # (counted in C: this runs every step over every running request)
+            counts = list(out.num_scheduled_tokens.values())
+            ones = counts.count(1)
+            decode = ones + counts.count(0)
+            prefill = sum(counts) - ones
         else:
             for rid, n in out.num_scheduled_tokens.items():
                 if n <= 1 + len(spec_tokens.get(rid, ())):

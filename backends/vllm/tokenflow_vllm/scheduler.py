@@ -55,7 +55,20 @@ from tokenflow_vllm.rates import StepRates, StepTrace
 log = logging.getLogger("tokenflow_vllm.scheduler")
 
 XARGS_KEY = "tokenflow_id"
+STORE_EVERY_KEY = "tokenflow_store_every_chunks"  # in kv_connector_extra_config
 STEP_TRACE_ENV = "TOKENFLOW_STEP_TRACE"  # a file path: one JSON line per engine step (for cost models)
+
+
+def _dumps(obj: Any) -> str:
+    """JSON text; msgspec's encoder (a vLLM dependency) when present: a state report of hundreds of requests is
+    built on the engine's thread, between steps, four times a second."""
+    return _encode(obj).decode() if _encode is not None else json.dumps(obj)
+
+
+try:
+    from msgspec.json import encode as _encode
+except ImportError:  # pragma: no cover (every supported vLLM installs msgspec)
+    _encode = None
 
 
 class Phase(enum.Enum):
@@ -103,6 +116,8 @@ class TokenFlowMixin:
         self._tf_in_phase: Counter = Counter()  # phase -> requests in it
         self._tf_boundary: dict[str, Tracked] = {}  # requests _at_step_boundary must look at
         self._tf_resuming: dict[str, Tracked] = {}  # requests between a resume and their next token
+        self._tf_pinned: dict[str, Tracked] = {}  # requests whose host chunks are pinned
+        self._tf_restoring: dict[str, Tracked] = {}  # requests with restore_pending: counted at their admission
         self._tf_counters = dict.fromkeys(
             ("preemptions", "resumes", "prefetches", "aborts", "host_restored_tokens", "recomputed_tokens"), 0
         )
@@ -115,8 +130,11 @@ class TokenFlowMixin:
             for g in self.kv_cache_config.kv_cache_groups
         )
         self._tf_offload = self._find_offload_scheduler()
-        if self._tf_offload is not None:
-            store_scan.install(self._tf_offload)
+        groups = self._tf_offload.config.kv_group_configs if self._tf_offload is not None else None
+        self._tf_hashes_per_chunk = groups[0].hashes_per_chunk if groups else 1
+        self._tf_tokens_per_chunk = groups[0].tokens_per_chunk if groups else 0
+        self._tf_write = store_scan.install(self._tf_offload, self._tf_store_every()) if self._tf_offload else None
+        self._tf_device_blocks = compat.device_blocks(self)
         # Host-copy accounting, kept incremental: each live request's leading chunks verified on the host tier.
         self._host = HostPrefixes()
         if self.connector is not None:
@@ -135,6 +153,16 @@ class TokenFlowMixin:
         if sched is None or not hasattr(sched, "manager") or not hasattr(sched, "config"):
             return None
         return sched
+
+    def _tf_store_every(self) -> int:
+        """Full chunks a request's write-through gathers before they go to the host: ``--kv-transfer-config``'s
+        ``kv_connector_extra_config.tokenflow_store_every_chunks`` (store_scan.STORE_EVERY_CHUNKS if unset)."""
+        kvt = self.vllm_config.kv_transfer_config
+        extra = (kvt.kv_connector_extra_config if kvt is not None else None) or {}
+        every = extra.get(STORE_EVERY_KEY, store_scan.STORE_EVERY_CHUNKS)
+        if type(every) is not int or every < 1:
+            raise ValueError(f"{STORE_EVERY_KEY} must be a positive integer, got {every!r}")
+        return every
 
     def _wrap_connector(self, conn: Any) -> None:
         """Observe, without changing, what the connector loads and how fast it copies."""
@@ -166,8 +194,7 @@ class TokenFlowMixin:
         host-copy check stops at the first chunk the tier lacks."""
         from vllm.v1.kv_offload.base import make_offload_key
 
-        g = self._tf_offload.config.kv_group_configs[0]
-        hpc, group = g.hashes_per_chunk, g.group_idx
+        hpc, group = self._tf_hashes_per_chunk, self._tf_offload.config.kv_group_configs[0].group_idx
         hashes = req.block_hashes
         return (make_offload_key(hashes[i], group) for i in range(hpc - 1 + start * hpc, len(hashes), hpc))
 
@@ -198,24 +225,27 @@ class TokenFlowMixin:
             return chunk is not None and chunk.is_ready
 
         rid = t.req.request_id
-        self._host.extend(rid, self._host_chunk_keys(t.req, self._host.length(rid)), present)
+        verified = self._host.length(rid)
+        if verified < len(t.req.block_hashes) // self._tf_hashes_per_chunk:  # (else: no full chunk to look for)
+            self._host.extend(rid, self._host_chunk_keys(t.req, verified), present)
 
     def _drop_host(self, t: Tracked) -> None:
         self._host.drop(t.req.request_id)
 
     def _host_tokens(self, t: Tracked) -> int:
-        per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk if self._tf_offload else 0
-        return min(self._host.length(t.req.request_id) * per_chunk, t.req.num_tokens)
+        return min(self._host.length(t.req.request_id) * self._tf_tokens_per_chunk, t.req.num_tokens)
 
     def _pin(self, t: Tracked) -> None:
         if self._tf_offload is not None and not t.pinned:
             t.pinned = tuple(self._host_chunk_keys(t.req))
             pins.pin(t.pinned)
+            self._tf_pinned[t.req.request_id] = t
 
     def _unpin(self, t: Tracked) -> None:
         if t.pinned:
             pins.unpin(t.pinned)
             t.pinned = ()
+        self._tf_pinned.pop(t.req.request_id, None)
 
     # ------------------------------------------------------------------ request life cycle
 
@@ -238,6 +268,7 @@ class TokenFlowMixin:
             self._tf_in_phase[t.phase] -= 1
             self._tf_boundary.pop(request.request_id, None)
             self._tf_resuming.pop(request.request_id, None)
+            self._tf_restoring.pop(request.request_id, None)
             self._unpin(t)
             self._drop_host(t)
             if self._tf_ids.get(t.tf_id) == request.request_id:
@@ -265,8 +296,10 @@ class TokenFlowMixin:
         return sum(self._tf_in_phase[p] for p in OUT_OF_QUEUE)
 
     def get_num_unfinished_requests(self) -> int:
-        # A request waiting to re-enter a queue needs the engine to step (that is where it re-enters).
-        return super().get_num_unfinished_requests() + self._tf_in_phase[Phase.REQUEUE]
+        # A request waiting to re-enter a queue needs the engine to step (that is where it re-enters), and so does
+        # a preempted request's write-through tail (stored by the next step's connector metadata).
+        tails = self._tf_write is not None and self._tf_write.tails_pending()
+        return super().get_num_unfinished_requests() + self._tf_in_phase[Phase.REQUEUE] + tails
 
     def has_finished_requests(self) -> bool:
         # vLLM infers "finished, waiting on a delayed connector free" from requests that are in
@@ -285,20 +318,21 @@ class TokenFlowMixin:
         for t in self._tf_resuming.values():  # loads started by this schedule(), for the resume time line
             if t.req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
                 self._mark(t, "load_started")
-        tracked = self._tf
-        for rid in out.num_scheduled_tokens:  # every running request, every step: no calls in the common case
-            t = tracked.get(rid)
-            if t is not None:
-                if t.resumed_at is not None:
-                    self._mark(t, "scheduled")
-                if t.park:
-                    # Prefetched and admitted: it computes the rest of its context (the part the host copy
-                    # lacks) and parks once this step samples its next token. Its host copy stays pinned.
-                    if t.req.num_computed_tokens >= t.req.num_tokens:
-                        t.warm = True
-                    continue
-                if t.pinned:  # computing again: its host copy no longer needs protection
-                    self._unpin(t)
+        # Only the few requests in a special state are looked at: the loop runs every step, and going over every
+        # scheduled request costs the engine's thread time per running stream.
+        scheduled = out.num_scheduled_tokens
+        for rid, t in self._tf_resuming.items():
+            if rid in scheduled:
+                self._mark(t, "scheduled")
+        for rid, t in self._tf_boundary.items():
+            # Prefetched and admitted: it computes the rest of its context (the part the host copy lacks) and
+            # parks once this step samples its next token. Its host copy stays pinned.
+            req = t.req
+            if t.park and t.phase is Phase.ACTIVE and rid in scheduled and req.num_computed_tokens >= req.num_tokens:
+                t.warm = True
+        for rid, t in list(self._tf_pinned.items()):
+            if rid in scheduled and not t.park:  # computing again: its host copy no longer needs protection
+                self._unpin(t)
         self._tf_rates.on_schedule(out)
         if self._tf_trace is not None:
             self._tf_trace.on_schedule(out, self.requests)
@@ -332,6 +366,15 @@ class TokenFlowMixin:
         self.reset_preempted_req_ids.add(req.request_id)
         self._move(t, Phase.PARKED)
 
+    def _restore_pending(self, t: Tracked, pending: bool) -> None:
+        """Count what the request's next admission restores and recomputes (or stop counting it)."""
+        t.restore_pending = pending
+        t.restore_external = 0
+        if pending:
+            self._tf_restoring[t.req.request_id] = t
+        else:
+            self._tf_restoring.pop(t.req.request_id, None)
+
     def _mark(self, t: Tracked, point: str) -> None:
         if t.resumed_at is not None and point not in t.resume_timeline:
             t.resume_timeline[point] = time.perf_counter() - t.resumed_at
@@ -362,15 +405,14 @@ class TokenFlowMixin:
     def _update_after_schedule(self, scheduler_output) -> None:
         # Before super() advances num_computed_tokens: what a re-admitted request already has on device
         # (local prefix hit + host load) versus what it had when preempted.
-        for rid in scheduler_output.num_scheduled_tokens:
-            t = self._tf.get(rid)
-            if t is not None and t.restore_pending:
+        scheduled = scheduler_output.num_scheduled_tokens
+        for rid, t in list(self._tf_restoring.items()):
+            if rid in scheduled:
                 valid = t.req.num_computed_tokens
                 restored = min(t.restore_external, valid)
                 self._tf_counters["host_restored_tokens"] += restored
                 self._tf_counters["recomputed_tokens"] += max(0, t.kv_at_preempt - valid)
-                t.restore_pending = False
-                t.restore_external = 0
+                self._restore_pending(t, False)
         super()._update_after_schedule(scheduler_output)
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -399,9 +441,10 @@ class TokenFlowMixin:
         t = self._tf.get(request.request_id)
         if t is not None:
             t.kv_at_preempt = request.num_computed_tokens
-            t.restore_pending = True
-            t.restore_external = 0
+            self._restore_pending(t, True)
             t.warm = False  # (a prefetched request the engine itself preempted is queued again, not parked)
+        if self._tf_write is not None:
+            self._tf_write.preempted(request.request_id, request.num_computed_tokens)
         self._tf_counters["preemptions"] += 1
         super()._preempt_request(request, timestamp, *args, **kwargs)
 
@@ -465,8 +508,7 @@ class TokenFlowMixin:
     def _requeue(self, t: Tracked, park: bool) -> None:
         # Pins stay until it computes again (see schedule): loading and parked requests keep their copy.
         self._move(t, Phase.REQUEUE, park=park)
-        t.restore_pending = True
-        t.restore_external = 0
+        self._restore_pending(t, True)
 
     def _resume(self, t: Tracked) -> None:
         phase = t.phase
@@ -507,8 +549,7 @@ class TokenFlowMixin:
             is not None
         ):
             req.num_computed_tokens = n_local
-            t.restore_pending = True
-            t.restore_external = 0
+            self._restore_pending(t, True)
         self._move(t, Phase.PARKED)  # with no device KV at all, resume recomputes (or reloads, if it can by then)
 
     def _needs_load(self, req: Request) -> bool:
@@ -577,7 +618,8 @@ class TokenFlowMixin:
         status = self._status(t)
         device = computed = 0
         if status in ("running", "parked", "loading") or t.phase is Phase.REQUEUE:
-            device = self._device_blocks(req) * self.block_size  # allocated: what a preempt would free
+            blocks = self._tf_device_blocks.get(req.request_id)
+            device = len(blocks) * self.block_size if blocks else 0  # allocated: what a preempt would free
             computed = req.num_computed_tokens if status != "loading" else 0
         return {
             "id": t.tf_id,
@@ -595,12 +637,6 @@ class TokenFlowMixin:
             "resume_timeline_s": t.resume_timeline or None,  # beyond the contract: where that time went
             "request_id": req.request_id,
         }
-
-    def _device_blocks(self, req: Request) -> int:
-        try:
-            return len(self.kv_cache_manager.get_blocks(req.request_id).blocks[0])
-        except (KeyError, IndexError):
-            return 0
 
     def _tf_name(self) -> str:
         name = self.vllm_config.model_config.served_model_name
@@ -665,10 +701,10 @@ class TokenFlowMixin:
         msg = json.loads(payload)
         kind = msg.get("kind")
         if kind == "commands":
-            return json.dumps(self.tokenflow_apply(msg["commands"]))
+            return _dumps(self.tokenflow_apply(msg["commands"]))
         if kind == "state":
-            return json.dumps(self.tokenflow_state(msg.get("id")))
-        return json.dumps({"error": f"unknown call {kind!r}"})
+            return _dumps(self.tokenflow_state(msg.get("id")))
+        return _dumps({"error": f"unknown call {kind!r}"})
 
 
 class TokenFlowScheduler(TokenFlowMixin, Scheduler):

@@ -1,22 +1,31 @@
-"""A cheaper write-through scan for vLLM's offloading connector: only requests with a chunk to store reach it.
+"""A cheaper write-through for vLLM's offloading connector: per step, only the requests with work reach it.
 
-Every step, the connector's scheduler side (``OffloadingConnectorScheduler._build_store_jobs``) walks every
-scheduled request to find full chunks not yet stored, with a dozen calls and slices per request. While decoding,
-a request completes a chunk once every ``tokens_per_chunk`` steps (16 with vLLM's default block size), so nearly
-all of that walk finds nothing: at 256 decoding streams it was most of the plugin's added time per step
-(docs/vllm-backend.md, "Scheduler cost per step"). This hands the connector only the requests that may have a
-chunk to store, which is exact: a skipped request is one for which the connector would have stored nothing and
-moved nothing (its stored-chunk index only moves up to what it could store).
+Every step, the connector's scheduler side walks every scheduled request twice: ``_update_req_states`` (new
+device blocks, and the offload key of every newly full block) and ``_build_store_jobs`` (full chunks not yet
+stored), a dozen calls and slices per request. While decoding, a request fills a block once every
+``block_size`` steps, so nearly all of that walk finds nothing; at 256 decoding streams it was most of the
+plugin's added time per step, and each store job it does find costs more again (a host allocation, an LRU touch
+of every chunk of the request, a transfer on the worker). docs/vllm-backend.md, "Scheduler cost per step".
 
-A request is skipped when it is not finished and, in every KV group, the tokens it will have computed after this
-step fill no chunk beyond those already stored: ``(computed + scheduled) // tokens_per_chunk <= next_stored``.
-The connector can store less than that (offload caps, prompt-only offload, the eagle group's last chunk), never
-more, so the bound only skips requests it would skip too. Finished requests always go through.
+:func:`install` wraps both:
 
-Relies on the connector's private state (``_req_status``, each request's ``group_states[i].next_stored_chunk_idx``,
-``config.kv_group_configs[i].tokens_per_chunk``) and on ``_build_store_jobs`` reading only ``num_scheduled_tokens``
-and ``finished_req_ids`` of the scheduler output, as vLLM 0.26 and 0.32 do; :func:`install` checks for them and
-leaves the connector alone if they are not there.
+- ``_update_req_states`` sees the new requests, the resumed ones and those that got device blocks this step, not
+  the others, for which it would only have brought their offload keys up to date (appending nothing, or the key
+  of a block filled since: that is done below, before the request's chunks are stored, and vLLM's own lookup and
+  finish paths bring the keys up to date themselves).
+- ``_build_store_jobs`` sees a request once it has ``every`` full chunks not yet stored (``(computed + scheduled)
+  // tokens_per_chunk - next_stored >= every`` in some KV group), and every finished request. With ``every`` 1
+  this is exact: a skipped request is one for which the connector would have stored nothing and moved nothing
+  (it can store less than that bound: offload caps, prompt-only offload, the eagle group's last chunk; never
+  more). With ``every`` N a decoding request's chunks go to the host N at a time, in one job instead of N: the
+  host copy lags the device by less than N chunks, which a preemption recomputes on resume (a request finishes
+  with all of it stored).
+
+Relies on the connector's private state (``_req_status``, each request's ``group_states[i].next_stored_chunk_idx``
+and ``update_offload_keys()``, ``config.kv_group_configs[i].tokens_per_chunk``, ``_sliding_window_groups``) and
+on ``_update_req_states`` / ``_build_store_jobs`` reading only the scheduler output's fields that the views below
+carry, as vLLM 0.26 and 0.32 do; :func:`install` checks for them and leaves the connector alone if they are not
+there (and hands a call back to the connector's own code if a request's state has another shape).
 """
 from __future__ import annotations
 
@@ -24,6 +33,11 @@ import logging
 from typing import Any
 
 log = logging.getLogger("tokenflow_vllm.offload")
+
+# The plugin's default: 4 chunks of 16 tokens (vLLM's CUDA block size) are one job per decoding request every 64
+# steps instead of one every 16, and at most 63 tokens recomputed after a preemption (the partial last chunk,
+# up to 15, was recomputed already). docs/vllm-backend.md, "Scheduler cost per step".
+STORE_EVERY_CHUNKS = 4
 
 
 class _StoreView:
@@ -36,49 +50,161 @@ class _StoreView:
         self.finished_req_ids = finished_req_ids
 
 
-def install(conn_sched: Any) -> bool:
-    """Wrap the connector scheduler's ``_build_store_jobs`` with the filter; False (and nothing changed) if its
-    internals are not the ones this was written for."""
-    build = getattr(conn_sched, "_build_store_jobs", None)
-    status = getattr(conn_sched, "_req_status", None)
-    groups = getattr(getattr(conn_sched, "config", None), "kv_group_configs", None)
-    if build is None or not isinstance(status, dict) or not groups or any(
-        not isinstance(getattr(g, "tokens_per_chunk", None), int) or g.tokens_per_chunk <= 0 for g in groups
-    ):
-        log.warning("offloading connector internals not recognised: its write-through scan is left as it is")
-        return False
-    per_chunk = tuple(g.tokens_per_chunk for g in groups)
-    one_group = len(per_chunk) == 1
-    tpc = per_chunk[0]
+class _CachedView:
+    """``scheduled_cached_reqs`` as ``yield_req_data`` reads it, for the requests that changed."""
 
-    def build_store_jobs(scheduler_output: Any) -> Any:
+    __slots__ = ("new_block_ids", "req_ids", "resumed_req_ids")
+
+    def __init__(self, req_ids: list[str], new_block_ids: list[Any], resumed_req_ids: Any) -> None:
+        self.req_ids = req_ids
+        self.new_block_ids = new_block_ids
+        self.resumed_req_ids = resumed_req_ids
+
+
+class _StatesView:
+    """What ``_update_req_states`` reads of a scheduler output."""
+
+    __slots__ = ("kv_cache_block_copies", "scheduled_cached_reqs", "scheduled_new_reqs")
+
+    def __init__(self, out: Any, cached: _CachedView) -> None:
+        self.scheduled_new_reqs = out.scheduled_new_reqs
+        self.scheduled_cached_reqs = cached
+        self.kv_cache_block_copies = getattr(out, "kv_cache_block_copies", None)  # (0.32+)
+
+
+class WriteThrough:
+    """The wrapped connector scheduler (see the module's docstring); made by :func:`install`."""
+
+    def __init__(self, conn_sched: Any, every: int) -> None:
+        self.every = every
+        self._conn = conn_sched
+        self._build = conn_sched._build_store_jobs
+        self._update = conn_sched._update_req_states
+        self._meta = conn_sched.build_connector_meta
+        self._status: dict[str, Any] = conn_sched._req_status
+        self._per_chunk = tuple(g.tokens_per_chunk for g in conn_sched.config.kv_group_configs)
+        self._preempted: dict[str, int] = {}  # request id -> tokens it had computed when preempted
+        self.tail_jobs = 0  # store jobs made for preempted requests' tails, in all
+        # Sliding-window groups re-check every request's pending blocks in _update_req_states: give it all of them.
+        sparse = not conn_sched._sliding_window_groups
+        self._sparse_states = sparse
+        conn_sched._build_store_jobs = self._build_store_jobs
+        if sparse:
+            conn_sched._update_req_states = self._update_req_states
+        if every > 1:
+            conn_sched.build_connector_meta = self._build_connector_meta
+
+    def preempted(self, req_id: str, num_computed_tokens: int) -> None:
+        """Called as a request is preempted (before vLLM forgets what it had computed): its full chunks not yet
+        stored go to the host with the next step, ahead of the forward that may reuse its blocks."""
+        if self.every > 1:
+            self._preempted[req_id] = num_computed_tokens
+
+    def tails_pending(self) -> bool:
+        """Whether a preempted request's tail waits for the next step (the engine must step even with nothing to
+        run)."""
+        return bool(self._preempted)
+
+    def _restore(self, what: str) -> None:
+        log.exception("offloading connector request state not recognised: its own %s is restored", what)
+        self._conn._build_store_jobs = self._build
+        self._conn._update_req_states = self._update
+        self._conn.build_connector_meta = self._meta
+        self.every = 1
+
+    # -- the wrappers ---------------------------------------------------------------------------------
+
+    def _update_req_states(self, scheduler_output: Any) -> Any:
         try:
-            view = _StoreView(_with_chunks(scheduler_output.num_scheduled_tokens),
+            view = _StatesView(scheduler_output, self._changed(scheduler_output.scheduled_cached_reqs))
+        except AttributeError:
+            self._restore("request-state update")
+            return self._update(scheduler_output)
+        return self._update(view)
+
+    def _build_store_jobs(self, scheduler_output: Any) -> Any:
+        try:
+            view = _StoreView(self._with_chunks(scheduler_output.num_scheduled_tokens),
                               scheduler_output.finished_req_ids)  # fmt: skip
         except AttributeError:  # a request state of another shape: the connector's own walk, from now on
-            log.exception("offloading connector request state not recognised: its write-through scan is restored")
-            conn_sched._build_store_jobs = build
-            return build(scheduler_output)
-        return build(view)
+            self._restore("write-through scan")
+            return self._build(scheduler_output)
+        return self._build(view)
 
-    def _with_chunks(scheduled: dict[str, int]) -> dict[str, int]:
+    def _build_connector_meta(self, scheduler_output: Any) -> Any:
+        # A preempted request's tail is stored before the connector's own work, which flushes every pending job
+        # of a preempted request (the worker submits and waits for them before the forward that may reuse the
+        # blocks); vLLM's own scan stores nothing for it (it is not scheduled).
+        tails: dict[int, Any] = {}
+        if self._preempted:
+            pending, self._preempted = self._preempted, {}
+            scheduled = scheduler_output.num_scheduled_tokens
+            for rid in scheduler_output.preempted_req_ids or ():
+                n = pending.get(rid)
+                st = self._status.get(rid)
+                # (One admitted again in this same step found its blocks in the device prefix cache: it runs,
+                # and its chunks are stored as it goes on.)
+                if n is None or st is None or rid in scheduled or st.req.is_finished() or not self._due(st, n, 1):
+                    continue
+                if self._sparse_states:
+                    st.update_offload_keys()
+                # (computed tokens are 0 after a preemption: the view's scheduled count carries what it had)
+                tails.update(self._build(_StoreView({rid: n}, ())))
+            self.tail_jobs += len(tails)
+        meta = self._meta(scheduler_output)
+        if tails:
+            meta.store_jobs.update(tails)
+        return meta
+
+    # -- which requests -------------------------------------------------------------------------------
+
+    def _changed(self, cached: Any) -> _CachedView:
+        ids, blocks, resumed = cached.req_ids, cached.new_block_ids, cached.resumed_req_ids
+        keep = [i for i, b in enumerate(blocks) if b is not None and any(b)]
+        if resumed:
+            keep = sorted(set(keep).union(i for i, r in enumerate(ids) if r in resumed))
+        return _CachedView([ids[i] for i in keep], [blocks[i] for i in keep], resumed)
+
+    def _due(self, st: Any, done: int, every: int) -> bool:
+        """Whether ``every`` full chunks not yet stored lie within the request's first ``done`` tokens."""
+        return any(done // c - g.next_stored_chunk_idx >= every for c, g in zip(self._per_chunk, st.group_states))
+
+    def _with_chunks(self, scheduled: dict[str, int]) -> dict[str, int]:
         keep: dict[str, int] = {}
-        get = status.get
+        get = self._status.get
+        every, sparse = self.every, self._sparse_states
+        one_group = len(self._per_chunk) == 1
+        tpc = self._per_chunk[0]
         for rid, n in scheduled.items():
             st = get(rid)
             if st is None:
                 continue  # (the connector skips it too)
-            req = st.req
-            done = req.num_computed_tokens + n
+            # (A scheduled request is not finished: nothing finishes between schedule() and this call. The
+            # connector stores a finished one from finished_req_ids, which passes unfiltered.)
+            done = st.req.num_computed_tokens + n
             if one_group:
-                if done // tpc <= st.group_states[0].next_stored_chunk_idx and not req.is_finished():
+                if done // tpc - st.group_states[0].next_stored_chunk_idx < every:
                     continue
-            elif not req.is_finished() and all(
-                done // c <= g.next_stored_chunk_idx for c, g in zip(per_chunk, st.group_states, strict=True)
-            ):
+            elif not self._due(st, done, every):
                 continue
+            if sparse:
+                st.update_offload_keys()  # (the keys of blocks filled since it was last passed)
             keep[rid] = n
         return keep
 
-    conn_sched._build_store_jobs = build_store_jobs
-    return True
+
+def install(conn_sched: Any, every: int = 1) -> WriteThrough | None:
+    """Wrap the connector scheduler as described above; None (and nothing changed) if its internals are not the
+    ones this was written for."""
+    if every < 1:
+        raise ValueError(f"store every {every} chunks: must be at least 1")
+    status = getattr(conn_sched, "_req_status", None)
+    groups = getattr(getattr(conn_sched, "config", None), "kv_group_configs", None)
+    if not all(hasattr(conn_sched, a) for a in ("_build_store_jobs", "_update_req_states", "build_connector_meta",
+                                                  "_sliding_window_groups")) or not isinstance(status, dict) or (
+        not groups or any(not isinstance(getattr(g, "tokens_per_chunk", None), int) or g.tokens_per_chunk <= 0
+                          for g in groups)
+    ):
+        log.warning("offloading connector internals not recognised: its write-through scan is left as it is")
+        return None
+    return WriteThrough(conn_sched, every)
