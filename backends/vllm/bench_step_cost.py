@@ -16,7 +16,8 @@ Variants, each adding one thing the plugin's server runs beside vLLM's defaults:
 - ``offload``: plus the offloading connector's scheduler side (write-through to host: which blocks to store,
   every step);
 - ``plugin``: the TokenFlow scheduler on top (tracking, rates, the state read the gateway makes every 0.25 s,
-  counted here once every 15 steps, a 16 ms step's share).
+  counted here once every 15 steps, a 16 ms step's share), writing every chunk through as it fills (its default);
+- ``plugin-every4``: the same, writing chunks through 4 at a time (``tokenflow_store_every_chunks`` 4).
 
 Rounds alternate the variants (each round runs every variant's steps in a new order) so that drift of a shared
 machine falls on all; the result is the median of each variant's per-round mean step time.
@@ -47,8 +48,12 @@ STATE_EVERY = 15  # steps between state reads: the gateway's 0.25 s tick at ~16 
 
 
 def build(model: str, variant: str, streams: int) -> harness.Engine:
-    kvt = kv_transfer_config(1 << 30) if variant in ("offload", "plugin") else None
-    cls = None if variant == "plugin" else AsyncScheduler
+    kvt = kv_transfer_config(1 << 30) if variant in ("offload", "plugin", "plugin-every4") else None
+    if variant == "plugin-every4":  # the plugin writing chunks through 4 at a time
+        cfg = json.loads(kvt)
+        cfg["kv_connector_extra_config"]["tokenflow_store_every_chunks"] = 4
+        kvt = json.dumps(cfg)
+    cls = None if variant.startswith("plugin") else AsyncScheduler
     policy = "fcfs" if variant == "plain" else "priority"
     blocks = streams * (PROMPT + 4096) // harness.BLOCK + 64
     sched = harness.make_scheduler(model, True, blocks, streams, cls=cls, policy=policy,
@@ -68,7 +73,7 @@ def timed_steps(eng: harness.Engine, variant: str, n: int, step0: int) -> float:
     t0 = time.perf_counter()
     for k in range(n):
         eng.step()
-        if variant == "plugin" and (step0 + k) % STATE_EVERY == 0:
+        if variant.startswith("plugin") and (step0 + k) % STATE_EVERY == 0:
             eng.state()
     return (time.perf_counter() - t0) / n
 
