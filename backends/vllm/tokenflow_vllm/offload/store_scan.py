@@ -17,9 +17,10 @@ of every chunk of the request, a transfer on the worker). docs/vllm-backend.md, 
   // tokens_per_chunk - next_stored >= every`` in some KV group), and every finished request. With ``every`` 1
   this is exact: a skipped request is one for which the connector would have stored nothing and moved nothing
   (it can store less than that bound: offload caps, prompt-only offload, the eagle group's last chunk; never
-  more). With ``every`` N a decoding request's chunks go to the host N at a time, in one job instead of N: the
-  host copy lags the device by less than N chunks, which a preemption recomputes on resume (a request finishes
-  with all of it stored).
+  more). With ``every`` N a decoding request's chunks go to the host N at a time, in one job instead of N: its
+  host copy lags the device by less than N chunks while it runs. When it is preempted, the next step stores the
+  rest of its full chunks before the forward that may reuse its blocks (:meth:`WriteThrough.preempted`); when it
+  finishes, the connector stores them as always.
 
 Relies on the connector's private state (``_req_status``, each request's ``group_states[i].next_stored_chunk_idx``
 and ``update_offload_keys()``, ``config.kv_group_configs[i].tokens_per_chunk``, ``_sliding_window_groups``) and
@@ -86,7 +87,6 @@ class WriteThrough:
         self._status: dict[str, Any] = conn_sched._req_status
         self._per_chunk = tuple(g.tokens_per_chunk for g in conn_sched.config.kv_group_configs)
         self._preempted: dict[str, int] = {}  # request id -> tokens it had computed when preempted
-        self.tail_jobs = 0  # store jobs made for preempted requests' tails, in all
         # Sliding-window groups re-check every request's pending blocks in _update_req_states: give it all of them.
         sparse = not conn_sched._sliding_window_groups
         self._sparse_states = sparse
@@ -152,7 +152,6 @@ class WriteThrough:
                     st.update_offload_keys()
                 # (computed tokens are 0 after a preemption: the view's scheduled count carries what it had)
                 tails.update(self._build(_StoreView({rid: n}, ())))
-            self.tail_jobs += len(tails)
         meta = self._meta(scheduler_output)
         if tails:
             meta.store_jobs.update(tails)
