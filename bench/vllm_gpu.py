@@ -215,12 +215,15 @@ async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: i
             if tf:
                 b["vllm_xargs"] = {"tokenflow_id": f"dc-{batch}-{i}-{rng.random():.6f}"}
             bodies.append(b)
+        itl0 = await _itl_totals(s, url)
         poller = asyncio.create_task(control_loop(s)) if poll else None
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(_stream(s, url, b) for b in bodies))
         wall = time.perf_counter() - t0
         stop.set()
         polls = await poller if poller else 0
+        itl1 = await _itl_totals(s, url)
+    itl_n = itl1[1] - itl0[1]
     # Steady state: from when the last stream got its first token to when the first stream finished.
     start = max(r[0] for r in runs)
     end = min(r[-1] for r in runs)
@@ -231,7 +234,26 @@ async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: i
             "step_ms_median": round(1000 * statistics.median(steps), 3) if steps else None,
             "step_ms_p90": round(1000 * steps[int(0.9 * (len(steps) - 1))], 3) if steps else None,
             "tokens_per_s": round(sum(len(r) for r in runs) / wall, 1), "gaps": len(steps),
+            "itl_ms_mean": round(1000 * (itl1[0] - itl0[0]) / itl_n, 3) if itl_n > 0 else None,
             "state_polls": polls}  # fmt: skip
+
+
+async def _itl_totals(session: Any, url: str) -> tuple[float, float]:
+    """(sum, count) of vLLM's ``vllm:inter_token_latency_seconds`` histogram: gaps between a request's tokens
+    taken from the engine core's own output timestamps, so a run's mean is the engine's, not the client's."""
+    async with session.get(url + "/metrics") as r:
+        return itl_totals(await r.text())
+
+
+def itl_totals(metrics: str) -> tuple[float, float]:
+    """(sum, count) of ``vllm:inter_token_latency_seconds`` in Prometheus text, over every engine and model."""
+    total = {"vllm:inter_token_latency_seconds_sum": 0.0, "vllm:inter_token_latency_seconds_count": 0.0}
+    for line in metrics.splitlines():
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0]
+        if name in total:
+            total[name] += float(value)
+    return total["vllm:inter_token_latency_seconds_sum"], total["vllm:inter_token_latency_seconds_count"]
 
 
 # decode-cost's runs: (name, server, requests tracked by the plugin, state read at 4 Hz)
@@ -270,8 +292,8 @@ def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
                     r = asyncio.run(_decode_batch(urls[on], model.name, b, a.prompt, a.decode_tokens, tf, poll))
                     r["repeat"] = rep
                     res[name].append(r)
-                    log(f"{name} batch {b}: step {r['step_ms_median']} ms (p90 {r['step_ms_p90']}), "
-                        f"{r['tokens_per_s']} tok/s")
+                    log(f"{name} batch {b}: step {r['step_ms_median']} ms (p90 {r['step_ms_p90']}), engine ITL mean "
+                        f"{r['itl_ms_mean']} ms, {r['tokens_per_s']} tok/s")
         if a.profile_s > 0:
             res["profiles"] = {name: profile_engine(servers[name], out / f"pyspy-{name}.txt", a.profile_s,
                                                     _decode_batch(urls[name], model.name, max(batches), a.prompt,
@@ -286,19 +308,23 @@ def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         for srv in servers.values():
             srv.__exit__(None, None, None)
     res["cost"] = decode_costs(res, batches, [m[0] for m in modes])
-    for b, by_mode in res["cost"].items():
-        for name, c in by_mode.items():
-            log(f"batch {b}: plain {c['plain_ms']:.3f} ms, {name} {c['ms']:.3f} ms, paired {c['added_pct']:+.2f} % "
-                f"({c['added_pct_range']})")
+    res["cost_engine_itl"] = decode_costs(res, batches, [m[0] for m in modes], "itl_ms_mean")
+    for what, cost in (("client gap median", res["cost"]), ("engine ITL mean", res["cost_engine_itl"])):
+        for b, by_mode in cost.items():
+            for name, c in by_mode.items():
+                log(f"batch {b}, {what}: plain {c['plain_ms']:.3f} ms, {name} {c['ms']:.3f} ms, paired "
+                    f"{c['added_pct']:+.2f} % ({c['added_pct_range']})")
     return res
 
 
-def decode_costs(res: dict[str, Any], batches: list[int], names: list[str]) -> dict[int, dict[str, Any]]:
-    """Per batch and per mode other than plain: the median step time and the median over repeats of the ratio to
-    plain's step time in the same repeat."""
+def decode_costs(res: dict[str, Any], batches: list[int], names: list[str],
+                 key: str = "step_ms_median") -> dict[int, dict[str, Any]]:
+    """Per batch and per mode other than plain: the median of ``key`` (a run's step time: the client's median token
+    gap, or ``itl_ms_mean``, the engine's mean) and the median over repeats of the ratio to plain's in the same
+    repeat."""
     cost: dict[int, dict[str, Any]] = {}
     for b in batches:
-        runs = {n: {r["repeat"]: r["step_ms_median"] for r in res[n] if r["batch"] == b} for n in names}
+        runs = {n: {r["repeat"]: r[key] for r in res[n] if r["batch"] == b and r.get(key)} for n in names}
         cost[b] = {}
         for n in names:
             if n == "plain":

@@ -1,4 +1,4 @@
-"""The GPU phases' plumbing that runs without a GPU: run specs and stopping a detached engine."""
+"""The GPU phases' plumbing that runs without a GPU: run specs, stopping a detached engine, decode-cost's sums."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from bench.vllm_gpu import run_label, run_spec, stop_pid
+from bench.vllm_gpu import decode_costs, itl_totals, run_label, run_spec, stop_pid
 
 
 def test_a_run_is_a_policy_with_optional_knob_overrides() -> None:
@@ -35,3 +35,34 @@ def test_stopping_an_engine_started_detached_does_not_wait_for_its_zombie() -> N
     with pytest.raises(ProcessLookupError):
         os.kill(p.pid, 0)  # stopped and reaped: no zombie left behind either
     p.wait(timeout=5)  # (settles the Popen object: its child was reaped by stop_pid)
+
+
+# What prometheus_client serves for vLLM's histogram (two engines of a data-parallel server, buckets, _created).
+METRICS = """\
+# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="llama3-8b-shape"} 12.0
+vllm:inter_token_latency_seconds_bucket{engine="0",le="+Inf",model_name="llama3-8b-shape"} 40.0
+vllm:inter_token_latency_seconds_count{engine="0",model_name="llama3-8b-shape"} 40.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="llama3-8b-shape"} 0.8
+vllm:inter_token_latency_seconds_count{engine="1",model_name="llama3-8b-shape"} 10.0
+vllm:inter_token_latency_seconds_sum{engine="1",model_name="llama3-8b-shape"} 0.2
+vllm:inter_token_latency_seconds_created{engine="0",model_name="llama3-8b-shape"} 1.7649e+09
+vllm:request_time_per_output_token_seconds_sum{engine="0",model_name="llama3-8b-shape"} 99.0
+"""
+
+
+def test_the_engines_inter_token_latency_is_summed_from_vllms_histogram() -> None:
+    assert itl_totals(METRICS) == pytest.approx((1.0, 50.0))
+    assert itl_totals("# a server without the metric\n") == (0.0, 0.0)
+
+
+def test_decode_cost_pairs_each_mode_with_plain_in_the_same_repeat() -> None:
+    # plain drifts from 10 to 20 ms between repeats; the plugin costs 10 % in each: paired +10 %, medians 15 / 16.5
+    runs = {"plain": [10.0, 20.0, 15.0], "plugin": [11.0, 22.0, 16.5]}
+    res = {n: [{"batch": 256, "repeat": k, "itl_ms_mean": v, "step_ms_median": None} for k, v in enumerate(vs)]
+           for n, vs in runs.items()}
+    c = decode_costs(res, [256], ["plain", "plugin"], "itl_ms_mean")[256]["plugin"]
+    assert c["added_pct"] == pytest.approx(10.0) and c["added_pct_range"] == [10.0, 10.0]
+    assert (c["plain_ms"], c["ms"]) == (15.0, 16.5)
+    assert decode_costs(res, [256], ["plain", "plugin"])[256] == {}  # no client-side numbers: nothing to pair
