@@ -40,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import OffloadingWorkerMetadata
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -244,8 +245,6 @@ def connector_output(meta: Any) -> KVConnectorOutput | None:
     if kind == "HostTierMeta" and meta.loads:
         return KVConnectorOutput(finished_recving=meta.loads)
     if kind == "OffloadingConnectorMetadata" and (meta.store_jobs or meta.load_jobs):
-        from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import OffloadingWorkerMetadata
-
         done = OffloadingWorkerMetadata(completed_jobs=dict.fromkeys((*meta.store_jobs, *meta.load_jobs), 1))
         loaded = {job.req_id for job in meta.load_jobs.values()}
         return KVConnectorOutput(finished_recving=loaded or None, kv_connector_worker_meta=done)

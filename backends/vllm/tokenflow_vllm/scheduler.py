@@ -217,17 +217,17 @@ class TokenFlowMixin:
     def _refresh_host(self, t: Tracked) -> None:
         """Extend the request's verified host prefix with chunks stored since the last look."""
         policy = self._host_policy()
-        if policy is None:
+        rid = t.req.request_id
+        verified = self._host.length(rid)
+        # (Runs for every live request at every state report: nothing more when no full chunk is left to look for.)
+        if policy is None or verified >= len(t.req.block_hashes) // self._tf_hashes_per_chunk:
             return
 
         def present(key: Any) -> bool:
             chunk = policy.get(key)
             return chunk is not None and chunk.is_ready
 
-        rid = t.req.request_id
-        verified = self._host.length(rid)
-        if verified < len(t.req.block_hashes) // self._tf_hashes_per_chunk:  # (else: no full chunk to look for)
-            self._host.extend(rid, self._host_chunk_keys(t.req, verified), present)
+        self._host.extend(rid, self._host_chunk_keys(t.req, verified), present)
 
     def _drop_host(self, t: Tracked) -> None:
         self._host.drop(t.req.request_id)
@@ -666,7 +666,7 @@ class TokenFlowMixin:
         host_cap = host_used = host_cached = 0
         if self._tf_offload is not None:
             m = self._tf_offload.manager
-            per_chunk = self._tf_offload.config.kv_group_configs[0].tokens_per_chunk
+            per_chunk = self._tf_tokens_per_chunk
             host_used = self._host.distinct() * per_chunk  # distinct chunks: shared prefixes count once
             chunks = compat.host_tier_chunks(m)
             if chunks is not None:

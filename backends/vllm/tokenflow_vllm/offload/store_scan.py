@@ -86,6 +86,7 @@ class WriteThrough:
         self._meta = conn_sched.build_connector_meta
         self._status: dict[str, Any] = conn_sched._req_status
         self._per_chunk = tuple(g.tokens_per_chunk for g in conn_sched.config.kv_group_configs)
+        self._one_group = len(self._per_chunk) == 1  # (the common case, tested inline in the per-step scan)
         self._preempted: dict[str, int] = {}  # request id -> tokens it had computed when preempted
         # Sliding-window groups re-check every request's pending blocks in _update_req_states: give it all of them.
         sparse = not conn_sched._sliding_window_groups
@@ -173,9 +174,7 @@ class WriteThrough:
     def _with_chunks(self, scheduled: dict[str, int]) -> dict[str, int]:
         keep: dict[str, int] = {}
         get = self._status.get
-        every, sparse = self.every, self._sparse_states
-        one_group = len(self._per_chunk) == 1
-        tpc = self._per_chunk[0]
+        every, sparse, one_group, tpc = self.every, self._sparse_states, self._one_group, self._per_chunk[0]
         for rid, n in scheduled.items():
             st = get(rid)
             if st is None:
