@@ -5,6 +5,7 @@
 #
 #   scripts/gpu/device.sh piece DIR         # move one carried piece of the kit (DIR/kit.*) to /tmp/kit
 #   scripts/gpu/device.sh install           # verify and install the kit into /tmp/site; build the models
+#   scripts/gpu/device.sh check SCRIPT [ARGS...]   # python3 backends/vllm/SCRIPT ARGS, output in $OUT/SCRIPT-*.log
 #   scripts/gpu/device.sh PHASE [ARGS...]   # python3 -m bench.vllm_gpu PHASE ARGS, packed as $OUT/PHASE-*.tgz
 #
 # TF_PHASE_LIMIT_S=N stops the phase after N seconds and still packs what it wrote: set it below the call's own
@@ -32,6 +33,11 @@ case "${1:-}" in
       --check-import vllm --check-import tokenflow_vllm --check-import gateway.cli || exit 1
     python3 -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__, torch.cuda.get_device_name())'
     python3 -m bench.vllm_gpu models
+    ;;
+  check)
+    script="$2"; shift 2
+    python3 "$ROOT/backends/vllm/$script" "$@" 2>&1 | tee "$OUT/${script%.py}-$stamp.log"
+    exit "${PIPESTATUS[0]}"
     ;;
   *)
     phase="$1"; shift

@@ -314,8 +314,11 @@ async def test_waiting_queue_follows_priority_changes(api: EngineAPI) -> None:
 
 async def test_batched_commands_are_independent_and_ordered(api: EngineAPI) -> None:
     a, b = new_id(), new_id()
-    sa = await api.start(a, MAX_TOKENS)
-    sb = await api.start(b, MAX_TOKENS)
+    # Long enough that neither can finish between its second token reaching this client and the batch reaching
+    # the engine (a loaded machine's client reads behind a fast engine).
+    n = 10 * MAX_TOKENS
+    sa = await api.start(a, n)
+    sb = await api.start(b, n)
     await sa.wait_tokens(2)
     await sb.wait_tokens(2)
     missing = new_id("missing")
@@ -343,7 +346,7 @@ async def test_batched_commands_are_independent_and_ordered(api: EngineAPI) -> N
     assert (await api.req(b))["priority"] == 2
     await sa.finished()
     await sb.finished()
-    assert sa.count == MAX_TOKENS and sb.count == MAX_TOKENS
+    assert sa.count == n and sb.count == n
 
 
 async def test_unknown_ids_get_not_found(api: EngineAPI) -> None:

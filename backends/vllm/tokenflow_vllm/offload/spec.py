@@ -8,9 +8,12 @@ Load it with ``"spec_name": "TokenFlowOffloadingSpec", "spec_module_path": "toke
   adds ``PinnedLRU`` to that table.
 - Worker side: on CUDA, vLLM's own ``CPUOffloadingWorker`` (batched copies on side streams, pinned host
   memory). vLLM refuses to start that worker on the CPU platform, so there the portable worker of this
-  package copies synchronously.
+  package copies synchronously. Either is wrapped in ``MergedStores`` (one transfer for a step's stores)
+  unless ``tokenflow_merge_stores`` is false in kv_connector_extra_config.
 """
 from __future__ import annotations
+
+import logging
 
 from vllm.platforms import current_platform
 from vllm.v1.kv_offload.base import CanonicalKVCaches, OffloadingWorker
@@ -18,6 +21,7 @@ from vllm.v1.kv_offload.cpu import manager as _cpu_manager
 from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
 
 from tokenflow_vllm.compat import spec_host_chunks
+from tokenflow_vllm.offload.merged_stores import MergedStores
 from tokenflow_vllm.offload.policy import PinnedLRU
 from tokenflow_vllm.offload.worker import PortableOffloadingWorker
 
@@ -26,14 +30,32 @@ if _policies is not None:  # vLLM 0.26: a fixed table of policies by name
     _policies.setdefault("PinnedLRU", PinnedLRU)
 
 
+log = logging.getLogger("tokenflow_vllm.offload")
+
+MERGE_STORES_KEY = "tokenflow_merge_stores"  # in kv_connector_extra_config; default true
+
+
 class TokenFlowOffloadingSpec(CPUOffloadingSpec):
+    _outer_worker: OffloadingWorker | None = None  # what get_worker returned: built once
+
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
+        if self._outer_worker is not None:
+            return self._outer_worker
         if current_platform.is_cuda_alike():
-            return super().get_worker(kv_caches)
-        if self._worker is None:
+            worker = super().get_worker(kv_caches)
+        else:
             self._check_portable()
-            self._worker = PortableOffloadingWorker(kv_caches, self.blocks_per_chunk, spec_host_chunks(self))
-        return self._worker
+            worker = PortableOffloadingWorker(kv_caches, self.blocks_per_chunk, spec_host_chunks(self))
+        merge = self.extra_config.get(MERGE_STORES_KEY, True)
+        if not isinstance(merge, bool):
+            raise ValueError(f"{MERGE_STORES_KEY} must be true or false, got {merge!r}")
+        # Merging concatenates block id lists: right for one KV cache group, one device block per host chunk.
+        if merge and len(self.config.groups) == 1 and self.blocks_per_chunk == 1:
+            worker = MergedStores(worker)
+        log.info("TokenFlow offload: %s worker, %s", type(getattr(worker, "inner", worker)).__name__,
+                 "a step's stores merged" if isinstance(worker, MergedStores) else "stores not merged")
+        self._outer_worker = worker
+        return worker
 
     def _check_portable(self) -> None:
         if len(self.config.groups) != 1:
