@@ -183,14 +183,29 @@ async def _stream(session: Any, url: str, body: dict[str, Any]) -> list[float]:
     return times
 
 
-async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: int, tf: bool,
+def decode_bodies(model: str, batch: int, prompt: int, tokens: int, tf: bool, salt: str) -> list[dict[str, Any]]:
+    """The requests of one decode-cost run. Prompts are drawn from ``salt`` and differ from every other run's: the
+    plugin's host KV tier is a prefix cache, so a prompt seen before would be loaded instead of computed there and
+    not on a plain server (the first eight sittings' runs repeated their prompts: the plugin's server skipped the
+    prefill, 3.0 s a run against plain's 5.5-6.3 s, which made its mean inter-token latency 37 % lower)."""
+    rng = random.Random(f"decode-{batch}-{salt}")
+    bodies = []
+    for i in range(batch):
+        b = {"model": model, "prompt": [rng.randint(5, 1000) for _ in range(prompt)], "max_tokens": tokens,
+             "ignore_eos": True, "stream": True, "return_token_ids": True}
+        if tf:
+            b["vllm_xargs"] = {"tokenflow_id": f"dc-{batch}-{i}-{salt}"}
+        bodies.append(b)
+    return bodies
+
+
+async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: int, tf: bool, salt: str,
                         poll: bool | None = None) -> dict[str, Any]:
     """``batch`` streams started together; the median gap between tokens once every stream decodes. ``tf``: the
     requests carry TokenFlow ids (the plugin tracks them) and, unless ``poll`` is False, the engine's state is read
-    four times a second as the gateway does."""
+    four times a second as the gateway does. ``salt``: see :func:`decode_bodies`."""
     import aiohttp
 
-    rng = random.Random(batch)
     stop = asyncio.Event()
     poll = tf if poll is None else poll
 
@@ -208,13 +223,7 @@ async def _decode_batch(url: str, model: str, batch: int, prompt: int, tokens: i
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800),
                                      connector=aiohttp.TCPConnector(limit=0)) as s:
-        bodies = []
-        for i in range(batch):
-            b = {"model": model, "prompt": [rng.randint(5, 1000) for _ in range(prompt)], "max_tokens": tokens,
-                 "ignore_eos": True, "stream": True, "return_token_ids": True}
-            if tf:
-                b["vllm_xargs"] = {"tokenflow_id": f"dc-{batch}-{i}-{rng.random():.6f}"}
-            bodies.append(b)
+        bodies = decode_bodies(model, batch, prompt, tokens, tf, salt)
         itl0 = await _itl_totals(s, url)
         poller = asyncio.create_task(control_loop(s)) if poll else None
         t0 = time.perf_counter()
@@ -284,12 +293,14 @@ def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         urls = {name: srv.__enter__() for name, srv in servers.items()}  # one after the other (start-up is heavy)
         for name in servers:
             # Not measured: the first batches after start pay for kernel selection and allocations.
-            asyncio.run(_decode_batch(urls[name], model.name, max(batches), a.prompt, 32, name == "plugin"))
+            asyncio.run(_decode_batch(urls[name], model.name, max(batches), a.prompt, 32, name == "plugin",
+                                      f"warmup-{name}"))
         for rep in range(a.repeats):
             for b in batches:
                 k = rep % len(modes)
                 for name, on, tf, poll in modes[k:] + modes[:k]:  # rotate which goes first
-                    r = asyncio.run(_decode_batch(urls[on], model.name, b, a.prompt, a.decode_tokens, tf, poll))
+                    r = asyncio.run(_decode_batch(urls[on], model.name, b, a.prompt, a.decode_tokens, tf,
+                                                  f"{name}-{rep}", poll))
                     r["repeat"] = rep
                     res[name].append(r)
                     log(f"{name} batch {b}: step {r['step_ms_median']} ms (p90 {r['step_ms_p90']}), engine ITL mean "
@@ -297,7 +308,8 @@ def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         if a.profile_s > 0:
             res["profiles"] = {name: profile_engine(servers[name], out / f"pyspy-{name}.txt", a.profile_s,
                                                     _decode_batch(urls[name], model.name, max(batches), a.prompt,
-                                                                  a.decode_tokens, name == "plugin"))
+                                                                  a.decode_tokens, name == "plugin",
+                                                                  f"profile-{name}"))
                                for name in servers}  # fmt: skip
         if "plugin" in urls and not a.no_resume:
             url = urls["plugin"]

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from bench.vllm_gpu import decode_costs, itl_totals, run_label, run_spec, stop_pid
+from bench.vllm_gpu import decode_bodies, decode_costs, itl_totals, run_label, run_spec, stop_pid
 
 
 def test_a_run_is_a_policy_with_optional_knob_overrides() -> None:
@@ -66,3 +66,17 @@ def test_decode_cost_pairs_each_mode_with_plain_in_the_same_repeat() -> None:
     assert c["added_pct"] == pytest.approx(10.0) and c["added_pct_range"] == [10.0, 10.0]
     assert (c["plain_ms"], c["ms"]) == (15.0, 16.5)
     assert decode_costs(res, [256], ["plain", "plugin"])[256] == {}  # no client-side numbers: nothing to pair
+
+
+def test_decode_cost_runs_never_share_a_prompt_block() -> None:
+    """The plugin's host KV tier is a prefix cache: a run repeating an earlier run's prompts would load their KV on
+    the plugin's server and compute it on the plain one (it did, for eight sittings). Every run's prompts are its
+    own, down to the first 16-token block; a run is reproducible from its salt."""
+    salts = ("plain-0", "plugin-0", "plugin-1", "plain-1")
+    runs = {salt: decode_bodies("m", 64, 512, 160, True, salt) for salt in salts}
+    first_blocks = [tuple(b["prompt"][:16]) for bodies in runs.values() for b in bodies]
+    assert len(set(first_blocks)) == len(first_blocks)
+    assert decode_bodies("m", 64, 512, 160, True, "plugin-0") == runs["plugin-0"]
+    ids = [b["vllm_xargs"]["tokenflow_id"] for bodies in runs.values() for b in bodies]
+    assert len(set(ids)) == len(ids)
+    assert all("vllm_xargs" not in b for b in decode_bodies("m", 4, 8, 1, False, "plain-0"))
