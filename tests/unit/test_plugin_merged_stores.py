@@ -1,16 +1,14 @@
 """The vLLM plugin's ``MergedStores`` (backends/vllm/tokenflow_vllm/offload/merged_stores.py): one step's KV stores
 reach the offloading worker as one job, each store is still reported complete under its own id, nothing is copied
 to the wrong host chunk, and a flush wait or a load never overtakes a queued store. Driven the way vLLM's
-connector drives its worker, over a recording worker that copies bytes between numpy "device" and "host" arrays;
-loaded by path (the plugin's package is installed in vLLM's environment, not this one). The real engine runs the
+connector drives its worker, over a recording worker that copies bytes between numpy "device" and "host" arrays,
+with the interface's stand-ins (vLLM is not installed here). The real engine runs the
 same class under every test in tests/vllm (the CPU build's worker) and the GPU sittings (vLLM's CUDA worker)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,17 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGE = 8  # bytes per block
 
 
-def _module() -> ModuleType:
-    path = ROOT / "backends/vllm/tokenflow_vllm/offload/merged_stores.py"
-    spec = importlib.util.spec_from_file_location("tf_merged_stores", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-M = _module()
+sys.path.insert(0, str(ROOT / "backends" / "vllm"))
+from tokenflow_vllm.offload import merged_stores as M  # noqa: E402  (imports nothing from vLLM when it is absent)
 
 
 class DeviceSpec:

@@ -25,19 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    from vllm.v1.kv_offload.base import OffloadingWorker, TransferResult
-except ImportError:  # standalone use, e.g. check_offload_worker.py on a GPU machine without vLLM
-
-    class OffloadingWorker:  # type: ignore[no-redef]
-        pass
-
-    @dataclass
-    class TransferResult:  # type: ignore[no-redef]
-        job_id: int
-        success: bool
-        transfer_size: int | None = None
-        transfer_time: float | None = None
+from tokenflow_vllm.offload.worker_api import OffloadingWorker, TransferResult
 
 log = logging.getLogger("tokenflow_vllm.offload")
 
