@@ -171,3 +171,37 @@ def test_shutdown_drops_the_queue_as_vllm_drops_unsubmitted_stores() -> None:
     w.submit_store(0, DeviceSpec([1]), HostSpec([1]))
     w.shutdown()
     assert inner.calls == [] and inner.shut
+
+
+class ConnectorWorker:
+    """Shaped like vLLM's OffloadingConnectorWorker: the step's deferred stores, then its loads."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.stores: list[tuple] = []
+
+    def start_kv_transfers(self, metadata) -> None:
+        for job_id, src, dst in self.stores:
+            self.worker.submit_store(job_id, src, dst)
+        self.stores.clear()
+
+
+def test_the_queue_goes_out_when_the_connector_has_submitted_the_steps_transfers() -> None:
+    """Stores start when vLLM's own would, before the step's forward is queued, not at the completion poll after it
+    (a step later: a request resumed soon after its pause would find its last chunks not yet on the host)."""
+    M.flush_after_submission(ConnectorWorker)
+    wrapped = ConnectorWorker.start_kv_transfers
+    M.flush_after_submission(ConnectorWorker)  # installed once per process, whatever the number of specs built
+    assert ConnectorWorker.start_kv_transfers is wrapped
+    inner = RecordingWorker()
+    conn = ConnectorWorker(M.MergedStores(inner))
+    conn.stores = [(0, DeviceSpec([1]), HostSpec([1])), (1, DeviceSpec([2]), HostSpec([2]))]
+    conn.start_kv_transfers(None)
+    assert [c[:2] for c in inner.calls] == [("store", -1)]
+    conn.start_kv_transfers(None)  # nothing queued: nothing submitted
+    assert len(inner.calls) == 1
+    plain = RecordingWorker()
+    other = ConnectorWorker(plain)  # not merged: unaffected
+    other.stores = [(5, DeviceSpec([3]), HostSpec([3]))]
+    other.start_kv_transfers(None)
+    assert [c[:2] for c in plain.calls] == [("store", 5)]

@@ -5,16 +5,15 @@ vLLM's offloading connector hands its worker one store job per request whose blo
 computations per KV tensor (64 tensors on an 8B Llama), a stream, two events and a batched copy call. On an
 H200 at 256 decoding streams that was 32 % of the engine process's busy time (docs/vllm-backend.md, seventh
 sitting). This worker wraps any ``OffloadingWorker`` and queues the stores; the queue goes to the inner worker
-as one job the next time the connector does anything else in the step (submits a load, polls completions,
-waits for a flush), and that job's completion is reported as the completion of each job in it.
+as one job when the connector has submitted the step's transfers (``flush_after_submission``), or earlier if
+it submits a load, polls completions or waits for a flush; that job's completion is reported as the completion
+of each job in it. So the stores start when vLLM's own would: after the forward that wrote their blocks (the
+inner worker orders them after the compute stream), beside the next one.
 
-Why the delay is safe: vLLM's scheduler never reuses a block whose store it has not seen complete without
-first asking the worker to wait for that job (``jobs_to_flush`` -> ``wait``), and ``wait`` submits the queue
-before it waits. Stores still start after the forward that wrote their blocks (the inner worker orders them
-after the compute stream); queued until the completion poll after the next forward is enqueued, they run
-beside the step after it, as vLLM's own deferral intends ("offloading starts after the transfers of token
-sampling"). Only stores that map one device block to one host chunk in a single KV cache group are merged
-(the layout the plugin runs); anything else goes through unchanged, after the queue.
+Why queueing is safe: vLLM's scheduler never reuses a block whose store it has not seen complete without first
+asking the worker to wait for that job (``jobs_to_flush`` -> ``wait``), and ``wait`` submits the queue before it
+waits. Only stores that map one device block to one host chunk in a single KV cache group are merged (the layout
+the plugin runs); anything else goes through unchanged, after the queue.
 """
 from __future__ import annotations
 
@@ -125,3 +124,21 @@ class MergedStores(OffloadingWorker):
             ok = self.inner.submit_store(inner_id, src, dst)
         # vLLM's workers never refuse a job (its connector asserts success); keep that contract visible here.
         assert ok, "the offloading worker refused a store"
+
+
+def flush_after_submission(connector_worker_cls: Any) -> None:
+    """Make vLLM's offloading connector worker hand a ``MergedStores`` its queue as soon as it has submitted a step's
+    transfers (``start_kv_transfers``, before the step's forward is queued). Without this the queue waits for the
+    completion poll after the forward, and each store completes a step later than vLLM's own would: a request
+    resumed soon after its pause then finds a chunk or two not yet on the host and recomputes them."""
+    orig = connector_worker_cls.start_kv_transfers
+    if getattr(orig, "_tokenflow_flushes", False):
+        return
+
+    def start_kv_transfers(self: Any, metadata: Any) -> None:
+        orig(self, metadata)
+        if isinstance(self.worker, MergedStores):
+            self.worker.flush()
+
+    start_kv_transfers._tokenflow_flushes = True  # type: ignore[attr-defined]
+    connector_worker_cls.start_kv_transfers = start_kv_transfers

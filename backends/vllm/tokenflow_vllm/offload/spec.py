@@ -21,7 +21,7 @@ from vllm.v1.kv_offload.cpu import manager as _cpu_manager
 from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
 
 from tokenflow_vllm.compat import spec_host_chunks
-from tokenflow_vllm.offload.merged_stores import MergedStores
+from tokenflow_vllm.offload.merged_stores import MergedStores, flush_after_submission
 from tokenflow_vllm.offload.policy import PinnedLRU
 from tokenflow_vllm.offload.worker import PortableOffloadingWorker
 
@@ -51,6 +51,9 @@ class TokenFlowOffloadingSpec(CPUOffloadingSpec):
             raise ValueError(f"{MERGE_STORES_KEY} must be true or false, got {merge!r}")
         # Merging concatenates block id lists: right for one KV cache group, one device block per host chunk.
         if merge and len(self.config.groups) == 1 and self.blocks_per_chunk == 1:
+            from vllm.distributed.kv_transfer.kv_connector.v1.offloading.worker import OffloadingConnectorWorker
+
+            flush_after_submission(OffloadingConnectorWorker)
             worker = MergedStores(worker)
         log.info("TokenFlow offload: %s worker, %s", type(getattr(worker, "inner", worker)).__name__,
                  "a step's stores merged" if isinstance(worker, MergedStores) else "stores not merged")
