@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -26,7 +27,10 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        try:
+            return orjson.dumps(out, default=str).decode()
+        except TypeError:  # a lone surrogate (undecodable bytes a client sent, quoted in a message): escaped
+            return json.dumps(out, default=str)
 
 
 def setup_logging(level: str = "info") -> None:

@@ -19,6 +19,9 @@ class ApiError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        # Messages may quote what the client sent; aiohttp decodes header bytes that are not UTF-8 to lone
+        # surrogates, which no JSON encoder writes: shown escaped instead.
+        message = text_safe(message)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -34,6 +37,11 @@ class ApiError(Exception):
         return web.Response(
             status=self.status, body=orjson.dumps(self.body()), content_type="application/json", headers=self.headers
         )
+
+
+def text_safe(s: str) -> str:
+    """``s`` with any lone surrogate (undecodable input bytes) written as a ``\\udcXX`` escape."""
+    return s if s.isascii() else s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from tests.conftest import wait_for
@@ -73,3 +74,19 @@ async def test_resume_errors(gateway, http) -> None:
     assert (await status("GET", "/v1/streams/bad:id/events"))[0] == 404
     code, err = await status("GET", "/v1/streams/abc/events", {"Last-Event-ID": "other:1"})
     assert code == 400
+
+
+async def test_an_undecodable_last_event_id_gets_a_json_404(gateway) -> None:
+    """Header bytes that are not UTF-8 (found by the fuzz suite): the answer quotes them escaped, as JSON in OpenAI's
+    error format, instead of failing to encode its own error message (a 500)."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"model": "sim-small", "prompt": "x", "stream": true}'
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Last-Event-ID: \xe9:1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404"), head
+    err = json.loads(payload)["error"]
+    assert err["code"] == "not_found" and "\\udce9" in err["message"]
