@@ -187,8 +187,8 @@ async def _stream(session: Any, url: str, body: dict[str, Any]) -> list[float]:
 def decode_bodies(model: str, batch: int, prompt: int, tokens: int, tf: bool, salt: str) -> list[dict[str, Any]]:
     """The requests of one decode-cost run. Prompts are drawn from ``salt`` and differ from every other run's: the
     plugin's host KV tier is a prefix cache, so a prompt seen before would be loaded instead of computed there and
-    not on a plain server (the first eight sittings' runs repeated their prompts: the plugin's server skipped the
-    prefill, 3.0 s a run against plain's 5.5-6.3 s, which made its mean inter-token latency 37 % lower)."""
+    not on a plain server (runs up to the eighth sitting's first call repeated their prompts: the plugin's server
+    skipped the prefill, 3.0 s a run against plain's 5.5-6.3 s, which made its mean inter-token latency 37 % lower)."""
     rng = random.Random(f"decode-{batch}-{salt}")
     bodies = []
     for i in range(batch):

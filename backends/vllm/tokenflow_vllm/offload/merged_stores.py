@@ -29,7 +29,7 @@ from tokenflow_vllm.offload.worker_api import OffloadingWorker, TransferResult
 
 @dataclass
 class MergeStats:
-    """What the merging did since start-up (read by tests and the decode-cost benchmark's logs)."""
+    """What the merging did since start-up (read by the tests and check_merged_stores.py)."""
 
     jobs_in: int = 0  # store jobs the connector submitted
     jobs_out: int = 0  # store jobs handed to the inner worker
@@ -129,8 +129,8 @@ class MergedStores(OffloadingWorker):
 def flush_after_submission(connector_worker_cls: Any) -> None:
     """Make vLLM's offloading connector worker hand a ``MergedStores`` its queue as soon as it has submitted a step's
     transfers (``start_kv_transfers``, before the step's forward is queued). Without this the queue waits for the
-    completion poll after the forward, and each store completes a step later than vLLM's own would: a request
-    resumed soon after its pause then finds a chunk or two not yet on the host and recomputes them."""
+    completion poll after the forward, and each store completes a step later than vLLM's own would (a request
+    resumed soon after its pause may then find a chunk or two not yet on the host, and recompute them)."""
     orig = connector_worker_cls.start_kv_transfers
     if getattr(orig, "_tokenflow_flushes", False):
         return
