@@ -1,6 +1,6 @@
 """Check of ``MergedStores`` over the worker the plugin runs on this machine, with vLLM's own spec classes.
 
-    python backends/vllm/check_merged_stores.py            # CUDA: vLLM's CPUOffloadingWorker; CPU build: the portable one
+    python backends/vllm/check_merged_stores.py   # CUDA: vLLM's CPUOffloadingWorker; CPU build: the portable one
     python backends/vllm/check_merged_stores.py --layers 64 --page-bytes 32768 --jobs 16   # the 8B shape's decode step
 
 Needs vLLM (its ``GPULoadStoreSpec`` / ``CPULoadStoreSpec``, and on CUDA its worker). Drives the worker the way the
@@ -32,8 +32,8 @@ from vllm.v1.kv_offload.base import CanonicalKVCacheRef, CanonicalKVCaches, Cano
 from vllm.v1.kv_offload.cpu.common import CPULoadStoreSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tokenflow_vllm.offload.merged_stores import MergedStores  # noqa: E402
-from tokenflow_vllm.offload.worker import PortableOffloadingWorker  # noqa: E402
+from tokenflow_vllm.offload.merged_stores import MergedStores
+from tokenflow_vllm.offload.worker import PortableOffloadingWorker
 
 
 def make_worker(kv: list[torch.Tensor], page: int, host_chunks: int):
@@ -49,8 +49,9 @@ def make_worker(kv: list[torch.Tensor], page: int, host_chunks: int):
 
 
 def store(w, job_id: int, block: int, index: int, chunk: int) -> None:
-    assert w.submit_store(job_id, GPULoadStoreSpec([block], group_sizes=(1,), block_indices=(index,)),
-                          CPULoadStoreSpec([chunk]))  # fmt: skip
+    ok = w.submit_store(job_id, GPULoadStoreSpec([block], group_sizes=(1,), block_indices=(index,)),
+                        CPULoadStoreSpec([chunk]))  # fmt: skip
+    assert ok  # (not around the call: python -O would drop the submission with the assert)
 
 
 FINISHED: set[int] = set()  # job ids reported finished, by any poll
@@ -101,8 +102,9 @@ def main() -> int:
     targets = [a.blocks // 2 + i for i in range(len(blocks))]
     for t in kv:
         t[blocks] = 0
-    assert w.submit_load(job, CPULoadStoreSpec(chunks), GPULoadStoreSpec(targets, group_sizes=(len(targets),),
-                                                                         block_indices=(0,)))  # fmt: skip
+    ok = w.submit_load(job, CPULoadStoreSpec(chunks), GPULoadStoreSpec(targets, group_sizes=(len(targets),),
+                                                                       block_indices=(0,)))  # fmt: skip
+    assert ok
     drain(w, {job})
     job += 1
     if cuda:
