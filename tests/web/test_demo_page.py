@@ -8,6 +8,7 @@ screen works, and the burst shows both policies with the gateway's own figures.
 from __future__ import annotations
 
 import re
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from selenium.webdriver.common.action_chains import ActionChains
@@ -201,8 +202,9 @@ def test_a_phone_sized_screen_stacks_the_panels_and_still_chats(driver, demo):
 
 
 def _seconds(s: float) -> str:
-    """As the page writes a time."""
-    return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+    """As the page writes a time: JavaScript's toFixed rounds an exact tie (0.125) up, Python's format to even."""
+    places = Decimal("0.01") if s < 10 else Decimal("0.1")
+    return f"{Decimal(s).quantize(places, rounding=ROUND_HALF_UP)} s"
 
 
 def _metrics(url: str) -> str:
