@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--engine-down-after-s", type=float, default=None, metavar="S",
                    help="the spawned gateway's engines[].down_after_s (default: the gateway's): a real engine under a "
                    "burst can take longer than the default to answer its state request")
+    e.add_argument("--gateway-log-level", choices=("debug", "info", "warning", "error"),
+                   help="keep each spawned gateway's JSON log at this level beside the report (gateway-POLICY.log; "
+                   "info has every scheduling decision with its reason)")
     e.add_argument("--request-timeout", type=float, default=3600.0,
                    help="a request unfinished this many seconds after it was sent counts as not completed")
     e.add_argument("--engines", type=int, default=1, metavar="N",
@@ -304,13 +307,21 @@ def _gateways(args: argparse.Namespace, pol: str, knobs: dict[str, Any] | None,
     with ExitStack() as stack:
         if args.replicas <= 1:
             yield [stack.enter_context(spawn_gateway(pol, profile=args.profile, tick_s=args.tick, knobs=knobs,
-                                                     engines=engines))]
+                                                     engines=engines, **_gateway_log(args, pol)))]
             return
         prefix = f"bench-{pol}-{os.getpid()}-{int(time.time())}"
         yield [stack.enter_context(spawn_gateway(
             pol, profile=args.profile, tick_s=args.tick, knobs=knobs, engines=engines,
             config={"session": {"store": "redis", "redis_url": args.redis_url, "key_prefix": prefix,
-                                "replica_id": f"r{i}"}})) for i in range(args.replicas)]
+                                "replica_id": f"r{i}"}},
+            **_gateway_log(args, f"{pol}-r{i}"))) for i in range(args.replicas)]
+
+
+def _gateway_log(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """With --gateway-log-level: a spawned gateway's log goes beside the report (gateway-NAME.log)."""
+    if not args.gateway_log_level:
+        return {}
+    return {"log_path": Path(args.out) / f"gateway-{name}.log", "log_level": args.gateway_log_level}
 
 
 @contextmanager
@@ -433,7 +444,8 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
             engines, engine_url = stack.enter_context(_engine(args, out, pol))
             setups.append((pol, engines, engine_url))
         urls = {pol: stack.enter_context(spawn_gateway(pol, profile=args.profile, tick_s=args.tick,
-                                                       knobs=knobs.get(pol), engines=engines))
+                                                       knobs=knobs.get(pol), engines=engines,
+                                                       **_gateway_log(args, pol)))
                 for pol, engines, _ in setups}
         before = {pol: _engine_counters(eu) for pol, _, eu in setups}
         samplers = {pol: stack.enter_context(_sampler(eu)) for pol, _, eu in setups}

@@ -194,13 +194,15 @@ async def fetch_preemptions(url: str) -> int | None:
 @contextmanager
 def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, Any] | None = None,
                   start_timeout_s: float = 60.0, engines: list[dict[str, Any]] | None = None,
-                  config: dict[str, Any] | None = None, args: tuple[str, ...] = ()) -> Iterator[str]:
+                  config: dict[str, Any] | None = None, args: tuple[str, ...] = (),
+                  log_path: Path | None = None, log_level: str = "warning") -> Iterator[str]:
     """Start ``tokenflow serve`` with ``policy``; yields its URL. Its engine is the embedded simulator
     (``profile``) unless ``engines`` lists others (``engines:`` entries of the gateway config); ``config`` adds
-    sections to the config file, ``args`` options to the command line."""
+    sections to the config file, ``args`` options to the command line. Its JSON log lines at ``log_level``
+    (at ``info``, every scheduling decision with its reason) go to ``log_path``, or to a temporary file."""
     port = free_port()
     cfg = {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "server": {"host": "127.0.0.1", "port": port, "log_level": log_level},
         "scheduler": {"policy": policy, "tick_interval_s": tick_s, "knobs": knobs or {}},
         "engines": engines or [{"name": "sim", "profile": profile}],
         **(config or {}),
@@ -212,7 +214,9 @@ def spawn_gateway(policy: str, *, profile: str, tick_s: float, knobs: dict[str, 
     # Its log goes to a file, never to a pipe nobody reads while it runs: once a pipe's buffer is full (an engine
     # that died mid-burst makes a few hundred stream errors) the gateway blocks on its next log line, and so
     # does every client of it.
-    with tempfile.TemporaryFile() as err_log:
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    with (open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()) as err_log:
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", path, *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=err_log)
         url = f"http://127.0.0.1:{port}"

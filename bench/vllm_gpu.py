@@ -112,12 +112,13 @@ class Server:
 def serve_args(a: argparse.Namespace, model: Path, port: int, *, plugin: bool, prefix: bool,
                **kw: Any) -> list[str]:
     """The server of a phase: GPU production settings, or their CPU-build rehearsal."""
+    kw.setdefault("kv_extra", a.kv_extra)
     if a.cpu:
         return launch.cpu_serve_args(
             Path(a.cpu_venv), model, port, served_name=served_name(model), dtype=kw.get("dtype", "float32"),
             host_offload_bytes=(kw.get("host_offload_bytes", 256 << 20) if plugin else None),
             kv_cache_bytes=kw.get("kv_cache_bytes") or (256 << 20), max_model_len=kw.get("max_model_len", 2048),
-            max_num_seqs=kw.get("max_num_seqs", 8), block_size=32,
+            max_num_seqs=kw.get("max_num_seqs", 8), block_size=32, kv_extra=kw["kv_extra"],
             extra=["--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
                    *(["--load-format", "dummy"] if not (model / "model.safetensors").exists() else [])],
         )  # fmt: skip
@@ -126,6 +127,16 @@ def serve_args(a: argparse.Namespace, model: Path, port: int, *, plugin: bool, p
         vllm_cmd(), model, port, served_name=served_name(model), plugin=plugin, prefix_caching=prefix,
         extra=extra, **kw,
     )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("a JSON object is expected")
+    return obj
 
 
 def served_name(model: Path) -> str:
@@ -456,7 +467,8 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "bench", "http", "--config", a.burst_config, "--engine-url", url,
                "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", name,
                "--out", str(out / f"burst-{label}"),
-               "--no-progress", "--no-plots", "--engine-down-after-s", str(a.engine_down_after_s)]  # fmt: skip
+               "--no-progress", "--no-plots", "--engine-down-after-s", str(a.engine_down_after_s),
+               "--gateway-log-level", "info"]  # every decision with its reason, for comparing runs  # fmt: skip
         cmd += [arg for k in knobs for arg in ("--knob", f"{name}.{k}")]
         # Requests still unfinished when the command's time runs out count as not completed: a report either way.
         cmd += ["--request-timeout", str(round(max(60.0, left - 90.0)))]
@@ -571,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=2000, help="resume: context tokens")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--host-gib", type=int, default=64, help="host KV tier (cpu_bytes_to_use)")
+    ap.add_argument("--kv-extra", type=_json_object, default={}, metavar="JSON",
+                    help="the plugin's options in kv_connector_extra_config (decode-cost, burst), "
+                    """e.g. '{"tokenflow_merge_stores": false}'""")
     ap.add_argument("--burst-config", default="configs/bench/h200-vllm-burst400.yaml")
     ap.add_argument("--kv-tokens", type=int, default=200_000, help="burst: device KV (the paper's mem-frac 0.3)")
     ap.add_argument("--max-num-seqs", type=int, default=256)

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 PLUGINS = "tokenflow_engine,tokenflow_control"
 SCHEDULER_SYNC = "tokenflow_vllm.scheduler.TokenFlowScheduler"
 SCHEDULER_ASYNC = "tokenflow_vllm.scheduler.TokenFlowAsyncScheduler"
 
 
-def kv_transfer_config(host_bytes: int) -> str:
-    """Write-through host offload with the portable worker and held-request pinning."""
+def kv_transfer_config(host_bytes: int, extra: dict[str, Any] | None = None) -> str:
+    """Write-through host offload with the portable worker and held-request pinning; ``extra`` adds keys to
+    ``kv_connector_extra_config`` (the plugin's options, e.g. ``{"tokenflow_merge_stores": false}``)."""
     return json.dumps(
         {
             "kv_connector": "OffloadingConnector",
@@ -25,6 +27,7 @@ def kv_transfer_config(host_bytes: int) -> str:
                 "offload_prompt_only": False,
                 "eviction_policy": "PinnedLRU",
                 "cache_policy_module_path": "tokenflow_vllm.offload.policy",
+                **(extra or {}),
             },
         }
     )
@@ -69,6 +72,7 @@ def cpu_serve_args(
     max_model_len: int = 2048,
     max_num_seqs: int = 8,
     extra: list[str] | None = None,
+    kv_extra: dict[str, Any] | None = None,
 ) -> list[str]:
     args = [
         str(Path(venv) / "bin" / "vllm"), "serve", str(model),
@@ -86,7 +90,7 @@ def cpu_serve_args(
         "--generation-config", "vllm",
     ]  # fmt: skip
     if host_offload_bytes:
-        args += ["--kv-transfer-config", kv_transfer_config(host_offload_bytes)]
+        args += ["--kv-transfer-config", kv_transfer_config(host_offload_bytes, kv_extra)]
     return args + list(extra or [])
 
 
@@ -106,6 +110,7 @@ def gpu_serve_args(
     max_num_batched_tokens: int | None = 8192,
     prefix_caching: bool = True,
     extra: list[str] | None = None,
+    kv_extra: dict[str, Any] | None = None,
 ) -> list[str]:
     """``vllm serve`` as a GPU server runs it: async scheduling and CUDA graphs (vLLM's defaults), the
     TokenFlow scheduler and write-through host offload when ``plugin``; plain vLLM otherwise. ``vllm`` is the
@@ -128,5 +133,5 @@ def gpu_serve_args(
     if plugin:
         args += ["--scheduling-policy", "priority", "--scheduler-cls", SCHEDULER_ASYNC]
         if host_offload_bytes:
-            args += ["--kv-transfer-config", kv_transfer_config(host_offload_bytes)]
+            args += ["--kv-transfer-config", kv_transfer_config(host_offload_bytes, kv_extra)]
     return args + list(extra or [])
