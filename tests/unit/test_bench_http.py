@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +26,23 @@ def test_clients_record_every_token_through_a_spawned_gateway() -> None:
     m = summarize(recs, preemptions=pre)
     assert m["completed"] == 6 and m["tokens"] == sum(s.output_tokens for s in specs)
     assert pre is not None and pre >= 0 and end > 0
+
+
+def test_a_kept_gateway_log_holds_every_decision_the_gateway_counted(tmp_path: Path) -> None:
+    # What the GPU burst keeps beside each run's report, to compare two runs' schedules decision by decision.
+    specs = generate(WorkloadConfig(kind="burst", n=40, input_mean=512, output_mean=200, seed=1))
+    log_path = tmp_path / "runs" / "gateway-tokenflow.log"  # (its folder is made for it)
+    with spawn_gateway("tokenflow", profile="sim-small", tick_s=0.25, log_path=log_path, log_level="info") as url:
+        recs, _ = asyncio.run(run_clients(url, specs, timeout_s=120))
+        pre = asyncio.run(fetch_preemptions(url))
+    assert all(r.finished for r in recs)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    decisions = [x for x in lines if x["msg"] == "decision"]
+    assert pre, "the burst should make the policy preempt"
+    preempts = [x for x in decisions if x["decision"] == "preempt"]
+    assert len(preempts) == pre
+    assert all(x["ok"] and x["reason"] and x["stream_id"] and x["ts"] > 0 for x in preempts)
+    assert {x["stream_id"] for x in decisions} <= {r.stream_id for r in recs}
 
 
 async def test_a_stream_the_gateway_ends_with_an_error_event_is_recorded_as_failed() -> None:

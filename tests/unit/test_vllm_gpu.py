@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from bench.vllm_gpu import decode_bodies, decode_costs, itl_totals, run_label, run_spec, stop_pid
+from bench.vllm_gpu import (
+    _json_object,
+    decode_bodies,
+    decode_costs,
+    itl_totals,
+    run_label,
+    run_spec,
+    serve_args,
+    stop_pid,
+)
 
 
 def test_a_run_is_a_policy_with_optional_knob_overrides() -> None:
@@ -80,3 +92,18 @@ def test_decode_cost_runs_never_share_a_prompt_block() -> None:
     ids = [b["vllm_xargs"]["tokenflow_id"] for bodies in runs.values() for b in bodies]
     assert len(set(ids)) == len(ids)
     assert all("vllm_xargs" not in b for b in decode_bodies("m", 4, 8, 1, False, "plain-0"))
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_the_plugins_options_reach_the_plugin_servers_kv_transfer_config(cpu: bool) -> None:
+    options = _json_object('{"tokenflow_merge_stores": false}')
+    a = argparse.Namespace(cpu=cpu, cpu_venv="/venvs/vllm-cpu", kv_extra=options)
+    args = serve_args(a, Path("/models/llama"), 8000, plugin=True, prefix=True, host_offload_bytes=1 << 30)
+    extra = json.loads(args[args.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+    assert extra["tokenflow_merge_stores"] is False
+    assert extra["spec_name"] == "TokenFlowOffloadingSpec" and extra["cpu_bytes_to_use"] == 1 << 30
+    if not cpu:  # a plain server has no connector to take them
+        assert "--kv-transfer-config" not in serve_args(a, Path("/models/llama"), 8000, plugin=False, prefix=True)
+    for bad in ("[1]", "{tokenflow_merge_stores: false}"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _json_object(bad)
