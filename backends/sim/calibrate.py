@@ -52,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .profile import step_seconds
@@ -1078,7 +1079,9 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
         "batch": {"max_num_seqs": int(eng["max_num_seqs"]), "max_num_batched_tokens": args.max_num_batched_tokens,
                   "block_size": int(eng["block_size"])},
         "kv": {"device_tokens": int(eng["kv_device_capacity_tokens"]),
-               "host_tokens": int(eng["kv_host_capacity_tokens"])},
+               "host_tokens": int(eng["kv_host_capacity_tokens"]),
+               # vLLM's offloading connector copies whole blocks: a request's unfilled last block is recomputed
+               **({"host_copy_tokens": int(eng["block_size"])} if eng.get("kind") == "vllm" else {})},
         "transfer": {"h2d_bytes_per_s": float(f"{args.h2d:.4g}"), "d2h_bytes_per_s": float(f"{args.d2h:.4g}")},
         "measurements": {"trace": args.trace, "reports": args.report, "engine": args.engine, "fit": summary},
     }
@@ -1090,6 +1093,65 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
         fh.write(header + yaml.safe_dump(profile, sort_keys=False))
     print(f"wrote {args.profile}: {summary}")
     return profile
+
+
+def prefill_rates(args: argparse.Namespace) -> dict[str, Any]:
+    """The prefill rate a run's state reports gave the policy, replayed from its step trace, per ``bin_s`` of the
+    run (medians over its steps): the vLLM plugin's measure until 2026-12-04 (prompt tokens over the whole time of
+    every step with prompt work, averaged 0.1 a step), the plugin's measure now (``tokenflow_vllm/rates.py``, run
+    on the trace), and a least-squares fit of all the run's steps (dt = base + per decoding request + per prompt
+    token) for reference. docs/sim-cost-model.md, "The prefill rate the engine reports"."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "tf_rates", Path(__file__).resolve().parents[1] / "vllm" / "tokenflow_vllm" / "rates.py")
+    assert spec is not None and spec.loader is not None
+    rates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rates)  # pure Python: no vLLM needed
+    clock = [0.0]
+    rates.time = SimpleNamespace(perf_counter=lambda: clock[0])  # its own module instance: the trace's clock
+    now = rates.StepRates()
+    with open(args.report) as f:
+        m = next(iter(json.load(f)["policies"].values()))
+    t0, t1 = m["machine"]["window_perf_counter"]
+    old: float | None = None
+    rows: list[tuple[float, float | None, float | None]] = []
+    fit_x, fit_y = [], []
+    for st in trace_steps(args.trace):
+        if not (t0 <= st["t"] <= t1) or st["dt"] <= 0:
+            continue
+        d, p, dt = st["decode"], st["prefill"], st["dt"]
+        if p:
+            old = p / dt if old is None else old + 0.1 * (p / dt - old)
+        out = SimpleNamespace(num_scheduled_tokens={**{f"d{i}": 1 for i in range(d)}, **({"p": p} if p else {})},
+                              scheduled_spec_decode_tokens={})
+        clock[0] = st["t"] - dt
+        now.on_schedule(out)
+        clock[0] = st["t"]
+        now.on_output(out)
+        rows.append((st["t"] - t0, old, now.prefill_rate))
+        fit_x.append([1.0, d, p])
+        fit_y.append(dt)
+    coef = np.linalg.lstsq(np.array(fit_x), np.array(fit_y), rcond=None)[0]
+    res: dict[str, Any] = {"fit_prefill_tokens_per_s": 1.0 / coef[2] if coef[2] > 0 else None, "bins": []}
+    print(f"{len(rows)} steps; least-squares over them: base {coef[0] * 1e3:.2f} ms, {coef[1] * 1e6:.1f} us a decoding "
+          f"request, {coef[2] * 1e6:.1f} us a prompt token ({res['fit_prefill_tokens_per_s'] or 0:.0f} tok/s)")
+    print(f"{'run s':>9} {'before 2026-12-04':>18} {'now':>8}   (prompt tokens/s the state reported, median)")
+    end = rows[-1][0] if rows else 0.0
+    a = 0.0
+    while a < end:
+        b = a + args.bin_s
+        olds = [o for t, o, _ in rows if a <= t < b and o is not None]
+        news = [n for t, _, n in rows if a <= t < b and n is not None]
+        med_old = float(np.median(olds)) if olds else None
+        med_new = float(np.median(news)) if news else None
+        res["bins"].append({"from_s": a, "to_s": b, "before": med_old, "now": med_new})
+        print(f"{a:4.0f}-{b:<4.0f} {med_old or 0:18.0f} {med_new or 0:8.0f}")
+        a = b
+    return res
 
 
 SLOW_S = 0.015  # a step this much beyond the cost model (with nothing admitted or preempted) was held up
@@ -1196,8 +1258,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--run", nargs=3, action="append", required=True, metavar=("TRACE", "REPORT", "SAMPLES"))
     c.add_argument("--profile", required=True, help="the profile whose step model prices the steps")
     c.add_argument("--rounds-per-s", type=float, default=2.0, help="the gateway's control rounds a second (1/tick)")
+    r = sub.add_parser("prefill-rates", help="the prefill rate a run's state reports gave, replayed from its trace")
+    r.add_argument("trace", help="TOKENFLOW_STEP_TRACE output (JSON lines, optionally .gz)")
+    r.add_argument("--report", required=True, help="bench report.json of one run: its window selects the steps")
+    r.add_argument("--bin-s", type=float, default=10.0)
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.cmd == "prefill-rates":
+        prefill_rates(args)
+        return 0
     if args.cmd == "fit-control":
         fit_control(args)
         return 0

@@ -168,6 +168,7 @@ class _Window:
     # The prefill rate over the last window that had prefill work: a window of decode-only steps keeps it, as the
     # plugin's average does (null there read as "unknown" and priced every prompt at the policy's default rate).
     prefill_rate: float | None = None
+    whole_steps: bool = False  # prefill_rate as the vLLM plugin measured it until 2026-12-04 (Profile)
 
     def add(self, dur: float, decode: int, prefill: int, pdur: float) -> None:
         if not prefill:
@@ -184,7 +185,11 @@ class _Window:
             self.decode -= dc
             self.prefill -= pf
             self.prefill_dur -= pd
-        if self.prefill > 0 and self.prefill_dur > 0:
+        if self.whole_steps:
+            if prefill and dur > 0:
+                pr = self.prefill_rate
+                self.prefill_rate = prefill / dur if pr is None else pr + 0.1 * (prefill / dur - pr)
+        elif self.prefill > 0 and self.prefill_dur > 0:
             self.prefill_rate = self.prefill / self.prefill_dur
 
 
@@ -257,7 +262,8 @@ class EngineCore:
         self.preempt_stall = 0.0  # engine time owed since the last step: preemptions (profile.preempt_s each) and
         #   control reads (read_state)
         self.counters = Counters()
-        self.window = _Window(stats_window)
+        self.window = _Window(stats_window, whole_steps=profile.prefill_rate_measure == "whole_steps")
+        self.host_chunk = profile.host_copy_tokens  # the host tier copies whole chunks (Profile.host_copy_tokens)
         self.steps = 0
         self._seq = 0
         self._inflight: Step | None = None
@@ -475,6 +481,7 @@ class EngineCore:
         finished = False
         wt = self.write_through
         wt_budget = step.duration * self.d2h_tokens_per_s if wt else 0.0
+        chunk = self.host_chunk
         host_free = self.host_cap - self.host_used
         lru = self.lru
         for req, n in zip(step.reqs, step.ns):
@@ -493,9 +500,10 @@ class EngineCore:
                     finished = True
                     continue
                 emitted.append(Emitted(req.id, out - 1, None))
-            # write-through: KV produced in a step is copied during it, within the d2h bandwidth
-            if wt_budget >= 1.0 and host_free > 0 and req.host < c:
-                d = c - req.host
+            # write-through: KV produced in a step is copied during it, within the d2h bandwidth, whole chunks
+            full = c - c % chunk
+            if wt_budget >= 1.0 and host_free > 0 and req.host < full:
+                d = full - req.host
                 if d > wt_budget:
                     d = int(wt_budget)
                 if d > host_free:
@@ -713,10 +721,11 @@ class EngineCore:
         del self.reqs[req.id]
 
     def _flush(self, req: _Req, now: float) -> None:
-        """Synchronously copy the unsynced tail of a request's KV to host (it is being preempted)."""
+        """Synchronously copy the unsynced tail of a request's KV to host (it is being preempted): its full chunks;
+        the unfilled last one is recomputed on resume."""
         if not self.write_through:
             return
-        tail = req.computed - req.host
+        tail = req.computed - req.computed % self.host_chunk - req.host
         if tail <= 0:
             return
         free = self.host_cap - self.host_used

@@ -64,6 +64,9 @@ class Profile:
     h2d_bytes_per_s: float
     d2h_bytes_per_s: float
     compute_per_token_s: float = 0.0  # optional compute-bound regime; 0 keeps the linear form
+    # The host tier copies a request's KV in whole chunks of this many tokens (vLLM's offloading connector: whole
+    # KV blocks): its unfilled last chunk has no host copy, and resume recomputes it. 1: token by token.
+    host_copy_tokens: int = 1
     # How the engine's own preemption behaves (section ``engine:``, all optional; the defaults keep the
     # plain model, docs/sim-cost-model.md "Engine preemption modes"):
     preempt_cascade: bool = False  # freed blocks usable only after the step: a failed allocation preempts
@@ -76,6 +79,9 @@ class Profile:
     #   or parked request: both run on the scheduler thread between steps (vLLM plugin), added to the next step
     control_lag_steps: int = 0  # engine steps between a control state read and the first step that sees the
     #   commands decided on it (vLLM: the command call waits for a step boundary, async scheduling adds one)
+    prefill_rate_measure: str = "marginal"  # the state's prefill_tokens_per_s: "marginal", prefill's share of the
+    #   steps' compute (docs/sim-cost-model.md); "whole_steps", prompt tokens over the whole time of every step with
+    #   prompt work, as the vLLM plugin reported it until 2026-12-04 (a tenth of the real rate under rotation)
 
     # --- the cost model: every step price goes through step_seconds ---
 
@@ -132,6 +138,7 @@ _FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
     ("batch", "block_size", "block_size", int, True),
     ("kv", "device_tokens", "device_tokens", int, True),
     ("kv", "host_tokens", "host_tokens", int, False),
+    ("kv", "host_copy_tokens", "host_copy_tokens", int, True),
     ("transfer", "h2d_bytes_per_s", "h2d_bytes_per_s", float, True),
     ("transfer", "d2h_bytes_per_s", "d2h_bytes_per_s", float, True),
     ("engine", "preempt_s", "preempt_s", float, False),
@@ -139,10 +146,12 @@ _FIELDS: tuple[tuple[str, str, str, type, bool], ...] = (
     ("engine", "control_lag_steps", "control_lag_steps", int, False),
 )
 
-_OPTIONAL = frozenset({"compute_per_token_s", "preempt_s", "state_s_per_held", "control_lag_steps"})
+_OPTIONAL = frozenset({"compute_per_token_s", "host_copy_tokens", "preempt_s", "state_s_per_held",
+                       "control_lag_steps"})
 _OPTIONAL_SECTIONS = frozenset({"engine"})
 _FLAGS = (("engine", "preempt_cascade", "preempt_cascade"), ("engine", "prefix_cache", "prefix_cache"),
           ("engine", "loaded_first", "loaded_first"))
+PREFILL_RATE_MEASURES = ("marginal", "whole_steps")
 
 
 def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
@@ -184,6 +193,12 @@ def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:
             if not isinstance(sec[key], bool):
                 raise ProfileError(f"{origin}: '{section}.{key}' must be true or false, got {sec[key]!r}")
             values[fieldname] = sec[key]
+    measure = (data.get("engine") or {}).get("prefill_rate_measure")
+    if measure is not None:
+        if measure not in PREFILL_RATE_MEASURES:
+            raise ProfileError(f"{origin}: 'engine.prefill_rate_measure' must be one of {PREFILL_RATE_MEASURES}, "
+                               f"got {measure!r}")
+        values["prefill_rate_measure"] = measure
     if values["device_tokens"] < values["block_size"]:
         raise ProfileError(f"{origin}: 'kv.device_tokens' must hold at least one block")
     if values["base_s"] + values["per_token_s"] <= 0 and values.get("compute_per_token_s", 0.0) <= 0:

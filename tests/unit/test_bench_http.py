@@ -41,7 +41,8 @@ def test_a_kept_gateway_log_holds_every_decision_the_gateway_counted(tmp_path: P
     assert pre, "the burst should make the policy preempt"
     preempts = [x for x in decisions if x["decision"] == "preempt"]
     assert len(preempts) == pre
-    assert all(x["ok"] and x["reason"] and x["stream_id"] and x["ts"] > 0 for x in preempts)
+    # (a command the engine refused, say for a stream that ended meanwhile, is there too, with ok false)
+    assert all(x["reason"] and x["stream_id"] and x["ts"] > 0 and isinstance(x["ok"], bool) for x in preempts)
     assert {x["stream_id"] for x in decisions} <= {r.stream_id for r in recs}
 
 

@@ -8,6 +8,7 @@ its engine core, which schedules each measured step's batch and prices it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -251,6 +252,7 @@ def test_fit_trace_reproduces_the_vllm026_profile_and_keeps_its_engine_section(
     new, old = yaml.safe_load(out.read_text()), yaml.safe_load(src.read_text())
     assert new["step"] == old["step"]
     assert new["engine"] == old["engine"]
+    assert new["kv"] == old["kv"] and new["kv"]["host_copy_tokens"] == 16  # a vLLM engine's: whole blocks
     # the compute line is the full prefill chunks' median price (22.5 us a token), dearer than the least-squares
     # line's 13.4 us a token for every scheduled token
     assert 2.1e-5 < new["step"]["compute_per_token_s"] < 2.4e-5
@@ -298,3 +300,29 @@ def test_fit_control_recovers_the_per_held_cost_and_the_lag(tmp_path: Path, caps
     # each sample interval holds one read (the held count of that interval) plus command calls: the per-held
     # slope is the read's 2 ms per round
     assert out["state_s_per_held"] == pytest.approx(0.002, rel=0.15)
+
+
+def test_prefill_rates_replays_what_the_state_reported_against_the_steps_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A synthetic run: 5 ms a step, 50 us a decoding request, 20 us a prompt token (50k tok/s). First steps that
+    # mostly compute prompt, then 200 decodes each with a 16-token recomputation beside them.
+    steps, t = [], 100.0
+    for i in range(400):
+        d, p = (4, 2048) if i < 40 else (200, 16 if i % 2 else 0)
+        dt = 0.005 + 50e-6 * d + 20e-6 * p
+        t += dt
+        steps.append({"t": t, "dt": dt, "decode": d, "decode_kv": 0, "prefill": p, "running": d + (p > 0)})
+    trace = tmp_path / "steps.jsonl"
+    trace.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"policies": {"tokenflow": {"machine": {"window_perf_counter": [100.0, t]}}}}))
+    res = calibrate.prefill_rates(argparse.Namespace(trace=str(trace), report=str(report), bin_s=1.0))
+    assert res["fit_prefill_tokens_per_s"] == pytest.approx(50_000, rel=1e-6)
+    last = res["bins"][-1]
+    # the former measure timed the decode-dominated steps whole: 16 tokens over ~15 ms
+    assert last["before"] == pytest.approx(16 / (0.005 + 200 * 50e-6 + 16 * 20e-6), rel=0.05)
+    # the plugin's measure now keeps the steps that mostly computed prompt: a lower bound near the fit
+    assert last["now"] == pytest.approx(2048 / (0.005 + 4 * 50e-6 + 2048 * 20e-6))
+    assert 0.85 * 50_000 < last["now"] <= 50_000
+    assert "least-squares" in capsys.readouterr().out

@@ -1,7 +1,8 @@
-"""The vLLM plugin's step rates (backends/vllm/tokenflow_vllm/rates.py): the state report's ``step_time_s`` averages
-every step, ``decode_step_time_s`` only steps that computed no prompt, so that a burst's long prefill steps do
-not read as lost decode capacity. Pure Python on a fake clock, loaded by path (the plugin's package is installed in
-vLLM's environment, not this one)."""
+"""The vLLM plugin's step rates (backends/vllm/tokenflow_vllm/rates.py): the state report's ``step_time_s``
+averages every step, ``decode_step_time_s`` only steps that computed no prompt, so that a burst's long prefill
+steps do not read as lost decode capacity, and ``prefill_tokens_per_s`` only steps that mostly computed prompt.
+Pure Python on a fake clock, loaded by path (the plugin's package is installed in vLLM's environment, not this
+one)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,35 @@ def test_decode_step_time_leaves_out_prefill_steps(monkeypatch: pytest.MonkeyPat
     for _ in range(3):  # decode-only steps that really are slower move it
         run(step(8), 0.04)
     assert 0.02 < r.report()["decode_step_time_s"] < 0.04
+
+
+def test_the_prefill_rate_is_timed_on_steps_that_mostly_compute_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A preempted stream's short tail recomputed beside hundreds of decodes costs the step little: timing that whole
+    # step as prefill read a tenth of the engine's prefill rate on the H200 burst, and the policy priced every
+    # switch ten times too high.
+    rates = _rates()
+    clock = Clock()
+    monkeypatch.setattr(rates.time, "perf_counter", clock)
+    r = rates.StepRates()
+
+    def run(out: SimpleNamespace, seconds: float) -> None:
+        r.on_schedule(out)
+        clock.t += seconds
+        r.on_output(out)
+
+    assert r.report()["prefill_tokens_per_s"] is None
+    for _ in range(5):  # only small recomputations so far: the whole steps are all there is to go by
+        run(step(250, prefill_chunk=16), 0.016)
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(16 / 0.016)
+    for _ in range(4):  # steps that mostly compute prompt: their rate, nothing else from now on
+        run(step(8, prefill_chunk=2048), 0.05)
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(2048 / 0.05)
+    for _ in range(200):  # decode-dominated steps with a recomputed tail leave it alone
+        run(step(250, prefill_chunk=16), 0.016)
+        run(step(250), 0.015)
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(2048 / 0.05)
+    for _ in range(rates.PREFILL_SAMPLES):  # the last few such steps make the rate: it follows a slower engine
+        run(step(4, prefill_chunk=1024), 0.05)
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1024 / 0.05)
+    run(step(300, prefill_chunk=299), 0.05)  # fewer prompt tokens than decodes: not a sample
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1024 / 0.05)

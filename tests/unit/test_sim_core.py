@@ -94,6 +94,24 @@ def test_prefill_then_decode_timings_follow_the_cost_model() -> None:
     assert st["kv_device_used_tokens"] == 0 and st["kv_host_used_tokens"] == 0 and not core.reqs
 
 
+def test_whole_steps_prefill_rate_reads_small_recomputations_as_slow_prefill() -> None:
+    # The vLLM plugin's measure until 2026-12-04 (Profile.prefill_rate_measure "whole_steps"): a step that computes
+    # a few prompt tokens beside many decodes is timed whole, as prefill, so the rate falls far below the marginal
+    # one the default measure reports; the simulator keeps it to replay the GPU runs made with that plugin.
+    rates = {}
+    for measure in ("marginal", "whole_steps"):
+        core = EngineCore(prof(prefill_rate_measure=measure))
+        for i in range(8):
+            core.add(f"d{i}", prompt_tokens=100, max_tokens=400, now=0.0)
+        d = Driver(core)
+        d.until(lambda c=core: all(r.output > 0 for r in c.reqs.values()))
+        for j in range(30):  # a small prompt beside eight decodes, again and again
+            core.add(f"s{j}", prompt_tokens=8, max_tokens=1, now=d.now)
+            d.step()
+        rates[measure] = core.state(d.now)["engine"]["prefill_tokens_per_s"]
+    assert rates["whole_steps"] < rates["marginal"] / 3
+
+
 def test_measured_rates_persist_through_windows_without_their_kind_of_step() -> None:
     # The state's rates as the vLLM plugin reports them: the prefill rate stays known through a window of decode-only
     # steps (null would read as "unknown" and price every prompt at the policy's default rate), and the decode-only
@@ -305,6 +323,28 @@ def test_preempt_flushes_tail_frees_device_and_resume_restores_from_host() -> No
     # the first step after the load computes just one token (the last sampled one): a decode step
     resumed = next(s for s in d.steps if s.start >= ev)
     assert resumed.scheduled_tokens == 1
+
+
+def test_host_copies_whole_chunks_and_resume_recomputes_the_unfilled_one() -> None:
+    # vLLM's offloading connector stores whole blocks: a running request's host copy stops at its last full chunk,
+    # a preemption stores no partial one, and resume recomputes it. (The sim's copy used to follow every token, so
+    # its switches never recomputed, unlike the engine's: docs/sim-cost-model.md, "Host copies in whole blocks".)
+    core = EngineCore(prof(host_copy_tokens=16))
+    d = _running(core)  # 100 prompt tokens + 9 decoded
+    r = core.reqs["a"]
+    assert r.computed == 109 and r.host == 96  # 6 whole chunks of 16
+    for _ in range(7):  # 116 computed: a 7th chunk filled
+        d.step()
+    assert (r.computed, r.host) == (116, 112)
+    core.command("preempt", "a", d.now)
+    held = core.state(d.now)["requests"][0]
+    assert held["kv_host_tokens"] == 112  # the flush stores full chunks only
+    core.command("resume", "a", d.now)
+    d.now = core.next_event_time()
+    d.run()
+    assert_complete(d, "a", 50)
+    c = core.counters
+    assert c.host_restored_tokens == 112 and c.recomputed_tokens == 116 - 112
 
 
 def test_preempt_flush_time_is_added_to_the_next_step() -> None:

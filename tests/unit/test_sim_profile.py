@@ -156,3 +156,21 @@ def test_control_round_fields_are_optional_and_validated() -> None:
         d["engine"] = bad
         with pytest.raises(ProfileError):
             profile_from_dict(d)
+
+
+def test_host_copy_granularity_and_prefill_rate_measure_are_optional_and_validated() -> None:
+    p = profile_from_dict(_doc())
+    assert p.host_copy_tokens == 1 and p.prefill_rate_measure == "marginal"  # absent: token by token, marginal
+    d = _doc()
+    d["kv"]["host_copy_tokens"] = 16
+    d["engine"] = {"prefill_rate_measure": "whole_steps"}
+    p = profile_from_dict(d)
+    assert p.host_copy_tokens == 16 and p.prefill_rate_measure == "whole_steps"
+    for section, bad in (("kv", {"host_copy_tokens": 0}), ("kv", {"host_copy_tokens": 2.5}),
+                         ("engine", {"prefill_rate_measure": "steps"})):
+        d = _doc()
+        d[section] = {**d.get(section, {}), **bad}
+        with pytest.raises(ProfileError, match=next(iter(bad))):
+            profile_from_dict(d)
+    # the H200 profile fitted to vLLM 0.26 copies whole 16-token blocks, as vLLM's offloading connector does
+    assert load_profile("h200-llama3-8b-vllm026").host_copy_tokens == 16

@@ -11,6 +11,12 @@ from collections import deque
 from typing import Any
 
 ALPHA = 0.1  # weight of the newest step
+# The prefill rate is timed on steps that mostly compute prompt: at least this many prompt tokens, and more than
+# the step's decoding requests. A step that recomputes a 16-token tail beside 250 decodes costs little more than a
+# decode-only step; timed whole as prefill it reads as a rate ten times too low (3-4k tok/s in the H200 burst, whose
+# steps give 49k by regression), and the policy priced every switch that much too high.
+PREFILL_SAMPLE_MIN_TOKENS = 256
+PREFILL_SAMPLES = 16  # the rate is over the last this many such steps (tokens over their time)
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -26,7 +32,8 @@ class StepRates:
         # ten times longer and would read as a collapse of decode capacity, right when new requests arrive.
         self.decode_step_time: float | None = None
         self.decode_rate: float | None = None
-        self.prefill_rate: float | None = None
+        self._prefill_steps: deque[tuple[int, float]] = deque(maxlen=PREFILL_SAMPLES)  # (prompt tokens, seconds)
+        self._any_prefill_rate: float | None = None  # every prefill step: only until one mostly prefills
 
     def on_schedule(self, out: Any) -> None:
         decode = prefill = 0
@@ -62,7 +69,20 @@ class StepRates:
         if decode:
             self.decode_rate = _ema(self.decode_rate, decode / dt)
         if prefill:
-            self.prefill_rate = _ema(self.prefill_rate, prefill / dt)
+            if prefill >= PREFILL_SAMPLE_MIN_TOKENS and prefill >= decode:
+                self._prefill_steps.append((prefill, dt))
+            elif not self._prefill_steps:
+                self._any_prefill_rate = _ema(self._any_prefill_rate, prefill / dt)
+
+    @property
+    def prefill_rate(self) -> float | None:
+        """Prompt tokens per second of engine time, from the recent steps that mostly computed prompt (a lower
+        bound of the marginal rate: those steps also pay the fixed cost and their few decodes); before the first
+        such step, from every step with prompt work."""
+        steps = self._prefill_steps
+        if not steps:
+            return self._any_prefill_rate
+        return sum(p for p, _ in steps) / sum(t for _, t in steps)
 
     def report(self) -> dict[str, float | None]:
         return {
