@@ -1109,7 +1109,7 @@ def prefill_rates(args: argparse.Namespace) -> dict[str, Any]:
     spec = importlib.util.spec_from_file_location(
         "tf_rates", Path(__file__).resolve().parents[1] / "vllm" / "tokenflow_vllm" / "rates.py")
     assert spec is not None and spec.loader is not None
-    rates = importlib.util.module_from_spec(spec)
+    rates: Any = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rates)  # pure Python: no vLLM needed
     clock = [0.0]
     rates.time = SimpleNamespace(perf_counter=lambda: clock[0])  # its own module instance: the trace's clock
