@@ -68,10 +68,16 @@ class Server:
     group for a later :func:`stop_pid`."""
 
     def __init__(self, args: list[str], log_path: Path, *, plugin: bool, cpu: bool,
-                 extra_env: dict[str, str] | None = None, timeout_s: float = 900.0, detach: bool = False) -> None:
+                 extra_env: dict[str, str] | None = None, timeout_s: float = 900.0, detach: bool = False,
+                 plugin_path: Path | None = None) -> None:
+        """``plugin_path``: a folder holding another ``tokenflow_vllm`` (another commit's) for the server to load
+        instead of this checkout's; the benchmark around it stays this checkout's."""
         self.args, self.log_path, self.timeout_s, self.detach = args, log_path, timeout_s, detach
         plugin_dir = launch.checkout_plugin_dir(ROOT, Path(args[0]).parents[1]) if cpu else None
         self.env = dict(os.environ, **launch.server_env(cpu=cpu, plugin_dir=plugin_dir), **(extra_env or {}))
+        if plugin and plugin_path is not None:
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                [str(Path(plugin_path).resolve()), *filter(None, [self.env.get("PYTHONPATH")])])
         if not plugin:
             self.env["VLLM_PLUGINS"] = "none"  # a name no plugin has: plain vLLM, no TokenFlow code loaded
         # FlashInfer's top-k/top-p sampler compiles with nvcc on first use (minutes); greedy and plain
@@ -300,7 +306,7 @@ def phase_decode_cost(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         args = serve_args(a, model, free_port(), plugin=plugin, prefix=False, max_num_seqs=max(batches),
                           host_offload_bytes=a.host_gib << 30, kv_cache_bytes=kv,
                           **({} if a.cpu else {"gpu_memory_utilization": 0.45}))
-        servers[name] = Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu)
+        servers[name] = Server(args, out / f"vllm-{name}.log", plugin=plugin, cpu=a.cpu, plugin_path=a.plugin_path)
     try:
         if a.parallel_start:  # both compile at once: ~1 start's time instead of 2 on a 16-core machine
             with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
@@ -446,7 +452,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         kv = a.kv_tokens * (KV_BYTES_PER_TOKEN_8B if not a.cpu else 4 * 2 * 64 * 2 * 4)
         args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=True, kv_cache_bytes=kv,
                           max_num_seqs=a.max_num_seqs, host_offload_bytes=a.host_gib << 30)
-        srv = Server(args, out / "vllm-burst.log", plugin=True, cpu=a.cpu,
+        srv = Server(args, out / "vllm-burst.log", plugin=True, cpu=a.cpu, plugin_path=a.plugin_path,
                      extra_env={"TOKENFLOW_STEP_TRACE": str(trace)}, detach=True)
         url = srv.__enter__()
         pid, done, proc = srv.pid, [], srv.proc
@@ -583,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=2000, help="resume: context tokens")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--host-gib", type=int, default=64, help="host KV tier (cpu_bytes_to_use)")
+    ap.add_argument("--plugin-path", type=Path, metavar="DIR",
+                    help="decode-cost, burst: the plugin servers load the tokenflow_vllm package in DIR (another "
+                    "commit's: git archive COMMIT backends/vllm/tokenflow_vllm | tar -x -C DIR --strip-components=2)")
     ap.add_argument("--kv-extra", type=_json_object, default={}, metavar="JSON",
                     help="the plugin's options in kv_connector_extra_config (decode-cost, burst), "
                     """e.g. '{"tokenflow_merge_stores": false}'""")
@@ -611,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     res = fn(a, a.out)
     res["phase_seconds"] = round(time.monotonic() - t0, 1)
+    res["plugin"] = str(a.plugin_path) if a.plugin_path else "this checkout's"
     (a.out / f"{a.phase}.json").write_text(json.dumps(res, indent=1, default=str))
     log(f"{a.phase} done in {res['phase_seconds']} s")
     return 0

@@ -13,14 +13,11 @@
 #
 # Installed packages go to /tmp/site (on PYTHONPATH), not into the machine's environment. The plugin and the
 # gateway run from this checkout (first on PYTHONPATH), so a kit built from an older commit still runs the
-# current code. TF_PLUGIN_PATH=DIR runs the plugin package in DIR (DIR/tokenflow_vllm) instead of this
-# checkout's: another commit's plugin against the same gateway and benchmark, e.g.
-#   mkdir -p .kit/old && git archive COMMIT backends/vllm/tokenflow_vllm | tar -x -C .kit/old --strip-components=2
+# current code.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-plugin="${TF_PLUGIN_PATH:+$(cd "$TF_PLUGIN_PATH" && pwd)}"
-export PYTHONPATH="${plugin:-$ROOT/backends/vllm}:$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/backends/vllm:$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="/tmp/site/bin:$PATH" TOKENFLOW_MODELS=/tmp/tokenflow-models PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/tf-out}"
 mkdir -p "$OUT" /tmp/kit /tmp/tf-runs
@@ -45,8 +42,6 @@ case "${1:-}" in
   *)
     phase="$1"; shift
     dir="/tmp/tf-runs/$phase-$stamp"
-    mkdir -p "$dir"
-    python3 -c 'import tokenflow_vllm; print("plugin:", tokenflow_vllm.__path__[0])' | tee "$dir/plugin.txt"
     limit=()
     [ -n "${TF_PHASE_LIMIT_S:-}" ] && limit=(timeout -k 15 "$TF_PHASE_LIMIT_S")
     "${limit[@]}" python3 -m bench.vllm_gpu "$phase" --out "$dir" "$@" 2>&1 | tee "$dir.log"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.vllm_gpu import (
+    Server,
     _json_object,
     decode_bodies,
     decode_costs,
@@ -107,3 +108,16 @@ def test_the_plugins_options_reach_the_plugin_servers_kv_transfer_config(cpu: bo
     for bad in ("[1]", "{tokenflow_merge_stores: false}"):
         with pytest.raises(argparse.ArgumentTypeError):
             _json_object(bad)
+
+
+def test_another_commits_plugin_is_first_on_the_plugin_servers_path_only(tmp_path: Path) -> None:
+    # A paired run of two plugin versions on one machine: the server loads the other package, the benchmark (and a
+    # plain server, which loads no plugin) stays on this checkout's.
+    args = ["vllm", "serve", "/models/llama", "--port", "8000"]
+    other = tmp_path / "before"
+    srv = Server(args, tmp_path / "vllm.log", plugin=True, cpu=False, plugin_path=other)
+    assert srv.env["PYTHONPATH"].split(os.pathsep)[0] == str(other.resolve())
+    assert srv.env["PYTHONPATH"].split(os.pathsep)[1:] == [p for p in os.environ.get("PYTHONPATH", "").split(
+        os.pathsep) if p]
+    plain = Server(args, tmp_path / "plain.log", plugin=False, cpu=False, plugin_path=other)
+    assert str(other.resolve()) not in plain.env.get("PYTHONPATH", "")
