@@ -39,17 +39,31 @@ def step(n_decode: int, prefill_chunk: int = 0) -> SimpleNamespace:
     return SimpleNamespace(num_scheduled_tokens=tokens, scheduled_spec_decode_tokens={})
 
 
-def test_decode_step_time_leaves_out_prefill_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    rates = _rates()
-    clock = Clock()
-    monkeypatch.setattr(rates.time, "perf_counter", clock)
-    r = rates.StepRates()
+class Steps:
+    """The plugin's StepRates on a fake clock: ``run(out, seconds)`` schedules a step and outputs it that much later."""
 
-    def run(out: SimpleNamespace, seconds: float) -> None:
-        r.on_schedule(out)
-        clock.t += seconds
-        r.on_output(out)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rates = _rates()
+        self.clock = Clock()
+        monkeypatch.setattr(self.rates.time, "perf_counter", self.clock)
+        self.r = self.rates.StepRates()
 
+    def run(self, out: SimpleNamespace, seconds: float) -> None:
+        self.r.on_schedule(out)
+        self.clock.t += seconds
+        self.r.on_output(out)
+
+    def report(self) -> dict[str, float | None]:
+        return self.r.report()
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> Steps:
+    return Steps(monkeypatch)
+
+
+def test_decode_step_time_leaves_out_prefill_steps(steps: Steps) -> None:
+    run, r = steps.run, steps
     assert r.report()["decode_step_time_s"] is None
     for _ in range(20):
         run(step(8), 0.02)
@@ -65,20 +79,11 @@ def test_decode_step_time_leaves_out_prefill_steps(monkeypatch: pytest.MonkeyPat
     assert 0.02 < r.report()["decode_step_time_s"] < 0.04
 
 
-def test_the_prefill_rate_is_timed_on_steps_that_mostly_compute_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_prefill_rate_is_timed_on_steps_that_mostly_compute_prompt(steps: Steps) -> None:
     # A preempted stream's short tail recomputed beside hundreds of decodes costs the step little: timing that whole
     # step as prefill read a tenth of the engine's prefill rate on the H200 burst, and the policy priced every
     # switch ten times too high.
-    rates = _rates()
-    clock = Clock()
-    monkeypatch.setattr(rates.time, "perf_counter", clock)
-    r = rates.StepRates()
-
-    def run(out: SimpleNamespace, seconds: float) -> None:
-        r.on_schedule(out)
-        clock.t += seconds
-        r.on_output(out)
-
+    run, r = steps.run, steps
     assert r.report()["prefill_tokens_per_s"] is None
     for _ in range(5):  # only small recomputations so far: the whole steps are all there is to go by
         run(step(250, prefill_chunk=16), 0.016)
@@ -90,7 +95,7 @@ def test_the_prefill_rate_is_timed_on_steps_that_mostly_compute_prompt(monkeypat
         run(step(250, prefill_chunk=16), 0.016)
         run(step(250), 0.015)
     assert r.report()["prefill_tokens_per_s"] == pytest.approx(2048 / 0.05)
-    for _ in range(rates.PREFILL_SAMPLES):  # the last few such steps make the rate: it follows a slower engine
+    for _ in range(steps.rates.PREFILL_SAMPLES):  # the last few such steps make the rate: it follows a slower engine
         run(step(4, prefill_chunk=1024), 0.05)
     assert r.report()["prefill_tokens_per_s"] == pytest.approx(1024 / 0.05)
     run(step(300, prefill_chunk=299), 0.05)  # fewer prompt tokens than decodes: not a sample
