@@ -76,8 +76,8 @@ class Server:
         plugin_dir = launch.checkout_plugin_dir(ROOT, Path(args[0]).parents[1]) if cpu else None
         self.env = dict(os.environ, **launch.server_env(cpu=cpu, plugin_dir=plugin_dir), **(extra_env or {}))
         if plugin and plugin_path is not None:
-            self.env["PYTHONPATH"] = os.pathsep.join(
-                [str(Path(plugin_path).resolve()), *filter(None, [self.env.get("PYTHONPATH")])])
+            rest = self.env.get("PYTHONPATH")
+            self.env["PYTHONPATH"] = str(Path(plugin_path).resolve()) + (os.pathsep + rest if rest else "")
         if not plugin:
             self.env["VLLM_PLUGINS"] = "none"  # a name no plugin has: plain vLLM, no TokenFlow code loaded
         # FlashInfer's top-k/top-p sampler compiles with nvcc on first use (minutes); greedy and plain
@@ -118,7 +118,7 @@ class Server:
 def serve_args(a: argparse.Namespace, model: Path, port: int, *, plugin: bool, prefix: bool,
                **kw: Any) -> list[str]:
     """The server of a phase: GPU production settings, or their CPU-build rehearsal."""
-    kw.setdefault("kv_extra", a.kv_extra)
+    kw = {"kv_extra": a.kv_extra, **kw}
     if a.cpu:
         return launch.cpu_serve_args(
             Path(a.cpu_venv), model, port, served_name=served_name(model), dtype=kw.get("dtype", "float32"),
