@@ -1,8 +1,8 @@
 """The vLLM plugin's step rates (backends/vllm/tokenflow_vllm/rates.py): the state report's ``step_time_s``
 averages every step, ``decode_step_time_s`` only steps that computed no prompt, so that a burst's long prefill
-steps do not read as lost decode capacity, and ``prefill_tokens_per_s`` only steps that mostly computed prompt.
-Pure Python on a fake clock, loaded by path (the plugin's package is installed in vLLM's environment, not this
-one)."""
+steps do not read as lost decode capacity, and ``prefill_tokens_per_s`` is the time a prompt token adds to a
+step, fitted over the steps with enough of them. Pure Python on a fake clock, loaded by path (the plugin's package
+is installed in vLLM's environment, not this one)."""
 
 from __future__ import annotations
 
@@ -79,24 +79,60 @@ def test_decode_step_time_leaves_out_prefill_steps(steps: Steps) -> None:
     assert 0.02 < r.report()["decode_step_time_s"] < 0.04
 
 
-def test_the_prefill_rate_is_timed_on_steps_that_mostly_compute_prompt(steps: Steps) -> None:
-    # A preempted stream's short tail recomputed beside hundreds of decodes costs the step little: timing that whole
-    # step as prefill read a tenth of the engine's prefill rate on the H200 burst, and the policy priced every
-    # switch ten times too high.
+def cost(decode: int, prompt: int) -> float:
+    """A step's time on an engine with a fixed cost, a cost per decoding request and one per prompt token (the
+    H200's, by regression over a burst's steps: 8.4 ms, 36 us, 20 us)."""
+    return 0.0084 + 36e-6 * decode + 20e-6 * prompt
+
+
+def test_the_prefill_rate_is_what_a_prompt_token_adds_to_a_step(steps: Steps) -> None:
+    # Timing whole steps charges their fixed cost and decodes to the prompt: a step of 512 prompt tokens beside 200
+    # decodes reads 20k tok/s where each token costs 20 us (50k). The policy rations recomputation by this rate.
     run, r = steps.run, steps
     assert r.report()["prefill_tokens_per_s"] is None
     for _ in range(5):  # only small recomputations so far: the whole steps are all there is to go by
-        run(step(250, prefill_chunk=16), 0.016)
-    assert r.report()["prefill_tokens_per_s"] == pytest.approx(16 / 0.016)
-    for _ in range(4):  # steps that mostly compute prompt: their rate, nothing else from now on
-        run(step(8, prefill_chunk=2048), 0.05)
-    assert r.report()["prefill_tokens_per_s"] == pytest.approx(2048 / 0.05)
-    for _ in range(200):  # decode-dominated steps with a recomputed tail leave it alone
-        run(step(250, prefill_chunk=16), 0.016)
-        run(step(250), 0.015)
-    assert r.report()["prefill_tokens_per_s"] == pytest.approx(2048 / 0.05)
-    for _ in range(steps.rates.PREFILL_SAMPLES):  # the last few such steps make the rate: it follows a slower engine
-        run(step(4, prefill_chunk=1024), 0.05)
-    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1024 / 0.05)
-    run(step(300, prefill_chunk=299), 0.05)  # fewer prompt tokens than decodes: not a sample
-    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1024 / 0.05)
+        run(step(250, prefill_chunk=16), cost(250, 16))
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(16 / cost(250, 16))
+    mixed = [(d, p) for d in (40, 120, 200, 250) for p in (256, 512, 1024, 2048)]
+    for d, p in mixed[: steps.rates.PREFILL_FIT_MIN_SAMPLES - 1]:  # too few to fit: their whole-step rate
+        run(step(d, prefill_chunk=p), cost(d, p))
+    whole = sum(p for _, p in mixed[:15]) / sum(cost(d, p) for d, p in mixed[:15])
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(whole)
+    run(step(*mixed[15]), cost(*mixed[15]))
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1 / 20e-6)  # the slope, not the whole steps' 29k
+    for _ in range(200):  # decode steps and small tails beside them leave it alone
+        run(step(250, prefill_chunk=16), cost(250, 16) * 1.5)
+        run(step(250), cost(250, 0))
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1 / 20e-6)
+    for k in range(steps.rates.PREFILL_SAMPLES):  # the recent steps make it: it follows a slower engine
+        d, p = mixed[k % len(mixed)]
+        run(step(d, prefill_chunk=p), 0.0084 + 36e-6 * d + 40e-6 * p)
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1 / 40e-6)
+
+
+def test_without_a_clear_slope_the_prefill_rate_is_the_whole_steps(steps: Steps) -> None:
+    run, r = steps.run, steps
+    for _ in range(steps.rates.PREFILL_SAMPLES):  # a burst's first steps: every one a full 8,192-token chunk alone
+        run(step(0, prefill_chunk=8192), cost(0, 8192))
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(8192 / cost(0, 8192))
+    # Prompt sizes that vary, but step times dominated by noise (a stalled step, a slow one): no slope to trust.
+    jitter = [0.0, 0.03, 0.001, 0.05, 0.0, 0.02, 0.04, 0.002]
+    for k in range(steps.rates.PREFILL_SAMPLES):
+        p = 256 + 32 * (k % 5)
+        run(step(100, prefill_chunk=p), cost(100, p) + jitter[k % len(jitter)])
+    rate = r.report()["prefill_tokens_per_s"]
+    times = [cost(100, 256 + 32 * (k % 5)) + jitter[k % len(jitter)] for k in range(steps.rates.PREFILL_SAMPLES)]
+    prompts = [256 + 32 * (k % 5) for k in range(steps.rates.PREFILL_SAMPLES)]
+    assert rate == pytest.approx(sum(prompts) / sum(times))
+
+
+def test_the_prefill_rate_is_never_below_the_whole_steps(steps: Steps) -> None:
+    # A fitted slope steeper than the whole steps' time per token (a negative fixed cost: nothing an engine has)
+    # would price prompts above what the steps themselves show; the whole-step rate bounds it.
+    run, r = steps.run, steps
+    sizes = [(d, p) for d in (10, 60) for p in range(300, 2000, 100)][: steps.rates.PREFILL_SAMPLES]
+    for d, p in sizes:
+        run(step(d, prefill_chunk=p), 40e-6 * p - 0.004)
+    whole = sum(p for _, p in sizes) / sum(40e-6 * p - 0.004 for _, p in sizes)
+    assert whole > 1 / 40e-6
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(whole)

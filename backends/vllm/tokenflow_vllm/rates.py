@@ -11,16 +11,55 @@ from collections import deque
 from typing import Any
 
 ALPHA = 0.1  # weight of the newest step
-# The prefill rate is timed on steps that mostly compute prompt: at least this many prompt tokens, and more than
-# the step's decoding requests. A step that recomputes a 16-token tail beside 250 decodes costs little more than a
-# decode-only step; timed whole as prefill it reads as a rate ten times too low (3-4k tok/s in the H200 burst, whose
-# steps give 49k by regression), and the policy priced every switch that much too high.
+# The prefill rate is the slope of step time against prompt tokens, fitted over the recent steps that computed at
+# least this many (step time = fixed cost + per decoding request + per prompt token): what a recomputation adds
+# to the engine's time, which the policy rations. Timing such steps whole also charges their fixed cost and
+# decodes to the prompt: on the H200 burst that read 24-46k tok/s mid-run where the steps give ~50k by regression,
+# and the policy switched streams ~40 % less than it meant to. Shorter prompt work (a 16-token tail recomputed
+# beside 250 decodes) is left out: it hides in the step's memory-bound time and says nothing of a long prompt.
 PREFILL_SAMPLE_MIN_TOKENS = 256
-PREFILL_SAMPLES = 16  # the rate is over the last this many such steps (tokens over their time)
+PREFILL_SAMPLES = 64  # the fit is over the last this many such steps
+PREFILL_FIT_MIN_SAMPLES = 16
+PREFILL_FIT_MIN_T = 3.0  # the slope must be this many standard errors above zero, else the whole-step rate
 
 
 def _ema(old: float | None, new: float) -> float:
     return new if old is None else old + ALPHA * (new - old)
+
+
+def _prompt_token_slope(steps: deque[tuple[int, int, float]]) -> float | None:
+    """Seconds per prompt token from the least-squares fit ``t = a + b * decodes + c * prompt`` (centred sums;
+    a plain fit on prompt tokens when every step had the same number of decodes, as in a burst's first prefills).
+    None unless ``c`` is ``PREFILL_FIT_MIN_T`` standard errors above zero: prompt sizes all alike, or too noisy."""
+    n = len(steps)
+    md = sum(d for d, _, _ in steps) / n
+    mp = sum(p for _, p, _ in steps) / n
+    mt = sum(t for _, _, t in steps) / n
+    sdd = spp = sdp = sdt = spt = stt = 0.0
+    for d, p, t in steps:
+        x, y, z = d - md, p - mp, t - mt
+        sdd += x * x
+        spp += y * y
+        sdp += x * y
+        sdt += x * z
+        spt += y * z
+        stt += z * z
+    if spp <= 0.0:
+        return None
+    det = sdd * spp - sdp * sdp
+    if sdd <= 0.0:  # decodes constant: fit on the prompt alone
+        c = spt / spp
+        rss, dof, var_scale = stt - c * spt, n - 2, 1.0 / spp
+    elif det <= 1e-9 * sdd * spp:  # decodes moving with the prompt: their costs cannot be told apart
+        return None
+    else:
+        b = (spp * sdt - sdp * spt) / det
+        c = (sdd * spt - sdp * sdt) / det
+        rss, dof, var_scale = stt - b * sdt - c * spt, n - 3, sdd / det
+    if dof <= 0 or c <= 0.0:
+        return None
+    se = (max(rss, 0.0) / dof * var_scale) ** 0.5
+    return c if c > PREFILL_FIT_MIN_T * se else None
 
 
 class StepRates:
@@ -32,8 +71,9 @@ class StepRates:
         # ten times longer and would read as a collapse of decode capacity, right when new requests arrive.
         self.decode_step_time: float | None = None
         self.decode_rate: float | None = None
-        self._prefill_steps: deque[tuple[int, float]] = deque(maxlen=PREFILL_SAMPLES)  # (prompt tokens, seconds)
-        self._any_prefill_rate: float | None = None  # every prefill step: only until one mostly prefills
+        # (decoding requests, prompt tokens, seconds) of the recent steps with enough prompt work to time it
+        self._prefill_steps: deque[tuple[int, int, float]] = deque(maxlen=PREFILL_SAMPLES)
+        self._any_prefill_rate: float | None = None  # every step with prompt work: only until the first sample
 
     def on_schedule(self, out: Any) -> None:
         decode = prefill = 0
@@ -69,20 +109,23 @@ class StepRates:
         if decode:
             self.decode_rate = _ema(self.decode_rate, decode / dt)
         if prefill:
-            if prefill >= PREFILL_SAMPLE_MIN_TOKENS and prefill >= decode:
-                self._prefill_steps.append((prefill, dt))
+            if prefill >= PREFILL_SAMPLE_MIN_TOKENS:
+                self._prefill_steps.append((decode, prefill, dt))
             elif not self._prefill_steps:
                 self._any_prefill_rate = _ema(self._any_prefill_rate, prefill / dt)
 
     @property
     def prefill_rate(self) -> float | None:
-        """Prompt tokens per second of engine time, from the recent steps that mostly computed prompt (a lower
-        bound of the marginal rate: those steps also pay the fixed cost and their few decodes); before the first
-        such step, from every step with prompt work."""
+        """Prompt tokens per second of the engine time they add, from the recent steps with at least
+        ``PREFILL_SAMPLE_MIN_TOKENS`` of prompt work: the inverse of the fitted per-token slope, never below those
+        steps' whole-step rate (a lower bound: they also pay the fixed cost and their decodes); that rate alone
+        while the fit is not yet clear of noise. Before the first such step, from every step with prompt work."""
         steps = self._prefill_steps
         if not steps:
             return self._any_prefill_rate
-        return sum(p for p, _ in steps) / sum(t for _, t in steps)
+        whole = sum(p for _, p, _ in steps) / sum(t for _, _, t in steps)
+        slope = _prompt_token_slope(steps) if len(steps) >= PREFILL_FIT_MIN_SAMPLES else None
+        return whole if slope is None or 1.0 / slope < whole else 1.0 / slope
 
     def report(self) -> dict[str, float | None]:
         return {
