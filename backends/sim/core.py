@@ -152,6 +152,13 @@ class Counters:
     recomputed_tokens: int = 0
 
 
+# Profile.prefill_rate_measure "prompt_steps", the vLLM plugin's measure of 2026-12-04 (until the fitted slope):
+# tokens over the whole time of the last PROMPT_STEP_SAMPLES steps with at least PROMPT_STEP_MIN_TOKENS prompt
+# tokens and no more decodes than those; every step with prompt work (averaged 0.1 a step) until the first.
+PROMPT_STEP_MIN_TOKENS = 256
+PROMPT_STEP_SAMPLES = 16
+
+
 @dataclass(slots=True)
 class _Window:
     """Sums over the last ``size`` steps, for the measured rates in state()."""
@@ -168,7 +175,9 @@ class _Window:
     # The prefill rate over the last window that had prefill work: a window of decode-only steps keeps it, as the
     # plugin's average does (null there read as "unknown" and priced every prompt at the policy's default rate).
     prefill_rate: float | None = None
-    whole_steps: bool = False  # prefill_rate as the vLLM plugin measured it until 2026-12-04 (Profile)
+    measure: str = "marginal"  # Profile.prefill_rate_measure
+    # "prompt_steps": (prompt tokens, seconds) of the last PROMPT_STEP_SAMPLES steps that mostly computed prompt
+    prompt_steps: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=PROMPT_STEP_SAMPLES))
 
     def add(self, dur: float, decode: int, prefill: int, pdur: float) -> None:
         if not prefill:
@@ -185,10 +194,15 @@ class _Window:
             self.decode -= dc
             self.prefill -= pf
             self.prefill_dur -= pd
-        if self.whole_steps:
+        if self.measure != "marginal":
             if prefill and dur > 0:
-                pr = self.prefill_rate
-                self.prefill_rate = prefill / dur if pr is None else pr + 0.1 * (prefill / dur - pr)
+                if self.measure == "prompt_steps" and prefill >= PROMPT_STEP_MIN_TOKENS and prefill >= decode:
+                    ps = self.prompt_steps
+                    ps.append((prefill, dur))
+                    self.prefill_rate = sum(p for p, _ in ps) / sum(t for _, t in ps)
+                elif self.measure == "whole_steps" or not self.prompt_steps:
+                    pr = self.prefill_rate
+                    self.prefill_rate = prefill / dur if pr is None else pr + 0.1 * (prefill / dur - pr)
         elif self.prefill > 0 and self.prefill_dur > 0:
             self.prefill_rate = self.prefill / self.prefill_dur
 
@@ -262,7 +276,7 @@ class EngineCore:
         self.preempt_stall = 0.0  # engine time owed since the last step: preemptions (profile.preempt_s each) and
         #   control reads (read_state)
         self.counters = Counters()
-        self.window = _Window(stats_window, whole_steps=profile.prefill_rate_measure == "whole_steps")
+        self.window = _Window(stats_window, measure=profile.prefill_rate_measure)
         self.host_chunk = profile.host_copy_tokens  # the host tier copies whole chunks (Profile.host_copy_tokens)
         self.steps = 0
         self._seq = 0

@@ -94,15 +94,18 @@ def test_prefill_then_decode_timings_follow_the_cost_model() -> None:
     assert st["kv_device_used_tokens"] == 0 and st["kv_host_used_tokens"] == 0 and not core.reqs
 
 
-def test_whole_steps_prefill_rate_reads_small_recomputations_as_slow_prefill() -> None:
-    # The vLLM plugin's measure until 2026-12-04 (Profile.prefill_rate_measure "whole_steps"): a step that computes
-    # a few prompt tokens beside many decodes is timed whole, as prefill, so the rate falls far below the marginal
-    # one the default measure reports; the simulator keeps it to replay the GPU runs made with that plugin.
+def test_the_plugins_earlier_prefill_measures_read_small_recomputations_as_slow_prefill() -> None:
+    # The vLLM plugin's measures before it fitted a prompt token's cost (Profile.prefill_rate_measure): until
+    # 2026-12-04 ("whole_steps") a step that computes a few prompt tokens beside many decodes was timed whole, as
+    # prefill, so the rate fell far below the marginal one the default measure reports; on 2026-12-04
+    # ("prompt_steps") only steps that mostly computed prompt were timed, whole: small recomputations leave it alone,
+    # and it stays below the marginal rate (those steps pay the fixed cost too). The simulator keeps both to replay
+    # the GPU runs made with them.
     rates = {}
-    for measure in ("marginal", "whole_steps"):
+    for measure in ("marginal", "whole_steps", "prompt_steps"):
         core = EngineCore(prof(prefill_rate_measure=measure))
         for i in range(8):
-            core.add(f"d{i}", prompt_tokens=100, max_tokens=400, now=0.0)
+            core.add(f"d{i}", prompt_tokens=400, max_tokens=400, now=0.0)
         d = Driver(core)
         d.until(lambda c=core: all(r.output > 0 for r in c.reqs.values()))
         for j in range(30):  # a small prompt beside eight decodes, again and again
@@ -110,6 +113,7 @@ def test_whole_steps_prefill_rate_reads_small_recomputations_as_slow_prefill() -
             d.step()
         rates[measure] = core.state(d.now)["engine"]["prefill_tokens_per_s"]
     assert rates["whole_steps"] < rates["marginal"] / 3
+    assert rates["whole_steps"] * 2 < rates["prompt_steps"] < rates["marginal"]
 
 
 def test_measured_rates_persist_through_windows_without_their_kind_of_step() -> None:
