@@ -14,7 +14,7 @@ ALPHA = 0.1  # weight of the newest step
 # The prefill rate is the slope of step time against prompt tokens, fitted over the recent steps that computed at
 # least this many (step time = fixed cost + per decoding request + per prompt token): what a recomputation adds
 # to the engine's time, which the policy rations. Timing such steps whole also charges their fixed cost and
-# decodes to the prompt: on the H200 burst that read 24-46k tok/s mid-run where the steps give ~50k by regression,
+# decodes to the prompt: on the H200 burst that read 24-36k tok/s mid-run where the steps give ~49k by regression,
 # and the policy switched streams ~40 % less than it meant to. Shorter prompt work (a 16-token tail recomputed
 # beside 250 decodes) is left out: it hides in the step's memory-bound time and says nothing of a long prompt.
 PREFILL_SAMPLE_MIN_TOKENS = 256
