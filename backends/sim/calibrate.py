@@ -52,7 +52,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from .profile import step_seconds
@@ -1101,19 +1100,11 @@ def prefill_rates(args: argparse.Namespace) -> dict[str, Any]:
     every step with prompt work, averaged 0.1 a step), the plugin's measure now (``tokenflow_vllm/rates.py``, run
     on the trace), and a least-squares fit of all the run's steps (dt = base + per decoding request + per prompt
     token) for reference. docs/sim-cost-model.md, "The prefill rate the engine reports"."""
-    import importlib.util
-    from types import SimpleNamespace
-
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location(
-        "tf_rates", Path(__file__).resolve().parents[1] / "vllm" / "tokenflow_vllm" / "rates.py")
-    assert spec is not None and spec.loader is not None
-    rates: Any = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rates)  # pure Python: no vLLM needed
-    clock = [0.0]
-    rates.time = SimpleNamespace(perf_counter=lambda: clock[0])  # its own module instance: the trace's clock
-    now = rates.StepRates()
+    from . import plugin_rates
+
+    now = plugin_rates.module().StepRates()
     with open(args.report) as f:
         m = next(iter(json.load(f)["policies"].values()))
     t0, t1 = m["machine"]["window_perf_counter"]
@@ -1126,12 +1117,7 @@ def prefill_rates(args: argparse.Namespace) -> dict[str, Any]:
         d, p, dt = st["decode"], st["prefill"], st["dt"]
         if p:
             old = p / dt if old is None else old + 0.1 * (p / dt - old)
-        out = SimpleNamespace(num_scheduled_tokens={**{f"d{i}": 1 for i in range(d)}, **({"p": p} if p else {})},
-                              scheduled_spec_decode_tokens={})
-        clock[0] = st["t"] - dt
-        now.on_schedule(out)
-        clock[0] = st["t"]
-        now.on_output(out)
+        now.add_step(d, p, dt)
         rows.append((st["t"] - t0, old, now.prefill_rate))
         fit_x.append([1.0, d, p])
         fit_y.append(dt)

@@ -38,6 +38,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from . import plugin_rates
 from .profile import Profile
 
 WAITING = "waiting"
@@ -176,6 +177,8 @@ class _Window:
     # plugin's average does (null there read as "unknown" and priced every prompt at the policy's default rate).
     prefill_rate: float | None = None
     measure: str = "marginal"  # Profile.prefill_rate_measure
+    # "fitted": the vLLM plugin's own accounting (its StepRates), fed every step
+    plugin: Any = None
     # "prompt_steps": (prompt tokens, seconds) of the last PROMPT_STEP_SAMPLES steps that mostly computed prompt
     prompt_steps: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=PROMPT_STEP_SAMPLES))
 
@@ -194,7 +197,10 @@ class _Window:
             self.decode -= dc
             self.prefill -= pf
             self.prefill_dur -= pd
-        if self.measure != "marginal":
+        if self.measure == "fitted":
+            if dur > 0:
+                self.plugin.add_step(decode, prefill, dur)
+        elif self.measure != "marginal":
             if prefill and dur > 0:
                 if self.measure == "prompt_steps" and prefill >= PROMPT_STEP_MIN_TOKENS and prefill >= decode:
                     ps = self.prompt_steps
@@ -205,6 +211,9 @@ class _Window:
                     self.prefill_rate = prefill / dur if pr is None else pr + 0.1 * (prefill / dur - pr)
         elif self.prefill > 0 and self.prefill_dur > 0:
             self.prefill_rate = self.prefill / self.prefill_dur
+
+    def prefill_tokens_per_s(self) -> float | None:
+        return self.plugin.prefill_rate if self.measure == "fitted" else self.prefill_rate
 
 
 def _victim_key(r: _Req) -> tuple[int, int]:
@@ -276,7 +285,9 @@ class EngineCore:
         self.preempt_stall = 0.0  # engine time owed since the last step: preemptions (profile.preempt_s each) and
         #   control reads (read_state)
         self.counters = Counters()
-        self.window = _Window(stats_window, measure=profile.prefill_rate_measure)
+        measure = profile.prefill_rate_measure
+        self.window = _Window(stats_window, measure=measure,
+                              plugin=plugin_rates.module().StepRates() if measure == "fitted" else None)
         self.host_chunk = profile.host_copy_tokens  # the host tier copies whole chunks (Profile.host_copy_tokens)
         self.steps = 0
         self._seq = 0
@@ -870,7 +881,7 @@ class EngineCore:
                 "step_time_s": w.dur / len(w.items) if w.items else None,
                 "decode_step_time_s": w.decode_step,
                 "decode_tokens_per_s": w.decode / w.dur if w.dur > 0 else None,
-                "prefill_tokens_per_s": w.prefill_rate,
+                "prefill_tokens_per_s": w.prefill_tokens_per_s(),
                 "h2d_bytes_per_s": p.h2d_bytes_per_s,
                 "d2h_bytes_per_s": p.d2h_bytes_per_s,
                 "counters": {

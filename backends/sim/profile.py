@@ -83,8 +83,9 @@ class Profile:
     #   steps' compute (docs/sim-cost-model.md); "whole_steps", prompt tokens over the whole time of every step with
     #   prompt work, as the vLLM plugin reported it until 2026-12-04 (a tenth of the real rate under rotation);
     #   "prompt_steps", the whole time of the steps that mostly computed prompt, as the plugin reported it on
-    #   2026-12-04 (the ninth GPU sitting: about 0.6x the marginal rate under rotation). The plugin now fits the
-    #   time a prompt token adds to a step, which on this linear cost model is the marginal rate.
+    #   2026-12-04 (the ninth GPU sitting: about 0.6x the marginal rate under rotation); "fitted", the plugin's
+    #   measure now (its own code, backends/sim/plugin_rates.py): the time a prompt token adds to a step, fitted
+    #   over the recent steps with at least 256 of them.
 
     # --- the cost model: every step price goes through step_seconds ---
 
@@ -154,7 +155,7 @@ _OPTIONAL = frozenset({"compute_per_token_s", "host_copy_tokens", "preempt_s", "
 _OPTIONAL_SECTIONS = frozenset({"engine"})
 _FLAGS = (("engine", "preempt_cascade", "preempt_cascade"), ("engine", "prefix_cache", "prefix_cache"),
           ("engine", "loaded_first", "loaded_first"))
-PREFILL_RATE_MEASURES = ("marginal", "whole_steps", "prompt_steps")
+PREFILL_RATE_MEASURES = ("marginal", "fitted", "whole_steps", "prompt_steps")
 
 
 def profile_from_dict(data: Any, origin: str = "<dict>") -> Profile:

@@ -2,25 +2,19 @@
 averages every step, ``decode_step_time_s`` only steps that computed no prompt, so that a burst's long prefill
 steps do not read as lost decode capacity, and ``prefill_tokens_per_s`` is the time a prompt token adds to a
 step, fitted over the steps with enough of them. Pure Python on a fake clock, loaded by path (the plugin's package
-is installed in vLLM's environment, not this one)."""
+is installed in vLLM's environment, not this one: backends/sim/plugin_rates.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from backends.sim import plugin_rates
 
 
 def _rates() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tf_rates", ROOT / "backends/vllm/tokenflow_vllm/rates.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return plugin_rates.module()
 
 
 class Clock:

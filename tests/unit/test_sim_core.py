@@ -116,6 +116,28 @@ def test_the_plugins_earlier_prefill_measures_read_small_recomputations_as_slow_
     assert rates["whole_steps"] * 2 < rates["prompt_steps"] < rates["marginal"]
 
 
+def test_fitted_prefill_rate_runs_the_plugins_own_accounting() -> None:
+    # Profile.prefill_rate_measure "fitted" is the vLLM plugin's measure now, its own code fed the simulated steps:
+    # the time a prompt token adds to a step, fitted over steps with at least 256 of them. On this linear profile
+    # that is 1 / per_token_s, where timing those steps whole (the ninth sitting's "prompt_steps") also charges
+    # them the fixed cost and their decodes.
+    rates = {}
+    for measure in ("fitted", "prompt_steps"):
+        core = EngineCore(prof(prefill_rate_measure=measure))
+        for i in range(8):
+            core.add(f"d{i}", prompt_tokens=100, max_tokens=2000, now=0.0)
+        d = Driver(core)
+        d.until(lambda c=core: all(r.output > 0 for r in c.reqs.values()))
+        for j in range(40):  # prompts of many sizes beside eight decodes
+            core.add(f"p{j}", prompt_tokens=300 + 37 * (j % 23), max_tokens=1, now=d.now)
+            d.step()
+            d.step()
+        rates[measure] = core.state(d.now)["engine"]["prefill_tokens_per_s"]
+    true_rate = 1 / SMALL.per_token_s
+    assert rates["fitted"] == pytest.approx(true_rate, rel=0.05)
+    assert rates["prompt_steps"] < 0.8 * true_rate
+
+
 def test_measured_rates_persist_through_windows_without_their_kind_of_step() -> None:
     # The state's rates as the vLLM plugin reports them: the prefill rate stays known through a window of decode-only
     # steps (null would read as "unknown" and price every prompt at the policy's default rate), and the decode-only

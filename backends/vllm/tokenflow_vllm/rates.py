@@ -101,8 +101,12 @@ class StepRates:
         now = time.perf_counter()
         dt = now - max(t_sched, self._last_output)
         self._last_output = now
-        if dt <= 0:
-            return
+        if dt > 0:
+            self.add_step(decode, prefill, dt)
+
+    def add_step(self, decode: int, prefill: int, dt: float) -> None:
+        """Account one step of ``dt`` seconds (> 0) with ``decode`` decoding requests and ``prefill`` prompt tokens
+        (the simulator and ``calibrate prefill-rates`` feed steps here directly)."""
         self.step_time = _ema(self.step_time, dt)
         if not prefill:
             self.decode_step_time = _ema(self.decode_step_time, dt)
