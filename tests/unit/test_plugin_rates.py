@@ -104,6 +104,18 @@ def test_the_prefill_rate_is_what_a_prompt_token_adds_to_a_step(steps: Steps) ->
     assert r.report()["prefill_tokens_per_s"] == pytest.approx(1 / 40e-6)
 
 
+def test_steps_held_up_by_a_stall_do_not_turn_the_prefill_rate(steps: Steps) -> None:
+    # A step that waits on a host copy or a stall takes hundreds of milliseconds whatever its prompt; a few of them
+    # among the samples turned a plain least-squares slope (the simulator's H200 burst: 12k tok/s for 50k).
+    run, r = steps.run, steps
+    mixed = [(d, p) for d in (40, 120, 200, 250) for p in (256, 512, 1024, 2048)]
+    for k in range(steps.rates.PREFILL_SAMPLES):
+        d, p = mixed[k % len(mixed)]
+        stall = 0.3 if k % 13 == 5 else 0.0  # 5 of 64 steps held up
+        run(step(d, prefill_chunk=p), cost(d, p) + stall)
+    assert r.report()["prefill_tokens_per_s"] == pytest.approx(1 / 20e-6, rel=0.01)
+
+
 def test_without_a_clear_slope_the_prefill_rate_is_the_whole_steps(steps: Steps) -> None:
     run, r = steps.run, steps
     for _ in range(steps.rates.PREFILL_SAMPLES):  # a burst's first steps: every one a full 8,192-token chunk alone

@@ -6,8 +6,10 @@ Exponential moving averages keep the numbers recent without a window buffer.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 ALPHA = 0.1  # weight of the newest step
@@ -21,16 +23,17 @@ PREFILL_SAMPLE_MIN_TOKENS = 256
 PREFILL_SAMPLES = 64  # the fit is over the last this many such steps
 PREFILL_FIT_MIN_SAMPLES = 16
 PREFILL_FIT_MIN_T = 3.0  # the slope must be this many standard errors above zero, else the whole-step rate
+PREFILL_FIT_TRIM = 4.0  # steps this many robust standard deviations off the first fit are refitted without
 
 
 def _ema(old: float | None, new: float) -> float:
     return new if old is None else old + ALPHA * (new - old)
 
 
-def _prompt_token_slope(steps: deque[tuple[int, int, float]]) -> float | None:
-    """Seconds per prompt token from the least-squares fit ``t = a + b * decodes + c * prompt`` (centred sums;
-    a plain fit on prompt tokens when every step had the same number of decodes, as in a burst's first prefills).
-    None unless ``c`` is ``PREFILL_FIT_MIN_T`` standard errors above zero: prompt sizes all alike, or too noisy."""
+def _fit(steps: Sequence[tuple[int, int, float]]) -> tuple[float, float, float, float] | None:
+    """Least squares ``t = a + b * decodes + c * prompt`` (centred sums; ``b`` = 0 when every step had the same
+    number of decodes, as in a burst's first prefills): ``(a, b, c, standard error of c)``, or None where ``c``
+    cannot be told (prompt sizes all alike, decodes moving with the prompt, too few steps)."""
     n = len(steps)
     md = sum(d for d, _, _ in steps) / n
     mp = sum(p for _, p, _ in steps) / n
@@ -47,19 +50,44 @@ def _prompt_token_slope(steps: deque[tuple[int, int, float]]) -> float | None:
     if spp <= 0.0:
         return None
     det = sdd * spp - sdp * sdp
-    if sdd <= 0.0:  # decodes constant: fit on the prompt alone
-        c = spt / spp
+    if sdd <= 0.0:
+        b, c = 0.0, spt / spp
         rss, dof, var_scale = stt - c * spt, n - 2, 1.0 / spp
-    elif det <= 1e-9 * sdd * spp:  # decodes moving with the prompt: their costs cannot be told apart
+    elif det <= 1e-9 * sdd * spp:
         return None
     else:
         b = (spp * sdt - sdp * spt) / det
         c = (sdd * spt - sdp * sdt) / det
         rss, dof, var_scale = stt - b * sdt - c * spt, n - 3, sdd / det
-    if dof <= 0 or c <= 0.0:
+    if dof <= 0:
         return None
-    se = (max(rss, 0.0) / dof * var_scale) ** 0.5
-    return c if c > PREFILL_FIT_MIN_T * se else None
+    return mt - b * md - c * mp, b, c, (max(rss, 0.0) / dof * var_scale) ** 0.5
+
+
+def _prompt_token_slope(steps: Sequence[tuple[int, int, float]]) -> tuple[float | None, Sequence[tuple[int, int, float]]]:
+    """Seconds per prompt token, fitted without the steps that the first fit puts ``PREFILL_FIT_TRIM`` robust
+    deviations away (a step held up by a copy or a stall is no measure of prompt cost, and one such step of 300 ms
+    among 60 of 15-60 ms turns a least-squares slope); None unless it is ``PREFILL_FIT_MIN_T`` standard errors above
+    zero. Also the steps it kept."""
+    fit = _fit(steps)
+    if fit is None:
+        return None, steps
+    a, b, c, _ = fit
+    res = [t - a - b * d - c * p for d, p, t in steps]
+    mid = statistics.median(res)
+    # the median absolute deviation, as a standard deviation; never below a timer's resolution
+    spread = max(PREFILL_FIT_TRIM * 1.4826 * statistics.median(abs(r - mid) for r in res), 5e-5)
+    kept = [s for s, r in zip(steps, res, strict=True) if abs(r - mid) <= spread]
+    if len(kept) < len(steps):
+        if len(kept) < PREFILL_FIT_MIN_SAMPLES:
+            return None, steps
+        fit = _fit(kept)
+        if fit is None:
+            return None, kept
+        c, se = fit[2], fit[3]
+    else:
+        se = fit[3]
+    return (c if c > 0.0 and c > PREFILL_FIT_MIN_T * se else None), kept
 
 
 class StepRates:
@@ -127,8 +155,8 @@ class StepRates:
         steps = self._prefill_steps
         if not steps:
             return self._any_prefill_rate
-        whole = sum(p for _, p, _ in steps) / sum(t for _, _, t in steps)
-        slope = _prompt_token_slope(steps) if len(steps) >= PREFILL_FIT_MIN_SAMPLES else None
+        slope, kept = _prompt_token_slope(steps) if len(steps) >= PREFILL_FIT_MIN_SAMPLES else (None, steps)
+        whole = sum(p for _, p, _ in kept) / sum(t for _, _, t in kept)
         return whole if slope is None or 1.0 / slope < whole else 1.0 / slope
 
     def report(self) -> dict[str, float | None]:
