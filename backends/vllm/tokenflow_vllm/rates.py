@@ -30,7 +30,10 @@ def _ema(old: float | None, new: float) -> float:
     return new if old is None else old + ALPHA * (new - old)
 
 
-def _fit(steps: Sequence[tuple[int, int, float]]) -> tuple[float, float, float, float] | None:
+Sample = tuple[int, int, float]  # a step with prompt work: (decoding requests, prompt tokens, seconds)
+
+
+def _fit(steps: Sequence[Sample]) -> tuple[float, float, float, float] | None:
     """Least squares ``t = a + b * decodes + c * prompt`` (centred sums; ``b`` = 0 when every step had the same
     number of decodes, as in a burst's first prefills): ``(a, b, c, standard error of c)``, or None where ``c``
     cannot be told (prompt sizes all alike, decodes moving with the prompt, too few steps)."""
@@ -64,7 +67,7 @@ def _fit(steps: Sequence[tuple[int, int, float]]) -> tuple[float, float, float, 
     return mt - b * md - c * mp, b, c, (max(rss, 0.0) / dof * var_scale) ** 0.5
 
 
-def _prompt_token_slope(steps: Sequence[tuple[int, int, float]]) -> tuple[float | None, Sequence[tuple[int, int, float]]]:
+def _prompt_token_slope(steps: Sequence[Sample]) -> tuple[float | None, Sequence[Sample]]:
     """Seconds per prompt token, fitted without the steps that the first fit puts ``PREFILL_FIT_TRIM`` robust
     deviations away (a step held up by a copy or a stall is no measure of prompt cost, and one such step of 300 ms
     among 60 of 15-60 ms turns a least-squares slope); None unless it is ``PREFILL_FIT_MIN_T`` standard errors above
@@ -99,8 +102,8 @@ class StepRates:
         # ten times longer and would read as a collapse of decode capacity, right when new requests arrive.
         self.decode_step_time: float | None = None
         self.decode_rate: float | None = None
-        # (decoding requests, prompt tokens, seconds) of the recent steps with enough prompt work to time it
-        self._prefill_steps: deque[tuple[int, int, float]] = deque(maxlen=PREFILL_SAMPLES)
+        # the recent steps with enough prompt work to time it
+        self._prefill_steps: deque[Sample] = deque(maxlen=PREFILL_SAMPLES)
         self._any_prefill_rate: float | None = None  # every step with prompt work: only until the first sample
 
     def on_schedule(self, out: Any) -> None:
