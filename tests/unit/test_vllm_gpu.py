@@ -15,6 +15,7 @@ import pytest
 from bench.vllm_gpu import (
     Server,
     _json_object,
+    _prompt_rate_fit,
     decode_bodies,
     decode_costs,
     itl_totals,
@@ -121,3 +122,12 @@ def test_another_commits_plugin_is_first_on_the_plugin_servers_path_only(tmp_pat
         os.pathsep) if p]
     plain = Server(args, tmp_path / "plain.log", plugin=False, cpu=False, plugin_path=other)
     assert str(other.resolve()) not in plain.env.get("PYTHONPATH", "")
+
+
+def test_prefill_rate_fits_the_engines_steps_against_decodes_and_prompt_tokens() -> None:
+    # The phase compares the state's prefill rate with this fit of the same server's step trace: a prompt token's
+    # cost, with the fixed cost and the decodes beside it accounted apart.
+    rows = [{"decode": d, "prefill": p, "dt": 0.0084 + 36e-6 * d + 20e-6 * p}
+            for d in (0, 40, 120, 250) for p in (0, 256, 900, 2048)]
+    assert _prompt_rate_fit(rows) == pytest.approx(50_000)
+    assert _prompt_rate_fit(rows[:3]) is None  # too few steps to fit three terms
