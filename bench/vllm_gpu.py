@@ -423,6 +423,12 @@ def resume_bench(url: str, a: argparse.Namespace) -> dict[str, Any]:
 BURST_STATE = Path(os.environ.get("TOKENFLOW_BURST_STATE", "/tmp/tokenflow-burst-state.json"))
 
 
+def shape_kv_bytes(a: argparse.Namespace) -> int:
+    """Device KV for ``--kv-tokens`` of the 8B shape (the CPU rehearsal's small shape: 4 layers, 2 KV heads of 64,
+    float32)."""
+    return a.kv_tokens * (KV_BYTES_PER_TOKEN_8B if not a.cpu else 4 * 2 * 64 * 2 * 4)
+
+
 def _prompt_rate_fit(rows: list[dict[str, Any]]) -> float | None:
     """Prompt tokens per second: the inverse slope of ``dt = a + b * decode + c * prefill`` by least squares."""
     import numpy as np
@@ -488,8 +494,7 @@ def phase_prefill_rate(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     trace = out / "steps.jsonl"
     trace.unlink(missing_ok=True)
     port = free_port()
-    kv = a.kv_tokens * (KV_BYTES_PER_TOKEN_8B if not a.cpu else 4 * 2 * 64 * 2 * 4)
-    args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=False, kv_cache_bytes=kv,
+    args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=False, kv_cache_bytes=shape_kv_bytes(a),
                       max_num_seqs=a.max_num_seqs if not a.cpu else 32, max_model_len=8192,
                       host_offload_bytes=(a.host_gib << 30) if not a.cpu else 256 << 20)
     with Server(args, out / "vllm-prefill-rate.log", plugin=True, cpu=a.cpu, plugin_path=a.plugin_path,
@@ -540,8 +545,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         log(f"continuing on the engine at {url} (pid {pid}); done: {done}")
     else:
         port = free_port()
-        kv = a.kv_tokens * (KV_BYTES_PER_TOKEN_8B if not a.cpu else 4 * 2 * 64 * 2 * 4)
-        args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=True, kv_cache_bytes=kv,
+        args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=True, kv_cache_bytes=shape_kv_bytes(a),
                           max_num_seqs=a.max_num_seqs, host_offload_bytes=a.host_gib << 30)
         srv = Server(args, out / "vllm-burst.log", plugin=True, cpu=a.cpu, plugin_path=a.plugin_path,
                      extra_env={"TOKENFLOW_STEP_TRACE": str(trace)}, detach=True)
