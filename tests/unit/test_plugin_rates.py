@@ -7,15 +7,11 @@ is installed in vLLM's environment, not this one: backends/sim/plugin_rates.py).
 from __future__ import annotations
 
 import json
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 
 from backends.sim import plugin_rates
-
-
-def _rates() -> ModuleType:
-    return plugin_rates.module()
 
 
 class Clock:
@@ -38,7 +34,7 @@ class Steps:
     """The plugin's StepRates on a fake clock: ``run(out, seconds)`` schedules a step and outputs it that much later."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.rates = _rates()
+        self.rates = plugin_rates.module()
         self.clock = Clock()
         monkeypatch.setattr(self.rates.time, "perf_counter", self.clock)
         self.r = self.rates.StepRates()

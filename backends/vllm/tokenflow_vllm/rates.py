@@ -87,9 +87,7 @@ def _prompt_token_slope(steps: Sequence[Sample]) -> tuple[float | None, Sequence
         fit = _fit(kept)
         if fit is None:
             return None, kept
-        c, se = fit[2], fit[3]
-    else:
-        se = fit[3]
+    c, se = fit[2], fit[3]
     return (c if c > 0.0 and c > PREFILL_FIT_MIN_T * se else None), kept
 
 
