@@ -544,6 +544,8 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
                                "burst without --continue") from e
         log(f"continuing on the engine at {url} (pid {pid}); done: {done}")
     else:
+        # The plugin appends to its trace, and on a GPU machine the file outlives the call: a new engine starts one.
+        trace.unlink(missing_ok=True)
         port = free_port()
         args = serve_args(a, LLAMA3_8B, port, plugin=True, prefix=True, kv_cache_bytes=shape_kv_bytes(a),
                           max_num_seqs=a.max_num_seqs, host_offload_bytes=a.host_gib << 30)
