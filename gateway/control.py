@@ -11,14 +11,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, cast
 
 from .engines.client import EngineClient, EngineError
 from .engines.control_api import EngineState
 from .metrics import Metrics
 from .placement import EngineView, view_from_snapshot
 from .policy.snapshot import BufferSource, build_snapshot
-from .policy.types import Decision, Policy
+from .policy.types import Decision, Policy, ReportsTicks
 from .streams.base import StreamBase
 
 log = logging.getLogger("tokenflow.control")
@@ -65,6 +65,7 @@ class ControlLoop:
         self.coordinator = coordinator
         self.down_after_s = down_after_s
         self.stall_timeout_s = stall_timeout_s
+        self._reports = isinstance(policy, ReportsTicks)
         self.driving = coordinator is None  # this replica runs the policy for the engine
         self.view: EngineView | None = None  # placement's view of the engine, from this replica's last snapshot
         # Build that view each tick: the app turns it on for engines that share a model with another.
@@ -164,6 +165,8 @@ class ControlLoop:
         t0 = time.perf_counter()
         decisions = self.policy.decide(snap, now)
         m.tick_seconds.labels(name).observe(time.perf_counter() - t0)
+        if self._reports:
+            self._report_tick(name, bool(decisions))
         if not decisions:
             return decisions
         try:
@@ -184,6 +187,20 @@ class ControlLoop:
                 extra={"stream_id": d.id, "engine": name, "decision": d.op, "reason": d.reason, "ok": r.ok},
             )
         return decisions
+
+    def _report_tick(self, name: str, decided: bool) -> None:
+        """The policy's own account of the tick, as gauges every tick and as a log line when it decided something
+        or held new requests out of the engine (so a log shows why a request waited before its first token)."""
+        report = cast("ReportsTicks", self.policy).tick_report()
+        m = self.metrics
+        for key, gauge in (("working_set", m.policy_working_set), ("admitted", m.policy_admitted),
+                           ("held_new", m.policy_held_new), ("capacity_tps", m.policy_capacity),
+                           ("demand_tps", m.policy_demand)):
+            v = report.get(key)
+            if isinstance(v, (int, float)):
+                gauge.labels(name).set(v)
+        if decided or report.get("held_new"):
+            log.info("tick", extra={"engine": name, **report})
 
     def placement_view(self, now: float, max_age_s: float) -> EngineView | None:
         """The engine as placement should see it: this replica's own view when it drives the engine, else the

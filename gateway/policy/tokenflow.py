@@ -71,6 +71,17 @@ class TickInfo:
     capacity_tps: float = math.inf
     demand_tps: float = 0.0
     selected: int = 0
+    held_new: int = 0  # new requests admission left out this tick (held out of the engine)
+    # What stopped admission at the first of them: "working_set" (Step 1's count), "kv" (device plus host KV) or
+    # "capacity" (the engine cannot feed one more reader over a look-ahead horizon); "" when none was left out.
+    admit_limit: str = ""
+
+    def as_log(self) -> dict[str, float | int | str]:
+        """The tick for a log line (JSON-able: an unknown capacity is -1)."""
+        cap = self.capacity_tps
+        return {"mode": self.mode, "working_set": self.working_set, "admitted": self.admitted,
+                "selected": self.selected, "held_new": self.held_new, "admit_limit": self.admit_limit,
+                "capacity_tps": round(cap, 1) if cap < math.inf else -1.0, "demand_tps": round(self.demand_tps, 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +273,9 @@ class TokenFlowPolicy:
         self._cap_time: float | None = None
         self.info = TickInfo()
 
+    def tick_report(self) -> dict[str, float | int | str]:
+        return self.info.as_log()
+
     def forget(self, stream_id: str) -> None:
         return None  # no per-stream state
 
@@ -408,14 +422,17 @@ class TokenFlowPolicy:
         rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
         admit_new: list[int] = []
         force = tick.admitted == 0  # nothing admitted: one request always goes (an estimate too low must not stop all)
+        limit = ""
         for j in new_idx:
             s = streams[j]
             if room <= 0:
+                limit = "working_set"
                 break
             mt = s.max_tokens
             out = big if mt is None else float(mt)
             kv = s.prompt_tokens + (0 if mt is None else mt)
             if kv > kv_room:
+                limit = "kv"
                 break  # arrival order: later ones wait behind this one
             r = s.rate
             # its prompt, in decode tokens the engine forgoes, less the stall it may absorb itself
@@ -427,6 +444,7 @@ class TokenFlowPolicy:
             a2 = (a2 if a2 < out else out) + base
             a3 = (a3 if a3 < out else out) + base
             if (a0 > m0 or a1 > m1 or a2 > m2 or a3 > m3) and not (force and not admit_new):
+                limit = "capacity"
                 break  # it does not fit (one forced is charged in full all the same)
             admit_new.append(j)
             room -= 1
@@ -435,6 +453,8 @@ class TokenFlowPolicy:
             m1 -= a1
             m2 -= a2
             m3 -= a3
+        self.info.held_new = len(new_idx) - len(admit_new)
+        self.info.admit_limit = limit
         return admit_new
 
     def _fill(self, snapshot: Snapshot, tick: _Tick, c: _Costs

@@ -7,13 +7,16 @@ gateway's wall clock and on the simulator's virtual clock.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # The engine's side of a snapshot is the control API's state, as parsed by the engine client.
 from ..engines.control_api import EngineStatus, EngineView, Op
 
-__all__ = ["Decision", "EngineStatus", "EngineView", "Op", "Policy", "PolicyStats", "Snapshot", "StreamView"]
+__all__ = [
+    "Decision", "EngineStatus", "EngineView", "Op", "Policy", "PolicyStats", "ReportsTicks", "Snapshot", "StreamView",
+]
 
 
 # StreamView and Decision are read-only by contract (nothing assigns to them after construction) but not
@@ -97,6 +100,14 @@ class Policy(Protocol):
 
     def forget(self, stream_id: str) -> None:
         """Drop any state kept for a stream that ended."""
+
+
+@runtime_checkable
+class ReportsTicks(Protocol):
+    """A policy that can say what its last tick saw and chose (JSON-able values), for the control loop's log line
+    and gauges: why requests are held, for example. Optional: a policy without it is logged by its decisions."""
+
+    def tick_report(self) -> Mapping[str, float | int | str]: ...
 
 
 @dataclass(slots=True)

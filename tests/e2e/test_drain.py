@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -214,3 +215,36 @@ async def test_undeclared_rate_is_learned_from_the_drain(gateway, http, model):
     finally:
         reader.cancel()
         c.close()
+
+
+async def test_the_log_and_metrics_say_why_a_new_request_is_held(slow_engine_config, http, caplog):
+    """Three 10 tok/s readers on an engine that feeds two: the third waits out of the engine, and the operator sees
+    why (a "tick" log line with the admission's limit, and the held-requests gauge), then it gets every token."""
+    from gateway.app import start_gateway
+    from gateway.config import load_config
+
+    cfg = dict(slow_engine_config, **{"scheduler.knobs": {"stall_budget_s": 0.0}})
+    gw = await start_gateway(load_config(None, **cfg), port=0)
+    try:
+        model = sorted(gw.gateway.models)[0]
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "max_tokens": 40, "tokenflow": {"rate": 10}}
+        # One answer first, so the policy has measured the engine's decode steps (before any, it assumes a fast
+        # engine and admits all three).
+        await read_all(http, gw, dict(body, max_tokens=3))
+        with caplog.at_level(logging.INFO, logger="tokenflow.control"):
+            runs = [asyncio.create_task(read_all(http, gw, body)) for _ in range(3)]
+
+            async def held_in_metrics() -> bool:
+                async with http.get(f"{gw.url}/metrics") as r:
+                    text = await r.text()
+                return 'tokenflow_policy_held_new_requests{engine="sim"} 1.0' in text
+
+            await wait_for(held_in_metrics, timeout=10, interval=0.02)
+            results = await asyncio.gather(*runs)
+        assert all(ids == list(range(1, 41)) + [40] for ids, _ in results)  # nothing lost while held
+        ticks = [r for r in caplog.records if r.getMessage() == "tick" and getattr(r, "held_new", 0)]
+        assert ticks and {r.admit_limit for r in ticks} == {"capacity"}
+        assert all(r.engine == "sim" and r.capacity_tps > 0 for r in ticks)
+    finally:
+        await gw.close()

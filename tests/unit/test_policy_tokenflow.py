@@ -207,6 +207,27 @@ def test_admission_paces_a_burst_to_what_the_engine_can_feed() -> None:
     assert stall_free < admitted() < 100
 
 
+def test_the_tick_says_how_many_new_requests_admission_held_and_what_stopped_it() -> None:
+    # An operator (and the GPU sittings' logs) must be able to tell why a request waited before its first token:
+    # the engine could not feed one more reader, the working set was full, or there was no KV room.
+    eng = engine(capacity=100_000, seqs=8)
+    burst = [sv(f"n{i:03d}", W, started=False, prompt=100, max_tokens=200, arrival=NOW) for i in range(100)]
+    pol = TokenFlowPolicy()
+    ds = pol.decide(snap(*burst, eng=eng), NOW)
+    held = sum(1 for d in ds if d.op == "preempt" and d.reason == "working_set")
+    report = pol.tick_report()
+    assert 0 < held == report["held_new"] and report["admit_limit"] == "capacity"
+    assert json.loads(json.dumps(report)) == report  # values a JSON log line carries as they are
+    # Step 1's count binds first when the device holds few contexts and over-commitment is off.
+    pol = TokenFlowPolicy(overcommit=1.0, shrink_rate=1.0)
+    pol.decide(snap(*burst, eng=engine(capacity=1_000, seqs=8)), NOW)
+    assert pol.tick_report()["admit_limit"] == "working_set" and pol.tick_report()["held_new"] > 0
+    # Deep enough an engine, no one is held and nothing is reported as a limit.
+    pol = TokenFlowPolicy()
+    pol.decide(snap(*burst[:3], eng=eng), NOW)
+    assert pol.tick_report()["held_new"] == 0 and pol.tick_report()["admit_limit"] == ""
+
+
 def test_prefill_steps_do_not_read_as_lost_decode_capacity() -> None:
     # Mid-burst: 8 readers started, 60 new requests wait. The engine's recent steps average 0.2 s because
     # they computed the burst's prompts; its decode-only steps take 0.02 s. Admission must count the latter
