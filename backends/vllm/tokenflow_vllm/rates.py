@@ -178,7 +178,9 @@ class StepTrace:
     tokens), ``running`` (requests scheduled). Each line is written as its step ends (line-buffered): a server
     stopped by a signal ends its engine process without exit handlers, and a 64 KiB buffer lost up to ~700 steps
     that way (the last 0.6-3 s of each GPU burst's last run; all of a short run). A write a step costs
-    microseconds; tracing is opt-in.
+    microseconds; tracing is opt-in. The file is appended to: engines started one after another with the same
+    path leave their steps one after another (``t`` starts again with each), so give each engine its own path or
+    remove the file before it starts (``bench.vllm_gpu burst`` does).
     """
 
     def __init__(self, path: str) -> None:
