@@ -194,12 +194,17 @@ class ControlLoop:
         report = cast("ReportsTicks", self.policy).tick_report()
         m = self.metrics
         for key, gauge in (("working_set", m.policy_working_set), ("admitted", m.policy_admitted),
-                           ("held_new", m.policy_held_new), ("capacity_tps", m.policy_capacity),
-                           ("demand_tps", m.policy_demand)):
+                           ("capacity_tps", m.policy_capacity), ("demand_tps", m.policy_demand)):
             v = report.get(key)
             if isinstance(v, (int, float)):
                 gauge.labels(name).set(v)
-        if decided or report.get("held_new"):
+        held = 0.0
+        for key, why in (("held_new", "admission"), ("deferred_new", "device")):
+            v = report.get(key)
+            if isinstance(v, (int, float)):
+                m.policy_held_new.labels(name, why).set(v)
+                held += v
+        if decided or held:
             log.info("tick", extra={"engine": name, **report})
 
     def placement_view(self, now: float, max_age_s: float) -> EngineView | None:

@@ -159,7 +159,8 @@ class Metrics:
         # The policy's own account of its last tick (policies that report one: tokenflow), docs/operations.md.
         self.policy_working_set = Gauge("tokenflow_policy_working_set", "Requests the policy may admit (running plus paused)", ["engine"], registry=r)
         self.policy_admitted = Gauge("tokenflow_policy_admitted_requests", "Requests the policy has admitted", ["engine"], registry=r)
-        self.policy_held_new = Gauge("tokenflow_policy_held_new_requests", "New requests the policy keeps out of the engine (no first token yet)", ["engine"], registry=r)
+        self.policy_held_new = Gauge("tokenflow_policy_held_new_requests", "New requests the policy keeps out of the engine (no first token yet), "
+                                     "by why: admission (not admitted) or device (admitted, no room this tick)", ["engine", "why"], registry=r)
         self.policy_capacity = Gauge("tokenflow_policy_capacity_tokens_per_second", "Decode tokens/s the policy estimates the engine sustains (-1: unknown)", ["engine"], registry=r)
         self.policy_demand = Gauge("tokenflow_policy_demand_tokens_per_second", "Tokens/s the admitted readers want", ["engine"], registry=r)
         self.failovers = Counter("tokenflow_failovers_total", "Requests moved off a failed engine mid-answer, by the "

@@ -75,13 +75,18 @@ class TickInfo:
     # What stopped admission at the first of them: "working_set" (Step 1's count), "kv" (device plus host KV) or
     # "capacity" (the engine cannot feed one more reader over a look-ahead horizon); "" when none was left out.
     admit_limit: str = ""
+    deferred_new: int = 0  # new requests admitted but not chosen for the device this tick (no slot, or less urgent)
+    admit_capacity_tps: float = math.inf  # what admission checked the readers against (the recent steps, <= capacity)
 
     def as_log(self) -> dict[str, float | int | str]:
         """The tick for a log line (JSON-able: an unknown capacity is -1)."""
-        cap = self.capacity_tps
+        def rate(v: float) -> float:
+            return round(v, 1) if v < math.inf else -1.0
+
         return {"mode": self.mode, "working_set": self.working_set, "admitted": self.admitted,
                 "selected": self.selected, "held_new": self.held_new, "admit_limit": self.admit_limit,
-                "capacity_tps": round(cap, 1) if cap < math.inf else -1.0, "demand_tps": round(self.demand_tps, 1)}
+                "deferred_new": self.deferred_new, "capacity_tps": rate(self.capacity_tps),
+                "admit_capacity_tps": rate(self.admit_capacity_tps), "demand_tps": round(self.demand_tps, 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,10 +351,12 @@ class TokenFlowPolicy:
         w_sched, gamma = self._working_set(snapshot, tick, now)
         self.info.mode = "overload" if tick.demand > gamma else "balance"
         admit_cap = self._admit_capacity(snapshot, gamma, tick.beta_sum, tick.prefilling)
+        self.info.admit_capacity_tps = admit_cap
         admit_new = self._admit_new(snapshot, tick, w_sched, admit_cap)
         tick.order.extend(admit_new)
         tick.order.sort(key=tick.keys.__getitem__)  # stable: ties keep snapshot order (the gateway's arrival order)
         selected, reload, mem, backlog, out, inc = self._fill(snapshot, tick, costs)
+        self.info.deferred_new = sum(1 for j in admit_new if not selected[j])
         mem = self._swap(tick, selected, mem, out, inc)
         decisions = self._decisions(snapshot, tick, costs, selected, reload, mem, backlog)
         # admission takes a prefix of the new requests (oldest first, up to the first that does not fit)

@@ -238,7 +238,7 @@ async def test_the_log_and_metrics_say_why_a_new_request_is_held(slow_engine_con
             async def held_in_metrics() -> bool:
                 async with http.get(f"{gw.url}/metrics") as r:
                     text = await r.text()
-                return 'tokenflow_policy_held_new_requests{engine="sim"} 1.0' in text
+                return 'tokenflow_policy_held_new_requests{engine="sim",why="admission"} 1.0' in text
 
             await wait_for(held_in_metrics, timeout=10, interval=0.02)
             results = await asyncio.gather(*runs)

@@ -222,10 +222,11 @@ def test_the_tick_says_how_many_new_requests_admission_held_and_what_stopped_it(
     pol = TokenFlowPolicy(overcommit=1.0, shrink_rate=1.0)
     pol.decide(snap(*burst, eng=engine(capacity=1_000, seqs=8)), NOW)
     assert pol.tick_report()["admit_limit"] == "working_set" and pol.tick_report()["held_new"] > 0
-    # Deep enough an engine, no one is held and nothing is reported as a limit.
+    # Deep enough an engine, admission keeps no one out; those past the batch's 8 slots wait for the device.
     pol = TokenFlowPolicy()
-    pol.decide(snap(*burst[:3], eng=eng), NOW)
+    pol.decide(snap(*burst[:10], eng=eng), NOW)
     assert pol.tick_report()["held_new"] == 0 and pol.tick_report()["admit_limit"] == ""
+    assert pol.tick_report()["deferred_new"] == 2
 
 
 def test_prefill_steps_do_not_read_as_lost_decode_capacity() -> None:
