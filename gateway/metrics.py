@@ -156,7 +156,7 @@ class Metrics:
             "tokenflow_decision_failures_total", "Decisions the engine refused", ["engine", "op", "code"], registry=r
         )
         self.tick_seconds = Histogram("tokenflow_policy_tick_seconds", "Policy decide() duration", ["engine"], buckets=_TICK_BUCKETS, registry=r)
-        # The policy's own account of its last tick (policies that report one: tokenflow), docs/operations.md.
+        # The policy's own account of its last tick (policies that report one: tokenflow), docs/deploy.md "Metrics".
         self.policy_working_set = Gauge("tokenflow_policy_working_set", "Requests the policy may admit (running plus paused)", ["engine"], registry=r)
         self.policy_admitted = Gauge("tokenflow_policy_admitted_requests", "Requests the policy has admitted", ["engine"], registry=r)
         self.policy_held_new = Gauge("tokenflow_policy_held_new_requests", "New requests the policy keeps out of the engine (no first token yet), "

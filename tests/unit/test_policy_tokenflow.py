@@ -222,6 +222,11 @@ def test_the_tick_says_how_many_new_requests_admission_held_and_what_stopped_it(
     pol = TokenFlowPolicy(overcommit=1.0, shrink_rate=1.0)
     pol.decide(snap(*burst, eng=engine(capacity=1_000, seqs=8)), NOW)
     assert pol.tick_report()["admit_limit"] == "working_set" and pol.tick_report()["held_new"] > 0
+    # A small host tier: the contexts the newcomers will grow to (prompt plus answer) no longer fit device plus host.
+    small = EngineView("e", 16, 8, 1024, 1_000, 0, 1_000, 0, 0.02, 1000.0, 10_000.0, 1e9, 1e9)
+    pol = TokenFlowPolicy()
+    pol.decide(snap(*burst, eng=small), NOW)
+    assert pol.tick_report()["admit_limit"] == "kv" and pol.tick_report()["held_new"] > 90
     # Deep enough an engine, admission keeps no one out; those past the batch's 8 slots wait for the device.
     pol = TokenFlowPolicy()
     pol.decide(snap(*burst[:10], eng=eng), NOW)
