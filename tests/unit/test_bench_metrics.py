@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 
 import pytest
 
 from bench.cli import slowest_ttft_timeline
-from bench.http import ttft_phases
+from bench.http import phase_changes, ttft_phases, write_phase_changes
 from bench.metrics import (
     RequestRecord,
     andes_qoe,
@@ -124,6 +126,24 @@ def test_ttft_phases_from_stream_samples() -> None:
     assert ph == pytest.approx({"accept": 0.25, "gateway": 0.25, "held": 1.5, "waiting": 0.5, "running": 0.6})
     assert sum(ph.values()) == pytest.approx(4.1 - 1.0)
     assert ttft_phases(RequestRecord("x", 0.0, 1.0, 1, 1, []), samples) == {}
+
+
+def test_a_runs_stream_phases_keep_each_change_and_nothing_else(tmp_path) -> None:
+    # The same request's samples: six phase changes kept (with the tokens by then), the repeats dropped; a request
+    # the gateway never listed keeps its arrival and tokens, with no phases.
+    rec = RequestRecord("r", 1.0, 10.0, 100, 10, [4.1, 4.2], stream_id="s1")
+    samples = [(0.75, "gateway", 0), (1.25, "gateway", 0), (1.5, "held", 0), (2.5, "held", 0), (3.0, "waiting", 0),
+               (3.5, "running", 0), (4.0, "running", 0), (4.5, "running", 2), (5.0, "held", 2), (5.5, "running", 2)]
+    unseen = RequestRecord("u", 2.0, 5.0, 50, 5, [], stream_id="s2")
+    out = phase_changes([rec, unseen], {"s1": samples})
+    assert out[0]["phases"] == [[0.75, "gateway", 0], [1.5, "held", 0], [3.0, "waiting", 0], [3.5, "running", 0],
+                                [5.0, "held", 2], [5.5, "running", 2]]
+    assert (out[0]["first_token"], out[0]["tokens"], out[0]["arrival"]) == (4.1, 2, 1.0)
+    assert out[1] == {"id": "u", "arrival": 2.0, "rate": 5.0, "prompt": 50, "first_token": None, "tokens": 0,
+                      "phases": []}
+    path = tmp_path / "run" / "stream-phases-tokenflow.json.gz"
+    write_phase_changes(path, [rec, unseen], {"s1": samples})
+    assert json.loads(gzip.decompress(path.read_bytes())) == out
 
 
 def test_slowest_ttft_timeline_averages_the_slowest_share() -> None:
