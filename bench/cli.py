@@ -37,7 +37,7 @@ import yaml
 from gateway.policy.knobs import parse_overrides
 
 from .metrics import summarize
-from .report import build_report, plot, table, write_json
+from .report import build_report, plot, table, write_json, write_json_gz
 from .workload import WorkloadConfig, generate, parse_rates
 
 DEFAULT_POLICIES = "fcfs,tokenflow,andes"
@@ -230,6 +230,7 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     from .virtual import run_virtual
 
+    args.out = str(_out_dir(args))  # fixed now: the side files go beside the report
     wl = _workload(args)
     specs = generate(wl)
     prof = load_profile(args.profile)
@@ -246,6 +247,8 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
         m = summarize(r.records, preemptions=r.preemptions)
         m.update(engine_counters=r.engine_counters, decisions=r.decisions, tick_ms_mean=r.tick_ms_mean,
                  tick_ms_max=r.tick_ms_max, ttft_timeline_slowest=slowest_ttft_timeline(r.records, r.ttft_phases))
+        if r.tick_reports:  # beside the report, as the gateway's "tick" log lines are beside a real run's
+            write_json_gz(Path(args.out) / f"policy-ticks-{pol}.json.gz", r.tick_reports)
         results[pol] = m
         runs[pol] = r.records
     return _finish(args, argv, wl, results, runs)

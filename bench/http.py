@@ -15,8 +15,6 @@ real engine: ``--engine-url``, or ``--engine vllm-cpu`` for a fresh ``vllm serve
 from __future__ import annotations
 
 import asyncio
-import gzip
-import json
 import os
 import random
 import re
@@ -35,6 +33,7 @@ import yaml
 
 from .metrics import RequestRecord
 from .net import free_port, healthy, wait_started
+from .report import write_json_gz
 from .workload import RequestSpec
 
 
@@ -153,9 +152,7 @@ def phase_changes(recs: list[RequestRecord], samples: dict[str, list[tuple[float
 
 def write_phase_changes(path: Path, recs: list[RequestRecord], samples: dict[str, list[tuple[float, str, int]]]
                         ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
-        json.dump(phase_changes(recs, samples), f, separators=(",", ":"))
+    write_json_gz(path, phase_changes(recs, samples))
 
 
 async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,

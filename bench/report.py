@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -66,18 +67,27 @@ def build_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> di
     return {**meta, "policies": policies, "targets": check_targets(policies)}
 
 
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
+def _clean(x: Any) -> Any:
+    """JSON has no infinity or NaN: null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
 
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(report), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=False) + "\n")
+
+
+def write_json_gz(path: Path, data: Any) -> None:
+    """A run's bulky side file (per-request or per-tick records), compact and gzipped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump(_clean(data), f, separators=(",", ":"))
 
 
 def table(report: dict[str, Any]) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from backends.sim.profile import Profile
 from backends.sim.virtual import VirtualEngine
 from gateway.engines.control_api import EngineState
 from gateway.policy import make_policy
 from gateway.policy.snapshot import build_snapshot
-from gateway.policy.types import Policy
+from gateway.policy.types import Policy, ReportsTicks, tick_worth_recording
 from gateway.streams.reader import ReaderModel
 
 from .drain_sim import SimulatedDrain
@@ -98,6 +98,9 @@ class RunResult:
     # first token (held = kept out of the engine by the policy, waiting = in the engine's queue, running =
     # prefill under way), by request id.
     ttft_phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The policy's own account of its ticks (a policy that reports one: tokenflow), where the gateway would log it:
+    # what the GPU runs' "tick" log lines are compared with.
+    tick_reports: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_virtual(
@@ -151,6 +154,8 @@ def run_virtual(
     ticks = 0
     decisions: dict[str, int] = {}
     phases: dict[str, dict[str, float]] = {}
+    reports = isinstance(pol, ReportsTicks)
+    tick_reports: list[dict[str, Any]] = []
     now = 0.0
     last_progress = (0, 0.0)  # (engine steps, when): a run where the engine stops stepping ends early
     while remaining > 0 and now <= max_time_s:
@@ -182,6 +187,10 @@ def run_virtual(
             tick_total += dt
             tick_max = max(tick_max, dt)
             ticks += 1
+            if reports:
+                report = cast("ReportsTicks", pol).tick_report()
+                if tick_worth_recording(report, bool(ds)):
+                    tick_reports.append({"t": round(now, 3), **report})
             if ds:
                 if lag:  # the engine runs on while the commands travel (profile engine.control_lag_steps)
                     eng.run_steps(lag)
@@ -211,6 +220,7 @@ def run_virtual(
         ticks=ticks,
         decisions=decisions,
         ttft_phases=phases,
+        tick_reports=tick_reports,
     )
 
 

@@ -18,7 +18,7 @@ from .engines.control_api import EngineState
 from .metrics import Metrics
 from .placement import EngineView, view_from_snapshot
 from .policy.snapshot import BufferSource, build_snapshot
-from .policy.types import Decision, Policy, ReportsTicks
+from .policy.types import Decision, Policy, ReportsTicks, tick_worth_recording
 from .streams.base import StreamBase
 
 log = logging.getLogger("tokenflow.control")
@@ -198,13 +198,11 @@ class ControlLoop:
             v = report.get(key)
             if isinstance(v, (int, float)):
                 gauge.labels(name).set(v)
-        held = 0.0
         for key, why in (("held_new", "admission"), ("deferred_new", "device")):
             v = report.get(key)
             if isinstance(v, (int, float)):
                 m.policy_held_new.labels(name, why).set(v)
-                held += v
-        if decided or held:
+        if tick_worth_recording(report, decided):
             log.info("tick", extra={"engine": name, **report})
 
     def placement_view(self, now: float, max_age_s: float) -> EngineView | None:

@@ -16,6 +16,7 @@ from ..engines.control_api import EngineStatus, EngineView, Op
 
 __all__ = [
     "Decision", "EngineStatus", "EngineView", "Op", "Policy", "PolicyStats", "ReportsTicks", "Snapshot", "StreamView",
+    "tick_worth_recording",
 ]
 
 
@@ -108,6 +109,12 @@ class ReportsTicks(Protocol):
     and gauges: why requests are held, for example. Optional: a policy without it is logged by its decisions."""
 
     def tick_report(self) -> Mapping[str, float | int | str]: ...
+
+
+def tick_worth_recording(report: Mapping[str, float | int | str], decided: bool) -> bool:
+    """Whether a tick's report goes to the log (the gateway) or the run's record (the simulator): when the policy
+    decided something or kept new requests out of the engine; not every quiet tick of a long run."""
+    return decided or bool(report.get("held_new")) or bool(report.get("deferred_new"))
 
 
 @dataclass(slots=True)
