@@ -431,13 +431,10 @@ def shape_kv_bytes(a: argparse.Namespace) -> int:
 
 def _prompt_rate_fit(rows: list[dict[str, Any]]) -> float | None:
     """Prompt tokens per second: the inverse slope of ``dt = a + b * decode + c * prefill`` by least squares."""
-    import numpy as np
+    from backends.sim.calibrate import step_cost_fit
 
-    if len(rows) < 4:
-        return None
-    x = np.array([[1.0, r["decode"], r["prefill"]] for r in rows])
-    c = float(np.linalg.lstsq(x, np.array([r["dt"] for r in rows]), rcond=None)[0][2])
-    return 1.0 / c if c > 0 else None
+    fit = step_cost_fit([(r["decode"], r["prefill"], r["dt"]) for r in rows])
+    return 1.0 / fit[2] if fit is not None and fit[2] > 0 else None
 
 
 async def _prefill_rate_load(a: argparse.Namespace, url: str, model: str) -> list[float]:

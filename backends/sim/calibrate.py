@@ -1094,6 +1094,19 @@ def fit_trace(args: argparse.Namespace) -> dict[str, Any]:
     return profile
 
 
+def step_cost_fit(steps: Sequence[tuple[float, float, float]]) -> tuple[float, float, float] | None:
+    """Least squares of a step's time over its work, ``dt = base + per_decode * decode + per_prompt * prompt``, from
+    ``(decode, prompt tokens, dt)`` per step: ``(base, per_decode, per_prompt)`` in seconds, or None with fewer steps
+    than four (three terms to fit)."""
+    import numpy as np
+
+    if len(steps) < 4:
+        return None
+    x = np.array([[1.0, d, p] for d, p, _ in steps])
+    coef = np.linalg.lstsq(x, np.array([dt for _, _, dt in steps]), rcond=None)[0]
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
 def prefill_rates(args: argparse.Namespace) -> dict[str, Any]:
     """The prefill rate a run's state reports gave the policy, replayed from its step trace, per ``bin_s`` of the
     run (medians over its steps): the vLLM plugin's measure until 2026-12-04 (prompt tokens over the whole time of
@@ -1110,7 +1123,7 @@ def prefill_rates(args: argparse.Namespace) -> dict[str, Any]:
     t0, t1 = m["machine"]["window_perf_counter"]
     old: float | None = None
     rows: list[tuple[float, float | None, float | None]] = []
-    fit_x, fit_y = [], []
+    steps: list[tuple[float, float, float]] = []
     for st in trace_steps(args.trace):
         if not (t0 <= st["t"] <= t1) or st["dt"] <= 0:
             continue
@@ -1119,9 +1132,8 @@ def prefill_rates(args: argparse.Namespace) -> dict[str, Any]:
             old = p / dt if old is None else old + 0.1 * (p / dt - old)
         now.add_step(d, p, dt)
         rows.append((st["t"] - t0, old, now.prefill_rate))
-        fit_x.append([1.0, d, p])
-        fit_y.append(dt)
-    coef = np.linalg.lstsq(np.array(fit_x), np.array(fit_y), rcond=None)[0]
+        steps.append((d, p, dt))
+    coef = step_cost_fit(steps) or (0.0, 0.0, 0.0)
     res: dict[str, Any] = {"fit_prefill_tokens_per_s": 1.0 / coef[2] if coef[2] > 0 else None, "bins": []}
     print(f"{len(rows)} steps; least-squares over them: base {coef[0] * 1e3:.2f} ms, {coef[1] * 1e6:.1f} us a decoding "
           f"request, {coef[2] * 1e6:.1f} us a prompt token ({res['fit_prefill_tokens_per_s'] or 0:.0f} tok/s)")
