@@ -215,7 +215,37 @@ class EngineAPI:
         try:
             return await poll(ok, timeout, f"{rid} in {sorted(want)}")
         except AssertionError as e:
-            raise AssertionError(f"{e} (last seen: {last[0] if last else 'never polled'})") from None
+            raise AssertionError(f"{e} (last seen: {last[0] if last else 'never polled'}; {self.stream_of(rid)})"
+                                 ) from None
+
+    def stream_of(self, rid: str) -> str:
+        """What this client's stream of ``rid`` saw, for failure messages: an absent request may have finished."""
+        st = next((s for s in self.streams if s.rid == rid), None)
+        if st is None:
+            return "no stream"
+        return (f"stream: {st.count} of {st.max_tokens} tokens, finish_reason {st.finish_reason}, "
+                f"{'ended' if st.done else 'open'}, error {st.error!r}")
+
+    async def wait_running(self, rid: str, tokens: int = 1, timeout: float = TIMEOUT
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The first state in which the engine runs ``rid`` with ``tokens`` output tokens or more.
+
+        The engine's word, not the stream's: a loaded client reads behind a fast engine, so a request whose
+        stream shows its first tokens may already be done in the engine. A test that acts on a request
+        mid-stream waits here, then acts at once, on a request long enough not to finish in between."""
+        last: list[str] = []
+
+        async def ok() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            st = await self.state()
+            r = next((r for r in st["requests"] if r["id"] == rid), None)
+            last[:] = [f"{r['status']}, {r['output_tokens']} tokens" if r is not None else "absent"]
+            return (st, r) if r is not None and r["status"] == "running" and r["output_tokens"] >= tokens else None
+
+        try:
+            return await poll(ok, timeout, f"{rid} running with {tokens} tokens")
+        except AssertionError as e:
+            raise AssertionError(f"{e} (last seen: {last[0] if last else 'never polled'}; {self.stream_of(rid)})"
+                                 ) from None
 
     async def wait_gone(self, rid: str, timeout: float = TIMEOUT) -> float:
         """Seconds until ``rid`` leaves the state."""

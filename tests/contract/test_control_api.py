@@ -31,8 +31,10 @@ REQUEST_FIELDS = {
     "output_tokens": int, "computed_tokens": int, "kv_device_tokens": int, "kv_host_tokens": int,
     "preemptions": int,
 }
-MAX_TOKENS = 64  # long enough to act on a request mid-stream, short for a tiny CPU model
-LONG = 900  # a request that cannot finish on its own within the disconnect deadlines (max_model_len 1024)
+# A request a test acts on mid-stream: long enough that it cannot finish between the engine's state showing it
+# running and the command reaching the engine, even on a loaded machine; about 2.5 s on a tiny CPU model.
+ACTED_ON = 320
+LONG = 900  # a request that cannot finish on its own within the test (max_model_len 1024)
 GONE_S = 3.0  # a disconnected client's request must leave the state well within this
 
 
@@ -80,24 +82,23 @@ async def test_state_shape_and_version_header(api: EngineAPI) -> None:
 
 async def test_submitted_request_appears_with_its_id_and_leaves_when_done(api: EngineAPI) -> None:
     rid = new_id()
-    st = await api.start(rid, MAX_TOKENS, priority=3)
+    st = await api.start(rid, ACTED_ON, priority=3)
     r = await poll(lambda: api.req(rid), what=f"{rid} in state")
     for k, typ in REQUEST_FIELDS.items():
         assert isinstance(r.get(k), typ) and not isinstance(r[k], bool), f"request.{k} = {r.get(k)!r}"
     assert r["status"] in STATUSES
-    assert r["max_tokens"] == MAX_TOKENS and r["priority"] == 3
+    assert r["max_tokens"] == ACTED_ON and r["priority"] == 3
     assert r["prompt_tokens"] > 0 and abs(r["arrival_time"] - time.time()) < 3600
     async with api.s.get(f"{api.url}/control/v1/requests/{rid}") as resp:
         assert resp.status == 200
         one = await resp.json()
     assert one["id"] == rid and set(one) >= set(REQUEST_FIELDS)
-    await st.wait_tokens(2)
-    state, r = await api.wait_state(rid, "running")  # one snapshot: the request may finish right after it
+    state, r = await api.wait_running(rid)  # one snapshot: the request may finish right after it
     assert r["kv_device_tokens"] > 0 and r["computed_tokens"] > 0 and r["output_tokens"] >= 1
     assert r["kv_device_tokens"] % state["engine"]["block_size"] == 0
     assert state["engine"]["kv_device_used_tokens"] >= r["kv_device_tokens"]
     await st.finished()
-    assert st.count == MAX_TOKENS and st.finish_reason == "length"
+    assert st.count == ACTED_ON and st.finish_reason == "length"
     # a finished request leaves the state at once: by the time its stream ended it is gone
     await api.wait_gone(rid, timeout=5)
     async with api.s.get(f"{api.url}/control/v1/requests/{rid}") as resp:
@@ -130,18 +131,18 @@ async def _hold(api: EngineAPI, rid: str, st) -> dict:
 async def test_preempt_holds_and_resume_completes_exactly(api: EngineAPI) -> None:
     rid = new_id()
     before = await counters(api)
-    st = await api.start(rid, MAX_TOKENS)
-    await st.wait_tokens(3)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid, 3)
     r = await _hold(api, rid, st)
     assert r["preemptions"] >= 1
-    assert 0 < r["output_tokens"] < MAX_TOKENS
+    assert 0 < r["output_tokens"] < ACTED_ON
     assert (await api.command("preempt", rid))["status"] == "held"  # preempting a held request: no-op
 
     res = await api.command("resume", rid)
     assert res["ok"] and res["status"] in {"waiting", "running", "loading"}
     await st.finished()
-    assert st.count == MAX_TOKENS, f"{st.count} tokens, expected exactly {MAX_TOKENS}"
-    assert st.usage is not None and st.usage["completion_tokens"] == MAX_TOKENS
+    assert st.count == ACTED_ON, f"{st.count} tokens, expected exactly {ACTED_ON}"
+    assert st.usage is not None and st.usage["completion_tokens"] == ACTED_ON
     assert st.finish_reason == "length" and st.saw_done
     after = await counters(api)
     assert after["preemptions"] >= before["preemptions"] + 1
@@ -175,8 +176,8 @@ async def test_max_tokens_reports_the_limit_the_engine_applies(api: EngineAPI) -
 async def test_prefetch_loads_then_resume_runs(api: EngineAPI) -> None:
     rid = new_id()
     before = await counters(api)
-    st = await api.start(rid, MAX_TOKENS)
-    await st.wait_tokens(3)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid, 3)
     held = await _hold(api, rid, st)
     res = await api.command("prefetch", rid)
     assert res["ok"] and res["status"] in {"loading", "parked"}
@@ -193,26 +194,26 @@ async def test_prefetch_loads_then_resume_runs(api: EngineAPI) -> None:
     assert st.count == r["output_tokens"]
     await api.command("resume", rid)
     await st.finished()
-    assert st.count == MAX_TOKENS and st.usage and st.usage["completion_tokens"] == MAX_TOKENS
+    assert st.count == ACTED_ON and st.usage and st.usage["completion_tokens"] == ACTED_ON
     after = await counters(api)
     assert after["prefetches"] >= before["prefetches"] + 1
 
 
 async def test_prefetch_and_resume_are_noops_on_live_requests(api: EngineAPI) -> None:
     rid = new_id()
-    st = await api.start(rid, MAX_TOKENS)
-    await st.wait_tokens(1)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid)
     for op in ("prefetch", "resume"):
         res = await api.command(op, rid)
         assert res["ok"] and res["status"] in {"waiting", "running"}, res
     await st.finished()
-    assert st.count == MAX_TOKENS
+    assert st.count == ACTED_ON
 
 
 async def test_preempt_of_a_queued_request_and_its_host_copy_while_held(api: EngineAPI) -> None:
     rid = new_id()
-    st = await api.start(rid, MAX_TOKENS)
-    await st.wait_tokens(3)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid, 3)
     r = await _hold(api, rid, st)
     # what the engine keeps on host for a held request never exceeds what it computed
     assert 0 <= r["kv_host_tokens"] <= r["prompt_tokens"] + r["output_tokens"]
@@ -220,7 +221,7 @@ async def test_preempt_of_a_queued_request_and_its_host_copy_while_held(api: Eng
     assert e["num_held"] >= 1 and e["kv_host_used_tokens"] >= r["kv_host_tokens"]
     await api.command("resume", rid)
     await st.finished()
-    assert st.count == MAX_TOKENS
+    assert st.count == ACTED_ON
 
 
 # ------------------------------------------------------------------ priority and abort
@@ -228,8 +229,8 @@ async def test_preempt_of_a_queued_request_and_its_host_copy_while_held(api: Eng
 
 async def test_priority_change_is_reflected(api: EngineAPI) -> None:
     rid = new_id()
-    st = await api.start(rid, MAX_TOKENS)
-    await st.wait_tokens(1)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid)
     res = await api.command("priority", rid, priority=-5)
     assert res["ok"] and res["status"] in STATUSES
     assert (await api.req(rid))["priority"] == -5
@@ -237,24 +238,24 @@ async def test_priority_change_is_reflected(api: EngineAPI) -> None:
     assert status == 200 and body["ok"] and body["id"] == rid and body["op"] == "priority"
     assert (await api.req(rid))["priority"] == 7
     await st.finished()
-    assert st.count == MAX_TOKENS
+    assert st.count == ACTED_ON
 
 
 async def test_abort_ends_the_stream_and_frees_the_request(api: EngineAPI) -> None:
     before = await counters(api)
     rid = new_id()
-    st = await api.start(rid, 10 * MAX_TOKENS)
-    await st.wait_tokens(2)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid, 2)
     res = await api.command("abort", rid)
     assert res["ok"] and res["id"] == rid and res["op"] == "abort"
     await st.finished()
-    assert st.finish_reason == "abort" and st.count < 10 * MAX_TOKENS
+    assert st.finish_reason == "abort" and st.count < ACTED_ON
     await api.wait_gone(rid, timeout=5)
     assert (await api.command("abort", rid))["error"]["code"] == "not_found"
     # single-command form, on a held request
     rid2 = new_id()
-    st2 = await api.start(rid2, 10 * MAX_TOKENS)
-    await st2.wait_tokens(2)
+    st2 = await api.start(rid2, ACTED_ON)
+    await api.wait_running(rid2, 2)
     await api.command("preempt", rid2)
     status, body, _ = await api.post_raw(f"/control/v1/requests/{rid2}/abort")
     assert status == 200 and body["ok"]
@@ -271,15 +272,16 @@ async def test_waiting_queue_follows_priority_changes(api: EngineAPI) -> None:
     n = e["max_num_seqs"]
     if n > 64:
         pytest.skip(f"max_num_seqs {n} is too many streams to saturate in a test")
-    hold_tokens = 300
+    # LONG: a blocker that finished on its own would free its slot before the test aborts it; so would a
+    # waiting one, admitted, before the next abort (then two would look admitted at once)
     blockers = [new_id("blk") for _ in range(n)]
     for rid in blockers:
-        await api.start(rid, hold_tokens)
-    for st in api.streams:
-        await st.wait_tokens(1)
+        await api.start(rid, LONG)
+    for rid in blockers:
+        await api.wait_running(rid)
     w1, w2, w3 = new_id("w1"), new_id("w2"), new_id("w3")
     for rid, prio in ((w1, 5), (w2, 5), (w3, 1)):
-        await api.start(rid, hold_tokens, priority=prio)
+        await api.start(rid, LONG, priority=prio)
     # queued, not admitted: "loading" too, since every request here shares one prompt and an engine
     # with a KV cache tier may start fetching that prefix for a waiting request before a slot frees
     queued = {"waiting", "loading"}
@@ -314,13 +316,11 @@ async def test_waiting_queue_follows_priority_changes(api: EngineAPI) -> None:
 
 async def test_batched_commands_are_independent_and_ordered(api: EngineAPI) -> None:
     a, b = new_id(), new_id()
-    # Long enough that neither can finish between its second token reaching this client and the batch reaching
-    # the engine (a loaded machine's client reads behind a fast engine).
-    n = 10 * MAX_TOKENS
+    n = ACTED_ON
     sa = await api.start(a, n)
     sb = await api.start(b, n)
-    await sa.wait_tokens(2)
-    await sb.wait_tokens(2)
+    await api.wait_running(a, 2)
+    await api.wait_running(b, 2)
     missing = new_id("missing")
     cmds = [
         {"op": "preempt", "id": a},
@@ -401,8 +401,8 @@ async def test_request_ids_follow_the_id_pattern(api: EngineAPI) -> None:
 
 async def test_bad_single_priority_body_gets_400(api: EngineAPI) -> None:
     rid = new_id()
-    st = await api.start(rid, MAX_TOKENS)
-    await st.wait_tokens(1)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid)
     for data in (b"nope", b"{}", b'{"priority": "high"}', b'{"priority": 1.5}'):
         status, body, _ = await api.post_raw(f"/control/v1/requests/{rid}/priority", data=data)
         assert status == 400, data
@@ -415,7 +415,7 @@ async def test_duplicate_live_id_is_rejected(api: EngineAPI) -> None:
     # Held, so that it is certainly still live when the duplicate arrives (a short request on a fast engine
     # can finish before a loaded client has read its first token).
     st = await api.start(rid, LONG)
-    await st.wait_tokens(1)
+    await api.wait_running(rid)
     r = await _hold(api, rid, st)
     status, body, _ = await api.post_raw("/v1/completions", json=await api.body(rid, 4))
     assert status == 400
@@ -424,7 +424,6 @@ async def test_duplicate_live_id_is_rejected(api: EngineAPI) -> None:
     await st.wait_tokens(r["output_tokens"] + 1)  # the first request is unaffected: it goes on
     assert (await api.command("abort", rid))["ok"]
     await st.finished()
-    await api.wait_gone(rid, timeout=5)
     await api.wait_gone(rid, timeout=5)
     again = await api.start(rid, 4)  # a finished id may be used again
     await again.finished()
@@ -437,7 +436,7 @@ async def test_duplicate_live_id_is_rejected(api: EngineAPI) -> None:
 async def test_client_disconnect_removes_the_request(api: EngineAPI) -> None:
     rid = new_id()
     st = await api.start(rid, LONG)
-    await st.wait_tokens(2)
+    await api.wait_running(rid, 2)
     st.disconnect()
     took = await api.wait_gone(rid, timeout=GONE_S)
     await measure(api, "disconnect -> gone (running)", took)
@@ -446,7 +445,7 @@ async def test_client_disconnect_removes_the_request(api: EngineAPI) -> None:
 async def test_held_request_is_freed_when_its_client_disconnects(api: EngineAPI) -> None:
     rid = new_id()
     st = await api.start(rid, LONG)
-    await st.wait_tokens(2)
+    await api.wait_running(rid, 2)
     await _hold(api, rid, st)
     st.disconnect()
     took = await api.wait_gone(rid, timeout=GONE_S)
@@ -456,11 +455,11 @@ async def test_held_request_is_freed_when_its_client_disconnects(api: EngineAPI)
 
 async def test_no_kv_leaks_after_a_mixed_workload(api: EngineAPI) -> None:
     ids = [new_id() for _ in range(6)]
-    # The one to abort asks for LONG: on a fast engine a short one could finish before the abort lands.
-    streams = [await api.start(rid, LONG if i == 3 else MAX_TOKENS, chat=(i % 2 == 1)) for i, rid in enumerate(ids)]
-    for st in streams:
-        await st.wait_tokens(2)
-    await api.commands([
+    # The one to abort asks for LONG: on a fast engine a shorter one could finish before the abort lands.
+    streams = [await api.start(rid, LONG if i == 3 else ACTED_ON, chat=(i % 2 == 1)) for i, rid in enumerate(ids)]
+    for rid in ids:
+        await api.wait_running(rid, 2)
+    res = await api.commands([
         {"op": "preempt", "id": ids[0]},
         {"op": "preempt", "id": ids[1]},
         {"op": "preempt", "id": ids[2]},
@@ -468,13 +467,14 @@ async def test_no_kv_leaks_after_a_mixed_workload(api: EngineAPI) -> None:
         {"op": "abort", "id": ids[3]},
         {"op": "priority", "id": ids[4], "priority": -1},
     ])
+    assert all(r["ok"] for r in res), (res, [(s.count, s.finish_reason, s.done) for s in streams])
     streams[1].disconnect()  # held, then gone
     streams[5].disconnect()  # running, then gone
     await api.wait_status(ids[2], "parked")
     await api.commands([{"op": "resume", "id": ids[0]}, {"op": "resume", "id": ids[2]}])
     for i in (0, 2, 4):
         await streams[i].finished()
-        assert streams[i].count == MAX_TOKENS
+        assert streams[i].count == ACTED_ON
     await streams[3].finished()
     assert streams[3].finish_reason == "abort"
     st = await api.wait_drained()
@@ -485,8 +485,8 @@ async def test_no_kv_leaks_after_a_mixed_workload(api: EngineAPI) -> None:
 async def test_commands_apply_quickly(api: EngineAPI) -> None:
     """Commands apply at the next step boundary: the result comes back within a few steps, not later."""
     rid = new_id()
-    st = await api.start(rid, 10 * MAX_TOKENS)
-    await st.wait_tokens(2)
+    st = await api.start(rid, ACTED_ON)
+    await api.wait_running(rid, 2)
     t0 = time.monotonic()
     await api.command("preempt", rid)
     took = time.monotonic() - t0

@@ -5,6 +5,7 @@ Imports nothing from vLLM, so a test runner outside the vLLM venv can build the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def server_env(cpu: bool = True, plugin_dir: Path | None = None) -> dict[str, st
         # With multiprocessing off the `uni` executor is honoured (no worker process, no OMP binding);
         # EngineCore still runs in its own process, so the control path is the same as on GPU.
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # One compute thread unless asked: a tiny model gains nothing from more, and an engine spinning on
+        # every core of a small machine starves its own API server (and a client beside it). The server's
+        # output backlog then delays streams and control replies by seconds behind the engine.
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     return env
 
 
