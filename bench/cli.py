@@ -244,7 +244,7 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
         with _progress(total, args.no_progress, pol) as bar:
             r = run_virtual(prof, specs, name, tick_s=args.tick, engine_preempt=args.engine_preempt,
                             policy_knobs=knobs.get(name), progress=bar.update, drain=drain or "declared")
-        m = summarize(r.records, preemptions=r.preemptions)
+        m = summarize(r.records, preemptions=r.preemptions, policy_preempts=r.decisions.get("preempt", 0))
         m.update(engine_counters=r.engine_counters, decisions=r.decisions, tick_ms_mean=r.tick_ms_mean,
                  tick_ms_max=r.tick_ms_max, ttft_timeline_slowest=slowest_ttft_timeline(r.records, r.ttft_phases))
         if r.tick_reports:  # beside the report, as the gateway's "tick" log lines are beside a real run's
@@ -345,6 +345,13 @@ def _engine_counters(url: str | None) -> dict[str, Any] | None:
     return (st.get("counters") or st.get("engine", {}).get("counters")) if st else None
 
 
+def _counter_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An engine's counters over one run (None unless read before and after)."""
+    if before is None or after is None:
+        return None
+    return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))}
+
+
 def _dump_engine_state(url: str, path: Path) -> None:
     from .vllm_e2e import engine_state
 
@@ -354,7 +361,7 @@ def _dump_engine_state(url: str, path: Path) -> None:
 
 
 def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .http import fetch_preemptions, run_clients, ttft_phases, write_phase_changes
+    from .http import fetch_engine_preemptions, fetch_policy_preempts, run_clients, ttft_phases, write_phase_changes
 
     wl = _workload(args)
     specs = generate(wl)
@@ -383,6 +390,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         asyncio.run(warm_up_engine(args.engine_url.rstrip("/"), args.warmup))
     for pol in policies:
         engine_before = engine_after = sampler = None
+        # the engines' preemptions as the gateway mirrors them, where the bench cannot read the engine itself
+        mirrored: tuple[int | None, int | None] = (None, None)
         stream_samples: dict[str, list[tuple[float, str, int]]] = {}
         # One engine for every policy: keep their prompts apart (TOKENFLOW_BENCH_SALT: a policy run again on it too).
         salt = (os.environ.get("TOKENFLOW_BENCH_SALT", "") + f"{pol}/") if args.engine_url else ""
@@ -390,9 +399,11 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         with _progress(total, args.no_progress, pol) as bar:
             if args.gateway_url:
                 url = args.gateway_url.rstrip("/")
-                before = asyncio.run(fetch_preemptions(url))
+                before = asyncio.run(fetch_policy_preempts(url))
+                mirrored = (asyncio.run(fetch_engine_preemptions(url)), None)
                 recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body))
-                after = asyncio.run(fetch_preemptions(url))
+                after = asyncio.run(fetch_policy_preempts(url))
+                mirrored = (mirrored[0], asyncio.run(fetch_engine_preemptions(url)))
             else:
                 with _engine(args, _out_dir(args), pol) as (engines, engine_url):
                     engine_before = _engine_counters(engine_url)
@@ -410,13 +421,18 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                                               replicas=replicas))
                         load["window_perf_counter"][1] = time.perf_counter()
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
-                        after = sum(asyncio.run(fetch_preemptions(u)) or 0 for u in replicas)
+                        after = sum(asyncio.run(fetch_policy_preempts(u)) or 0 for u in replicas)
+                        if engine_url is None:  # each replica's own embedded engine, fresh with its gateway
+                            mirrored = (0, sum(asyncio.run(fetch_engine_preemptions(u)) or 0 for u in replicas))
                         if engine_url and any(not r.finished for r in recs):  # evidence for what stopped it
                             _dump_engine_state(engine_url, Path(args.out) / f"engine-state-{pol}.json")
                     engine_after = _engine_counters(engine_url)
         load["loadavg_after"] = os.getloadavg()
         pre = after - before if after is not None and before is not None else None
-        m = summarize(recs, preemptions=pre)
+        counted = _counter_delta(engine_before, engine_after)
+        engine_pre = (counted.get("preemptions") if counted else
+                      mirrored[1] - mirrored[0] if mirrored[0] is not None and mirrored[1] is not None else None)
+        m = summarize(recs, preemptions=engine_pre, policy_preempts=pre)
         m["errors"] = [r.error for r in recs if r.error][:5]
         if stream_samples:
             phases = {r.id: ttft_phases(r, stream_samples.get(r.stream_id or "", [])) for r in recs}
@@ -426,9 +442,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if sampler is not None:
             m["engine_samples"] = sampler.summary()
             runs_engine[pol] = sampler.samples
-        if engine_before is not None and engine_after is not None:  # the engine's own view, this run only
-            m["engine_counters"] = {k: v - engine_before.get(k, 0) for k, v in engine_after.items()
-                                    if isinstance(v, (int, float))}
+        if counted is not None:  # the engine's own view, this run only
+            m["engine_counters"] = counted
         results[pol] = m
         runs[pol] = recs
     if runs_engine:  # the per-second engine samples, beside the report
@@ -439,7 +454,14 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str], knobs: dict[str, Any],
                   extra_body: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Every policy at once on identical arrivals, each with its own engine and gateway (``--side-by-side``)."""
-    from .http import fetch_preemptions, run_clients, spawn_gateway, ttft_phases, write_phase_changes
+    from .http import (
+        fetch_engine_preemptions,
+        fetch_policy_preempts,
+        run_clients,
+        spawn_gateway,
+        ttft_phases,
+        write_phase_changes,
+    )
 
     out = Path(args.out)
     with ExitStack() as stack:
@@ -471,7 +493,11 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
         engine_samples: dict[str, Any] = {}
         for pol, _, eu in setups:
             recs = recs_by[pol]
-            m = summarize(recs, preemptions=asyncio.run(fetch_preemptions(urls[pol])))
+            counted = _counter_delta(before[pol], _engine_counters(eu))
+            # an embedded engine, fresh with its gateway: the gateway's mirror of its counter
+            engine_pre = (counted.get("preemptions") if counted else
+                          None if eu else asyncio.run(fetch_engine_preemptions(urls[pol])))
+            m = summarize(recs, preemptions=engine_pre, policy_preempts=asyncio.run(fetch_policy_preempts(urls[pol])))
             m["errors"] = [r.error for r in recs if r.error][:5]
             m["machine"] = load
             phases = {r.id: ttft_phases(r, samples[pol].get(r.stream_id or "", [])) for r in recs}
@@ -480,9 +506,8 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
             if samplers[pol] is not None:
                 m["engine_samples"] = samplers[pol].summary()
                 engine_samples[pol] = samplers[pol].samples
-            after, b0 = _engine_counters(eu), before[pol]
-            if after is not None and b0 is not None:
-                m["engine_counters"] = {k: v - b0.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))}
+            if counted is not None:
+                m["engine_counters"] = counted
             if eu and any(not r.finished for r in recs):
                 _dump_engine_state(eu, out / f"engine-state-{pol}.json")
             results[pol] = m
@@ -515,9 +540,9 @@ def _sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
         pol = axes[0][0]
         r = run_virtual(prof, specs, pol, tick_s=args.tick, engine_preempt=args.engine_preempt,
                         policy_knobs=knobs.get(pol))
-        m = summarize(r.records, preemptions=r.preemptions)
+        m = summarize(r.records, preemptions=r.preemptions, policy_preempts=r.decisions.get("preempt", 0))
         rows.append({"knobs": ", ".join(label), **{k: m[k] for k in ("ttft_p99_s", "effective_throughput_tps",
-                     "throughput_tps", "rebuffer_mean_s", "qoe_mean", "preemptions")}})
+                     "throughput_tps", "rebuffer_mean_s", "qoe_mean", "preemptions", "policy_preempts")}})
         print(json.dumps(rows[-1]), flush=True)
     out = _out_dir(args)
     write_json(out / "sweep.json", {**_meta(args, argv, wl), "rows": rows})

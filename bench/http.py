@@ -200,19 +200,25 @@ async def warm_up_engine(url: str, n: int, prompt_tokens: int = 256, max_tokens:
         await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def fetch_preemptions(url: str) -> int | None:
-    """Preempt decisions the gateway sent (its Prometheus counter), or None if unavailable."""
+async def _metrics_sum(url: str, pattern: str) -> int | None:
+    """The sum of the gateway's Prometheus samples whose name and labels match ``pattern`` (None if no answer)."""
     try:
         async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
             text = await resp.text()
     except aiohttp.ClientError:
         return None
-    total = 0.0
-    found = False
-    for m in re.finditer(r'^tokenflow_decisions_total\{[^}]*op="preempt"[^}]*\}\s+([0-9.eE+]+)$', text, re.M):
-        total += float(m.group(1))
-        found = True
-    return int(total) if found else 0
+    return int(sum(float(m.group(1)) for m in re.finditer(rf"^{pattern}\s+([0-9.eE+]+)$", text, re.M)))
+
+
+async def fetch_policy_preempts(url: str) -> int | None:
+    """Preempt decisions the gateway sent (its Prometheus counter), or None if unavailable."""
+    return await _metrics_sum(url, r'tokenflow_decisions_total\{[^}]*op="preempt"[^}]*\}')
+
+
+async def fetch_engine_preemptions(url: str) -> int | None:
+    """The engines' preemption counters as the gateway last read them (its policy's and the engines' own), summed
+    over its engines; behind the engines' own count by at most one control tick."""
+    return await _metrics_sum(url, r'tokenflow_engine_preemptions_total\{[^}]*\}')
 
 
 @contextmanager

@@ -156,9 +156,11 @@ def summarize(
     start: float = 0.0,
     end: float | None = None,
     preemptions: int | None = None,
+    policy_preempts: int | None = None,
     ttft_target_s: float = 1.0,
 ) -> dict[str, Any]:
-    """The report's per-policy metrics."""
+    """The report's per-policy metrics. ``preemptions``: the engine's count over the run (the ones the policy
+    ordered and the engine's own, when its KV ran out); ``policy_preempts``: the policy's preempt decisions."""
     recs = list(records)
     last = max((r.token_times[-1] for r in recs if r.token_times), default=start)
     end = last if end is None else max(end, last)
@@ -189,6 +191,7 @@ def summarize(
         "stalled_share": (sum(1 for x in rebuffers if x > STALL_MIN_S) / len(rebuffers)) if rebuffers else 0.0,
         "qoe_mean": _mean(qoes),
         "preemptions": preemptions,
+        "policy_preempts": policy_preempts,
         "tokens": tokens,
         "effective_tokens": eff,
         "duration_s": duration,

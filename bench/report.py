@@ -21,6 +21,7 @@ METRIC_KEYS = (
     "stalled_share",
     "qoe_mean",
     "preemptions",
+    "policy_preempts",
     "requests",
     "completed",
 )
@@ -97,7 +98,7 @@ def table(report: dict[str, Any]) -> str:
             ("eff. thpt tok/s", "effective_throughput_tps"), ("thpt tok/s", "throughput_tps"),
             ("rebuffer mean s", "rebuffer_mean_s"), ("rebuffer p99 s", "rebuffer_p99_s"),
             ("stalled share", "stalled_share"), ("QoE", "qoe_mean"),
-            ("preemptions", "preemptions"), ("done", "completed")]
+            ("engine preemptions", "preemptions"), ("policy preempts", "policy_preempts"), ("done", "completed")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for name, m in report["policies"].items():
         lines.append("| " + " | ".join([name] + [cell(m.get(key)) for _, key in cols[1:]]) + " |")

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.http import fetch_preemptions, spawn_gateway, stream_client
+from bench.http import fetch_policy_preempts, spawn_gateway, stream_client
 from bench.metrics import RequestRecord, percentile
 from bench.workload import WorkloadConfig, generate
 
@@ -132,7 +132,7 @@ def summarize(vres: list[VoiceResult], recs: list[RequestRecord]) -> dict[str, A
 def run_policy(policy: str, voices: int, readers: int, *, tick_s: float = 0.25, **kw: Any) -> dict[str, Any]:
     with spawn_gateway(policy, profile="sim-small", tick_s=tick_s) as url:
         vres, recs = asyncio.run(run_burst(url, voices, readers, **kw))
-        preemptions = asyncio.run(fetch_preemptions(url))
+        preemptions = asyncio.run(fetch_policy_preempts(url))
     return {"policy": policy, **summarize(vres, recs), "preemptions": preemptions}
 
 

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bench.http import fetch_preemptions, run_clients, spawn_gateway
+from bench.http import fetch_engine_preemptions, fetch_policy_preempts, run_clients, spawn_gateway
 from bench.metrics import RequestRecord, summarize
 from bench.workload import WorkloadConfig, generate
 from tests.support.procs import Proc, free_port, poll
@@ -18,7 +18,7 @@ def test_clients_record_every_token_through_a_spawned_gateway() -> None:
     specs = generate(WorkloadConfig(kind="burst", n=6, input_mean=64, output_mean=40, seed=5))
     with spawn_gateway("tokenflow", profile="sim-small", tick_s=0.25) as url:
         recs, end = asyncio.run(run_clients(url, specs, timeout_s=120))
-        pre = asyncio.run(fetch_preemptions(url))
+        pre = asyncio.run(fetch_policy_preempts(url))
     assert [r.error for r in recs] == [None] * 6
     assert all(r.finished for r in recs)
     assert [len(r.token_times) for r in recs] == [s.output_tokens for s in specs]
@@ -34,8 +34,11 @@ def test_a_kept_gateway_log_holds_every_decision_the_gateway_counted(tmp_path: P
     log_path = tmp_path / "runs" / "gateway-tokenflow.log"  # (its folder is made for it)
     with spawn_gateway("tokenflow", profile="sim-small", tick_s=0.25, log_path=log_path, log_level="info") as url:
         recs, _ = asyncio.run(run_clients(url, specs, timeout_s=120))
-        pre = asyncio.run(fetch_preemptions(url))
+        pre = asyncio.run(fetch_policy_preempts(url))
+        engine_pre = asyncio.run(fetch_engine_preemptions(url))
     assert all(r.finished for r in recs)
+    # the engine counted every preemption the policy ordered (and any of its own), as the gateway mirrors it
+    assert engine_pre is not None and pre is not None and engine_pre >= pre
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     decisions = [x for x in lines if x["msg"] == "decision"]
     assert pre, "the burst should make the policy preempt"
@@ -102,7 +105,7 @@ def test_a_burst_whose_engine_dies_ends_at_once_with_every_request_failed(tmp_pa
         await poll(streaming, 60, "the burst streaming")
         engine.kill(signal.SIGKILL)
         recs, _ = await asyncio.wait_for(run, 60)
-        assert await fetch_preemptions(url) is not None  # the gateway still answers
+        assert await fetch_policy_preempts(url) is not None  # the gateway still answers
         return recs
 
     try:

@@ -88,11 +88,12 @@ def test_percentile() -> None:
 def test_summarize_keys_and_values() -> None:
     a = RequestRecord("a", 0.0, 1.0, 10, 4, [1.0, 2.0, 3.0, 4.0], finished=True)
     b = RequestRecord("b", 0.0, 1.0, 10, 4, [3.0, 3.0, 3.0, 10.0], finished=True)
-    m = summarize([a, b], preemptions=7)
+    m = summarize([a, b], preemptions=7, policy_preempts=5)
     for key in ("ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "effective_throughput_tps", "throughput_tps",
-                "rebuffer_mean_s", "rebuffer_p99_s", "qoe_mean", "preemptions", "requests", "completed"):
+                "rebuffer_mean_s", "rebuffer_p99_s", "qoe_mean", "preemptions", "policy_preempts", "requests",
+                "completed"):
         assert key in m
-    assert m["requests"] == 2 and m["completed"] == 2 and m["preemptions"] == 7
+    assert m["requests"] == 2 and m["completed"] == 2 and m["preemptions"] == 7 and m["policy_preempts"] == 5
     assert m["ttft_mean_s"] == pytest.approx(2.0)
     assert m["duration_s"] == pytest.approx(10.0)
     assert m["throughput_tps"] == pytest.approx(0.8)

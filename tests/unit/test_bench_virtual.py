@@ -56,3 +56,19 @@ def test_a_simulated_run_keeps_the_policys_account_of_its_stressed_ticks(tmp_pat
     assert rc == 0
     saved = json.loads(gzip.decompress((tmp_path / "policy-ticks-tokenflow.json.gz").read_bytes()))
     assert saved == r.tick_reports and not (tmp_path / "policy-ticks-fcfs.json.gz").exists()
+
+
+def test_the_report_counts_the_engines_preemptions_and_the_policys_apart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Long answers fill the small engine's KV: under fcfs the engine preempts on its own and the policy never does;
+    # every preemption tokenflow orders is one the engine counts.
+    import json
+
+    rc = main(["virtual", "--profile", "sim-small", "--n", "48", "--input-mean", "512", "--output-mean", "1000",
+               "--seed", "3", "--tick", "0.25", "--policies", "fcfs,tokenflow", "--out", str(tmp_path),
+               "--no-progress", "--no-plots"])
+    assert rc == 0
+    pols = json.loads((tmp_path / "report.json").read_text())["policies"]
+    assert pols["fcfs"]["policy_preempts"] == 0 and pols["fcfs"]["preemptions"] > 0
+    tf = pols["tokenflow"]
+    assert tf["policy_preempts"] > 0 and tf["preemptions"] >= tf["policy_preempts"]
+    assert tf["preemptions"] == tf["engine_counters"]["preemptions"]
