@@ -401,7 +401,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 url = args.gateway_url.rstrip("/")
                 before = asyncio.run(fetch_policy_preempts(url))
                 mirrored = (asyncio.run(fetch_engine_preemptions(url)), None)
-                recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body))
+                recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body, clock=load))
                 after = asyncio.run(fetch_policy_preempts(url))
                 mirrored = (mirrored[0], asyncio.run(fetch_engine_preemptions(url)))
             else:
@@ -418,7 +418,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                             recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, salt=salt,
                                                               extra_body=extra_body, timeout_s=args.request_timeout,
                                                               samples=stream_samples, sample_s=args.tick,
-                                                              replicas=replicas))
+                                                              replicas=replicas, clock=load))
                         load["window_perf_counter"][1] = time.perf_counter()
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
                         after = sum(asyncio.run(fetch_policy_preempts(u)) or 0 for u in replicas)
@@ -479,11 +479,12 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
         load: dict[str, Any] = {"loadavg_before": os.getloadavg(), "side_by_side": policies}
         t0 = time.monotonic()
         load["window_perf_counter"] = [time.perf_counter(), None]
+        clocks: dict[str, dict[str, Any]] = {pol: {} for pol in policies}  # each policy's clients start their own
 
         async def all_clients() -> list[Any]:
             return list(await asyncio.gather(*(
                 run_clients(urls[pol], specs, extra_body=extra_body, timeout_s=args.request_timeout,
-                            samples=samples[pol], sample_s=args.tick) for pol in policies)))
+                            samples=samples[pol], sample_s=args.tick, clock=clocks[pol]) for pol in policies)))
 
         recs_by = dict(zip(policies, (r for r, _ in asyncio.run(all_clients())), strict=True))
         load["window_perf_counter"][1] = time.perf_counter()
@@ -499,7 +500,7 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
                           None if eu else asyncio.run(fetch_engine_preemptions(urls[pol])))
             m = summarize(recs, preemptions=engine_pre, policy_preempts=asyncio.run(fetch_policy_preempts(urls[pol])))
             m["errors"] = [r.error for r in recs if r.error][:5]
-            m["machine"] = load
+            m["machine"] = {**load, **clocks[pol]}
             phases = {r.id: ttft_phases(r, samples[pol].get(r.stream_id or "", [])) for r in recs}
             m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
             write_phase_changes(out / f"stream-phases-{pol}.json.gz", recs, samples[pol])

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -158,12 +159,14 @@ def write_phase_changes(path: Path, recs: list[RequestRecord], samples: dict[str
 async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[[int], None] | None = None,
                       timeout_s: float = 3600.0, extra_body: dict[str, Any] | None = None, salt: str = "",
                       samples: dict[str, list[tuple[float, str, int]]] | None = None, sample_s: float = 0.25,
-                      replicas: list[str] | None = None) -> tuple[list[RequestRecord], float]:
+                      replicas: list[str] | None = None, clock: dict[str, Any] | None = None
+                      ) -> tuple[list[RequestRecord], float]:
     """Run every client against ``url``; returns the records and the run's end (seconds after start).
     ``extra_body`` adds OpenAI fields the gateway passes to the engine (e.g. ``ignore_eos`` for vLLM);
     ``salt`` varies the prompts' token ids (see :func:`prompt_ids`). With ``samples``, the gateway's live
     streams are sampled every ``sample_s`` into it meanwhile (:func:`poll_streams`). ``replicas``: gateway
-    replicas the clients go to in turn (``url`` is one of them; only its streams are sampled)."""
+    replicas the clients go to in turn (``url`` is one of them; only its streams are sampled). ``clock`` gets
+    ``t0_epoch``: the wall-clock time of the run clock's zero, to set the gateway's log lines beside the records."""
     to = replicas or [url]
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
@@ -173,6 +176,8 @@ async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[
         model = models[0]["id"] if models else "sim-small"
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
+        if clock is not None:
+            clock["t0_epoch"] = time.time() + (t0 - loop.time())
         poller = asyncio.create_task(poll_streams(session, url, t0, sample_s, samples)) if samples is not None else None
         try:
             recs = await asyncio.gather(*(stream_client(session, to[i % len(to)], model, s, t0, on_token, extra_body,
