@@ -200,20 +200,21 @@ class EngineAPI:
     async def wait_status(self, rid: str, statuses: set[str] | str, timeout: float = TIMEOUT) -> dict[str, Any]:
         return (await self.wait_state(rid, statuses, timeout))[1]
 
-    async def wait_state(self, rid: str, statuses: set[str] | str, timeout: float = TIMEOUT
+    async def wait_state(self, rid: str, statuses: set[str] | str, timeout: float = TIMEOUT, *, tokens: int = 0
                          ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The first state in which ``rid`` has one of ``statuses``: (the whole state, the request in it)."""
+        """The first state in which ``rid`` has one of ``statuses`` (and ``tokens`` output tokens or more): (the
+        whole state, the request in it)."""
         want = {statuses} if isinstance(statuses, str) else statuses
         last: list[str] = []  # the status seen last, for the failure message
 
         async def ok() -> tuple[dict[str, Any], dict[str, Any]] | None:
             st = await self.state()
             r = next((r for r in st["requests"] if r["id"] == rid), None)
-            last[:] = [r["status"] if r is not None else "absent"]
-            return (st, r) if r is not None and r["status"] in want else None
+            last[:] = [f"{r['status']}, {r['output_tokens']} tokens" if r is not None else "absent"]
+            return (st, r) if r is not None and r["status"] in want and r["output_tokens"] >= tokens else None
 
         try:
-            return await poll(ok, timeout, f"{rid} in {sorted(want)}")
+            return await poll(ok, timeout, f"{rid} in {sorted(want)}" + (f" with {tokens} tokens" if tokens else ""))
         except AssertionError as e:
             raise AssertionError(f"{e} (last seen: {last[0] if last else 'never polled'}; {self.stream_of(rid)})"
                                  ) from None
@@ -233,19 +234,7 @@ class EngineAPI:
         The engine's word, not the stream's: a loaded client reads behind a fast engine, so a request whose
         stream shows its first tokens may already be done in the engine. A test that acts on a request
         mid-stream waits here, then acts at once, on a request long enough not to finish in between."""
-        last: list[str] = []
-
-        async def ok() -> tuple[dict[str, Any], dict[str, Any]] | None:
-            st = await self.state()
-            r = next((r for r in st["requests"] if r["id"] == rid), None)
-            last[:] = [f"{r['status']}, {r['output_tokens']} tokens" if r is not None else "absent"]
-            return (st, r) if r is not None and r["status"] == "running" and r["output_tokens"] >= tokens else None
-
-        try:
-            return await poll(ok, timeout, f"{rid} running with {tokens} tokens")
-        except AssertionError as e:
-            raise AssertionError(f"{e} (last seen: {last[0] if last else 'never polled'}; {self.stream_of(rid)})"
-                                 ) from None
+        return await self.wait_state(rid, "running", timeout, tokens=tokens)
 
     async def wait_gone(self, rid: str, timeout: float = TIMEOUT) -> float:
         """Seconds until ``rid`` leaves the state."""
