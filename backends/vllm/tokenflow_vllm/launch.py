@@ -57,9 +57,10 @@ def server_env(cpu: bool = True, plugin_dir: Path | None = None) -> dict[str, st
         # With multiprocessing off the `uni` executor is honoured (no worker process, no OMP binding);
         # EngineCore still runs in its own process, so the control path is the same as on GPU.
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        # One compute thread unless asked: a tiny model gains nothing from more, and an engine spinning on
-        # every core of a small machine starves its own API server (and a client beside it). The server's
-        # output backlog then delays streams and control replies by seconds behind the engine.
+        # One compute thread unless asked, from the start: without it two engine threads spun (one core and
+        # most of the other, measured) even where vLLM reduces torch to one thread for serving. A tiny model
+        # gains nothing from more, and an engine spinning on every core of a small machine starves its own
+        # API server, whose output backlog then delays streams and control replies by seconds.
         env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     return env
 
