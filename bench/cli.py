@@ -390,8 +390,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         asyncio.run(warm_up_engine(args.engine_url.rstrip("/"), args.warmup))
     for pol in policies:
         engine_before = engine_after = sampler = None
-        # the engines' preemptions as the gateway mirrors them, where the bench cannot read the engine itself
-        mirrored: tuple[int | None, int | None] = (None, None)
+        # the engines' preemptions over the run as the gateway mirrors them, where the bench cannot read the engine
+        mirrored: int | None = None
         stream_samples: dict[str, list[tuple[float, str, int]]] = {}
         # One engine for every policy: keep their prompts apart (TOKENFLOW_BENCH_SALT: a policy run again on it too).
         salt = (os.environ.get("TOKENFLOW_BENCH_SALT", "") + f"{pol}/") if args.engine_url else ""
@@ -400,10 +400,11 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if args.gateway_url:
                 url = args.gateway_url.rstrip("/")
                 before = asyncio.run(fetch_policy_preempts(url))
-                mirrored = (asyncio.run(fetch_engine_preemptions(url)), None)
+                e0 = asyncio.run(fetch_engine_preemptions(url))
                 recs, _ = asyncio.run(run_clients(url, specs, on_token=bar.update, extra_body=extra_body, clock=load))
                 after = asyncio.run(fetch_policy_preempts(url))
-                mirrored = (mirrored[0], asyncio.run(fetch_engine_preemptions(url)))
+                e1 = asyncio.run(fetch_engine_preemptions(url))
+                mirrored = e1 - e0 if e0 is not None and e1 is not None else None
             else:
                 with _engine(args, _out_dir(args), pol) as (engines, engine_url):
                     engine_before = _engine_counters(engine_url)
@@ -423,16 +424,14 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         load["run_wall_s"] = round(time.monotonic() - t0, 2)
                         after = sum(asyncio.run(fetch_policy_preempts(u)) or 0 for u in replicas)
                         if engine_url is None:  # each replica's own embedded engine, fresh with its gateway
-                            mirrored = (0, sum(asyncio.run(fetch_engine_preemptions(u)) or 0 for u in replicas))
+                            mirrored = sum(asyncio.run(fetch_engine_preemptions(u)) or 0 for u in replicas)
                         if engine_url and any(not r.finished for r in recs):  # evidence for what stopped it
                             _dump_engine_state(engine_url, Path(args.out) / f"engine-state-{pol}.json")
                     engine_after = _engine_counters(engine_url)
         load["loadavg_after"] = os.getloadavg()
         pre = after - before if after is not None and before is not None else None
         counted = _counter_delta(engine_before, engine_after)
-        engine_pre = (counted.get("preemptions") if counted else
-                      mirrored[1] - mirrored[0] if mirrored[0] is not None and mirrored[1] is not None else None)
-        m = summarize(recs, preemptions=engine_pre, policy_preempts=pre)
+        m = summarize(recs, preemptions=counted.get("preemptions") if counted else mirrored, policy_preempts=pre)
         m["errors"] = [r.error for r in recs if r.error][:5]
         if stream_samples:
             phases = {r.id: ttft_phases(r, stream_samples.get(r.stream_id or "", [])) for r in recs}

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,22 +114,29 @@ async def poll_streams(session: aiohttp.ClientSession, url: str, t0: float, peri
         await asyncio.sleep(period_s)  # the sampling period, not a synchronisation
 
 
+def ttft_spans(arrival: float, first: float, samples: Iterable[Sequence[Any]]) -> list[tuple[float, float, str]]:
+    """A request's time to first token as ``(start, end, phase)`` spans, from its stream's samples ``(seconds,
+    phase, ...)`` (:func:`poll_streams`, or a run's phase changes): ``accept`` from its arrival to the first sample
+    that lists it, then each sample's interval, up to the first token, to the phase the sample saw."""
+    pts = [p for p in samples if arrival <= p[0] < first]
+    if not pts:
+        return [(arrival, first, "accept")]
+    spans = [(arrival, pts[0][0], "accept")]
+    for k, (t, phase, *_) in enumerate(pts):
+        spans.append((t, pts[k + 1][0] if k + 1 < len(pts) else first, phase))
+    return spans
+
+
 def ttft_phases(rec: RequestRecord, samples: list[tuple[float, str, int]]) -> dict[str, float]:
-    """Where a request's time to first token went, from its stream's samples (:func:`poll_streams`): ``accept``
-    from its arrival to the first sample that lists it (parsing, admission, up to one sampling period), then
-    each sample's interval, up to the client's first token, to the phase the sample saw (``gateway``: not in
-    the engine's state yet; ``held``: kept out of the engine by the policy; ``waiting``: in the engine's
-    queue; ``running``: prefill and the first token's way to the client). The phases add up to the TTFT."""
+    """Where a request's time to first token went, from its stream's samples (:func:`ttft_spans`): ``accept``
+    (parsing, admission, up to one sampling period), then ``gateway`` (not in the engine's state yet), ``held``
+    (kept out of the engine by the policy), ``waiting`` (in the engine's queue), ``running`` (prefill and the first
+    token's way to the client). The phases add up to the TTFT."""
     if not rec.token_times:
         return {}
-    first = rec.token_times[0]
-    pts = [p for p in samples if rec.arrival <= p[0] < first]
-    if not pts:
-        return {"accept": first - rec.arrival}
-    out = {"accept": pts[0][0] - rec.arrival}
-    for k, (t, phase, _gen) in enumerate(pts):
-        end = pts[k + 1][0] if k + 1 < len(pts) else first
-        out[phase] = out.get(phase, 0.0) + (end - t)
+    out: dict[str, float] = {}
+    for start, end, phase in ttft_spans(rec.arrival, rec.token_times[0], samples):
+        out[phase] = out.get(phase, 0.0) + (end - start)
     return out
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .http import ttft_spans
+
 OUTSIDE = ("gateway", "held")  # phases before the engine has the request
 
 
@@ -47,20 +49,12 @@ class TailReport:
 
 
 def phases_before_first_token(req: dict[str, Any]) -> list[tuple[float, float, str]]:
-    """``(start, end, phase)`` on the run's clock from the request's arrival to its first token: ``accept`` until
-    the first sample that lists it, then each sampled phase until the next change."""
+    """``(start, end, phase)`` on the run's clock from the request's arrival to its first token (:func:`ttft_spans`
+    over its recorded phase changes), empty spans left out."""
     first = req.get("first_token")
     if first is None:
         return []
-    changes = [(float(t), str(p)) for t, p, _ in req.get("phases", ()) if float(t) < first]
-    spans: list[tuple[float, float, str]] = []
-    start = float(req["arrival"])
-    if not changes or changes[0][0] > start:
-        spans.append((start, changes[0][0] if changes else first, "accept"))
-    for i, (t, p) in enumerate(changes):
-        end = changes[i + 1][0] if i + 1 < len(changes) else first
-        spans.append((max(t, start), end, p))
-    return [s for s in spans if s[1] > s[0]]
+    return [s for s in ttft_spans(req["arrival"], first, req.get("phases", ())) if s[1] > s[0]]
 
 
 def tail_report(phases: Sequence[dict[str, Any]], ticks: Sequence[dict[str, Any]], share: float = 0.05) -> TailReport:
