@@ -37,8 +37,6 @@ def test_a_kept_gateway_log_holds_every_decision_the_gateway_counted(tmp_path: P
         pre = asyncio.run(fetch_policy_preempts(url))
         engine_pre = asyncio.run(fetch_engine_preemptions(url))
     assert all(r.finished for r in recs)
-    # the engine counted every preemption the policy ordered (and any of its own), as the gateway mirrors it
-    assert engine_pre is not None and pre is not None and engine_pre >= pre
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     decisions = [x for x in lines if x["msg"] == "decision"]
     assert pre, "the burst should make the policy preempt"
@@ -46,6 +44,9 @@ def test_a_kept_gateway_log_holds_every_decision_the_gateway_counted(tmp_path: P
     assert len(preempts) == pre
     # (a command the engine refused, say for a stream that ended meanwhile, is there too, with ok false)
     assert all(x["reason"] and x["stream_id"] and x["ts"] > 0 and isinstance(x["ok"], bool) for x in preempts)
+    # The engine counted every preemption it accepted (and any of its own), as the gateway mirrors it. Not every
+    # decision: one for a stream the engine had just finished comes back not_found, and counts as a decision only.
+    assert engine_pre is not None and engine_pre >= sum(x["ok"] for x in preempts)
     assert {x["stream_id"] for x in decisions} <= {r.stream_id for r in recs}
 
 
