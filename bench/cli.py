@@ -38,6 +38,7 @@ from gateway.policy.knobs import parse_overrides
 
 from .metrics import summarize
 from .report import build_report, plot, table, write_json, write_json_gz
+from .runs import PolicyRun, parse_runs
 from .workload import WorkloadConfig, generate, parse_rates
 
 DEFAULT_POLICIES = "fcfs,tokenflow,andes"
@@ -61,8 +62,9 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
                    help="share of clients that read slower than they declared (reader behaviour)")
     g.add_argument("--slow-factor", type=float, default=0.5, help="their true rate over their declared rate")
     g.add_argument("--policies", default=DEFAULT_POLICIES,
-                   help="comma-separated; virtual mode: NAME@measured uses the measured drain instead of declared "
-                        "rates")
+                   help="comma-separated runs, POLICY[@measured][:KNOB=VALUE;...] (bench/runs.py): a policy, or one "
+                        "with knob overrides of its own beside it; virtual mode: @measured uses the measured drain "
+                        "instead of declared rates")
     g.add_argument("--tick", type=float, default=0.5, help="policy tick interval (s)")
     g.add_argument("--knob", action="append", default=[], metavar="POLICY.NAME=VALUE", help="override a policy knob")
     g.add_argument("--out", help="output directory (default bench-results/<mode>-<time>)")
@@ -160,6 +162,19 @@ def _knobs(items: list[str]) -> dict[str, dict[str, float]]:
         raise SystemExit(f"tokenflow bench: {e}") from None
 
 
+def _run_meta(run: PolicyRun) -> dict[str, Any]:
+    """What a report keeps of a run beside its figures: the policy and the knobs it ran with."""
+    return {"policy": run.policy, "drain": run.drain, "knobs": dict(run.knobs)}
+
+
+def _runs(args: argparse.Namespace) -> list[PolicyRun]:
+    """``--policies`` as runs (bench/runs.py: a policy, or one with knob overrides), ``--knob`` applied."""
+    try:
+        return parse_runs(args.policies, _knobs(args.knob))
+    except ValueError as e:
+        raise SystemExit(f"tokenflow bench: {e}") from None
+
+
 def _workload(args: argparse.Namespace) -> WorkloadConfig:
     return WorkloadConfig(kind=args.workload, n=args.n, rate_rps=args.rate_rps, burstiness=args.burstiness,
                           input_mean=args.input_mean, input_std=args.input_std, output_mean=args.output_mean,
@@ -234,21 +249,20 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
     wl = _workload(args)
     specs = generate(wl)
     prof = load_profile(args.profile)
-    knobs = _knobs(args.knob)
-    policies = [p for p in args.policies.split(",") if p]
     results: dict[str, dict[str, Any]] = {}
     runs = {}
     total = sum(s.output_tokens for s in specs)
-    for pol in policies:
-        name, _, drain = pol.partition("@")  # "tokenflow@measured": the gateway's measured drain, not declared rates
+    for run in _runs(args):
+        pol = run.spec
         with _progress(total, args.no_progress, pol) as bar:
-            r = run_virtual(prof, specs, name, tick_s=args.tick, engine_preempt=args.engine_preempt,
-                            policy_knobs=knobs.get(name), progress=bar.update, drain=drain or "declared")
+            r = run_virtual(prof, specs, run.policy, tick_s=args.tick, engine_preempt=args.engine_preempt,
+                            policy_knobs=dict(run.knobs), progress=bar.update, drain=run.drain)
         m = summarize(r.records, preemptions=r.preemptions, policy_preempts=r.decisions.get("preempt", 0))
-        m.update(engine_counters=r.engine_counters, decisions=r.decisions, tick_ms_mean=r.tick_ms_mean,
-                 tick_ms_max=r.tick_ms_max, ttft_timeline_slowest=slowest_ttft_timeline(r.records, r.ttft_phases))
+        m.update(run=_run_meta(run), engine_counters=r.engine_counters, decisions=r.decisions,
+                 tick_ms_mean=r.tick_ms_mean, tick_ms_max=r.tick_ms_max,
+                 ttft_timeline_slowest=slowest_ttft_timeline(r.records, r.ttft_phases))
         if r.tick_reports:  # beside the report, as the gateway's "tick" log lines are beside a real run's
-            write_json_gz(Path(args.out) / f"policy-ticks-{pol}.json.gz", r.tick_reports)
+            write_json_gz(Path(args.out) / f"policy-ticks-{run.label}.json.gz", r.tick_reports)
         results[pol] = m
         runs[pol] = r.records
     return _finish(args, argv, wl, results, runs)
@@ -276,8 +290,10 @@ def _engine_entry(args: argparse.Namespace, name: str, url: str, models: list[st
 
 
 @contextmanager
-def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[list[dict[str, Any]] | None, str | None]]:
-    """The spawned gateway's ``engines:`` config and the engine's URL (None, None: embedded simulator)."""
+def _engine(args: argparse.Namespace, out: Path, label: str
+            ) -> Iterator[tuple[list[dict[str, Any]] | None, str | None]]:
+    """The spawned gateway's ``engines:`` config and the engine's URL (None, None: embedded simulator); ``label``
+    names the run's engine logs."""
     if args.engine_url:
         url = args.engine_url.rstrip("/")
         yield [_engine_entry(args, "engine-0", url, [args.engine_model] if args.engine_model else [])], url
@@ -285,7 +301,7 @@ def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[lis
         from .vllm_e2e import spawn_vllm
 
         cfg = _vllm_config(args)
-        with spawn_vllm(cfg, out / f"vllm-{pol}.log") as url:
+        with spawn_vllm(cfg, out / f"vllm-{label}.log") as url:
             yield [_engine_entry(args, "vllm-0", url, [cfg.served_name])], url
     elif args.engines > 1:
         from backends.sim.profile import load_profile
@@ -293,7 +309,7 @@ def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[lis
         from .http import spawn_sim
 
         with ExitStack() as stack:
-            urls = [stack.enter_context(spawn_sim(args.profile, out / f"sim-{pol}-{i}.log"))
+            urls = [stack.enter_context(spawn_sim(args.profile, out / f"sim-{label}-{i}.log"))
                     for i in range(args.engines)]
             model = load_profile(args.profile).model_name
             yield [_engine_entry(args, f"sim-{i}", u, [model]) for i, u in enumerate(urls)], None
@@ -302,22 +318,22 @@ def _engine(args: argparse.Namespace, out: Path, pol: str) -> Iterator[tuple[lis
 
 
 @contextmanager
-def _gateways(args: argparse.Namespace, pol: str, knobs: dict[str, Any] | None,
-              engines: list[dict[str, Any]] | None) -> Iterator[list[str]]:
-    """The gateway replicas for one policy's run (one, or ``--replicas`` sharing a Redis key prefix of their own)."""
+def _gateways(args: argparse.Namespace, run: PolicyRun, engines: list[dict[str, Any]] | None) -> Iterator[list[str]]:
+    """The gateway replicas for one run (one, or ``--replicas`` sharing a Redis key prefix of their own)."""
     from .http import spawn_gateway
 
+    pol, label, knobs = run.policy, run.label, dict(run.knobs)
     with ExitStack() as stack:
         if args.replicas <= 1:
             yield [stack.enter_context(spawn_gateway(pol, profile=args.profile, tick_s=args.tick, knobs=knobs,
-                                                     engines=engines, **_gateway_log(args, pol)))]
+                                                     engines=engines, **_gateway_log(args, label)))]
             return
-        prefix = f"bench-{pol}-{os.getpid()}-{int(time.time())}"
+        prefix = f"bench-{label}-{os.getpid()}-{int(time.time())}"
         yield [stack.enter_context(spawn_gateway(
             pol, profile=args.profile, tick_s=args.tick, knobs=knobs, engines=engines,
             config={"session": {"store": "redis", "redis_url": args.redis_url, "key_prefix": prefix,
                                 "replica_id": f"r{i}"}},
-            **_gateway_log(args, f"{pol}-r{i}"))) for i in range(args.replicas)]
+            **_gateway_log(args, f"{label}-r{i}"))) for i in range(args.replicas)]
 
 
 def _gateway_log(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -365,8 +381,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     wl = _workload(args)
     specs = generate(wl)
-    knobs = _knobs(args.knob)
-    policies = [p for p in args.policies.split(",") if p]
+    policies = _runs(args)
     if args.gateway_url and len(policies) != 1:
         raise SystemExit("tokenflow bench http: with --gateway-url name the gateway's one policy in --policies")
     extra_body = {"ignore_eos": True} if args.ignore_eos else None
@@ -380,7 +395,7 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise SystemExit("tokenflow bench http: --side-by-side starts its own engines and gateways")
         if args.replicas > 1:
             raise SystemExit("tokenflow bench http: --side-by-side runs one gateway per policy (no --replicas)")
-        results, runs, runs_engine = _side_by_side(args, specs, policies, knobs, extra_body)
+        results, runs, runs_engine = _side_by_side(args, specs, policies, extra_body)
         if runs_engine:
             write_json(Path(args.out) / "engine-samples.json", runs_engine)
         return _finish(args, argv, wl, results, runs)
@@ -388,13 +403,14 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from .http import warm_up_engine
 
         asyncio.run(warm_up_engine(args.engine_url.rstrip("/"), args.warmup))
-    for pol in policies:
+    for run in policies:
+        pol, label = run.spec, run.label
         engine_before = engine_after = sampler = None
         # the engines' preemptions over the run as the gateway mirrors them, where the bench cannot read the engine
         mirrored: int | None = None
         stream_samples: dict[str, list[tuple[float, str, int]]] = {}
         # One engine for every policy: keep their prompts apart (TOKENFLOW_BENCH_SALT: a policy run again on it too).
-        salt = (os.environ.get("TOKENFLOW_BENCH_SALT", "") + f"{pol}/") if args.engine_url else ""
+        salt = (os.environ.get("TOKENFLOW_BENCH_SALT", "") + f"{label}/") if args.engine_url else ""
         load: dict[str, Any] = {"loadavg_before": os.getloadavg()}
         with _progress(total, args.no_progress, pol) as bar:
             if args.gateway_url:
@@ -406,9 +422,9 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 e1 = asyncio.run(fetch_engine_preemptions(url))
                 mirrored = e1 - e0 if e0 is not None and e1 is not None else None
             else:
-                with _engine(args, _out_dir(args), pol) as (engines, engine_url):
+                with _engine(args, _out_dir(args), label) as (engines, engine_url):
                     engine_before = _engine_counters(engine_url)
-                    with _gateways(args, pol, knobs.get(pol), engines) as replicas:
+                    with _gateways(args, run, engines) as replicas:
                         url = replicas[0]
                         before = 0
                         load["loadavg_before"] = os.getloadavg()
@@ -426,17 +442,18 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         if engine_url is None:  # each replica's own embedded engine, fresh with its gateway
                             mirrored = sum(asyncio.run(fetch_engine_preemptions(u)) or 0 for u in replicas)
                         if engine_url and any(not r.finished for r in recs):  # evidence for what stopped it
-                            _dump_engine_state(engine_url, Path(args.out) / f"engine-state-{pol}.json")
+                            _dump_engine_state(engine_url, Path(args.out) / f"engine-state-{label}.json")
                     engine_after = _engine_counters(engine_url)
         load["loadavg_after"] = os.getloadavg()
         pre = after - before if after is not None and before is not None else None
         counted = _counter_delta(engine_before, engine_after)
         m = summarize(recs, preemptions=counted.get("preemptions") if counted else mirrored, policy_preempts=pre)
+        m["run"] = _run_meta(run)
         m["errors"] = [r.error for r in recs if r.error][:5]
         if stream_samples:
             phases = {r.id: ttft_phases(r, stream_samples.get(r.stream_id or "", [])) for r in recs}
             m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
-            write_phase_changes(Path(args.out) / f"stream-phases-{pol}.json.gz", recs, stream_samples)
+            write_phase_changes(Path(args.out) / f"stream-phases-{label}.json.gz", recs, stream_samples)
         m["machine"] = load
         if sampler is not None:
             m["engine_samples"] = sampler.summary()
@@ -450,9 +467,10 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _finish(args, argv, wl, results, runs)
 
 
-def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str], knobs: dict[str, Any],
-                  extra_body: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Every policy at once on identical arrivals, each with its own engine and gateway (``--side-by-side``)."""
+def _side_by_side(args: argparse.Namespace, specs: list[Any], runs: list[PolicyRun], extra_body: dict[str, Any] | None
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Every run at once on identical arrivals, each with its own engine and gateway (``--side-by-side``); results
+    keyed by the runs' specs."""
     from .http import (
         fetch_engine_preemptions,
         fetch_policy_preempts,
@@ -463,14 +481,16 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
     )
 
     out = Path(args.out)
+    policies = [r.spec for r in runs]
+    by_spec = {r.spec: r for r in runs}
     with ExitStack() as stack:
         setups = []
-        for pol in policies:  # engines first (slow start-up), then their gateways
-            engines, engine_url = stack.enter_context(_engine(args, out, pol))
-            setups.append((pol, engines, engine_url))
-        urls = {pol: stack.enter_context(spawn_gateway(pol, profile=args.profile, tick_s=args.tick,
-                                                       knobs=knobs.get(pol), engines=engines,
-                                                       **_gateway_log(args, pol)))
+        for run in runs:  # engines first (slow start-up), then their gateways
+            engines, engine_url = stack.enter_context(_engine(args, out, run.label))
+            setups.append((run.spec, engines, engine_url))
+        urls = {pol: stack.enter_context(spawn_gateway(by_spec[pol].policy, profile=args.profile, tick_s=args.tick,
+                                                       knobs=dict(by_spec[pol].knobs), engines=engines,
+                                                       **_gateway_log(args, by_spec[pol].label)))
                 for pol, engines, _ in setups}
         before = {pol: _engine_counters(eu) for pol, _, eu in setups}
         samplers = {pol: stack.enter_context(_sampler(eu)) for pol, _, eu in setups}
@@ -498,18 +518,19 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], policies: list[str
             engine_pre = (counted.get("preemptions") if counted else
                           None if eu else asyncio.run(fetch_engine_preemptions(urls[pol])))
             m = summarize(recs, preemptions=engine_pre, policy_preempts=asyncio.run(fetch_policy_preempts(urls[pol])))
+            m["run"] = _run_meta(by_spec[pol])
             m["errors"] = [r.error for r in recs if r.error][:5]
             m["machine"] = {**load, **clocks[pol]}
             phases = {r.id: ttft_phases(r, samples[pol].get(r.stream_id or "", [])) for r in recs}
             m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
-            write_phase_changes(out / f"stream-phases-{pol}.json.gz", recs, samples[pol])
+            write_phase_changes(out / f"stream-phases-{by_spec[pol].label}.json.gz", recs, samples[pol])
             if samplers[pol] is not None:
                 m["engine_samples"] = samplers[pol].summary()
                 engine_samples[pol] = samplers[pol].samples
             if counted is not None:
                 m["engine_counters"] = counted
             if eu and any(not r.finished for r in recs):
-                _dump_engine_state(eu, out / f"engine-state-{pol}.json")
+                _dump_engine_state(eu, out / f"engine-state-{by_spec[pol].label}.json")
             results[pol] = m
         return results, recs_by, engine_samples
 

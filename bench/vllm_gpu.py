@@ -23,7 +23,6 @@ import concurrent.futures
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 import signal
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.net import free_port, healthy, wait_started
+from bench.runs import parse_run, parse_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backends" / "vllm"))
@@ -524,11 +524,10 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     the engine running (its own process session) and records the policies done in ``BURST_STATE``; the same
     phase run again (``--continue``) goes on from there and stops the engine at the end."""
     t_phase = time.monotonic()
-    # A run is a policy, or a policy with knob overrides (``tokenflow:first_token_grace_s=2;stall_budget_s=5``):
-    # its label names its results and salts its prompts (a variant must not find the first run's prompts cached).
-    policies = [p for p in a.policies.split(",") if p]
-    for spec in policies:
-        run_spec(spec)  # a typo fails here, not after the engine's start
+    # A run is a policy, or a policy with knob overrides (``tokenflow:first_token_grace_s=2;stall_budget_s=5``,
+    # bench/runs.py): its label names its results and salts its prompts (a variant must not find the first run's
+    # prompts cached). A typo fails here, not after the engine's start.
+    policies = [r.spec for r in parse_runs(a.policies)]
     trace = Path("/tmp/tokenflow-steps.jsonl") if not a.cpu else out / "steps.jsonl"
     if getattr(a, "continue_", False) and BURST_STATE.exists():
         st = json.loads(BURST_STATE.read_text())
@@ -562,14 +561,12 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             log(f"{left:.0f} s left, a policy takes up to ~{slowest_s:.0f} s: the engine stays up for the next call "
                 f"(--continue); done: {done}")
             return {"done": done, "url": url, "continued_later": True}
-        name, knobs = run_spec(pol)
-        label = run_label(pol)
+        label = parse_run(pol).label
         cmd = [sys.executable, "-m", "bench", "http", "--config", a.burst_config, "--engine-url", url,
-               "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", name,
+               "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", pol,
                "--out", str(out / f"burst-{label}"),
                "--no-progress", "--no-plots", "--engine-down-after-s", str(a.engine_down_after_s),
                "--gateway-log-level", "info"]  # every decision with its reason, for comparing runs  # fmt: skip
-        cmd += [arg for k in knobs for arg in ("--knob", f"{name}.{k}")]
         # Requests still unfinished when the command's time runs out count as not completed: a report either way.
         cmd += ["--request-timeout", str(round(max(60.0, left - 90.0)))]
         if not done:
@@ -606,21 +603,6 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     BURST_STATE.unlink(missing_ok=True)
     _keep_trace(trace, out)  # the whole trace: the engine wrote its last lines as it stopped
     return {"done": done, "continued_later": False}
-
-
-def run_spec(spec: str) -> tuple[str, list[str]]:
-    """``POLICY[:KNOB=VALUE;...]`` as the policy and its ``KNOB=VALUE`` overrides."""
-    name, _, rest = spec.partition(":")
-    knobs = [k for k in rest.split(";") if k]
-    bad = [k for k in knobs if "=" not in k]
-    if not name or bad:
-        raise ValueError(f"--policies: {spec!r} is not POLICY[:KNOB=VALUE;...]")
-    return name, knobs
-
-
-def run_label(spec: str) -> str:
-    """A run's name in file names: ``tokenflow:first_token_grace_s=2`` -> ``tokenflow-first_token_grace_s2``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "", spec.replace(":", "-").replace(";", "-"))
 
 
 def _keep_trace(trace: Path, out: Path) -> None:

@@ -93,6 +93,7 @@ class Gateway:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), timeout=aiohttp.ClientTimeout(total=None)
         )
+        policies: dict[str, dict[str, object]] = {}  # what each engine is scheduled by, for the start-up log line
         for ec in self.cfg.engines:
             embedded = None
             url = ec.url
@@ -108,6 +109,7 @@ class Gateway:
             )
             policy_name, knobs = self.cfg.policy_for(ec)
             policy = make_policy(policy_name, **knobs)
+            policies[ec.name] = {"policy": policy_name, "knobs": dict(knobs)}  # (the knobs set; the rest default)
             control = ControlLoop(
                 client,
                 policy,
@@ -127,7 +129,8 @@ class Gateway:
         svc.metrics.registry.register(SessionCollector(svc.store, self.relay.stats, lambda: list(svc.engines)))
         svc.metrics.registry.register(LatenessCollector(svc.pacer.lateness))  # pacing lateness histogram
         await svc.store.start()
-        log.info("gateway ready", extra={"engines": {n: h.client.base_url for n, h in svc.engines.items()}})
+        log.info("gateway ready", extra={"engines": {n: h.client.base_url for n, h in svc.engines.items()},
+                                         "policies": policies})
 
     async def _discover_models(self, client: EngineClient) -> list[str]:
         clock = self.services.clock

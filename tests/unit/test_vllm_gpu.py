@@ -1,4 +1,4 @@
-"""The GPU phases' plumbing that runs without a GPU: run specs, stopping a detached engine, decode-cost's sums."""
+"""The GPU phases' plumbing that runs without a GPU: stopping a detached engine, decode-cost's sums."""
 
 from __future__ import annotations
 
@@ -19,23 +19,9 @@ from bench.vllm_gpu import (
     decode_bodies,
     decode_costs,
     itl_totals,
-    run_label,
-    run_spec,
     serve_args,
     stop_pid,
 )
-
-
-def test_a_run_is_a_policy_with_optional_knob_overrides() -> None:
-    assert run_spec("andes") == ("andes", [])
-    assert run_spec("tokenflow:first_token_grace_s=2;stall_budget_s=5") == (
-        "tokenflow", ["first_token_grace_s=2", "stall_budget_s=5"])
-    # its label names its result files (and salts its prompts): distinct per variant, safe in a path
-    assert run_label("tokenflow:first_token_grace_s=2") == "tokenflow-first_token_grace_s2"
-    assert run_label("tokenflow:first_token_grace_s=2") != run_label("tokenflow")
-    for bad in (":first_token_grace_s=2", "tokenflow:first_token_grace_s"):
-        with pytest.raises(ValueError, match="POLICY"):
-            run_spec(bad)
 
 
 def test_stopping_an_engine_started_detached_does_not_wait_for_its_zombie() -> None:
