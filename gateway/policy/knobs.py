@@ -38,11 +38,14 @@ class TokenFlowKnobs:
     # started streams instead of a long wait before the first token.
     first_token_aging: float = 1.0
     # ... after this grace: until then a new request sits at slack 0, behind started streams about to run
-    # dry but ahead of every one that holds more than its switch margin. 2 s: on the H200 burst (vLLM 0.26,
-    # docs/vllm-backend.md, sixth sitting) 4 s kept the burst's last requests out for the ~4.5 s the engine
-    # took to prefill its first 256: P99 TTFT 6.1 s against 5.3-5.4 s with 2 s, for 5.5 s of mean rebuffering
-    # instead of 2.0 s and higher effective throughput.
-    first_token_grace_s: float = 2.0
+    # dry but ahead of every one that holds more than its switch margin. 1 s, measured on real engines: where
+    # the burst outgrows the device cache (vLLM 0.26 CPU build, configs/bench/vllm-cpu-churn.yaml, 2026-12-04)
+    # 2 s gave a P99 TTFT of 2.60-5.53 s over three runs and 1 s 1.99-2.05 s over two, andes 1.49-2.34 s,
+    # effective throughput and rebuffering unchanged; on the H200 burst (tenth sitting) 1 s gave 5.71 s
+    # against 5.61 s, 4,598 against 4,294 tok/s effective and 4.6 s of mean rebuffering against 6.9 s. (4 s,
+    # until the sixth sitting, kept the H200 burst's last requests out for the ~4.5 s the engine took to
+    # prefill its first 256: P99 6.1 s against 5.3-5.4 s with 2 s.)
+    first_token_grace_s: float = 1.0
     # Admission: share of the engine's current decode capacity the admitted readers may be promised over
     # each look-ahead horizon (what their buffers hold counts; the rest absorbs estimation error).
     admit_utilization: float = 0.9
