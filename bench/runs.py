@@ -30,8 +30,12 @@ class PolicyRun:
 
     @property
     def label(self) -> str:
-        """The run's name in file names: ``tokenflow:first_token_grace_s=1`` -> ``tokenflow-first_token_grace_s1``."""
-        return re.sub(r"[^A-Za-z0-9_.@-]+", "", self.spec.replace(":", "-").replace(";", "-"))
+        return run_label(self.spec)
+
+
+def run_label(spec: str) -> str:
+    """A run's name in file names: ``tokenflow:first_token_grace_s=1`` -> ``tokenflow-first_token_grace_s1``."""
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "", spec.strip().replace(":", "-").replace(";", "-"))
 
 
 def parse_run(spec: str, base: Mapping[str, Mapping[str, float]] | None = None) -> PolicyRun:

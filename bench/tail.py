@@ -2,11 +2,13 @@
 
 ``python -m bench.tail RUN_DIR [--policy tokenflow] [--share 0.05]`` reads a ``tokenflow bench http`` run kept
 with ``--gateway-log-level info`` (the GPU burst keeps one per policy): ``report.json`` (the run's clock against
-the wall clock), ``stream-phases-POLICY.json.gz`` (each request's phases) and ``gateway-POLICY.log[.gz]`` (the
-policy's ``"tick"`` lines). For the slowest ``share`` of first tokens it prints the mean seconds per phase before
-the first token and, over the time they were outside the engine (``gateway`` or ``held``), which admission limit
-the ticks named (``admit_limit``) and how often admitted requests found no slot (``deferred_new``). This is the
-question the tenth GPU sitting left open: which limit holds a burst's tail out of the engine.
+the wall clock), ``stream-phases-LABEL.json.gz`` (each request's phases) and ``gateway-LABEL.log[.gz]`` (the
+policy's ``"tick"`` lines), LABEL being the run's file name (bench/runs.py; ``--policy`` takes the run as
+``--policies`` wrote it, e.g. ``tokenflow:first_token_grace_s=1``). For the slowest ``share`` of first tokens it
+prints the mean seconds per phase before the first token and, over the time they were outside the engine
+(``gateway`` or ``held``), which admission limit the ticks named (``admit_limit``) and how often admitted requests
+found no slot (``deferred_new``). This is the question the tenth GPU sitting left open: which limit holds a
+burst's tail out of the engine.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .http import ttft_spans
+from .runs import run_label
 
 OUTSIDE = ("gateway", "held")  # phases before the engine has the request
 
@@ -106,8 +109,9 @@ def report_run(run_dir: Path, policy: str, share: float) -> TailReport:
     machine = report["policies"][policy].get("machine") or {}
     if "t0_epoch" not in machine:
         raise SystemExit(f"{run_dir}: the report has no machine.t0_epoch (runs before 2026-12-04 did not keep it)")
-    phases = json.loads(gzip.decompress((run_dir / f"stream-phases-{policy}.json.gz").read_bytes()))
-    logs = [p for p in (run_dir / f"gateway-{policy}.log", run_dir / f"gateway-{policy}.log.gz") if p.exists()]
+    label = run_label(policy)
+    phases = json.loads(gzip.decompress((run_dir / f"stream-phases-{label}.json.gz").read_bytes()))
+    logs = [p for p in (run_dir / f"gateway-{label}.log", run_dir / f"gateway-{label}.log.gz") if p.exists()]
     ticks = tick_lines(_open_text(logs[0]), machine["t0_epoch"]) if logs else []
     return tail_report(phases, ticks, share)
 
@@ -115,7 +119,7 @@ def report_run(run_dir: Path, policy: str, share: float) -> TailReport:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tail", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--policy", default="tokenflow")
+    ap.add_argument("--policy", default="tokenflow", help="the run, as --policies wrote it (default tokenflow)")
     ap.add_argument("--share", type=float, default=0.05, help="the slowest share of first tokens (default 5 %%)")
     args = ap.parse_args(argv)
     print("\n".join(report_run(args.run_dir, args.policy, args.share).lines()))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.runs import parse_run, parse_runs
+from bench.runs import parse_run, parse_runs, run_label
 
 VARIANT = "tokenflow:first_token_grace_s=0;stall_budget_s=0"
 
@@ -23,6 +23,7 @@ def test_a_run_is_a_policy_with_optional_knob_overrides() -> None:
     # its label names its result files (and salts its prompts): distinct per variant, safe in a path
     assert parse_run("tokenflow:first_token_grace_s=2").label == "tokenflow-first_token_grace_s2"
     assert parse_run("tokenflow:first_token_grace_s=2").label != parse_run("tokenflow").label
+    assert run_label(VARIANT) == parse_run(VARIANT).label  # what tools that find a run's files by its name use
 
 
 @pytest.mark.parametrize(("spec", "says"), [

@@ -36,12 +36,14 @@ def test_tick_lines_are_read_from_the_gateway_log_onto_the_run_clock() -> None:
 
 def test_a_kept_http_run_says_where_its_slowest_first_tokens_waited(tmp_path: Path) -> None:
     # More readers than the small engine feeds: tokenflow keeps the burst's tail out of the engine for a while, and
-    # its tick lines, set on the run's clock, fall in that time (a wrong clock would find none).
+    # its tick lines, set on the run's clock, fall in that time (a wrong clock would find none). The run is named as
+    # --policies wrote it, a variant here (its files carry its label).
+    run = "tokenflow:stall_budget_s=3"
     rc = main(["http", "--profile", "sim-small", "--n", "80", "--input-mean", "256", "--output-mean", "300",
-               "--seed", "3", "--tick", "0.25", "--policies", "tokenflow", "--out", str(tmp_path),
+               "--seed", "3", "--tick", "0.25", "--policies", run, "--out", str(tmp_path),
                "--no-progress", "--no-plots", "--gateway-log-level", "info"])
     assert rc == 0
-    rep = report_run(tmp_path, "tokenflow", 0.05)
+    rep = report_run(tmp_path, run, 0.05)
     assert rep.requests == 4
     assert sum(rep.phase_s.values()) == pytest.approx(rep.ttft_s, abs=1e-6)
     assert rep.phase_s.get("held", 0.0) + rep.phase_s.get("gateway", 0.0) > 0
