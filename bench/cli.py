@@ -382,6 +382,8 @@ def _http(args: argparse.Namespace, argv: Sequence[str]) -> int:
     wl = _workload(args)
     specs = generate(wl)
     policies = _runs(args)
+    if any(r.drain != "declared" for r in policies):  # a real gateway measures its readers' drain itself
+        raise SystemExit("tokenflow bench http: @measured is for virtual runs (a gateway measures drain itself)")
     if args.gateway_url and len(policies) != 1:
         raise SystemExit("tokenflow bench http: with --gateway-url name the gateway's one policy in --policies")
     extra_body = {"ignore_eos": True} if args.ignore_eos else None

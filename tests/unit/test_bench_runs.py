@@ -72,6 +72,10 @@ def test_a_bad_entry_stops_the_benchmark_before_any_run(tmp_path: Path) -> None:
         main(["virtual", "--profile", "sim-small", "--n", "8", "--policies", "tokenflow,tokenflow:grace=1",
               "--out", str(tmp_path), "--no-progress", "--no-plots"])
     assert not (tmp_path / "policy-ticks-tokenflow.json.gz").exists()  # the first entry did not run either
+    with pytest.raises(SystemExit, match="@measured is for virtual runs"):
+        main(["http", "--profile", "sim-small", "--n", "8", "--policies", "tokenflow@measured", "--out", str(tmp_path),
+              "--no-progress", "--no-plots"])
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_an_http_run_gives_each_variant_its_own_gateway_with_its_knobs(tmp_path: Path) -> None:
