@@ -40,7 +40,7 @@ class TokenFlowKnobs:
     # ... after this grace: until then a new request sits at slack 0, behind started streams about to run
     # dry but ahead of every one that holds more than its switch margin. 1 s, measured on real engines: where
     # the burst outgrows the device cache (vLLM 0.26 CPU build, configs/bench/vllm-cpu-churn.yaml, 2026-12-04)
-    # 2 s gave a P99 TTFT of 2.60-5.53 s over three runs and 1 s 1.99-2.05 s over two, andes 1.49-2.34 s,
+    # 2 s gave a P99 TTFT of 2.60-5.53 s over three runs and 1 s 1.99-2.05 s over three, andes 1.49-2.34 s,
     # effective throughput and rebuffering unchanged; on the H200 burst (tenth sitting) 1 s gave 5.71 s
     # against 5.61 s, 4,598 against 4,294 tok/s effective and 4.6 s of mean rebuffering against 6.9 s. (4 s,
     # until the sixth sitting, kept the H200 burst's last requests out for the ~4.5 s the engine took to
