@@ -59,8 +59,7 @@ class EngineView:
     prefill_tokens_per_s: float | None
     h2d_bytes_per_s: float | None
     d2h_bytes_per_s: float | None
-    # Recent steps without prompt work. None: the engine has timed none yet (a fresh engine at a burst's start);
-    # where it does not report them at all (no key), step_time_s stands in.
+    # Recent steps without prompt work (null where the engine does not report it: step_time_s then).
     decode_step_time_s: float | None = None
 
     @classmethod
@@ -79,8 +78,7 @@ class EngineView:
             prefill_tokens_per_s=_opt_float(e.get("prefill_tokens_per_s")),
             h2d_bytes_per_s=_opt_float(e.get("h2d_bytes_per_s")),
             d2h_bytes_per_s=_opt_float(e.get("d2h_bytes_per_s")),
-            decode_step_time_s=(_opt_float(e["decode_step_time_s"]) if "decode_step_time_s" in e
-                                else _opt_float(e.get("step_time_s"))),
+            decode_step_time_s=_opt_float(e.get("decode_step_time_s")),
         )
 
 

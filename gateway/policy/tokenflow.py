@@ -42,7 +42,7 @@ from itertools import chain
 from typing import Any
 
 from .knobs import TokenFlowKnobs
-from .types import Decision, EngineStatus, EngineView, Snapshot, StreamView
+from .types import Decision, EngineStatus, Snapshot, StreamView
 
 _RUNNING = EngineStatus.RUNNING
 _WAITING = EngineStatus.WAITING
@@ -285,26 +285,25 @@ class TokenFlowPolicy:
         return None  # no per-stream state
 
     # ------------------------------------------------------------------ helpers
-    def _capacity(self, snap: Snapshot, now: float, beta: float) -> float:
+    def _capacity(self, snap: Snapshot, now: float, beta: float, prefilling: bool) -> float:
         """Decode tokens/s the engine sustains (Eq. 6's Gamma): a decaying maximum of the per-sequence
         decode speed seen in steps without new prompts, times the batch that fits in device memory.
 
         Steps that carry prompt work (new arrivals, recomputation) are slower than decode steps; the
         decaying maximum keeps one prefill-heavy window from reading as a capacity collapse, while a
-        lasting slow-down (longer contexts) still lowers the estimate within a few half-lives. Until the
-        engine has timed a decode step, a guess (`_untimed_decode_step`) stands in, outside the maximum.
+        lasting slow-down (longer contexts) still lowers the estimate within a few half-lives.
         """
         eng = snap.engine
         est = self._per_seq_tps
         if est is not None and self._cap_time is not None and now > self._cap_time:
             est *= 0.5 ** ((now - self._cap_time) / self.knobs.capacity_halflife_s)
-        step = eng.decode_step_time_s
+        step = eng.decode_step_time_s or (None if prefilling else eng.step_time_s)
         if step:
             obs = 1.0 / step
             est = obs if est is None or obs > est else est
         self._per_seq_tps, self._cap_time = est, now
         if est is None:
-            est = 1.0 / self._untimed_decode_step(eng)
+            return math.inf
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
         return est * max(fit, 1.0)
 
@@ -316,22 +315,13 @@ class TokenFlowPolicy:
         eng = snap.engine
         if prefilling and gamma < math.inf:
             return gamma
-        # No decode sample yet (a fresh engine at a burst's start): a guess rather than no limit at all.
-        step = eng.decode_step_time_s or self._untimed_decode_step(eng)
+        # No decode sample yet (a fresh engine at a burst's start): the steps as measured, or the knob's default,
+        # rather than no limit at all.
+        step = eng.decode_step_time_s or eng.step_time_s or self.knobs.default_step_time_s
         beta = beta_sum / max(1, len(snap.streams))
         fit = min(float(eng.max_num_seqs), self.knobs.memory_target * eng.kv_device_capacity_tokens / max(beta, 1.0))
         now_cap = max(fit, 1.0) / step
         return now_cap if now_cap < gamma else gamma
-
-    def _untimed_decode_step(self, eng: EngineView) -> float:
-        """A decode step's time while the engine has timed none (a fresh engine at a burst's start): its steps as
-        measured when they are quicker than the knob's default, else the default. Those steps carry the burst's
-        prompts, ten or more times a decode step: read as decode speed they put a fresh engine's capacity at a
-        tenth or less, and the burst's first ticks held most of it out (the vLLM CPU build,
-        configs/bench/vllm-cpu-churn.yaml: 185 of 200 held at 385 tok/s against ~2,500)."""
-        d = self.knobs.default_step_time_s
-        s = eng.step_time_s
-        return s if s and s < d else d
 
     # ------------------------------------------------------------------ the tick
     def decide(self, snapshot: Snapshot, now: float) -> list[Decision]:
@@ -386,7 +376,7 @@ class TokenFlowPolicy:
         # Shrinking limits over-commitment only: what fits on the device is always admissible (else a
         # shrink rate of 1 with nothing running would admit nothing, ever).
         w_sched = max(w_sched, int(k.memory_target * cap_tokens / max(beta, 1.0)), 1)
-        gamma = self._capacity(snapshot, now, beta)
+        gamma = self._capacity(snapshot, now, beta, tick.prefilling)
         info = self.info
         info.working_set, info.admitted, info.capacity_tps, info.demand_tps = w_sched, tick.admitted, gamma, tick.demand
         return w_sched, gamma

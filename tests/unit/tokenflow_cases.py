@@ -91,8 +91,6 @@ def _snapshot(rng: random.Random, now: float) -> Snapshot:
         h2d_bytes_per_s=rng.choice((None, 5e9, 5e10)),
         d2h_bytes_per_s=rng.choice((None, 5e9, 5e10)),
     )
-    # decode steps timed (as quick as the steps or quicker), or none timed yet (a fresh engine)
-    eng = replace(eng, decode_step_time_s=rng.choice((step, step, None, step and step / 4)))
     return Snapshot(eng, tuple(streams), rng.choice((0.1, 0.25, 0.5)))
 
 
@@ -119,7 +117,6 @@ def _burst(rng: random.Random, now: float) -> Snapshot:
         prefill_tokens_per_s=rng.choice((None, 40000.0)),
         h2d_bytes_per_s=5e10, d2h_bytes_per_s=5e10,
     )
-    eng = replace(eng, decode_step_time_s=rng.choice((eng.step_time_s, None)))
     return Snapshot(eng, tuple(streams), 0.5)
 
 
