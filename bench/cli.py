@@ -484,18 +484,15 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], runs: list[PolicyR
 
     out = Path(args.out)
     policies = [r.spec for r in runs]
-    by_spec = {r.spec: r for r in runs}
     with ExitStack() as stack:
-        setups = []
-        for run in runs:  # engines first (slow start-up), then their gateways
-            engines, engine_url = stack.enter_context(_engine(args, out, run.label))
-            setups.append((run.spec, engines, engine_url))
-        urls = {pol: stack.enter_context(spawn_gateway(by_spec[pol].policy, profile=args.profile, tick_s=args.tick,
-                                                       knobs=dict(by_spec[pol].knobs), engines=engines,
-                                                       **_gateway_log(args, by_spec[pol].label)))
-                for pol, engines, _ in setups}
-        before = {pol: _engine_counters(eu) for pol, _, eu in setups}
-        samplers = {pol: stack.enter_context(_sampler(eu)) for pol, _, eu in setups}
+        # engines first (slow start-up), then their gateways
+        setups = [(run, *stack.enter_context(_engine(args, out, run.label))) for run in runs]
+        urls = {run.spec: stack.enter_context(spawn_gateway(run.policy, profile=args.profile, tick_s=args.tick,
+                                                            knobs=dict(run.knobs), engines=engines,
+                                                            **_gateway_log(args, run.label)))
+                for run, engines, _ in setups}
+        before = {run.spec: _engine_counters(eu) for run, _, eu in setups}
+        samplers = {run.spec: stack.enter_context(_sampler(eu)) for run, _, eu in setups}
         samples: dict[str, dict[str, list[tuple[float, str, int]]]] = {pol: {} for pol in policies}
         load: dict[str, Any] = {"loadavg_before": os.getloadavg(), "side_by_side": policies}
         t0 = time.monotonic()
@@ -513,26 +510,27 @@ def _side_by_side(args: argparse.Namespace, specs: list[Any], runs: list[PolicyR
         load["loadavg_after"] = os.getloadavg()
         results: dict[str, Any] = {}
         engine_samples: dict[str, Any] = {}
-        for pol, _, eu in setups:
+        for run, _, eu in setups:
+            pol = run.spec
             recs = recs_by[pol]
             counted = _counter_delta(before[pol], _engine_counters(eu))
             # an embedded engine, fresh with its gateway: the gateway's mirror of its counter
             engine_pre = (counted.get("preemptions") if counted else
                           None if eu else asyncio.run(fetch_engine_preemptions(urls[pol])))
             m = summarize(recs, preemptions=engine_pre, policy_preempts=asyncio.run(fetch_policy_preempts(urls[pol])))
-            m["run"] = _run_meta(by_spec[pol])
+            m["run"] = _run_meta(run)
             m["errors"] = [r.error for r in recs if r.error][:5]
             m["machine"] = {**load, **clocks[pol]}
             phases = {r.id: ttft_phases(r, samples[pol].get(r.stream_id or "", [])) for r in recs}
             m["ttft_timeline_slowest"] = slowest_ttft_timeline(recs, phases)
-            write_phase_changes(out / f"stream-phases-{by_spec[pol].label}.json.gz", recs, samples[pol])
+            write_phase_changes(out / f"stream-phases-{run.label}.json.gz", recs, samples[pol])
             if samplers[pol] is not None:
                 m["engine_samples"] = samplers[pol].summary()
                 engine_samples[pol] = samplers[pol].samples
             if counted is not None:
                 m["engine_counters"] = counted
             if eu and any(not r.finished for r in recs):
-                _dump_engine_state(eu, out / f"engine-state-{by_spec[pol].label}.json")
+                _dump_engine_state(eu, out / f"engine-state-{run.label}.json")
             results[pol] = m
         return results, recs_by, engine_samples
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.net import free_port, healthy, wait_started
-from bench.runs import parse_run, parse_runs
+from bench.runs import parse_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backends" / "vllm"))
@@ -527,7 +527,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     # A run is a policy, or a policy with knob overrides (``tokenflow:first_token_grace_s=2;stall_budget_s=5``,
     # bench/runs.py): its label names its results and salts its prompts (a variant must not find the first run's
     # prompts cached). A typo fails here, not after the engine's start.
-    policies = [r.spec for r in parse_runs(a.policies)]
+    runs = parse_runs(a.policies)
     trace = Path("/tmp/tokenflow-steps.jsonl") if not a.cpu else out / "steps.jsonl"
     if getattr(a, "continue_", False) and BURST_STATE.exists():
         st = json.loads(BURST_STATE.read_text())
@@ -553,7 +553,8 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         (out / "engine.json").write_text(json.dumps(state, indent=1))
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
     slowest_s = 0.0  # policies differ (tokenflow paces its streams to the readers): budget from the slowest so far
-    for pol in policies:
+    for run in runs:
+        pol, label = run.spec, run.label
         if pol in done:
             continue
         left = a.deadline_s - (time.monotonic() - t_phase)
@@ -561,7 +562,6 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             log(f"{left:.0f} s left, a policy takes up to ~{slowest_s:.0f} s: the engine stays up for the next call "
                 f"(--continue); done: {done}")
             return {"done": done, "url": url, "continued_later": True}
-        label = parse_run(pol).label
         cmd = [sys.executable, "-m", "bench", "http", "--config", a.burst_config, "--engine-url", url,
                "--engine-model", LLAMA3_8B.name, "--ignore-eos", "--policies", pol,
                "--out", str(out / f"burst-{label}"),
