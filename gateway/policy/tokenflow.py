@@ -77,6 +77,7 @@ class TickInfo:
     admit_limit: str = ""
     deferred_new: int = 0  # new requests admitted but not chosen for the device this tick (no slot, or less urgent)
     admit_capacity_tps: float = math.inf  # what admission checked the readers against (the recent steps, <= capacity)
+    prefill_tps: float = math.inf  # the prompt rate admission priced a newcomer's prefill at (measured, or the default)
 
     def as_log(self) -> dict[str, float | int | str]:
         """The tick for a log line (JSON-able: an unknown capacity is -1)."""
@@ -86,7 +87,8 @@ class TickInfo:
         return {"mode": self.mode, "working_set": self.working_set, "admitted": self.admitted,
                 "selected": self.selected, "held_new": self.held_new, "admit_limit": self.admit_limit,
                 "deferred_new": self.deferred_new, "capacity_tps": rate(self.capacity_tps),
-                "admit_capacity_tps": rate(self.admit_capacity_tps), "demand_tps": round(self.demand_tps, 1)}
+                "admit_capacity_tps": rate(self.admit_capacity_tps), "demand_tps": round(self.demand_tps, 1),
+                "prefill_tps": rate(self.prefill_tps)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,7 +428,9 @@ class TokenFlowPolicy:
         # (a loop over them per newcomer cost as much as the rest of admission).
         m0, m1, m2, m3 = [u * hs[x] - need[x] for x in range(n_h)]
         h0, h1, h2, h3 = hs
-        rec_s = 1.0 / (eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s)
+        prefill_tps = eng.prefill_tokens_per_s or k.default_prefill_tokens_per_s
+        self.info.prefill_tps = prefill_tps
+        rec_s = 1.0 / prefill_tps
         admit_new: list[int] = []
         force = tick.admitted == 0  # nothing admitted: one request always goes (an estimate too low must not stop all)
         limit = ""

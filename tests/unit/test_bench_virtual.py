@@ -7,6 +7,7 @@ from bench.cli import main
 from bench.metrics import summarize
 from bench.virtual import run_virtual
 from bench.workload import WorkloadConfig, generate
+from gateway.policy.knobs import TokenFlowKnobs
 
 
 def test_every_policy_completes_every_request_identically_seeded() -> None:
@@ -48,6 +49,10 @@ def test_a_simulated_run_keeps_the_policys_account_of_its_stressed_ticks(tmp_pat
     first = r.tick_reports[0]
     assert first["t"] == 0.0 and first["held_new"] + first["deferred_new"] > 0
     assert all(x["admit_limit"] in ("", "capacity", "working_set", "kv") for x in r.tick_reports)
+    # a fresh engine has computed no prompt yet: the first tick prices prefill at the knob's default, later ones
+    # at the engine's measure
+    assert first["prefill_tps"] == TokenFlowKnobs().default_prefill_tokens_per_s
+    assert any(x["prefill_tps"] not in (-1.0, first["prefill_tps"]) for x in r.tick_reports)
     assert [x["t"] for x in r.tick_reports] == sorted(x["t"] for x in r.tick_reports)
     assert run_virtual(prof, specs, "fcfs", tick_s=0.25).tick_reports == []
     rc = main(["virtual", "--profile", "sim-small", "--n", "80", "--input-mean", "256", "--output-mean", "300",
