@@ -79,12 +79,76 @@ def fail(what: str, **detail: Any) -> None:
     sys.exit(1)
 
 
+def abort_while_readmitted(model: str) -> None:
+    """A request held in the middle of its prompt (its blocks freed, the chunks it computed stored), then tried for
+    re-admission with the device full (the connector clears its block ids then and it stays waiting), then aborted,
+    as a client that gives up does. The next step must go on: vLLM 0.26's own connector would store its prompt up to
+    the end, asserts there, and the engine core dies; the plugin's write-through stores nothing more of it and
+    forgets it. Prints one JSON line, with what vLLM's own did."""
+    outcome: dict[str, Any] = {}
+    for name, every in (("vllm", 0), ("plugin", 1)):
+        # 40 blocks of 16 tokens: r0 (160 tokens, 10 blocks), then four of 140 (9 blocks each) fill the device.
+        # (prompts in chunks of 64 tokens: a prompt takes several steps)
+        sched = harness.make_scheduler(model, True, 40, 64, cls=AsyncScheduler, policy="priority",
+                                       max_num_batched_tokens=64, kv_transfer=kv_transfer_config(1 << 28))
+        conn = sched.connector.connector_scheduler
+        if every and store_scan.install(conn, every) is None:
+            fail("store_scan.install refused this vLLM's connector")
+        eng = harness.Engine(sched, depth=2)
+        eng.add("r0", 160, 1000, 1)
+        req = sched.requests["r0"]
+        while req.num_computed_tokens < 64:  # part of its prompt computed, and those chunks stored
+            eng.step()
+        if req.num_computed_tokens >= 160:
+            fail("r0 computed its whole prompt before it was held", computed=req.num_computed_tokens)
+        sched.running.remove(req)  # held, as the plugin holds a request between steps
+        sched._preempt_request(req, time.monotonic())
+        compat.dequeue(sched, req)
+        for i in range(4):
+            eng.add(f"f{i}", 140, 1000, i + 2)
+        for _ in range(12):
+            eng.step()
+        compat.enqueue_front(sched, req)  # resumed: its host copy would load, but no blocks are free
+        for _ in range(4):
+            eng.step()
+        status = conn._req_status.get("r0")
+        if req not in sched.running and status is not None and not any(g.block_ids for g in status.group_states):
+            outcome[f"{name}_readmission_failed"] = True
+        sched.finish_requests("r0", RequestStatus.FINISHED_ABORTED)
+        stored_after: list[str] = []
+        build_meta = conn.build_connector_meta
+
+        def recording(scheduler_output: Any, build_meta: Any = build_meta, stored_after: list = stored_after) -> Any:
+            meta = build_meta(scheduler_output)
+            stored_after.extend(j.req_id for j in meta.store_jobs.values())
+            return meta
+
+        conn.build_connector_meta = recording
+        try:
+            for _ in range(4):
+                eng.step()
+            outcome[name] = "went on"
+        except AssertionError as e:
+            outcome[name] = f"AssertionError {e}".strip()
+        outcome[f"{name}_stored_r0_after_abort"] = "r0" in stored_after
+        outcome[f"{name}_forgot_r0"] = "r0" not in conn._req_status
+    ok = (outcome.get("plugin_readmission_failed") is True and outcome["plugin"] == "went on"
+          and not outcome["plugin_stored_r0_after_abort"] and outcome["plugin_forgot_r0"])
+    print(json.dumps({"ok": ok, **outcome}))
+    if not ok:
+        sys.exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--abort-while-readmitted", action="store_true", help="the scenario of abort_while_readmitted")
     a = ap.parse_args()
     init_none_hash(sha256)
+    if a.abort_while_readmitted:
+        abort_while_readmitted(a.model)
+        return
     plain, blocks_plain, jobs_plain = build(a.model, 0)
     filt, blocks_filt, jobs_filt = build(a.model, a.every)
     engines = (plain, filt)

@@ -80,3 +80,22 @@ def test_write_through_stores_what_vllms_own_does_lagging_by_less_than_its_strid
     assert r["store_jobs"] > 100 and r["aborted"] > 0 and r["preempted"] > 5
     if every > 1:  # what the stride is for: fewer, larger jobs
         assert r["store_jobs_plugin"] < r["store_jobs"] / 2, r
+
+
+def test_a_request_aborted_while_its_readmission_waits_for_blocks_does_not_kill_the_engine(
+    vllm_venv: Path, tiny_model: Path
+) -> None:
+    # tests/vllm/store_scan_check.py --abort-while-readmitted: a request held mid-prompt, tried for re-admission
+    # with the device full, then aborted (a client giving up, as the H200 burst's did with 114 streams at once).
+    # vLLM 0.26's own connector fails an assertion on the next step, which kills the engine core; with the plugin's
+    # write-through the engine steps on, stores nothing more of the request and forgets it.
+    p = subprocess.run(
+        [str(vllm_venv / "bin" / "python"), str(ROOT / "tests/vllm/store_scan_check.py"), str(tiny_model),
+         "--abort-while-readmitted"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert p.returncode == 0 and lines and lines[-1]["ok"], (lines[-1:], p.stderr[-3000:])
+    r = lines[-1]
+    assert r["plugin_readmission_failed"] and r["plugin"] == "went on" and r["plugin_forgot_r0"]
+    assert not r["plugin_stored_r0_after_abort"]

@@ -33,7 +33,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vllm.v1.request import RequestStatus
+
 log = logging.getLogger("tokenflow_vllm.offload")
+_ABORTED = RequestStatus.FINISHED_ABORTED
 
 # The plugin's default: every chunk as it fills, as vLLM's connector does (the pace of the burst runs that met the
 # targets on the H200). 4 (chunks of 16 tokens, vLLM's CUDA block size) makes one job per decoding request every 64
@@ -86,6 +89,7 @@ class WriteThrough:
         self._meta = conn_sched.build_connector_meta
         self._status: dict[str, Any] = conn_sched._req_status
         self._per_chunk = tuple(g.tokens_per_chunk for g in conn_sched.config.kv_group_configs)
+        self._blocks_per_chunk: int = conn_sched.config.blocks_per_chunk
         self._one_group = len(self._per_chunk) == 1  # (the common case, tested inline in the per-step scan)
         self._preempted: dict[str, int] = {}  # request id -> tokens it had computed when preempted
         # Sliding-window groups re-check every request's pending blocks in _update_req_states: give it all of them.
@@ -128,7 +132,7 @@ class WriteThrough:
     def _build_store_jobs(self, scheduler_output: Any) -> Any:
         try:
             view = _StoreView(self._with_chunks(scheduler_output.num_scheduled_tokens),
-                              scheduler_output.finished_req_ids)  # fmt: skip
+                              self._finished(scheduler_output.finished_req_ids))  # fmt: skip
         except AttributeError:  # a request state of another shape: the connector's own walk, from now on
             self._restore("write-through scan")
             return self._build(scheduler_output)
@@ -159,6 +163,37 @@ class WriteThrough:
         return meta
 
     # -- which requests -------------------------------------------------------------------------------
+
+    def _finished(self, finished: Any) -> Any:
+        """The finished requests whose tail the connector may store: not one aborted with nothing computed that is
+        not stored yet, and none whose device block list is shorter than the chunks the connector would take.
+
+        vLLM 0.26's connector stores a finished request up to all of its tokens. An aborted request may have
+        computed none of them: one paused (vLLM's own preemption, or the plugin's) keeps stale block ids of blocks
+        other requests now hold, and one whose re-admission was tried (the connector clears its block ids then) but
+        found no room, or a store job still in flight, has none at all. The first stored other requests' KV under
+        its keys; the second failed the connector's assertion and killed the engine core (an H200 burst whose
+        client gave up on 114 streams at once, docs/vllm-backend.md, "Eleventh sitting"). vLLM 0.32 stores an
+        aborted request up to its computed tokens, which this matches; a request left out here is dropped as the
+        connector drops one with nothing to store."""
+        if not finished:
+            return finished
+        get = self._status.get
+        keep = []
+        for rid in finished:
+            st = get(rid)
+            if st is None or self._storable(st):
+                keep.append(rid)
+            elif not st.transfer_jobs:  # (else the connector drops it as its last transfer ends)
+                del self._status[rid]
+        return keep
+
+    def _storable(self, st: Any) -> bool:
+        req = st.req
+        if req.status is _ABORTED and not self._due(st, req.num_computed_tokens, 1):
+            return False
+        n = req.num_tokens
+        return all(len(g.block_ids) >= n // c * self._blocks_per_chunk for c, g in zip(self._per_chunk, st.group_states))
 
     def _changed(self, cached: Any) -> _CachedView:
         ids, blocks, resumed = cached.req_ids, cached.new_block_ids, cached.resumed_req_ids
