@@ -20,6 +20,7 @@ from bench.vllm_gpu import (
     decode_costs,
     itl_totals,
     serve_args,
+    stop_left_engine,
     stop_pid,
 )
 
@@ -35,6 +36,22 @@ def test_stopping_an_engine_started_detached_does_not_wait_for_its_zombie() -> N
     with pytest.raises(ProcessLookupError):
         os.kill(p.pid, 0)  # stopped and reaped: no zombie left behind either
     p.wait(timeout=5)  # (settles the Popen object: its child was reaped by stop_pid)
+
+
+def test_a_new_burst_stops_the_engine_an_earlier_call_left_for_continue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An engine left up for --continue holds the GPU's memory: a burst that starts its own engine stops it first
+    # (else the new one fails its start-up, as on the H200) and forgets it.
+    import bench.vllm_gpu as vg
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    state = tmp_path / "burst-state.json"
+    state.write_text(json.dumps({"url": "http://127.0.0.1:1", "pid": p.pid, "done": ["andes"]}))
+    monkeypatch.setattr(vg, "BURST_STATE", state)
+    stop_left_engine()
+    assert p.wait(timeout=5) is not None and not state.exists()
+    stop_left_engine()  # nothing left: nothing to do
 
 
 # What prometheus_client serves for vLLM's histogram (two engines of a data-parallel server, buckets, _created).
