@@ -34,6 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.http import warm_up_engine
 from bench.net import free_port, healthy, wait_started
 from bench.runs import parse_runs
 
@@ -553,6 +554,13 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         state = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
         (out / "engine.json").write_text(json.dumps(state, indent=1))
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
+        if a.warmup:
+            # Not measured. At the burst's scale (its prompt volume, a full batch, the write-through to the host
+            # tier): with 32 short requests the first run on an engine was still its slowest (andes first on two
+            # engines, 6.22 and 6.88 s P99 TTFT, against 5.05-5.68 s as a later run; docs/vllm-backend.md).
+            t0 = time.monotonic()
+            asyncio.run(warm_up_engine(url, a.warmup, prompt_tokens=512, max_tokens=64))
+            log(f"warm-up: {a.warmup} requests of 512 prompt tokens in {time.monotonic() - t0:.1f} s")
     slowest_s = 0.0  # policies differ (tokenflow paces its streams to the readers): budget from the slowest so far
     for run in runs:
         pol, label = run.spec, run.label
@@ -570,8 +578,6 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
                "--gateway-log-level", "info"]  # every decision with its reason, for comparing runs  # fmt: skip
         # Requests still unfinished when the command's time runs out count as not completed: a report either way.
         cmd += ["--request-timeout", str(round(max(60.0, left - 90.0)))]
-        if not done:
-            cmd += ["--warmup", str(a.warmup)]
         if a.n:
             cmd += ["--n", str(a.n)]
         if a.output_mean:
@@ -690,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--n", type=int, help="burst: override the config's request count")
     ap.add_argument("--output-mean", type=int, help="burst: override the config's mean output")
-    ap.add_argument("--warmup", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=400,
+                    help="burst: requests (512 prompt tokens, 64 out) a new engine serves before the first run")
     ap.add_argument("--policies", default="fcfs,tokenflow,andes",
                     help="burst: in this order; POLICY:KNOB=VALUE;... runs a policy with knob overrides")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="burst: leave the rest for a --continue call")
