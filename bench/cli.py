@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--profile", default="h200-llama3-8b", help="hardware profile (configs/profiles)")
     v.add_argument("--engine-preempt", choices=("recompute", "offload"), default="recompute",
                    help="what the engine's own preemption (KV exhausted) does")
+    v.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="N requests (512 tokens in, 64 out) the engine serves before each run, not measured: its "
+                   "measures are then a warm engine's, as on a real engine after a warm-up or an earlier run")
     h = sub.add_parser("http", help="real HTTP through a gateway to a (simulated) engine")
     _workload_args(h)
     h.add_argument("--gateway-url", help="an already running gateway (one policy: --policies names it)")
@@ -256,7 +259,7 @@ def _virtual(args: argparse.Namespace, argv: Sequence[str]) -> int:
         pol = run.spec
         with _progress(total, args.no_progress, pol) as bar:
             r = run_virtual(prof, specs, run.policy, tick_s=args.tick, engine_preempt=args.engine_preempt,
-                            policy_knobs=dict(run.knobs), progress=bar.update, drain=run.drain)
+                            policy_knobs=dict(run.knobs), progress=bar.update, drain=run.drain, warmup=args.warmup)
         m = summarize(r.records, preemptions=r.preemptions, policy_preempts=r.decisions.get("preempt", 0))
         m.update(run=_run_meta(run), engine_counters=r.engine_counters, decisions=r.decisions,
                  tick_ms_mean=r.tick_ms_mean, tick_ms_max=r.tick_ms_max,

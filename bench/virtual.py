@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from backends.sim.profile import Profile
@@ -103,6 +103,24 @@ class RunResult:
     tick_reports: list[dict[str, Any]] = field(default_factory=list)
 
 
+# A warm-up's requests: the shape `bench.vllm_gpu burst` warms a new engine with (its prompt volume per request).
+WARMUP_PROMPT_TOKENS = 512
+WARMUP_MAX_TOKENS = 64
+
+
+def warm_up(eng: VirtualEngine, n: int) -> float:
+    """Serve ``n`` requests (``WARMUP_PROMPT_TOKENS`` in, ``WARMUP_MAX_TOKENS`` out) on ``eng`` from its ``now``
+    until they are done; returns the time they were. Not measured: what stays is the engine's own measures (step
+    times, prefill rate) in its state, as on a real engine after `bench.vllm_gpu burst`'s warm-up or an earlier run,
+    where a fresh simulated engine would show a policy none."""
+    ids = [f"warmup-{i}" for i in range(n)]
+    for rid in ids:
+        eng.add(rid, WARMUP_PROMPT_TOKENS, max_tokens=WARMUP_MAX_TOKENS)
+    while any(eng.core.status(rid) is not None for rid in ids):
+        eng.run_steps(64)
+    return eng.now
+
+
 def run_virtual(
     profile: Profile,
     specs: list[RequestSpec],
@@ -115,28 +133,39 @@ def run_virtual(
     policy_knobs: dict[str, Any] | None = None,
     idle_limit_s: float = 300.0,
     drain: str = "declared",
+    warmup: int = 0,
 ) -> RunResult:
     """Run one policy over ``specs`` on a fresh virtual engine until every request finished (or the engine
     ran no step for ``idle_limit_s`` of virtual time after the last arrival: requests left paused forever
-    then count as unfinished instead of hanging the run)."""
+    then count as unfinished instead of hanging the run). ``warmup``: requests the engine serves first
+    (:func:`warm_up`); the run's clock, and every time in the result, starts after them."""
     pol = make_policy(policy, **(policy_knobs or {})) if isinstance(policy, str) else policy
-    streams = {s.id: SimStream(s, drain) for s in specs}  # drain: "declared" rates only, or "measured"
+    streams: dict[str, SimStream] = {}
     live: dict[str, SimStream] = {}
-    order = sorted(specs, key=lambda s: s.arrival_s)
     remaining = len(specs)
     done_ids: list[str] = []
 
     def on_tokens(now: float, emitted: list[Any]) -> None:
+        k = 0
         for e in emitted:
-            st = streams[e.id]
+            st = streams.get(e.id)
+            if st is None:
+                continue  # a warm-up request
+            k += 1
             st.on_token(now)
             if e.finish_reason is not None:
                 st.record.finished = True
                 done_ids.append(e.id)
-        if progress is not None:
-            progress(len(emitted))
+        if progress is not None and k:
+            progress(k)
 
     eng = VirtualEngine(profile, on_tokens=on_tokens, engine_preempt=engine_preempt)
+    t_warm = warm_up(eng, warmup) if warmup else 0.0
+    before = replace(eng.core.counters)  # what the warm-up counted, left out of the run's counters
+    if t_warm:  # the workload arrives after the warm-up (on the engine's clock; shifted back below)
+        specs = [replace(x, arrival_s=x.arrival_s + t_warm) for x in specs]
+    streams.update((s.id, SimStream(s, drain)) for s in specs)  # drain: "declared" rates only, or "measured"
+    order = sorted(specs, key=lambda s: s.arrival_s)
     for s in order:
         eng.add(s.id, s.prompt_tokens, max_tokens=s.output_tokens, at=s.arrival_s)
     if max_time_s is None:
@@ -156,8 +185,8 @@ def run_virtual(
     phases: dict[str, dict[str, float]] = {}
     reports = isinstance(pol, ReportsTicks)
     tick_reports: list[dict[str, Any]] = []
-    now = 0.0
-    last_progress = (0, 0.0)  # (engine steps, when): a run where the engine stops stepping ends early
+    now = t_warm
+    last_progress = (0, t_warm)  # (engine steps, when): a run where the engine stops stepping ends early
     while remaining > 0 and now <= max_time_s:
         produced = eng.steps
         if produced != last_progress[0]:
@@ -201,19 +230,22 @@ def run_virtual(
             break
         # the next tick is due tick_s after this one's read, as the gateway schedules it (later if a step runs on)
         now = eng.run_until(max(now + tick_s, eng.now))
+    if t_warm:  # the run's clock from the warm-up's end, as a run on a warm real engine is timed
+        for st in streams.values():
+            rec = st.record
+            rec.arrival -= t_warm
+            rec.token_times[:] = [t - t_warm for t in rec.token_times]
+        for tr in tick_reports:
+            tr["t"] = round(tr["t"] - t_warm, 3)
+        now -= t_warm
     c = eng.core.counters
-    counters = {
-        "preemptions": c.preemptions,
-        "resumes": c.resumes,
-        "prefetches": c.prefetches,
-        "host_restored_tokens": c.host_restored_tokens,
-        "recomputed_tokens": c.recomputed_tokens,
-    }
+    counters = {k: getattr(c, k) - getattr(before, k)
+                for k in ("preemptions", "resumes", "prefetches", "host_restored_tokens", "recomputed_tokens")}
     return RunResult(
         policy=pol.name,
         records=[streams[s.id].record for s in specs],
         end=now,
-        preemptions=c.preemptions,
+        preemptions=counters["preemptions"],
         engine_counters=counters,
         tick_ms_mean=1000.0 * tick_total / ticks if ticks else 0.0,
         tick_ms_max=1000.0 * tick_max,

@@ -63,6 +63,29 @@ def test_a_simulated_run_keeps_the_policys_account_of_its_stressed_ticks(tmp_pat
     assert saved == r.tick_reports and not (tmp_path / "policy-ticks-fcfs.json.gz").exists()
 
 
+def test_a_warm_up_leaves_the_engines_measures_and_nothing_else(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # As on a real engine after the GPU bench's warm-up: the first tick prices prefill at what the engine measured,
+    # not the knob's default; the run's clock starts after the warm-up, and only the workload's tokens count.
+    import json
+
+    prof = load_profile("sim-small")
+    specs = generate(WorkloadConfig(kind="burst", n=80, input_mean=256, output_mean=300, seed=3))
+    cold = run_virtual(prof, specs, "tokenflow", tick_s=0.25)
+    warm = run_virtual(prof, specs, "tokenflow", tick_s=0.25, warmup=16)
+    default = TokenFlowKnobs().default_prefill_tokens_per_s
+    assert cold.tick_reports[0]["prefill_tps"] == default
+    assert warm.tick_reports[0]["t"] == 0.0 and warm.tick_reports[0]["prefill_tps"] not in (-1.0, default)
+    assert [r.arrival for r in warm.records] == [s.arrival_s for s in specs]
+    assert all(r.token_times and r.token_times[0] > r.arrival for r in warm.records)
+    assert sum(len(r.token_times) for r in warm.records) == sum(s.output_tokens for s in specs)
+    assert 0 < warm.end < cold.end + 60.0
+    rc = main(["virtual", "--profile", "sim-small", "--n", "80", "--input-mean", "256", "--output-mean", "300",
+               "--seed", "3", "--tick", "0.25", "--policies", "fcfs", "--warmup", "16", "--out", str(tmp_path),
+               "--no-progress", "--no-plots"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert rc == 0 and report["policies"]["fcfs"]["completed"] == 80
+
+
 def test_the_report_counts_the_engines_preemptions_and_the_policys_apart(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # Long answers fill the small engine's KV: under fcfs the engine preempts on its own and the policy never does;
     # every preemption tokenflow orders is one the engine counts.
