@@ -110,9 +110,9 @@ WARMUP_MAX_TOKENS = 64
 
 def warm_up(eng: VirtualEngine, n: int) -> float:
     """Serve ``n`` requests (``WARMUP_PROMPT_TOKENS`` in, ``WARMUP_MAX_TOKENS`` out) on ``eng`` from its ``now``
-    until they are done; returns the time they were. Not measured: what stays is the engine's own measures (step
-    times, prefill rate) in its state, as on a real engine after `bench.vllm_gpu burst`'s warm-up or an earlier run,
-    where a fresh simulated engine would show a policy none."""
+    until they are done; returns the time they were. Not measured: what stays is the engine's own measures in its
+    state (step times, prefill rate), as a real engine has them after `bench.vllm_gpu burst`'s warm-up or an earlier
+    run; a fresh simulated engine has none."""
     ids = [f"warmup-{i}" for i in range(n)]
     for rid in ids:
         eng.add(rid, WARMUP_PROMPT_TOKENS, max_tokens=WARMUP_MAX_TOKENS)
