@@ -523,24 +523,32 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     Time-boxed for machines that take one command at a time for a limited time: before each policy it checks
     that the policy's expected duration (the previous one's) fits before ``--deadline-s``; if not it leaves
     the engine running (its own process session) and records the policies done in ``BURST_STATE``; the same
-    phase run again (``--continue``) goes on from there and stops the engine at the end."""
+    phase run again (``--continue``) goes on from there, on a new engine if that one is gone, and stops the engine at
+    the end."""
     t_phase = time.monotonic()
     # A run is a policy, or a policy with knob overrides (``tokenflow:first_token_grace_s=2;stall_budget_s=5``,
     # bench/runs.py): its label names its results and salts its prompts (a variant must not find the first run's
     # prompts cached). A typo fails here, not after the engine's start.
     runs = parse_runs(a.policies)
     trace = Path("/tmp/tokenflow-steps.jsonl") if not a.cpu else out / "steps.jsonl"
+    done: list[str] = []
+    url: str | None = None
+    proc: subprocess.Popen[Any] | None = None
     if getattr(a, "continue_", False) and BURST_STATE.exists():
         st = json.loads(BURST_STATE.read_text())
-        url, pid, done, proc = st["url"], st["pid"], st["done"], None
-        try:  # a machine may stop what a call leaves running when the call ends: say so at once
-            urllib.request.urlopen(url + "/health", timeout=5).read()
+        done = st["done"]
+        try:  # a machine may stop what a call leaves running when the call ends, or the engine may have died
+            urllib.request.urlopen(st["url"] + "/health", timeout=5).read()
         except OSError as e:
-            BURST_STATE.unlink(missing_ok=True)
-            raise RuntimeError(f"the engine of the previous call ({url}, pid {pid}) is gone ({e}): start a new "
-                               "burst without --continue") from e
-        log(f"continuing on the engine at {url} (pid {pid}); done: {done}")
-    else:
+            # The runs done stand; the rest go on a new engine rather than not at all (their pairing with the runs
+            # before is then across engines: the log says so).
+            log(f"the engine of the previous call ({st['url']}, pid {st['pid']}) is gone ({e}): the runs left start "
+                f"a new engine; done: {done}")
+            stop_left_engine()
+        else:
+            url, pid = st["url"], st["pid"]
+            log(f"continuing on the engine at {url} (pid {pid}); done: {done}")
+    if url is None:
         stop_left_engine()
         # The plugin appends to its trace, and on a GPU machine the file outlives the call: a new engine starts one.
         trace.unlink(missing_ok=True)
@@ -550,7 +558,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         srv = Server(args, out / "vllm-burst.log", plugin=True, cpu=a.cpu, plugin_path=a.plugin_path,
                      extra_env={"TOKENFLOW_STEP_TRACE": str(trace)}, detach=True)
         url = srv.__enter__()
-        pid, done, proc = srv.pid, [], srv.proc
+        pid, proc = srv.pid, srv.proc
         state = json.loads(urllib.request.urlopen(url + "/control/v1/state").read())["engine"]
         (out / "engine.json").write_text(json.dumps(state, indent=1))
         BURST_STATE.write_text(json.dumps({"url": url, "pid": pid, "done": done}))
@@ -704,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine-down-after-s", type=float, default=30.0,
                     help="burst: the gateway's liveness bound for the engine (a loaded 8B engine answers its state "
                     "requests slower than the gateway's 2 s default)")
-    ap.add_argument("--continue", dest="continue_", action="store_true", help="burst: go on where a call stopped")
+    ap.add_argument("--continue", dest="continue_", action="store_true",
+                    help="burst: go on where a call stopped (on a new engine if its engine is gone)")
     ap.add_argument("--decoders", type=int, default=128, help="prefill-rate: long streams decoding meanwhile")
     ap.add_argument("--prompts", type=int, default=200, help="prefill-rate: short requests whose prompts are timed")
     ap.add_argument("--prompt-min", type=int, default=260)

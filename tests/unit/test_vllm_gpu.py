@@ -54,6 +54,61 @@ def test_a_new_burst_stops_the_engine_an_earlier_call_left_for_continue(
     stop_left_engine()  # nothing left: nothing to do
 
 
+def test_continue_after_the_engine_died_runs_what_is_left_on_a_new_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the H200 an engine died between calls: --continue then failed, the next call began the list again and spent
+    # the engine on a run already done. Now the runs done stand and only the rest run, on a new engine.
+    import io
+    import urllib.request
+
+    import bench.vllm_gpu as vg
+
+    state = tmp_path / "burst-state.json"
+    state.write_text(json.dumps({"url": "http://127.0.0.1:1", "pid": 2**22 + 7, "done": ["andes"]}))
+    monkeypatch.setattr(vg, "BURST_STATE", state)
+    started: list[str] = []
+    ran: list[list[str]] = []
+
+    class FakeServer:
+        pid, proc = 4242, None
+
+        def __init__(self, *args: object, **kwargs: object) -> None: ...
+
+        def __enter__(self) -> str:
+            started.append("engine")
+            return "http://127.0.0.1:9"
+
+    class FakeBench:
+        returncode, pid = 0, 4243
+
+        def __init__(self, cmd: list[str], **kwargs: object) -> None:
+            ran.append(cmd)
+
+        def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+            return "", ""
+
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(url: str, *args: object, **kwargs: object) -> object:
+        if url.startswith("http://127.0.0.1:9/"):
+            return io.BytesIO(json.dumps({"engine": {}}).encode())
+        return real_urlopen(url, *args, **kwargs)  # the dead engine: connection refused
+
+    monkeypatch.setattr(vg, "Server", FakeServer)
+    monkeypatch.setattr(vg, "serve_args", lambda *args, **kwargs: ["vllm"])
+    monkeypatch.setattr(vg.subprocess, "Popen", FakeBench)
+    monkeypatch.setattr(vg.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(vg, "stop_pid", lambda *args: None)
+    a = argparse.Namespace(policies="andes,tokenflow", cpu=True, continue_=True, warmup=0, deadline_s=500.0,
+                           max_num_seqs=8, host_gib=1, plugin_path=None, burst_config="c.yaml",
+                           engine_down_after_s=30.0, n=None, output_mean=None, kv_tokens=1000)
+    res = vg.phase_burst(a, tmp_path)
+    assert started == ["engine"]
+    assert [cmd[cmd.index("--policies") + 1] for cmd in ran] == ["tokenflow"]
+    assert res["done"] == ["andes", "tokenflow"] and not state.exists()
+
+
 # What prometheus_client serves for vLLM's histogram (two engines of a data-parallel server, buckets, _created).
 METRICS = """\
 # HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
