@@ -81,8 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--engine-preempt", choices=("recompute", "offload"), default="recompute",
                    help="what the engine's own preemption (KV exhausted) does")
     v.add_argument("--warmup", type=int, default=0, metavar="N",
-                   help="N requests (512 tokens in, 64 out) the engine serves before each run, not measured: its "
-                   "measures are then a warm engine's, as on a real engine after a warm-up or an earlier run")
+                   help="N requests (as bench.vllm_gpu burst warms a new engine) the engine serves before each run, "
+                   "not measured: its measures are then a warm engine's, as on a real engine after a warm-up or an "
+                   "earlier run")
     h = sub.add_parser("http", help="real HTTP through a gateway to a (simulated) engine")
     _workload_args(h)
     h.add_argument("--gateway-url", help="an already running gateway (one policy: --policies names it)")

@@ -195,6 +195,12 @@ async def run_clients(url: str, specs: list[RequestSpec], *, on_token: Callable[
         return list(recs), loop.time() - t0
 
 
+# The warm-up a new engine gets before a burst (`bench.vllm_gpu burst`; `bench virtual --warmup` mirrors it): the
+# burst's prompt volume per request, short answers.
+WARMUP_PROMPT_TOKENS = 512
+WARMUP_MAX_TOKENS = 64
+
+
 async def warm_up_engine(url: str, n: int, prompt_tokens: int = 256, max_tokens: int = 64) -> None:
     """``n`` concurrent requests straight to an engine (not measured): a shared engine's first run must not
     pay for its kernels' first use alone."""

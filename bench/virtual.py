@@ -22,6 +22,7 @@ from gateway.policy.types import Policy, ReportsTicks, tick_worth_recording
 from gateway.streams.reader import ReaderModel
 
 from .drain_sim import SimulatedDrain
+from .http import WARMUP_MAX_TOKENS, WARMUP_PROMPT_TOKENS
 from .metrics import RequestRecord
 from .workload import RequestSpec
 
@@ -101,11 +102,6 @@ class RunResult:
     # The policy's own account of its ticks (a policy that reports one: tokenflow), where the gateway would log it:
     # what the GPU runs' "tick" log lines are compared with.
     tick_reports: list[dict[str, Any]] = field(default_factory=list)
-
-
-# A warm-up's requests: the shape `bench.vllm_gpu burst` warms a new engine with (its prompt volume per request).
-WARMUP_PROMPT_TOKENS = 512
-WARMUP_MAX_TOKENS = 64
 
 
 def warm_up(eng: VirtualEngine, n: int) -> float:

@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.http import warm_up_engine
+from bench.http import WARMUP_MAX_TOKENS, WARMUP_PROMPT_TOKENS, warm_up_engine
 from bench.net import free_port, healthy, wait_started
 from bench.runs import parse_runs
 
@@ -544,7 +544,6 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             # before is then across engines: the log says so).
             log(f"the engine of the previous call ({st['url']}, pid {st['pid']}) is gone ({e}): the runs left start "
                 f"a new engine; done: {done}")
-            stop_left_engine()
         else:
             url, pid = st["url"], st["pid"]
             log(f"continuing on the engine at {url} (pid {pid}); done: {done}")
@@ -567,8 +566,9 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             # tier): with 32 short requests the first run on an engine was still its slowest (andes first on two
             # engines, 6.22 and 6.88 s P99 TTFT, against 5.05-5.68 s as a later run; docs/vllm-backend.md).
             t0 = time.monotonic()
-            asyncio.run(warm_up_engine(url, a.warmup, prompt_tokens=512, max_tokens=64))
-            log(f"warm-up: {a.warmup} requests of 512 prompt tokens in {time.monotonic() - t0:.1f} s")
+            asyncio.run(warm_up_engine(url, a.warmup, prompt_tokens=WARMUP_PROMPT_TOKENS, max_tokens=WARMUP_MAX_TOKENS))
+            log(f"warm-up: {a.warmup} requests of {WARMUP_PROMPT_TOKENS} prompt tokens "
+                f"in {time.monotonic() - t0:.1f} s")
     slowest_s = 0.0  # policies differ (tokenflow paces its streams to the readers): budget from the slowest so far
     for run in runs:
         pol, label = run.spec, run.label
@@ -705,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, help="burst: override the config's request count")
     ap.add_argument("--output-mean", type=int, help="burst: override the config's mean output")
     ap.add_argument("--warmup", type=int, default=400,
-                    help="burst: requests (512 prompt tokens, 64 out) a new engine serves before the first run")
+                    help=f"burst: requests ({WARMUP_PROMPT_TOKENS} prompt tokens, {WARMUP_MAX_TOKENS} out) a new "
+                    "engine serves before the first run")
     ap.add_argument("--policies", default="fcfs,tokenflow,andes",
                     help="burst: in this order; POLICY:KNOB=VALUE;... runs a policy with knob overrides")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="burst: leave the rest for a --continue call")

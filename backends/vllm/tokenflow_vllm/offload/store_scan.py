@@ -192,8 +192,8 @@ class WriteThrough:
         req = st.req
         if req.status is _ABORTED and not self._due(st, req.num_computed_tokens, 1):
             return False
-        n = req.num_tokens
-        return all(len(g.block_ids) >= n // c * self._blocks_per_chunk for c, g in zip(self._per_chunk, st.group_states))
+        n, per_block = req.num_tokens, self._blocks_per_chunk
+        return all(len(g.block_ids) >= n // c * per_block for c, g in zip(self._per_chunk, st.group_states))
 
     def _changed(self, cached: Any) -> _CachedView:
         ids, blocks, resumed = cached.req_ids, cached.new_block_ids, cached.resumed_req_ids
