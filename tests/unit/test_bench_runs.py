@@ -24,6 +24,11 @@ def test_a_run_is_a_policy_with_optional_knob_overrides() -> None:
     assert parse_run("tokenflow:first_token_grace_s=2").label == "tokenflow-first_token_grace_s2"
     assert parse_run("tokenflow:first_token_grace_s=2").label != parse_run("tokenflow").label
     assert run_label(VARIANT) == parse_run(VARIANT).label  # what tools that find a run's files by its name use
+    # the same entry again on one engine: the same policy and knobs under a name (and prompts) of its own
+    again = parse_run("tokenflow#2:stall_budget_s=8")
+    assert (again.policy, dict(again.knobs), again.label) == ("tokenflow", {"stall_budget_s": 8.0},
+                                                              "tokenflow-2-stall_budget_s8")
+    assert [r.label for r in parse_runs("fcfs,fcfs#2")] == ["fcfs", "fcfs-2"]
 
 
 @pytest.mark.parametrize(("spec", "says"), [
@@ -31,6 +36,9 @@ def test_a_run_is_a_policy_with_optional_knob_overrides() -> None:
     ("tokenflow:first_token_grace_s", "POLICY"),
     ("tokenflow:", "POLICY"),
     ("tokenflow@sometimes", "POLICY"),
+    ("fcfs#", "POLICY"),
+    ("fcfs#1", "N >= 2"),
+    ("fcfs#second", "POLICY"),
     ("tokenflow:first_token_grace=1", "unknown TokenFlowKnobs knob"),
     ("tokenflow:first_token_grace_s=soon", "'soon' is not a number"),
     ("fcfs:stall_budget_s=1", "fcfs has no knobs"),
