@@ -62,9 +62,9 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
                    help="share of clients that read slower than they declared (reader behaviour)")
     g.add_argument("--slow-factor", type=float, default=0.5, help="their true rate over their declared rate")
     g.add_argument("--policies", default=DEFAULT_POLICIES,
-                   help="comma-separated runs, POLICY[@measured][#N][:KNOB=VALUE;...] (bench/runs.py): a policy, or one "
-                        "with knob overrides of its own beside it; #N: the same again under its own name; virtual mode: @measured uses the measured drain "
-                        "instead of declared rates")
+                   help="comma-separated runs, POLICY[@measured][#N][:KNOB=VALUE;...] (bench/runs.py): a policy, "
+                        "or one with knob overrides of its own beside it; #N: the same again under its own name; "
+                        "virtual mode: @measured uses the measured drain instead of declared rates")
     g.add_argument("--tick", type=float, default=0.5, help="policy tick interval (s)")
     g.add_argument("--knob", action="append", default=[], metavar="POLICY.NAME=VALUE", help="override a policy knob")
     g.add_argument("--out", help="output directory (default bench-results/<mode>-<time>)")

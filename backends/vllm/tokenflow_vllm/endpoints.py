@@ -57,7 +57,7 @@ async def _engine_call(request: Request, msg: dict[str, Any]) -> dict[str, Any]:
         raw = await core.call_utility_async(UTILITY, json.dumps(msg))
     except Exception as e:  # engine dead or utility missing
         log.exception("control call failed")
-        raise ControlError(503, f"engine control call failed: {type(e).__name__}: {e}", "engine_unavailable")
+        raise ControlError(503, f"engine control call failed: {type(e).__name__}: {e}", "engine_unavailable") from e
     out = json.loads(raw)
     if "error" in out and isinstance(out["error"], str):
         raise ControlError(503, out["error"], "engine_misconfigured")
@@ -244,7 +244,8 @@ class TokenFlowIdMiddleware:
         if data.get("n", 1) not in (1, None):
             return None, openai_error(400, "requests with a tokenflow_id must use n = 1", "invalid_n", "n")
         if tf_id in self.live:
-            return None, openai_error(400, f"request id '{tf_id}' is already live", "duplicate_id", "vllm_xargs.tokenflow_id")
+            return None, openai_error(400, f"request id '{tf_id}' is already live", "duplicate_id",
+                                      "vllm_xargs.tokenflow_id")
         return tf_id, None
 
 
