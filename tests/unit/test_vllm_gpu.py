@@ -19,6 +19,7 @@ from bench.vllm_gpu import (
     decode_bodies,
     decode_costs,
     itl_totals,
+    run_fits,
     serve_args,
     stop_left_engine,
     stop_pid,
@@ -107,6 +108,15 @@ def test_continue_after_the_engine_died_runs_what_is_left_on_a_new_engine(
     assert started == ["engine"]
     assert [cmd[cmd.index("--policies") + 1] for cmd in ran] == ["tokenflow"]
     assert res["done"] == ["andes", "tokenflow"] and not state.exists()
+
+
+def test_a_run_starts_only_if_its_request_timeout_covers_the_slowest_run_so_far() -> None:
+    # The twelfth H200 sitting: fcfs took 134 s, 207 s were left, and tokenflow started with a request timeout of
+    # 117 s (207 - 90), where its runs take 118-124 s: 6 streams were cut. It now waits for the next call.
+    assert not run_fits(207.0, 134.0)
+    assert run_fits(90.0 + 1.15 * 134.0, 134.0)  # its timeout covers the slowest run with 15 % to spare
+    assert run_fits(100.0, 0.0)  # a call's first run has no measure: it runs with what is left
+    assert not run_fits(10.0, 40.0)  # never on the request timeout's 60 s floor alone
 
 
 # What prometheus_client serves for vLLM's histogram (two engines of a data-parallel server, buckets, _created).
