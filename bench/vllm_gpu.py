@@ -564,7 +564,7 @@ def phase_burst(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         if a.warmup:
             # Not measured. At the burst's scale (its prompt volume, a full batch, the write-through to the host
             # tier): with 32 short requests the first run on an engine was still its slowest (andes first on two
-            # engines, 6.22 and 6.88 s P99 TTFT, against 5.05-5.68 s as a later run; docs/vllm-backend.md).
+            # engines, 6.22 and 6.88 s P99 TTFT, against 5.05-5.68 s as a later run; docs/gpu-sittings.md).
             t0 = time.monotonic()
             asyncio.run(warm_up_engine(url, a.warmup, prompt_tokens=WARMUP_PROMPT_TOKENS, max_tokens=WARMUP_MAX_TOKENS))
             log(f"warm-up: {a.warmup} requests of {WARMUP_PROMPT_TOKENS} prompt tokens "

@@ -3,7 +3,7 @@
 vLLM's offloading connector hands its worker one store job per request whose block filled, so a decode step of
 256 streams with 16-token blocks carries about 16 jobs. vLLM's CUDA worker pays per job: two pointer
 computations per KV tensor (64 tensors on an 8B Llama), a stream, two events and a batched copy call. On an
-H200 at 256 decoding streams that was 32 % of the engine process's busy time (docs/vllm-backend.md, seventh
+H200 at 256 decoding streams that was 32 % of the engine process's busy time (docs/gpu-sittings.md, seventh
 sitting). This worker wraps any ``OffloadingWorker`` and queues the stores; the queue goes to the inner worker
 as one job when the connector has submitted the step's transfers (``flush_after_submission``), or earlier if
 it submits a load, polls completions or waits for a flush; that job's completion is reported as the completion

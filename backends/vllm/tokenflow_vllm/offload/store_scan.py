@@ -42,7 +42,7 @@ _ABORTED = RequestStatus.FINISHED_ABORTED
 # targets on the H200). 4 (chunks of 16 tokens, vLLM's CUDA block size) makes one job per decoding request every 64
 # steps instead of every 16: decode steps 14 % shorter in a burst on the H200, where each store job costs the
 # engine's thread a pointer computation per KV tensor; not the default until a paired burst has weighed it.
-# docs/vllm-backend.md, "Seventh sitting".
+# docs/gpu-sittings.md, "Seventh sitting".
 STORE_EVERY_CHUNKS = 1
 
 
@@ -173,7 +173,7 @@ class WriteThrough:
         other requests now hold, and one whose re-admission was tried (the connector clears its block ids then) but
         found no room, or a store job still in flight, has none at all. The first stored other requests' KV under
         its keys; the second failed the connector's assertion and killed the engine core (an H200 burst whose
-        client gave up on 114 streams at once, docs/vllm-backend.md, "Eleventh sitting"). vLLM 0.32 stores an
+        client gave up on 114 streams at once, docs/gpu-sittings.md, "Eleventh sitting"). vLLM 0.32 stores an
         aborted request up to its computed tokens, which this matches; a request left out here is dropped as the
         connector drops one with nothing to store."""
         if not finished:
