@@ -109,12 +109,9 @@ def warm_up(eng: VirtualEngine, n: int) -> float:
     until they are done; returns the time they were. Not measured: what stays is the engine's own measures in its
     state (step times, prefill rate), as a real engine has them after `bench.vllm_gpu burst`'s warm-up or an earlier
     run; a fresh simulated engine has none."""
-    ids = [f"warmup-{i}" for i in range(n)]
-    for rid in ids:
-        eng.add(rid, WARMUP_PROMPT_TOKENS, max_tokens=WARMUP_MAX_TOKENS)
-    while any(eng.core.status(rid) is not None for rid in ids):
-        eng.run_steps(64)
-    return eng.now
+    for i in range(n):
+        eng.add(f"warmup-{i}", WARMUP_PROMPT_TOKENS, max_tokens=WARMUP_MAX_TOKENS)
+    return eng.run_until_idle()
 
 
 def run_virtual(
